@@ -1,0 +1,49 @@
+//! The contract between introspection/patching logic and a VM engine.
+
+use crate::regs::VcpuRegs;
+
+/// Failures of the engine beneath a [`Machine`].
+#[derive(Debug, thiserror::Error)]
+pub enum MachineError {
+    #[error("guest physical range {addr:#x}+{len:#x} is not backed by guest RAM or patch memory")]
+    Unbacked { addr: u64, len: u64 },
+    #[error("vCPU {0} does not exist")]
+    NoSuchVcpu(usize),
+    #[error("the VM must be paused for this operation")]
+    NotPaused,
+    #[error("VM engine: {0}")]
+    Engine(String),
+}
+
+/// Read access to guest physical memory.
+pub trait PhysMem {
+    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MachineError>;
+
+    fn read_u64(&self, pa: u64) -> Result<u64, MachineError> {
+        let mut b = [0u8; 8];
+        self.read_phys(pa, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+/// A whole VM as lucos drives it: pause/resume, vCPU state, and writes
+/// that running vCPUs are guaranteed to observe (including code: the
+/// engine must invalidate any cached translation of the bytes written).
+pub trait Machine: PhysMem {
+    fn vcpu_count(&self) -> usize;
+    fn pause(&mut self) -> Result<(), MachineError>;
+    fn resume(&mut self) -> Result<(), MachineError>;
+    fn is_paused(&mut self) -> Result<bool, MachineError>;
+    /// Registers of vCPU `idx`; only meaningful while paused.
+    fn vcpu_regs(&mut self, idx: usize) -> Result<VcpuRegs, MachineError>;
+    /// Base of the IDT of vCPU `idx` (IDTR is not in every register dump).
+    fn idt_base(&mut self, idx: usize) -> Result<u64, MachineError>;
+    /// Coherent write: the guest sees it on its next access, code included.
+    fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError>;
+    /// Write of bytes the guest never executes (page tables, data, lucos's
+    /// own records): engines may take a faster path without translation
+    /// invalidation.
+    fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+        self.write_phys(pa, data)
+    }
+}
