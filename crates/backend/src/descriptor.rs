@@ -1,0 +1,270 @@
+//! The VM descriptor: what a `lucos` process needs to attach to a VM by
+//! name. Written by whoever starts the VM; any QEMU started with the same
+//! interfaces can be described by hand.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::BackendError;
+use crate::sys;
+
+pub const FORMAT: u32 = 1;
+pub const FILE_NAME: &str = "vm.json";
+
+/// A contiguous piece of guest-physical RAM and where it sits in the RAM file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RamRegion {
+    pub gpa: u64,
+    pub offset: u64,
+    pub len: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemFile {
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KernelInfo {
+    /// Cached guest build (holds vmlinux, System.map, the build tree).
+    pub dir: PathBuf,
+    pub vmlinux: PathBuf,
+    /// GNU build id of vmlinux, hex.
+    pub build_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDescriptor {
+    pub format: u32,
+    pub name: String,
+    pub dir: PathBuf,
+    pub qemu_pid: u32,
+    pub qmp: PathBuf,
+    pub gdb: PathBuf,
+    /// Serial console socket, when the console is not on a terminal.
+    pub serial: Option<PathBuf>,
+    pub serial_log: Option<PathBuf>,
+    pub ram: MemFile,
+    pub ram_regions: Vec<RamRegion>,
+    /// Patch memory: a file-backed ivshmem-plain BAR the guest never allocates.
+    pub patch: MemFile,
+    pub patch_device: String,
+    pub kernel: KernelInfo,
+    pub vcpus: usize,
+    pub accel: String,
+    pub started_unix_ms: u64,
+}
+
+/// Where descriptors live: `$LUCOS_RUN_DIR`, else /dev/shm/lucos (RAM files
+/// belong on tmpfs), else the temp dir.
+pub fn run_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LUCOS_RUN_DIR") {
+        return PathBuf::from(d);
+    }
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.join("lucos")
+    } else {
+        std::env::temp_dir().join("lucos")
+    }
+}
+
+pub fn vm_dir(name: &str) -> PathBuf {
+    run_dir().join(name)
+}
+
+pub fn validate_name(name: &str) -> Result<(), BackendError> {
+    let ok = !name.is_empty()
+        && name.len() <= 48
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(BackendError::Config(format!(
+            "VM name '{name}' must be 1-48 characters of letters, digits, '-' or '_'"
+        )))
+    }
+}
+
+impl VmDescriptor {
+    pub fn parse(path: &Path, text: &str) -> Result<Self, BackendError> {
+        let bad = |reason: String| BackendError::BadDescriptor {
+            path: path.to_owned(),
+            reason,
+        };
+        let d: VmDescriptor = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        if d.format != FORMAT {
+            return Err(bad(format!(
+                "format {} is not the supported {FORMAT}",
+                d.format
+            )));
+        }
+        if d.ram_regions.is_empty() {
+            return Err(bad("no RAM regions".into()));
+        }
+        for r in &d.ram_regions {
+            if r.offset
+                .checked_add(r.len)
+                .is_none_or(|end| end > d.ram.size)
+            {
+                return Err(bad(format!("RAM region {r:?} lies outside the RAM file")));
+            }
+        }
+        Ok(d)
+    }
+
+    /// Loads the descriptor of a live VM; a descriptor whose QEMU is gone is
+    /// removed (with its files) and reported as stale.
+    pub fn load(name: &str) -> Result<Self, BackendError> {
+        validate_name(name)?;
+        let dir = vm_dir(name);
+        let path = dir.join(FILE_NAME);
+        let text = std::fs::read_to_string(&path).map_err(|_| BackendError::NoSuchVm {
+            name: name.to_owned(),
+            path: path.clone(),
+        })?;
+        let d = Self::parse(&path, &text)?;
+        if !sys::process_alive(d.qemu_pid) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(BackendError::StaleVm {
+                name: name.to_owned(),
+                pid: d.qemu_pid,
+            });
+        }
+        Ok(d)
+    }
+
+    pub fn store(&self) -> Result<(), BackendError> {
+        let path = self.dir.join(FILE_NAME);
+        let tmp = self.dir.join(".vm.json.tmp");
+        let text = serde_json::to_string_pretty(self).expect("descriptor serializes");
+        let io = |source| BackendError::Io {
+            what: "VM descriptor",
+            source,
+        };
+        std::fs::write(&tmp, text).map_err(io)?;
+        std::fs::rename(&tmp, &path).map_err(io)
+    }
+
+    /// All live VMs; stale descriptors are cleaned up on the way.
+    pub fn list() -> Vec<VmDescriptor> {
+        let Ok(entries) = std::fs::read_dir(run_dir()) else {
+            return Vec::new();
+        };
+        let mut out: Vec<_> = entries
+            .flatten()
+            .filter_map(|e| Self::load(&e.file_name().to_string_lossy()).ok())
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    /// Maps a guest-physical range to an offset in the RAM file.
+    pub fn ram_offset(&self, gpa: u64, len: u64) -> Option<u64> {
+        self.ram_regions.iter().find_map(|r| {
+            let end = gpa.checked_add(len)?;
+            (gpa >= r.gpa && end <= r.gpa + r.len).then(|| r.offset + (gpa - r.gpa))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> VmDescriptor {
+        VmDescriptor {
+            format: FORMAT,
+            name: "t".into(),
+            dir: "/x".into(),
+            qemu_pid: 1,
+            qmp: "/x/qmp.sock".into(),
+            gdb: "/x/gdb.sock".into(),
+            serial: None,
+            serial_log: None,
+            ram: MemFile {
+                path: "/x/ram".into(),
+                size: 512 << 20,
+            },
+            ram_regions: vec![RamRegion {
+                gpa: 0,
+                offset: 0,
+                len: 512 << 20,
+            }],
+            patch: MemFile {
+                path: "/x/patch".into(),
+                size: 8 << 20,
+            },
+            patch_device: "lucos-patch".into(),
+            kernel: KernelInfo {
+                dir: "/k".into(),
+                vmlinux: "/k/vmlinux".into(),
+                build_id: "ab".into(),
+            },
+            vcpus: 2,
+            accel: "tcg".into(),
+            started_unix_ms: 0,
+        }
+    }
+
+    #[test]
+    fn round_trip_and_validation() {
+        let d = sample();
+        let text = serde_json::to_string(&d).unwrap();
+        assert_eq!(VmDescriptor::parse(Path::new("vm.json"), &text).unwrap(), d);
+
+        let mut bad = d.clone();
+        bad.format = 9;
+        let e = VmDescriptor::parse(Path::new("vm.json"), &serde_json::to_string(&bad).unwrap())
+            .unwrap_err();
+        assert!(e.to_string().contains("format 9"), "{e}");
+
+        let mut bad = d.clone();
+        bad.ram_regions[0].len = 1 << 40;
+        assert!(
+            VmDescriptor::parse(Path::new("vm.json"), &serde_json::to_string(&bad).unwrap())
+                .is_err()
+        );
+
+        assert!(VmDescriptor::parse(Path::new("vm.json"), "{not json").is_err());
+        assert!(VmDescriptor::parse(Path::new("vm.json"), "{}").is_err());
+    }
+
+    #[test]
+    fn ram_offsets_respect_regions() {
+        let mut d = sample();
+        d.ram_regions = vec![
+            RamRegion {
+                gpa: 0,
+                offset: 0,
+                len: 0x1000,
+            },
+            RamRegion {
+                gpa: 0x1_0000_0000,
+                offset: 0x1000,
+                len: 0x1000,
+            },
+        ];
+        d.ram.size = 0x2000;
+        assert_eq!(d.ram_offset(0x10, 8), Some(0x10));
+        assert_eq!(d.ram_offset(0x1_0000_0010, 8), Some(0x1010));
+        assert_eq!(
+            d.ram_offset(0xffc, 8),
+            None,
+            "straddles the end of a region"
+        );
+        assert_eq!(d.ram_offset(0x5000, 1), None);
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(validate_name("demo-1_a").is_ok());
+        for bad in ["", "a/b", "..", "x y", &"n".repeat(49)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,61 @@
+use std::path::PathBuf;
+
+/// Everything that can go wrong talking to QEMU.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot connect to {what} at {path}: {source}; is the VM still running? (`lucos list` shows live VMs)")]
+    Connect {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what} connection failed: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("QMP protocol error: {0}")]
+    Qmp(String),
+    #[error("QMP command '{command}' failed: {class}: {desc}")]
+    QmpCommand {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("gdbstub protocol error: {0}")]
+    Gdb(String),
+    #[error("no VM named '{name}' (looked for {path}); start one with `lucos run --name {name}`")]
+    NoSuchVm { name: String, path: PathBuf },
+    #[error("VM '{name}' is not running any more (its QEMU, pid {pid}, is gone); its stale descriptor was removed")]
+    StaleVm { name: String, pid: u32 },
+    #[error("VM descriptor {path} is unreadable: {reason}")]
+    BadDescriptor { path: PathBuf, reason: String },
+    #[error("a VM named '{0}' is already running; pick another --name or stop it first")]
+    NameTaken(String),
+    #[error(
+        "cannot start QEMU ({binary}): {source}; install it with `apt-get install qemu-system-x86`"
+    )]
+    Spawn {
+        binary: String,
+        source: std::io::Error,
+    },
+    #[error("QEMU exited during start-up ({status}); its stderr said:\n{stderr}")]
+    QemuDied { status: String, stderr: String },
+    #[error("timed out after {secs:.1} s waiting for {what}")]
+    Timeout { what: String, secs: f64 },
+    #[error("cannot map {path}: {source}")]
+    Map {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("patch memory: {0}")]
+    PatchMemory(String),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+impl From<BackendError> for lucos_introspect::MachineError {
+    fn from(e: BackendError) -> Self {
+        lucos_introspect::MachineError::Engine(e.to_string())
+    }
+}

@@ -1,0 +1,227 @@
+//! gdb remote serial protocol client for QEMU's gdbstub.
+//!
+//! Used for what QMP cannot do: memory writes that invalidate TCG's
+//! translated blocks (writes through the shared RAM file
+//! are not seen by code QEMU has already translated). Memory access runs in
+//! QEMU's physical-memory mode (`Qqemu.PhyMemMode:1`).
+//!
+//! QEMU sends an unsolicited stop reply whenever the VM stops (also for QMP
+//! `stop`), so replies that look like stop packets are skipped.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use crate::error::BackendError;
+
+/// QEMU's MAX_PACKET_LENGTH is 4096; stay well under it with hex payloads.
+const CHUNK: usize = 1024;
+
+pub struct Gdb {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    /// Whether packets must still be acknowledged (QEMU before 8.x has no
+    /// QStartNoAckMode).
+    ack: bool,
+}
+
+fn io(source: std::io::Error) -> BackendError {
+    BackendError::Io {
+        what: "gdbstub",
+        source,
+    }
+}
+
+fn checksum(data: &[u8]) -> u8 {
+    data.iter().fold(0u8, |a, b| a.wrapping_add(*b))
+}
+
+/// Escapes a binary payload per RSP rules.
+pub fn escape(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    for &b in data {
+        if matches!(b, b'#' | b'$' | b'}' | b'*') {
+            out.push(b'}');
+            out.push(b ^ 0x20);
+        } else {
+            out.push(b);
+        }
+    }
+    out
+}
+
+fn unescape(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len());
+    let mut it = data.iter();
+    while let Some(&b) = it.next() {
+        if b == b'}' {
+            if let Some(&n) = it.next() {
+                out.push(n ^ 0x20);
+            }
+        } else {
+            out.push(b);
+        }
+    }
+    out
+}
+
+fn is_stop_reply(p: &[u8]) -> bool {
+    matches!(p.first(), Some(b'T' | b'S' | b'W'))
+        && p.get(1..3)
+            .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+}
+
+impl Gdb {
+    /// Connects. Note QEMU pauses the VM when a gdb client connects; the
+    /// caller restores the run state it wants.
+    pub fn connect(path: &Path) -> Result<Self, BackendError> {
+        let stream = UnixStream::connect(path).map_err(|source| BackendError::Connect {
+            what: "gdbstub socket",
+            path: path.to_owned(),
+            source,
+        })?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io)?;
+        let mut gdb = Gdb {
+            stream,
+            buf: Vec::new(),
+            ack: true,
+        };
+        // The reply to QStartNoAckMode is still acknowledged; the stop
+        // notification of the connect-time pause may come first.
+        if gdb.request(b"QStartNoAckMode")? == b"OK" {
+            gdb.ack = false;
+        }
+        gdb.request(b"qSupported")?;
+        gdb.expect_ok(
+            b"Qqemu.PhyMemMode:1",
+            "physical memory mode (QEMU >= 4.1 needed)",
+        )?;
+        Ok(gdb)
+    }
+
+    fn send_raw(&mut self, payload: &[u8]) -> Result<(), BackendError> {
+        let mut pkt = Vec::with_capacity(payload.len() + 4);
+        pkt.push(b'$');
+        pkt.extend_from_slice(payload);
+        pkt.extend_from_slice(format!("#{:02x}", checksum(payload)).as_bytes());
+        self.stream.write_all(&pkt).map_err(io)
+    }
+
+    fn fill(&mut self) -> Result<(), BackendError> {
+        let mut tmp = [0u8; 8192];
+        let n = self.stream.read(&mut tmp).map_err(io)?;
+        if n == 0 {
+            return Err(BackendError::Gdb(
+                "QEMU closed the gdbstub connection".into(),
+            ));
+        }
+        self.buf.extend_from_slice(&tmp[..n]);
+        Ok(())
+    }
+
+    /// Receives one packet, acknowledging it unless no-ack mode is on.
+    fn recv(&mut self) -> Result<Vec<u8>, BackendError> {
+        loop {
+            // Drop acks/noise before '$'.
+            if let Some(start) = self.buf.iter().position(|&b| b == b'$') {
+                self.buf.drain(..start);
+                if let Some(hash) = self.buf.iter().position(|&b| b == b'#') {
+                    if self.buf.len() >= hash + 3 {
+                        let body = self.buf[1..hash].to_vec();
+                        let sum = std::str::from_utf8(&self.buf[hash + 1..hash + 3])
+                            .ok()
+                            .and_then(|s| u8::from_str_radix(s, 16).ok());
+                        self.buf.drain(..hash + 3);
+                        if sum != Some(checksum(&body)) {
+                            return Err(BackendError::Gdb("packet checksum mismatch".into()));
+                        }
+                        if self.ack {
+                            self.stream.write_all(b"+").map_err(io)?;
+                        }
+                        return Ok(unescape(&body));
+                    }
+                }
+            } else {
+                self.buf.clear();
+            }
+            self.fill()?;
+        }
+    }
+
+    /// Sends a packet and returns the first reply that is not an
+    /// asynchronous stop notification.
+    pub fn request(&mut self, payload: &[u8]) -> Result<Vec<u8>, BackendError> {
+        self.send_raw(payload)?;
+        loop {
+            let reply = self.recv()?;
+            if is_stop_reply(&reply) {
+                tracing::trace!(reply = %String::from_utf8_lossy(&reply), "gdbstub stop notification");
+                continue;
+            }
+            return Ok(reply);
+        }
+    }
+
+    fn expect_ok(&mut self, payload: &[u8], what: &str) -> Result<(), BackendError> {
+        let reply = self.request(payload)?;
+        if reply != b"OK" {
+            return Err(BackendError::Gdb(format!(
+                "{what}: gdbstub answered '{}'",
+                String::from_utf8_lossy(&reply)
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn read_phys(&mut self, pa: u64, buf: &mut [u8]) -> Result<(), BackendError> {
+        for (i, chunk) in buf.chunks_mut(CHUNK).enumerate() {
+            let addr = pa + (i * CHUNK) as u64;
+            let reply = self.request(format!("m{addr:x},{:x}", chunk.len()).as_bytes())?;
+            let data = hex::decode(&reply).map_err(|_| {
+                BackendError::Gdb(format!(
+                    "cannot read guest physical {addr:#x}: '{}'",
+                    String::from_utf8_lossy(&reply)
+                ))
+            })?;
+            if data.len() != chunk.len() {
+                return Err(BackendError::Gdb(format!("short read at {addr:#x}")));
+            }
+            chunk.copy_from_slice(&data);
+        }
+        Ok(())
+    }
+
+    /// Writes guest physical memory through QEMU, which invalidates any
+    /// translated code covering those bytes.
+    pub fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), BackendError> {
+        for (i, chunk) in data.chunks(CHUNK).enumerate() {
+            let addr = pa + (i * CHUNK) as u64;
+            let pkt = format!("M{addr:x},{:x}:{}", chunk.len(), hex::encode(chunk));
+            self.expect_ok(pkt.as_bytes(), &format!("write guest physical {addr:#x}"))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escaping_round_trips() {
+        let data = b"a#b$c}d*e".to_vec();
+        assert_eq!(unescape(&escape(&data)), data);
+        assert!(!escape(&data).contains(&b'#'));
+    }
+
+    #[test]
+    fn stop_replies_are_recognised() {
+        assert!(is_stop_reply(b"T02thread:01;"));
+        assert!(is_stop_reply(b"S05"));
+        assert!(!is_stop_reply(b"OK"));
+        assert!(!is_stop_reply(b"0f1f440000"));
+    }
+}

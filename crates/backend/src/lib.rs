@@ -1,0 +1,18 @@
+//! The engine side of lucos: QEMU started or attached through standard
+//! interfaces only (QMP, the gdbstub, and guest RAM shared through
+//! memory-backend files), so lucos can drive a VM it did not start.
+
+pub mod console;
+pub mod descriptor;
+pub mod error;
+pub mod gdb;
+pub mod launch;
+pub mod qmp;
+mod sys;
+pub mod vm;
+
+pub use console::Console;
+pub use descriptor::VmDescriptor;
+pub use error::BackendError;
+pub use launch::{Accel, LaunchConfig, RunningVm, SerialMode};
+pub use vm::Vm;

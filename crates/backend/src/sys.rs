@@ -1,0 +1,144 @@
+//! The only `unsafe` code in lucos: shared memory mappings of guest RAM and
+//! patch memory, and two process-control syscalls.
+
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::Command;
+
+use memmap2::{MmapOptions, MmapRaw};
+
+use crate::error::BackendError;
+
+/// A shared mapping of a QEMU memory-backend file. The guest writes it
+/// concurrently, so it is only ever accessed by copying through raw
+/// pointers, never through references to its contents.
+pub struct SharedMem {
+    map: MmapRaw,
+}
+
+impl SharedMem {
+    pub fn open(path: &Path) -> Result<Self, BackendError> {
+        let err = |source| BackendError::Map {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(err)?;
+        let map = MmapOptions::new().map_raw(&file).map_err(err)?;
+        Ok(SharedMem { map })
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    fn check(&self, off: usize, len: usize) -> bool {
+        off.checked_add(len)
+            .is_some_and(|end| end <= self.map.len())
+    }
+
+    /// Copies out; returns false if the range is outside the mapping.
+    pub fn read(&self, off: usize, buf: &mut [u8]) -> bool {
+        if !self.check(off, buf.len()) {
+            return false;
+        }
+        // SAFETY: the range was bounds-checked against the live mapping,
+        // which stays mapped for the lifetime of `self`; `buf` is a distinct
+        // Rust allocation, so the regions do not overlap. Concurrent guest
+        // writes can tear the copy, which callers tolerate (they pause the
+        // VM when they need a consistent view).
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.map.as_ptr().add(off), buf.as_mut_ptr(), buf.len())
+        };
+        true
+    }
+
+    /// Copies in; returns false if the range is outside the mapping.
+    pub fn write(&self, off: usize, data: &[u8]) -> bool {
+        if !self.check(off, data.len()) {
+            return false;
+        }
+        // SAFETY: bounds-checked as in `read`; the mapping is writable
+        // (opened read-write, MAP_SHARED) and `data` cannot alias it.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(off), data.len())
+        };
+        true
+    }
+
+    pub fn flush(&self) -> std::io::Result<()> {
+        self.map.flush()
+    }
+}
+
+/// Makes the child receive SIGKILL when the spawning thread dies, so a
+/// crashed or killed lucos never leaves QEMU behind.
+pub fn kill_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only calls
+    // prctl(2) and getppid(2), both async-signal-safe; it touches no Rust
+    // state of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() == 1 {
+                return Err(std::io::Error::other("parent exited before QEMU started"));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Whether a process with this pid exists (signal 0 probes without sending).
+pub fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill(2) with signal 0 only checks for existence/permission.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Sends SIGTERM or SIGKILL to a process.
+pub fn signal(pid: u32, kill: bool) {
+    if let Ok(pid) = i32::try_from(pid) {
+        // SAFETY: plain kill(2) on a pid we started; failure is harmless.
+        unsafe { libc::kill(pid, if kill { libc::SIGKILL } else { libc::SIGTERM }) };
+    }
+}
+
+static EXIT_CLEANUP: std::sync::Mutex<Vec<(u32, std::path::PathBuf)>> =
+    std::sync::Mutex::new(Vec::new());
+
+extern "C" fn run_exit_cleanup() {
+    let list = match EXIT_CLEANUP.lock() {
+        Ok(l) => l.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    for (pid, dir) in list {
+        signal(pid, true);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Kills `pid` and removes `dir` when the process exits normally, for VMs
+/// kept in statics (test harnesses), whose destructors never run.
+pub fn cleanup_at_exit(pid: u32, dir: std::path::PathBuf) {
+    let mut list = EXIT_CLEANUP.lock().unwrap_or_else(|p| p.into_inner());
+    if list.is_empty() {
+        // SAFETY: registers a plain `extern "C" fn()` that only takes a
+        // mutex, sends signals and removes files; atexit has no other
+        // preconditions.
+        unsafe { libc::atexit(run_exit_cleanup) };
+    }
+    list.push((pid, dir));
+}

@@ -1,0 +1,184 @@
+//! An attached VM: the [`Machine`] implementation over QMP + gdbstub +
+//! shared memory files.
+
+use std::time::Duration;
+
+use lucos_introspect::{Machine, MachineError, PhysMem, VcpuRegs};
+
+use crate::descriptor::VmDescriptor;
+use crate::error::BackendError;
+use crate::gdb::Gdb;
+use crate::launch::PATCH_BAR;
+use crate::qmp::{self, Qmp};
+use crate::sys::SharedMem;
+
+/// Where patch memory appears in guest-physical space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchWindow {
+    pub gpa: u64,
+    pub size: u64,
+}
+
+pub struct Vm {
+    pub desc: VmDescriptor,
+    qmp: Qmp,
+    gdb: Gdb,
+    ram: SharedMem,
+    patch: SharedMem,
+    window: Option<PatchWindow>,
+    vcpus: usize,
+}
+
+impl Vm {
+    pub fn attach(name: &str) -> Result<Self, BackendError> {
+        Self::attach_desc(VmDescriptor::load(name)?)
+    }
+
+    /// Attaches without changing the VM's run state. (QEMU pauses the VM
+    /// while a gdb client connects; lucos resumes it if it was running.)
+    pub fn attach_desc(desc: VmDescriptor) -> Result<Self, BackendError> {
+        let mut qmp = Qmp::connect_timeout(&desc.qmp, Duration::from_secs(10))?;
+        let was_running = qmp.running()?;
+        let gdb = Gdb::connect(&desc.gdb);
+        if was_running {
+            qmp.cont()?;
+        }
+        let gdb = gdb?;
+        let vcpus = qmp
+            .execute("query-cpus-fast", None)?
+            .as_array()
+            .map_or(0, Vec::len);
+        let ram = SharedMem::open(&desc.ram.path)?;
+        let patch = SharedMem::open(&desc.patch.path)?;
+        if (ram.len() as u64) < desc.ram.size || (patch.len() as u64) < desc.patch.size {
+            return Err(BackendError::BadDescriptor {
+                path: desc.dir.clone(),
+                reason: "memory files are smaller than the descriptor says".into(),
+            });
+        }
+        let mut vm = Vm {
+            desc,
+            qmp,
+            gdb,
+            ram,
+            patch,
+            window: None,
+            vcpus,
+        };
+        vm.refresh_patch_window()?;
+        Ok(vm)
+    }
+
+    /// Finds the patch-memory BAR; the guest firmware assigns it at boot.
+    pub fn refresh_patch_window(&mut self) -> Result<Option<PatchWindow>, BackendError> {
+        self.window = self
+            .qmp
+            .pci_bar(&self.desc.patch_device, PATCH_BAR)?
+            .filter(|&(gpa, size)| gpa != 0 && gpa != u64::MAX && size == self.desc.patch.size)
+            .map(|(gpa, size)| PatchWindow { gpa, size });
+        Ok(self.window)
+    }
+
+    pub fn patch_window(&mut self) -> Result<PatchWindow, BackendError> {
+        if let Some(w) = self.window {
+            return Ok(w);
+        }
+        self.refresh_patch_window()?.ok_or_else(|| {
+            BackendError::PatchMemory(format!(
+                "the guest firmware has not assigned an address to the patch memory device '{}' yet; wait for the guest to boot",
+                self.desc.patch_device
+            ))
+        })
+    }
+
+    /// Patch memory through the shared file: for lucos's own records, which
+    /// the guest never executes, so no translation coherence is needed.
+    pub fn patch_mem(&self) -> &SharedMem {
+        &self.patch
+    }
+
+    fn patch_offset(&self, pa: u64, len: u64) -> Option<u64> {
+        let w = self.window?;
+        (pa >= w.gpa && pa.checked_add(len)? <= w.gpa + w.size).then(|| pa - w.gpa)
+    }
+
+    pub fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+}
+
+impl PhysMem for Vm {
+    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        let len = buf.len() as u64;
+        if let Some(off) = self.desc.ram_offset(pa, len) {
+            if self.ram.read(off as usize, buf) {
+                return Ok(());
+            }
+        }
+        if let Some(off) = self.patch_offset(pa, len) {
+            if self.patch.read(off as usize, buf) {
+                return Ok(());
+            }
+        }
+        Err(MachineError::Unbacked { addr: pa, len })
+    }
+}
+
+impl Machine for Vm {
+    fn vcpu_count(&self) -> usize {
+        self.vcpus
+    }
+
+    fn pause(&mut self) -> Result<(), MachineError> {
+        Ok(self.qmp.stop()?)
+    }
+
+    fn resume(&mut self) -> Result<(), MachineError> {
+        Ok(self.qmp.cont()?)
+    }
+
+    fn is_paused(&mut self) -> Result<bool, MachineError> {
+        Ok(!self.qmp.running()?)
+    }
+
+    fn vcpu_regs(&mut self, idx: usize) -> Result<VcpuRegs, MachineError> {
+        if idx >= self.vcpu_count() {
+            return Err(MachineError::NoSuchVcpu(idx));
+        }
+        let text = self.qmp.hmp("info registers", Some(idx))?;
+        qmp::parse_info_registers(&text).ok_or_else(|| {
+            MachineError::Engine(format!(
+                "unparsable 'info registers' for vCPU {idx}:\n{text}"
+            ))
+        })
+    }
+
+    fn idt_base(&mut self, idx: usize) -> Result<u64, MachineError> {
+        let text = self.qmp.hmp("info registers", Some(idx))?;
+        qmp::parse_idt_base(&text).ok_or_else(|| {
+            MachineError::Engine(format!("no IDT base in 'info registers' for vCPU {idx}"))
+        })
+    }
+
+    fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+        let len = data.len() as u64;
+        if self.desc.ram_offset(pa, len).is_none() && self.patch_offset(pa, len).is_none() {
+            return Err(MachineError::Unbacked { addr: pa, len });
+        }
+        Ok(self.gdb.write_phys(pa, data)?)
+    }
+
+    fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+        let len = data.len() as u64;
+        let done = match (self.desc.ram_offset(pa, len), self.patch_offset(pa, len)) {
+            (Some(off), _) => self.ram.write(off as usize, data),
+            (None, Some(off)) => self.patch.write(off as usize, data),
+            (None, None) => false,
+        };
+        if done {
+            Ok(())
+        } else {
+            Err(MachineError::Unbacked { addr: pa, len })
+        }
+    }
+}
