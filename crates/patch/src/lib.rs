@@ -1,0 +1,29 @@
+//! Engine-independent half of live patching: the bundle format (an ELF relocatable object
+//! plus a JSON manifest) and a linker that turns a bundle into images for patch memory.
+//!
+//! Typical use by the engine:
+//! 1. [`Bundle::parse`] the file and check [`Manifest::target`] against the guest kernel;
+//! 2. [`plan`] it and allocate the three regions ([`RegionPlan::page_size`] each);
+//! 3. [`link`] at those addresses with a resolver for kernel symbols;
+//! 4. write the images, then for each replacement check the old function's site with
+//!    [`check_fentry_site`] and overwrite it with [`jmp_rel32`] to
+//!    [`Linked::new_fn_addr`].
+
+mod bundle;
+mod elf;
+mod layout;
+mod link;
+mod manifest;
+mod reloc;
+mod sections;
+mod site;
+
+pub use bundle::{pack, Bundle, BundleError, MANIFEST_SECTION};
+pub use layout::{
+    DroppedSection, FentrySite, Linked, PlacedSection, RegionKind, RegionPlan, Regions,
+    MAX_REGION_SIZE, PAGE_SIZE,
+};
+pub use link::{link, plan, LinkError, Plan};
+pub use manifest::{AbsField, Manifest, Replacement, Target, FORMAT_VERSION, MAX_EXPECT};
+pub use reloc::reloc_name;
+pub use site::{check_fentry_site, jmp_rel32, SiteError, SiteKind, ENDBR64, NOP5};

@@ -1,0 +1,300 @@
+//! The JSON manifest carried in a bundle's `.lucos.manifest` section (format 1).
+//!
+//! Unknown fields are rejected: a misspelt optional field (say `site_ofset`) would otherwise
+//! be silently ignored and the patch applied with the wrong defaults.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use crate::bundle::BundleError;
+use crate::site::{ENDBR64, NOP5};
+
+/// The only manifest format this crate reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Longest `expect` prefix; enough for endbr64 + NOP5 + a few prologue instructions.
+pub const MAX_EXPECT: usize = 16;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub target: Target,
+    pub replacements: Vec<Replacement>,
+    /// Ambiguous undefined symbol -> source file whose static to use.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resolve: BTreeMap<String, String>,
+}
+
+/// Which kernel build the bundle was made for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Target {
+    /// Hex GNU build ID of the target vmlinux.
+    pub build_id: String,
+    pub release: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replacement {
+    /// Function in the running kernel to redirect.
+    pub old: String,
+    /// Source file of `old`, to pick one of several statics with the same name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_file: Option<String>,
+    /// Function in the bundle that replaces it.
+    pub new: String,
+    /// Offset of the 5-byte fentry NOP in `old`: 0, or 4 after `endbr64`.
+    #[serde(default)]
+    pub site_offset: u32,
+    /// First bytes of `old` as they are in the live kernel at KASLR slide 0 (site as NOP5).
+    #[serde(with = "hex_bytes")]
+    pub expect: Vec<u8>,
+    /// Absolute-address fields inside `expect` that move with the KASLR slide.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expect_abs: Vec<AbsField>,
+}
+
+/// A little-endian absolute address inside `expect`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbsField {
+    pub offset: u32,
+    /// 4 (a sign- or zero-extended 32-bit address) or 8.
+    pub width: u8,
+}
+
+impl Replacement {
+    /// The bytes `old` must start with in a kernel whose KASLR slide is `slide`.
+    pub fn expected_bytes(&self, slide: u64) -> Vec<u8> {
+        let mut out = self.expect.clone();
+        for f in &self.expect_abs {
+            let at = f.offset as usize;
+            // Validated manifests always fit; skip rather than panic on unvalidated ones.
+            let Some(field) = out.get_mut(at..at + usize::from(f.width)) else {
+                continue;
+            };
+            match f.width {
+                4 => {
+                    let mut b = [0u8; 4];
+                    b.copy_from_slice(field);
+                    let v = u32::from_le_bytes(b).wrapping_add(slide as u32);
+                    field.copy_from_slice(&v.to_le_bytes());
+                }
+                8 => {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(field);
+                    let v = u64::from_le_bytes(b).wrapping_add(slide);
+                    field.copy_from_slice(&v.to_le_bytes());
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+
+    /// A label for messages: `old` or `old@file`.
+    pub fn label(&self) -> String {
+        match &self.old_file {
+            Some(f) => format!("{}@{f}", self.old),
+            None => self.old.clone(),
+        }
+    }
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> BundleError {
+    BundleError::InvalidManifest {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+fn check_symbol_name(field: &str, name: &str) -> Result<(), BundleError> {
+    if name.is_empty() || name.len() > 512 {
+        return Err(invalid(field, "must be a symbol name of 1..512 characters"));
+    }
+    if !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(invalid(
+            field,
+            format!("`{name}` contains whitespace or non-ASCII; give the ELF symbol name"),
+        ));
+    }
+    Ok(())
+}
+
+impl Manifest {
+    /// Parses and validates manifest JSON.
+    pub fn from_json(bytes: &[u8]) -> Result<Manifest, BundleError> {
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| BundleError::ManifestJson { source: e })?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    /// Serializes to the pretty JSON stored in the section.
+    pub fn to_json(&self) -> Result<Vec<u8>, BundleError> {
+        serde_json::to_vec_pretty(self).map_err(|e| BundleError::ManifestJson { source: e })
+    }
+
+    /// Checks everything that can be checked without the object file.
+    pub fn validate(&self) -> Result<(), BundleError> {
+        if self.format != FORMAT_VERSION {
+            return Err(BundleError::UnsupportedFormat { found: self.format });
+        }
+        let id_ok = (1..=64).contains(&self.id.len())
+            && self
+                .id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !id_ok {
+            return Err(invalid(
+                "id",
+                format!(
+                    "`{}` must be 1..64 characters from [A-Za-z0-9._-] (it names files and logs)",
+                    self.id
+                ),
+            ));
+        }
+        let bid = &self.target.build_id;
+        if bid.is_empty() || bid.len() > 128 || hex::decode(bid).is_err() {
+            return Err(invalid(
+                "target.build_id",
+                format!(
+                    "`{bid}` is not an even-length hex string; copy it from \
+                     `readelf -n vmlinux` (Build ID)"
+                ),
+            ));
+        }
+        if self.target.release.trim().is_empty() {
+            return Err(invalid(
+                "target.release",
+                "is empty; give the kernel release, e.g. 6.1.0",
+            ));
+        }
+        if self.replacements.is_empty() {
+            return Err(invalid(
+                "replacements",
+                "is empty; a bundle must replace at least one function",
+            ));
+        }
+        let mut seen: HashMap<&str, Vec<Option<&str>>> = HashMap::new();
+        for (i, r) in self.replacements.iter().enumerate() {
+            self.validate_replacement(i, r)?;
+            let files = seen.entry(r.old.as_str()).or_default();
+            // The same name twice is only meaningful as two different statics.
+            if files
+                .iter()
+                .any(|f| f.is_none() || r.old_file.is_none() || *f == r.old_file.as_deref())
+            {
+                return Err(BundleError::DuplicateOld { old: r.label() });
+            }
+            files.push(r.old_file.as_deref());
+        }
+        for (sym, file) in &self.resolve {
+            check_symbol_name("resolve", sym)?;
+            if file.trim().is_empty() {
+                return Err(invalid(
+                    format!("resolve.{sym}"),
+                    "is empty; give the source file (e.g. kernel/sys.c)",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn validate_replacement(&self, i: usize, r: &Replacement) -> Result<(), BundleError> {
+        let f = |name: &str| format!("replacements[{i}].{name}");
+        check_symbol_name(&f("old"), &r.old)?;
+        check_symbol_name(&f("new"), &r.new)?;
+        if let Some(file) = &r.old_file {
+            if file.trim().is_empty() {
+                return Err(invalid(f("old_file"), "is empty; omit it or give a path"));
+            }
+        }
+        let site = match r.site_offset {
+            0 => 0usize,
+            4 => 4,
+            n => {
+                return Err(invalid(
+                    f("site_offset"),
+                    format!("is {n}; it must be 0, or 4 when `old` starts with endbr64"),
+                ))
+            }
+        };
+        let n = r.expect.len();
+        if n > MAX_EXPECT || n < site + NOP5.len() {
+            return Err(invalid(
+                f("expect"),
+                format!(
+                    "has {n} bytes; it must cover the fentry site (at least {} bytes) and be \
+                     at most {MAX_EXPECT}",
+                    site + NOP5.len()
+                ),
+            ));
+        }
+        if site == 4 && r.expect[..4] != ENDBR64 {
+            return Err(invalid(
+                f("expect"),
+                "does not start with endbr64 (f3 0f 1e fa) although site_offset is 4",
+            ));
+        }
+        if r.expect[site..site + 5] != NOP5 {
+            return Err(invalid(
+                f("expect"),
+                format!(
+                    "bytes {site}..{} are {}, not the fentry NOP5 0f1f440000; record them as \
+                     the NOP ftrace leaves at boot",
+                    site + 5,
+                    hex::encode(&r.expect[site..site + 5])
+                ),
+            ));
+        }
+        let mut covered = vec![false; n];
+        for (j, a) in r.expect_abs.iter().enumerate() {
+            let name = f(&format!("expect_abs[{j}]"));
+            if a.width != 4 && a.width != 8 {
+                return Err(invalid(
+                    name,
+                    format!("width is {}; it must be 4 or 8", a.width),
+                ));
+            }
+            let start = a.offset as usize;
+            let end = start + usize::from(a.width);
+            if end > n {
+                return Err(invalid(
+                    name,
+                    format!("bytes {start}..{end} run past the {n} expected bytes"),
+                ));
+            }
+            if start < site + 5 && end > site {
+                return Err(invalid(name, "overlaps the fentry site"));
+            }
+            if covered[start..end].iter().any(|&c| c) {
+                return Err(invalid(name, "overlaps another expect_abs field"));
+            }
+            covered[start..end].iter_mut().for_each(|c| *c = true);
+        }
+        Ok(())
+    }
+}
+
+/// `Vec<u8>` as a hex string in JSON.
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        let compact: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        hex::decode(&compact)
+            .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a hex byte string ({e})")))
+    }
+}

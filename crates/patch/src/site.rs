@@ -1,0 +1,123 @@
+//! The 5-byte fentry site: what may be found there and the `jmp rel32` written over it.
+//!
+//! Decoding goes through iced-x86 rather than byte compares alone so that a site whose first
+//! byte merely looks right (e.g. `e9` starting a longer garbage sequence) is never accepted.
+
+use iced_x86::{Code, Decoder, DecoderOptions, Instruction};
+use thiserror::Error;
+
+use crate::link::LinkError;
+
+/// The 5-byte NOP ftrace leaves at every fentry site (and the linker writes into new code).
+pub const NOP5: [u8; 5] = [0x0f, 0x1f, 0x44, 0x00, 0x00];
+/// `endbr64`, which precedes the fentry site on IBT kernels.
+pub const ENDBR64: [u8; 4] = [0xf3, 0x0f, 0x1e, 0xfa];
+
+/// What a valid fentry site holds right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SiteKind {
+    /// The NOP5: not patched by anyone.
+    Nop,
+    /// `jmp rel32` to `target`: already redirected (by lucos, if `target` is in patch memory).
+    Jmp { target: u64 },
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SiteError {
+    #[error("fentry site at {ip:#x}: only {len} bytes given; read at least 5")]
+    TooShort { ip: u64, len: usize },
+    #[error(
+        "fentry site at {ip:#x} holds `{insn}`: ftrace owns this function (function tracer, \
+         kprobe-on-ftrace or the guest's own livepatch); disable that tracing and retry"
+    )]
+    FtraceOwned { ip: u64, insn: String },
+    #[error(
+        "fentry site at {ip:#x} starts with int3: a kprobe is armed there or a text_poke is in \
+         progress; remove the kprobe (or retry) before patching"
+    )]
+    Breakpoint { ip: u64 },
+    #[error(
+        "fentry site at {ip:#x} holds {bytes} (`{insn}`), not the NOP5 0f1f440000 or a jmp \
+         rel32; the live text is not what this bundle expects (wrong function, wrong \
+         site_offset, or a kernel without -mfentry)"
+    )]
+    Unexpected {
+        ip: u64,
+        bytes: String,
+        insn: String,
+    },
+}
+
+fn format_insn(insn: &Instruction) -> String {
+    if insn.is_invalid() {
+        return "(invalid)".into();
+    }
+    let mut out = String::new();
+    iced_x86::FastFormatter::new().format(insn, &mut out);
+    out
+}
+
+/// Decodes the instruction at the start of `bytes`, located at `ip`.
+fn decode_one(bytes: &[u8], ip: u64) -> Instruction {
+    let mut d = Decoder::with_ip(64, bytes, ip, DecoderOptions::NONE);
+    d.decode()
+}
+
+/// Classifies the bytes at a live fentry site (`bytes` starts at the site, `ip` is its address).
+///
+/// Accepts exactly one 5-byte instruction: the NOP5, or `jmp rel32`.
+pub fn check_fentry_site(bytes: &[u8], ip: u64) -> Result<SiteKind, SiteError> {
+    if bytes.len() < 5 {
+        return Err(SiteError::TooShort {
+            ip,
+            len: bytes.len(),
+        });
+    }
+    let insn = decode_one(bytes, ip);
+    if !insn.is_invalid() && insn.len() == 5 {
+        if bytes[..5] == NOP5 {
+            return Ok(SiteKind::Nop);
+        }
+        if insn.code() == Code::Jmp_rel32_64 {
+            return Ok(SiteKind::Jmp {
+                target: insn.near_branch_target(),
+            });
+        }
+        if insn.code() == Code::Call_rel32_64 {
+            return Err(SiteError::FtraceOwned {
+                ip,
+                insn: format_insn(&insn),
+            });
+        }
+    }
+    if bytes[0] == 0xcc {
+        return Err(SiteError::Breakpoint { ip });
+    }
+    Err(SiteError::Unexpected {
+        ip,
+        bytes: hex::encode(&bytes[..5]),
+        insn: format_insn(&insn),
+    })
+}
+
+/// True when `bytes` (at least 5) decode as exactly one `call rel32`.
+pub(crate) fn is_call_rel32(bytes: &[u8]) -> bool {
+    if bytes.len() < 5 {
+        return false;
+    }
+    let insn = decode_one(&bytes[..5], 0);
+    !insn.is_invalid() && insn.len() == 5 && insn.code() == Code::Call_rel32_64
+}
+
+/// Encodes `jmp rel32` placed at `site_addr` that lands on `target`.
+pub fn jmp_rel32(site_addr: u64, target: u64) -> Result<[u8; 5], LinkError> {
+    let next = site_addr.wrapping_add(5);
+    let rel = target.wrapping_sub(next) as i64;
+    let rel32 = i32::try_from(rel).map_err(|_| LinkError::JumpOutOfRange {
+        site: site_addr,
+        target,
+    })?;
+    let mut out = [0xe9, 0, 0, 0, 0];
+    out[1..].copy_from_slice(&rel32.to_le_bytes());
+    Ok(out)
+}
