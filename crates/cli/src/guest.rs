@@ -1,0 +1,153 @@
+//! The test guest: kernel and initramfs built by the scripts in `guest/`,
+//! cached under ~/.cache/lucos. This module runs them with progress bars.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use lucos_backend::descriptor::KernelInfo;
+
+pub const DEFAULT_VERSION: &str = "6.1.187-1";
+
+/// Where the guest scripts are: `$LUCOS_GUEST_DIR`, else the source tree
+/// this binary was built from.
+pub fn guest_dir() -> PathBuf {
+    std::env::var_os("LUCOS_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../guest"))
+}
+
+/// A built guest: everything `lucos run` needs.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    pub kernel_dir: PathBuf,
+    pub bzimage: PathBuf,
+    pub vmlinux: PathBuf,
+    pub initrd: PathBuf,
+    pub build_seconds: Option<u64>,
+}
+
+impl Guest {
+    pub fn kernel_info(&self) -> Result<KernelInfo> {
+        let syms = lucos_introspect::symbols::KernelSymbols::load(&self.vmlinux)
+            .with_context(|| format!("reading {}", self.vmlinux.display()))?;
+        Ok(KernelInfo {
+            dir: self.kernel_dir.clone(),
+            vmlinux: self.vmlinux.clone(),
+            build_id: syms.build_id_hex().unwrap_or_default(),
+        })
+    }
+}
+
+fn script(name: &str) -> Result<PathBuf> {
+    let p = guest_dir().join(name);
+    if !p.is_file() {
+        bail!(
+            "{} not found; set LUCOS_GUEST_DIR to the lucos source tree's guest/ directory",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn print_path(name: &str, args: &[&str]) -> Result<PathBuf> {
+    let out = Command::new("bash")
+        .arg(script(name)?)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {name}"))?;
+    if !out.status.success() {
+        bail!("{name} failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+/// The guest if it is already built (no build started).
+pub fn find(version: &str) -> Result<Option<Guest>> {
+    let kernel_dir = print_path("kernel.sh", &["--version", version, "--print-dir"])?;
+    let initrd = print_path("initramfs.sh", &["--print-path"])?;
+    if !kernel_dir.join("done").is_file() || !initrd.is_file() {
+        return Ok(None);
+    }
+    let build_seconds = std::fs::read_to_string(kernel_dir.join("meta.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["build_seconds"].as_u64());
+    Ok(Some(Guest {
+        bzimage: kernel_dir.join("bzImage"),
+        vmlinux: kernel_dir.join("vmlinux"),
+        kernel_dir,
+        initrd,
+        build_seconds,
+    }))
+}
+
+/// Builds whatever is missing (a cache hit takes well under a second).
+pub fn ensure(version: &str) -> Result<Guest> {
+    if let Some(g) = find(version)? {
+        return Ok(g);
+    }
+    run_with_progress("kernel", "kernel.sh", &["--version", version])?;
+    run_with_progress("initramfs", "initramfs.sh", &[])?;
+    find(version)?.context("guest build finished but its artifacts are missing")
+}
+
+/// Runs a guest script, turning its output into a spinner with a count of
+/// compiled objects; the full log is kept for errors.
+fn run_with_progress(label: &str, name: &str, args: &[&str]) -> Result<()> {
+    let start = Instant::now();
+    let pb = ProgressBar::new_spinner();
+    pb.set_style(
+        ProgressStyle::with_template("{spinner} {prefix} [{elapsed}] {msg}").expect("template"),
+    );
+    pb.set_prefix(label.to_owned());
+    pb.enable_steady_tick(Duration::from_millis(200));
+    let mut child = Command::new("bash")
+        .arg(script(name)?)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let stderr = child.stderr.take().expect("piped");
+    let err_thread = std::thread::spawn(move || {
+        let mut s = String::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            s.push_str(&line);
+            s.push('\n');
+        }
+        s
+    });
+    let mut objects = 0u64;
+    let mut stage = String::new();
+    for line in BufReader::new(child.stdout.take().expect("piped"))
+        .lines()
+        .map_while(Result::ok)
+    {
+        let t = line.trim();
+        if let Some(s) = t.strip_prefix("stage: ") {
+            stage = s.to_owned();
+            pb.set_message(stage.clone());
+        } else if t.starts_with("CC ")
+            || t.starts_with("LD ")
+            || t.starts_with("AR ")
+            || t.starts_with("AS ")
+        {
+            objects += 1;
+            pb.set_message(format!("{stage}: {objects} steps, {t}"));
+        } else if !t.is_empty() {
+            pb.println(format!("{label}: {t}"));
+        }
+    }
+    let status = child.wait()?;
+    let err = err_thread.join().unwrap_or_default();
+    pb.finish_and_clear();
+    if !status.success() {
+        bail!("{label} build failed:\n{err}");
+    }
+    eprintln!("{label}: ready in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}

@@ -1,0 +1,122 @@
+//! `lucos run`: the foreground owner of one VM.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use lucos_backend::{Accel, LaunchConfig, RunningVm, SerialMode};
+
+use crate::guest::{self, Guest};
+
+#[derive(Debug, Clone, Args)]
+pub struct VmOpts {
+    /// Name other lucos commands use to attach.
+    #[arg(long, default_value = "lucos")]
+    pub name: String,
+    #[arg(long, default_value_t = 2)]
+    pub vcpus: usize,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 512)]
+    pub mem: u64,
+    /// Patch memory in MiB (power of two).
+    #[arg(long, default_value_t = 8)]
+    pub patch_mem: u64,
+    /// tcg everywhere; kvm only on hosts with a working /dev/kvm.
+    #[arg(long, value_parser = ["tcg", "kvm"], default_value = "tcg")]
+    pub accel: String,
+    /// Guest kernel version (linux-source-6.1 package version).
+    #[arg(long, default_value = guest::DEFAULT_VERSION)]
+    pub kernel_version: String,
+    /// Extra kernel command line.
+    #[arg(long, default_value = "")]
+    pub append: String,
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: String,
+}
+
+impl VmOpts {
+    pub fn launch_config(&self, guest: &Guest, serial: SerialMode) -> Result<LaunchConfig> {
+        let accel = if self.accel == "kvm" {
+            Accel::Kvm
+        } else {
+            Accel::Tcg
+        };
+        let mut append = String::from("console=ttyS0 panic=-1 lucos.loglevel=4");
+        if !self.append.is_empty() {
+            append.push(' ');
+            append.push_str(&self.append);
+        }
+        Ok(LaunchConfig {
+            name: self.name.clone(),
+            qemu: self.qemu.clone(),
+            bzimage: guest.bzimage.clone(),
+            initrd: guest.initrd.clone(),
+            kernel: guest.kernel_info()?,
+            append,
+            vcpus: self.vcpus,
+            mem_mib: self.mem,
+            patch_mib: self.patch_mem,
+            accel,
+            serial,
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub vm: VmOpts,
+    /// Serial console on a socket in the VM directory instead of this terminal.
+    #[arg(long)]
+    pub headless: bool,
+}
+
+/// SIGINT/SIGTERM set a flag that the wait loops poll.
+pub fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let flag = Arc::new(AtomicBool::new(false));
+    for sig in [
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ] {
+        signal_hook::flag::register(sig, Arc::clone(&flag)).context("installing signal handler")?;
+    }
+    Ok(flag)
+}
+
+pub fn run(args: RunArgs) -> Result<()> {
+    let stop = stop_flag()?;
+    let guest = guest::ensure(&args.vm.kernel_version)?;
+    let serial = if args.headless {
+        SerialMode::Socket
+    } else {
+        SerialMode::Terminal
+    };
+    let cfg = args.vm.launch_config(&guest, serial)?;
+    let mut vm = RunningVm::start(&cfg).context("starting the VM")?;
+    eprintln!(
+        "lucos: VM '{}' running (QEMU pid {}); attach with e.g. `lucos info {}`; descriptor {}",
+        vm.desc.name,
+        vm.desc.qemu_pid,
+        vm.desc.name,
+        vm.desc.dir.join("vm.json").display()
+    );
+    if let Some(sock) = &vm.desc.serial {
+        eprintln!("lucos: serial console at {}", sock.display());
+    }
+    loop {
+        if let Some(status) = vm.try_wait() {
+            eprintln!("\nlucos: QEMU exited ({status})");
+            break;
+        }
+        if stop.load(Ordering::Relaxed) {
+            eprintln!("\nlucos: shutting the VM down");
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    vm.shutdown();
+    Ok(())
+}
