@@ -124,19 +124,21 @@ impl Console {
     }
 
     /// Runs a shell command at the guest prompt and returns its output and
-    /// exit status. The end marker is split in the typed line so the echo of
-    /// the command itself cannot match it.
+    /// exit status. Output is framed by start/end markers that are split in
+    /// the typed line, so an echo of the command itself cannot match them;
+    /// this works with the tty echoing or not.
     pub fn run(&self, cmd: &str, timeout: Duration) -> Result<CommandOutput, BackendError> {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let marker = format!("__LUCOS_DONE_{n}__");
-        let typed = format!("__LUCOS_\"\"DONE_{n}__");
-        self.send(&format!("{cmd}; echo {typed} $?\n"))?;
-        // Skip the echoed command line, then collect up to the marker.
-        self.wait_for(&format!("{typed} $?"), timeout)?;
-        let text = self.wait_for(&marker, timeout)?;
+        let start = format!("__LUCOS_START_{n}__");
+        let done = format!("__LUCOS_DONE_{n}__");
+        self.send(&format!(
+            "echo __LUCOS_\"\"START_{n}__; {cmd}; echo __LUCOS_\"\"DONE_{n}__ $?\n"
+        ))?;
+        self.wait_for(&start, timeout)?;
+        let text = self.wait_for(&done, timeout)?;
         let status_line = self.wait_for("\n", timeout)?;
         let status = status_line.trim().parse().unwrap_or(-1);
-        let output = text[..text.len() - marker.len()]
+        let output = text[..text.len() - done.len()]
             .trim_start_matches(['\r', '\n'])
             .replace('\r', "");
         Ok(CommandOutput { output, status })
@@ -170,16 +172,14 @@ mod tests {
                 line.push(b[0]);
             }
             let line = String::from_utf8(line).unwrap();
+            // Echo the typed line, then act like `sh` on its three parts.
             s.write_all(line.as_bytes()).unwrap();
-            s.write_all(b"\r\nhello world\r\n").unwrap();
-            let marker = line
-                .split("; echo ")
-                .nth(1)
-                .unwrap()
-                .replace("\"\"", "")
-                .replace(" $?", "");
-            s.write_all(format!("{marker} 3\r\nlucos# ").as_bytes())
-                .unwrap();
+            let line = line.replace("\"\"", "");
+            let parts: Vec<&str> = line.split("; ").collect();
+            let start = parts[0].trim_start_matches("echo ");
+            let done = parts[2].trim_start_matches("echo ").replace(" $?", "");
+            let reply = format!("\r\n{start}\r\nhello world\r\n{done} 3\r\nlucos# ");
+            s.write_all(reply.as_bytes()).unwrap();
         });
         let c = Console::connect(&path).unwrap();
         c.wait_for("LUCOS-BOOTED", Duration::from_secs(5)).unwrap();

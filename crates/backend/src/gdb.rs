@@ -154,6 +154,7 @@ impl Gdb {
     /// Sends a packet and returns the first reply that is not an
     /// asynchronous stop notification.
     pub fn request(&mut self, payload: &[u8]) -> Result<Vec<u8>, BackendError> {
+        tracing::trace!(packet = %String::from_utf8_lossy(&payload[..payload.len().min(40)]), "gdb send");
         self.send_raw(payload)?;
         loop {
             let reply = self.recv()?;

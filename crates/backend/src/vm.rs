@@ -27,6 +27,8 @@ pub struct Vm {
     patch: SharedMem,
     window: Option<PatchWindow>,
     vcpus: usize,
+    /// Set by our own pause(); avoids a QMP round trip per coherent write.
+    paused_by_us: bool,
 }
 
 impl Vm {
@@ -64,6 +66,7 @@ impl Vm {
             patch,
             window: None,
             vcpus,
+            paused_by_us: false,
         };
         vm.refresh_patch_window()?;
         Ok(vm)
@@ -130,10 +133,13 @@ impl Machine for Vm {
     }
 
     fn pause(&mut self) -> Result<(), MachineError> {
-        Ok(self.qmp.stop()?)
+        self.qmp.stop()?;
+        self.paused_by_us = true;
+        Ok(())
     }
 
     fn resume(&mut self) -> Result<(), MachineError> {
+        self.paused_by_us = false;
         Ok(self.qmp.cont()?)
     }
 
@@ -165,7 +171,17 @@ impl Machine for Vm {
         if self.desc.ram_offset(pa, len).is_none() && self.patch_offset(pa, len).is_none() {
             return Err(MachineError::Unbacked { addr: pa, len });
         }
-        Ok(self.gdb.write_phys(pa, data)?)
+        // QEMU's gdbstub treats any byte arriving while the VM runs as an
+        // interrupt request and drops it: write only while paused.
+        let pause = !self.paused_by_us && self.qmp.running()?;
+        if pause {
+            self.qmp.stop()?;
+        }
+        let r = self.gdb.write_phys(pa, data);
+        if pause {
+            self.qmp.cont()?;
+        }
+        Ok(r?)
     }
 
     fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
