@@ -39,10 +39,11 @@ pub trait Machine: PhysMem {
     /// Base of the IDT of vCPU `idx` (IDTR is not in every register dump).
     fn idt_base(&mut self, idx: usize) -> Result<u64, MachineError>;
     /// Coherent write: the guest sees it on its next access, code included.
+    /// Engines may pause the VM briefly to do it.
     fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError>;
-    /// Write of bytes the guest never executes (page tables, data, lucos's
-    /// own records): engines may take a faster path without translation
-    /// invalidation.
+    /// Write of bytes no vCPU has executed (page tables, data, lucos's own
+    /// records, code in never-used patch memory): engines may take a faster
+    /// path without translation invalidation.
     fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
         self.write_phys(pa, data)
     }

@@ -10,7 +10,8 @@ pub const PAGE_SIZE: u64 = 4096;
 pub const MAX_REGION_SIZE: u64 = 64 << 20;
 
 /// One of the three load regions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum RegionKind {
     /// Code: map read + execute.
     Text,

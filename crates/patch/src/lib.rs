@@ -11,14 +11,18 @@
 
 mod bundle;
 mod elf;
+pub mod engine;
 mod layout;
 mod link;
 mod manifest;
+pub mod memory;
+pub mod registry;
 mod reloc;
 mod sections;
 mod site;
 
 pub use bundle::{pack, Bundle, BundleError, MANIFEST_SECTION};
+pub use engine::{ApplyReport, EngineError, RevertReport, Session};
 pub use layout::{
     DroppedSection, FentrySite, Linked, PlacedSection, RegionKind, RegionPlan, Regions,
     MAX_REGION_SIZE, PAGE_SIZE,

@@ -1,0 +1,585 @@
+//! Apply and revert: the only code that changes a running guest.
+//!
+//! Every check that can refuse a bundle runs before the first write, so a
+//! refused bundle leaves guest memory byte-identical. Staging (code, data,
+//! page tables) happens while the guest runs, in memory nothing reaches yet;
+//! only the site switch (one `jmp rel32` per function) and the registry
+//! commit happen with the VM paused. Any failure after staging undoes what
+//! was written, and a VM paused by lucos is always resumed.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use lucos_introspect::{paging, KernelLayout, KernelSymbols, Machine, SymbolKind};
+
+use crate::memory::{self, PatchMem, PatchMemLayout, PAGE};
+use crate::registry::{
+    BundleRecord, BundleState, Header, RangeRecord, Registry, SiteRecord, HEADER_LEN,
+};
+use crate::{
+    check_fentry_site, jmp_rel32, link, plan, Bundle, Linked, Manifest, RegionKind, Regions,
+    Replacement, SiteKind, NOP5,
+};
+
+mod error;
+pub use error::EngineError;
+
+/// A guest as the engine sees it: machine, symbols, live layout, patch memory.
+pub struct Session<'a, M: Machine + ?Sized> {
+    m: &'a mut M,
+    syms: &'a KernelSymbols,
+    layout: KernelLayout,
+    /// Physical address of the kernel's own top-level page table
+    /// (`init_top_pgt`): unlike a process's CR3 it never goes away.
+    cr3: u64,
+    pm: PatchMem,
+}
+
+/// What an apply did and how long the guest was stopped.
+#[derive(Debug, Clone)]
+pub struct ApplyReport {
+    pub id: String,
+    pub sites: Vec<SiteRecord>,
+    pub ranges: Vec<RangeRecord>,
+    /// `Some(va)` when this apply mapped patch memory for the first time.
+    pub mapped_at: Option<u64>,
+    /// From the pause request to the resume acknowledgement.
+    pub pause: Duration,
+    pub total: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct RevertReport {
+    pub id: String,
+    pub sites: Vec<SiteRecord>,
+    pub pause: Duration,
+    pub total: Duration,
+}
+
+/// One target function, inspected and found patchable.
+#[derive(Debug, Clone)]
+struct Site {
+    function: String,
+    func_addr: u64,
+    site_addr: u64,
+    site_pa: u64,
+    current: [u8; 5],
+}
+
+/// Bytes written while staging, for rollback.
+#[derive(Default)]
+struct Undo {
+    writes: Vec<(u64, Vec<u8>)>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl<'a, M: Machine + ?Sized> Session<'a, M> {
+    /// `layout` comes from [`lucos_introspect::detect_layout`] (build id
+    /// already verified); `patch_gpa`/`patch_size` locate patch memory.
+    pub fn new(
+        m: &'a mut M,
+        syms: &'a KernelSymbols,
+        layout: KernelLayout,
+        patch_gpa: u64,
+        patch_size: u64,
+    ) -> Result<Self, EngineError> {
+        let cr3 = syms
+            .lookup("init_top_pgt")
+            .ok()
+            .and_then(|s| layout.image_phys(s.addr))
+            .unwrap_or(layout.cr3);
+        let mut s = Session {
+            m,
+            syms,
+            layout,
+            cr3,
+            pm: PatchMem {
+                layout: PatchMemLayout::new(patch_size)?,
+                gpa: patch_gpa,
+                va_base: None,
+            },
+        };
+        s.pm.va_base = s.registry()?.va_base;
+        Ok(s)
+    }
+
+    pub fn layout(&self) -> &KernelLayout {
+        &self.layout
+    }
+
+    pub fn patch_mem(&self) -> &PatchMem {
+        &self.pm
+    }
+
+    fn read_header(&self) -> Result<(Header, Registry), EngineError> {
+        let mut hb = [0u8; HEADER_LEN];
+        self.m
+            .read_phys(self.pm.pa(self.pm.layout.header_offset()), &mut hb)?;
+        match Header::decode(&hb)? {
+            None => Ok((Header::default(), Registry::empty(&self.pm.layout))),
+            Some(h) => {
+                let mut slot = vec![0u8; memory::REGISTRY_SLOT_SIZE];
+                self.m
+                    .read_phys(self.pm.pa(self.pm.layout.slot_offset(h.active)), &mut slot)?;
+                let reg = h.registry(&slot)?;
+                Ok((h, reg))
+            }
+        }
+    }
+
+    /// The registry as stored in the guest's patch memory.
+    pub fn registry(&self) -> Result<Registry, EngineError> {
+        Ok(self.read_header()?.1)
+    }
+
+    fn commit(&mut self, header: &Header, reg: &mut Registry) -> Result<(), EngineError> {
+        reg.generation += 1;
+        let (h, json) = reg.encode(header)?;
+        self.m
+            .write_phys_data(self.pm.pa(self.pm.layout.slot_offset(h.active)), &json)?;
+        self.m
+            .write_phys_data(self.pm.pa(self.pm.layout.header_offset()), &h.encode())?;
+        Ok(())
+    }
+
+    /// Resolves an undefined bundle symbol in the running kernel.
+    fn resolve(&self, man: &Manifest, name: &str) -> Result<u64, String> {
+        let sym = match man.resolve.get(name) {
+            Some(file) => self.syms.lookup_in_file(file, name),
+            None => self.syms.lookup(name),
+        }
+        .map_err(|e| e.to_string())?;
+        // Per-CPU symbols are offsets from %gs and do not move with KASLR.
+        Ok(if sym.percpu {
+            sym.addr
+        } else {
+            self.layout.live(sym.addr)
+        })
+    }
+
+    /// Checks one target function against the live kernel and the registry.
+    fn inspect(&self, reg: &Registry, rep: &Replacement) -> Result<Site, EngineError> {
+        let function = rep.label();
+        let sym = match &rep.old_file {
+            Some(f) => self.syms.lookup_in_file(f, &rep.old),
+            None => self.syms.lookup(&rep.old),
+        }
+        .map_err(|source| EngineError::Symbol {
+            function: function.clone(),
+            source,
+        })?;
+        if sym.kind != SymbolKind::Func {
+            return Err(EngineError::NotAFunction { function });
+        }
+        let func_addr = self.layout.live(sym.addr);
+        let site_addr = func_addr + u64::from(rep.site_offset);
+        let mut live = vec![0u8; rep.expect.len()];
+        paging::read_virt(&*self.m, self.cr3, func_addr, &mut live)?;
+        let so = rep.site_offset as usize;
+        let current: [u8; 5] = live[so..so + 5].try_into().expect("expect covers the site");
+        let kind = check_fentry_site(&current, site_addr).map_err(|source| EngineError::Site {
+            function: function.clone(),
+            source,
+        })?;
+        let mut cmp = live.clone();
+        if let SiteKind::Jmp { target } = kind {
+            match reg.top_of_site(site_addr) {
+                Some((_, s)) if s.written == current => cmp[so..so + 5].copy_from_slice(&NOP5),
+                _ => {
+                    return Err(EngineError::ForeignRedirect {
+                        function,
+                        site: site_addr,
+                        target,
+                    })
+                }
+            }
+        }
+        let expected = rep.expected_bytes(self.layout.slide as u64);
+        if cmp != expected {
+            return Err(EngineError::ExpectMismatch {
+                function,
+                addr: func_addr,
+                expected: hex::encode(&expected),
+                live: hex::encode(&cmp),
+            });
+        }
+        let site_pa = paging::translate(&*self.m, self.cr3, site_addr)?.pa;
+        Ok(Site {
+            function,
+            func_addr,
+            site_addr,
+            site_pa,
+            current,
+        })
+    }
+
+    /// Applies a bundle. See the module docs for the order of events.
+    pub fn apply(&mut self, bundle: &Bundle) -> Result<ApplyReport, EngineError> {
+        let start = Instant::now();
+        let man = bundle.manifest();
+        let (header, mut reg) = self.read_header()?;
+        if reg.find_applied(&man.id).is_some() {
+            return Err(EngineError::AlreadyApplied(man.id.clone()));
+        }
+        let live_id = self.syms.build_id_hex()?;
+        if !man.target.build_id.eq_ignore_ascii_case(&live_id) {
+            return Err(EngineError::WrongKernel {
+                id: man.id.clone(),
+                bundle: man.target.build_id.clone(),
+                live: live_id,
+            });
+        }
+        let sites = man
+            .replacements
+            .iter()
+            .map(|r| self.inspect(&reg, r))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        // Allocate (never reusing ranges) and pick the mapping.
+        let plan = plan(bundle)?;
+        let sizes = [
+            plan.text.page_size(),
+            plan.rodata.page_size(),
+            plan.data.page_size(),
+        ];
+        let need: u64 = sizes.iter().sum();
+        let free = self.pm.layout.size - reg.next_free;
+        if need > free {
+            return Err(memory::MemoryError::Full { need, free }.into());
+        }
+        let (va_base, new_pd) = match reg.va_base {
+            Some(b) => (b, Vec::new()),
+            None => {
+                let b = memory::choose_va_base(
+                    &*self.m,
+                    self.cr3,
+                    &self.pm,
+                    self.layout.text_start,
+                    self.layout.image_end,
+                )?;
+                (b, memory::pd_entries_for(&*self.m, self.cr3, &self.pm, b)?)
+            }
+        };
+        let offs = [
+            reg.next_free,
+            reg.next_free + sizes[0],
+            reg.next_free + sizes[0] + sizes[1],
+        ];
+        let bases = Regions {
+            text: va_base + offs[0],
+            rodata: va_base + offs[1],
+            data: va_base + offs[2],
+        };
+        let linked = link(bundle, &plan, bases, &|name| self.resolve(man, name))?;
+        let mut records = Vec::new();
+        let mut jmps = Vec::new();
+        for (site, rep) in sites.iter().zip(&man.replacements) {
+            let target = linked
+                .new_fn_addr(&rep.new)
+                .ok_or_else(|| EngineError::MissingNew(rep.new.clone()))?;
+            let jmp = jmp_rel32(site.site_addr, target)?;
+            jmps.push(jmp);
+            records.push(SiteRecord {
+                function: site.function.clone(),
+                func_addr: site.func_addr,
+                site_addr: site.site_addr,
+                site_pa: site.site_pa,
+                original: site.current.to_vec(),
+                written: jmp.to_vec(),
+                new_addr: target,
+                new_symbol: rep.new.clone(),
+            });
+        }
+        let kinds = [RegionKind::Text, RegionKind::Rodata, RegionKind::Data];
+        let ranges: Vec<RangeRecord> = kinds
+            .iter()
+            .zip(offs.iter().zip(sizes))
+            .filter(|(_, (_, len))| *len > 0)
+            .map(|(&kind, (&offset, len))| RangeRecord {
+                offset,
+                len,
+                va: va_base + offset,
+                kind,
+            })
+            .collect();
+
+        // Nothing has been written yet: everything above may refuse.
+        let mut undo = Undo::default();
+        if let Err(e) = self.stage(&new_pd, &ranges, &linked, &mut undo) {
+            self.rollback(undo);
+            return Err(e);
+        }
+        reg.va_base = Some(va_base);
+        reg.pd_entries.extend(new_pd.iter().copied());
+        reg.next_free += need;
+        let mut record = BundleRecord {
+            id: man.id.clone(),
+            description: man.description.clone(),
+            sha256: hex::encode(bundle.sha256()),
+            state: BundleState::Applied,
+            applied_unix_ms: now_ms(),
+            reverted_unix_ms: None,
+            sites: records.clone(),
+            ranges: ranges.clone(),
+            apply_pause_us: 0,
+            revert_pause_us: None,
+        };
+        let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(jmps).collect();
+        let pause = match self.switch(&switch, &header, &mut reg, &mut record) {
+            Ok(p) => p,
+            Err(e) => {
+                self.rollback(undo);
+                return Err(e);
+            }
+        };
+        self.pm.va_base = Some(va_base);
+        Ok(ApplyReport {
+            id: man.id.clone(),
+            sites: records,
+            ranges,
+            mapped_at: (!new_pd.is_empty()).then_some(va_base),
+            pause,
+            total: start.elapsed(),
+        })
+    }
+
+    fn write_undoable(&mut self, undo: &mut Undo, pa: u64, data: &[u8]) -> Result<(), EngineError> {
+        let mut old = vec![0u8; data.len()];
+        self.m.read_phys(pa, &mut old)?;
+        undo.writes.push((pa, old));
+        self.m.write_phys_data(pa, data)?;
+        Ok(())
+    }
+
+    /// Writes code, data and page tables; nothing in the guest reaches them
+    /// until the sites are switched.
+    fn stage(
+        &mut self,
+        new_pd: &[(u64, u64)],
+        ranges: &[RangeRecord],
+        linked: &Linked,
+        undo: &mut Undo,
+    ) -> Result<(), EngineError> {
+        for r in ranges {
+            let image = match r.kind {
+                RegionKind::Text => &linked.text,
+                RegionKind::Rodata => &linked.rodata,
+                RegionKind::Data => &linked.data,
+            };
+            let mut bytes = image.clone();
+            bytes.resize(r.len as usize, 0);
+            // Never-used pages: no vCPU has executed them, so no translation
+            // can be stale and the fast data path is coherent enough.
+            self.write_undoable(undo, self.pm.pa(r.offset), &bytes)?;
+            let mut ptes = Vec::new();
+            let mut off = r.offset;
+            while off < r.offset + r.len {
+                ptes.push(memory::pte(&self.pm, off, r.kind));
+                off += PAGE;
+            }
+            for (i, pte) in ptes.into_iter().enumerate() {
+                let pa = memory::pte_pa(&self.pm, r.offset + i as u64 * PAGE);
+                self.write_undoable(undo, pa, &pte.to_le_bytes())?;
+            }
+        }
+        for chunk in 0..new_pd.len() as u64 {
+            // Fresh page tables: only entries written above may be present.
+            let pt = self.pm.pa(self.pm.layout.pt_offset(chunk));
+            let mut table = vec![0u8; PAGE as usize];
+            self.m.read_phys(pt, &mut table)?;
+            let keep: Vec<u8> = table
+                .chunks(8)
+                .zip(0u64..)
+                .flat_map(|(e, i)| {
+                    let off = chunk * memory::HUGE + i * PAGE;
+                    let ours = ranges
+                        .iter()
+                        .any(|r| off >= r.offset && off < r.offset + r.len);
+                    if ours {
+                        e.to_vec()
+                    } else {
+                        vec![0; 8]
+                    }
+                })
+                .collect();
+            if keep != table {
+                self.write_undoable(undo, pt, &keep)?;
+            }
+        }
+        for &(pa, value) in new_pd {
+            self.write_undoable(undo, pa, &value.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    fn rollback(&mut self, undo: Undo) {
+        for (pa, old) in undo.writes.into_iter().rev() {
+            if let Err(e) = self.m.write_phys_data(pa, &old) {
+                tracing::error!(pa, error = %e, "rollback write failed");
+            }
+        }
+    }
+
+    /// Pauses, checks every vCPU and site, writes the site bytes, commits
+    /// the registry and resumes. On any failure the sites are restored
+    /// before resuming. Returns the pause duration.
+    fn switch(
+        &mut self,
+        sites: &[(&Site, [u8; 5])],
+        header: &Header,
+        reg: &mut Registry,
+        record: &mut BundleRecord,
+    ) -> Result<Duration, EngineError> {
+        let t = Instant::now();
+        self.m.pause()?;
+        let mut written: Vec<&Site> = Vec::new();
+        let mut result = self.check_paused(sites.iter().map(|(s, _)| *s));
+        if result.is_ok() {
+            for (site, bytes) in sites {
+                if let Err(e) = self.m.write_phys(site.site_pa, bytes) {
+                    result = Err(e.into());
+                    break;
+                }
+                written.push(site);
+            }
+        }
+        if result.is_ok() {
+            record.apply_pause_us = t.elapsed().as_micros() as u64;
+            reg.bundles.push(record.clone());
+            result = self.commit(header, reg);
+        }
+        if result.is_err() {
+            for s in written {
+                if let Err(e) = self.m.write_phys(s.site_pa, &s.current) {
+                    tracing::error!(site = s.site_addr, error = %e, "restoring a site failed");
+                }
+            }
+        }
+        let resumed = self.m.resume();
+        let pause = t.elapsed();
+        result?;
+        resumed?;
+        Ok(pause)
+    }
+
+    /// With the VM paused: no vCPU may be inside a site, and each site must
+    /// still hold the bytes inspected before staging.
+    fn check_paused<'s>(
+        &mut self,
+        sites: impl Iterator<Item = &'s Site> + Clone,
+    ) -> Result<(), EngineError> {
+        for vcpu in 0..self.m.vcpu_count() {
+            let rip = self.m.vcpu_regs(vcpu)?.rip;
+            if let Some(s) = sites
+                .clone()
+                .find(|s| rip > s.site_addr && rip < s.site_addr + 5)
+            {
+                return Err(EngineError::RipInSite {
+                    vcpu,
+                    rip,
+                    function: s.function.clone(),
+                });
+            }
+        }
+        for s in sites {
+            let mut now = [0u8; 5];
+            self.m.read_phys(s.site_pa, &mut now)?;
+            if now != s.current {
+                return Err(EngineError::SiteChanged {
+                    function: s.function.clone(),
+                    site: s.site_addr,
+                    expected: hex::encode(s.current),
+                    found: hex::encode(now),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Reverts an applied bundle: the newest on each of its sites only.
+    pub fn revert(&mut self, id: &str) -> Result<RevertReport, EngineError> {
+        let start = Instant::now();
+        let (header, mut reg) = self.read_header()?;
+        let Some(rec) = reg.find_applied(id).cloned() else {
+            return Err(EngineError::NotApplied {
+                id: id.to_owned(),
+                applied: reg.applied().map(|b| b.id.clone()).collect(),
+            });
+        };
+        for s in &rec.sites {
+            if let Some((top, _)) = reg.top_of_site(s.site_addr) {
+                if top.id != id {
+                    return Err(EngineError::RevertOrder {
+                        id: id.to_owned(),
+                        function: s.function.clone(),
+                        newer: top.id.clone(),
+                    });
+                }
+            }
+        }
+        // Revert switches each site from this bundle's jmp back to what it replaced.
+        let sites: Vec<Site> = rec
+            .sites
+            .iter()
+            .map(|s| Site {
+                function: s.function.clone(),
+                func_addr: s.func_addr,
+                site_addr: s.site_addr,
+                site_pa: s.site_pa,
+                current: s.written.clone().try_into().unwrap_or([0; 5]),
+            })
+            .collect();
+        let originals: Vec<[u8; 5]> = rec
+            .sites
+            .iter()
+            .map(|s| s.original.clone().try_into().unwrap_or(NOP5))
+            .collect();
+        let t = Instant::now();
+        self.m.pause()?;
+        let mut written = Vec::new();
+        let mut result = self.check_paused(sites.iter());
+        if result.is_ok() {
+            for (s, orig) in sites.iter().zip(&originals) {
+                if let Err(e) = self.m.write_phys(s.site_pa, orig) {
+                    result = Err(e.into());
+                    break;
+                }
+                written.push(s);
+            }
+        }
+        if result.is_ok() {
+            let b = reg
+                .bundles
+                .iter_mut()
+                .rev()
+                .find(|b| b.id == id && b.state == BundleState::Applied)
+                .expect("found above");
+            b.state = BundleState::Reverted;
+            b.reverted_unix_ms = Some(now_ms());
+            b.revert_pause_us = Some(t.elapsed().as_micros() as u64);
+            result = self.commit(&header, &mut reg);
+        }
+        if result.is_err() {
+            for s in written {
+                if let Err(e) = self.m.write_phys(s.site_pa, &s.current) {
+                    tracing::error!(site = s.site_addr, error = %e, "re-applying a site failed");
+                }
+            }
+        }
+        let resumed = self.m.resume();
+        let pause = t.elapsed();
+        result?;
+        resumed?;
+        Ok(RevertReport {
+            id: id.to_owned(),
+            sites: rec.sites,
+            pause,
+            total: start.elapsed(),
+        })
+    }
+}

@@ -1,0 +1,82 @@
+use lucos_introspect::{KaslrError, MachineError, PagingError, SymbolError};
+
+use crate::memory::MemoryError;
+use crate::registry::RegistryError;
+use crate::{BundleError, LinkError, SiteError};
+
+/// Why an apply or revert was refused or failed. Refusals leave the guest
+/// untouched; failures after staging were rolled back.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("bundle '{id}' was built for kernel build id {bundle}, but the guest runs {live}; rebuild the bundle against this kernel")]
+    WrongKernel {
+        id: String,
+        bundle: String,
+        live: String,
+    },
+    #[error("bundle '{0}' is already applied; revert it first (`lucos revert`) or give the new bundle another id")]
+    AlreadyApplied(String),
+    #[error("no applied bundle '{id}' (applied: {})", if applied.is_empty() { "none".to_owned() } else { applied.join(", ") })]
+    NotApplied { id: String, applied: Vec<String> },
+    #[error("cannot revert '{id}': bundle '{newer}' replaced `{function}` after it; revert '{newer}' first (reverts go newest first per function)")]
+    RevertOrder {
+        id: String,
+        function: String,
+        newer: String,
+    },
+    #[error("`{function}`: {source}")]
+    Symbol {
+        function: String,
+        source: SymbolError,
+    },
+    #[error("`{function}` is not a function in vmlinux; only functions can be replaced")]
+    NotAFunction { function: String },
+    #[error("`{function}`: {source}")]
+    Site { function: String, source: SiteError },
+    #[error("`{function}` at {site:#x} already jumps to {target:#x}, which no applied lucos bundle wrote; another tool owns this function, refusing")]
+    ForeignRedirect {
+        function: String,
+        site: u64,
+        target: u64,
+    },
+    #[error("`{function}` at {addr:#x} does not hold the bytes the bundle expects: expected {expected}, live {live}. The bundle was built for different code (or alternatives/jump labels rewrote it); rebuild it against this kernel")]
+    ExpectMismatch {
+        function: String,
+        addr: u64,
+        expected: String,
+        live: String,
+    },
+    #[error(
+        "vCPU {vcpu} is executing inside the patch site of `{function}` (rip {rip:#x}); retry"
+    )]
+    RipInSite {
+        vcpu: usize,
+        rip: u64,
+        function: String,
+    },
+    #[error("the site of `{function}` at {site:#x} changed while lucos was preparing ({expected} -> {found}); someone else is patching this kernel, retry")]
+    SiteChanged {
+        function: String,
+        site: u64,
+        expected: String,
+        found: String,
+    },
+    #[error("the linked bundle has no function `{0}` for its manifest")]
+    MissingNew(String),
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error("reading guest memory: {0}")]
+    Paging(#[from] PagingError),
+    #[error(transparent)]
+    Kaslr(#[from] KaslrError),
+    #[error("kernel symbols: {0}")]
+    Symbols(#[from] SymbolError),
+    #[error("VM: {0}")]
+    Machine(#[from] MachineError),
+}

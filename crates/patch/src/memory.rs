@@ -1,0 +1,205 @@
+//! Patch memory: a guest-physical window (an ivshmem BAR) that the guest OS
+//! never allocates, mapped by lucos into the guest kernel's address space.
+//!
+//! Layout (offsets into patch memory):
+//! - `0..4K` registry header, then two registry slots (never mapped);
+//! - `PT_OFFSET..` one page table per 2 MiB of patch memory (lucos-owned,
+//!   hung into the kernel's page directory);
+//! - `alloc_start..size` code and data of bundles, bump-allocated per page,
+//!   mapped at `va_base + offset` with per-page permissions.
+//!
+//! The virtual range is a hole in the kernel-image region
+//! `[__START_KERNEL_map, MODULES_VADDR)`: Linux maps only its own image
+//! there (`cleanup_highmap()` clears the rest at boot) and never allocates
+//! in it later, and it lies within ±2 GiB of kernel text, so `jmp rel32`
+//! and `-mcmodel=kernel` code reach both ways. See docs/design.md.
+
+use lucos_introspect::paging::{self, Level, ACCESSED, DIRTY, GLOBAL, NX, PRESENT, RW};
+use lucos_introspect::{MachineError, PhysMem};
+
+use crate::registry::HEADER_LEN;
+use crate::RegionKind;
+
+pub const PAGE: u64 = 4096;
+pub const HUGE: u64 = 2 << 20;
+pub const REGISTRY_SLOT_SIZE: usize = 126 * 1024;
+const PT_OFFSET: u64 = 256 * 1024;
+/// `__START_KERNEL_map` and the end of the KASLR kernel-image region
+/// (`MODULES_VADDR` = `__START_KERNEL_map` + 1 GiB with RANDOMIZE_BASE).
+pub const KERNEL_MAP_START: u64 = 0xffff_ffff_8000_0000;
+pub const KERNEL_MAP_END: u64 = 0xffff_ffff_c000_0000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error(
+        "patch memory of {0} bytes is too small or not a multiple of 2 MiB (need at least 4 MiB)"
+    )]
+    BadSize(u64),
+    #[error("patch memory is full: the bundle needs {need} bytes, {free} are left. Restart the VM with a larger --patch-mem (ranges are never reused, even after revert)")]
+    Full { need: u64, free: u64 },
+    #[error("no free virtual range for patch memory in the kernel image region (kernel {text:#x}..{end:#x}); the guest's page tables look unusual")]
+    NoVirtualRange { text: u64, end: u64 },
+    #[error("page tables: {0}")]
+    Paging(#[from] paging::PagingError),
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+}
+
+/// Offsets of everything inside patch memory, derived from its size only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PatchMemLayout {
+    pub size: u64,
+    pub pt_pages: u64,
+    pub alloc_start: u64,
+}
+
+impl PatchMemLayout {
+    pub fn new(size: u64) -> Result<Self, MemoryError> {
+        if size < 2 * HUGE || !size.is_multiple_of(HUGE) {
+            return Err(MemoryError::BadSize(size));
+        }
+        let pt_pages = size / HUGE;
+        let alloc_start = (PT_OFFSET + pt_pages * PAGE).next_multiple_of(64 * 1024);
+        Ok(PatchMemLayout {
+            size,
+            pt_pages,
+            alloc_start,
+        })
+    }
+
+    pub fn header_offset(&self) -> u64 {
+        0
+    }
+
+    pub fn slot_offset(&self, slot: u32) -> u64 {
+        PAGE + u64::from(slot) * REGISTRY_SLOT_SIZE as u64
+    }
+
+    pub fn pt_offset(&self, chunk: u64) -> u64 {
+        PT_OFFSET + chunk * PAGE
+    }
+}
+
+const _: () = assert!(PAGE + 2 * REGISTRY_SLOT_SIZE as u64 <= PT_OFFSET);
+const _: () = assert!(HEADER_LEN as u64 <= PAGE);
+
+/// Patch memory as placed in one guest: where it is physically and, once
+/// mapped, virtually.
+#[derive(Debug, Clone, Copy)]
+pub struct PatchMem {
+    pub layout: PatchMemLayout,
+    pub gpa: u64,
+    pub va_base: Option<u64>,
+}
+
+impl PatchMem {
+    pub fn va(&self, offset: u64) -> Option<u64> {
+        self.va_base.map(|b| b + offset)
+    }
+
+    pub fn pa(&self, offset: u64) -> u64 {
+        self.gpa + offset
+    }
+}
+
+/// Page-directory entries lucos must install to map patch memory at
+/// `va_base`: (entry guest-physical address, value).
+pub fn pd_entries_for(
+    mem: &(impl PhysMem + ?Sized),
+    cr3: u64,
+    pm: &PatchMem,
+    va_base: u64,
+) -> Result<Vec<(u64, u64)>, MemoryError> {
+    let mut out = Vec::new();
+    for chunk in 0..pm.layout.pt_pages {
+        let va = va_base + chunk * HUGE;
+        let walk = paging::walk(mem, cr3, va)?;
+        if walk.stopped_at() != Some(Level::Pd) {
+            return Err(MemoryError::NoVirtualRange { text: va, end: va });
+        }
+        let pd = walk.entry(Level::Pd).expect("walk reached the PD");
+        let value = pm.pa(pm.layout.pt_offset(chunk)) | PRESENT | RW | ACCESSED;
+        out.push((pd.entry_pa, value));
+    }
+    Ok(out)
+}
+
+/// Picks a 2 MiB-aligned virtual range for patch memory in the kernel-image
+/// region, after the kernel (or before it), whose page-directory entries are
+/// all not present.
+pub fn choose_va_base(
+    mem: &(impl PhysMem + ?Sized),
+    cr3: u64,
+    pm: &PatchMem,
+    kernel_text: u64,
+    kernel_end: u64,
+) -> Result<u64, MemoryError> {
+    let size = pm.layout.size;
+    let after = kernel_end.next_multiple_of(HUGE) + HUGE;
+    let before = (kernel_text.saturating_sub(size + HUGE)) & !(HUGE - 1);
+    let candidates = [
+        (after + size <= KERNEL_MAP_END).then_some(after),
+        (before >= KERNEL_MAP_START + HUGE).then_some(before),
+    ];
+    for base in candidates.into_iter().flatten() {
+        if pd_entries_for(mem, cr3, pm, base).is_ok() {
+            return Ok(base);
+        }
+    }
+    Err(MemoryError::NoVirtualRange {
+        text: kernel_text,
+        end: kernel_end,
+    })
+}
+
+/// Page-table entry for one page of patch memory with the permissions of
+/// its kind: text read+execute, rodata read-only, data read+write, never
+/// user-accessible, never writable and executable at once.
+pub fn pte(pm: &PatchMem, offset: u64, kind: RegionKind) -> u64 {
+    let base = pm.pa(offset) | PRESENT | ACCESSED | DIRTY | GLOBAL;
+    match kind {
+        RegionKind::Text => base,
+        RegionKind::Rodata => base | NX,
+        RegionKind::Data => base | RW | NX,
+    }
+}
+
+/// Guest-physical address of the PTE that maps patch-memory `offset`.
+pub fn pte_pa(pm: &PatchMem, offset: u64) -> u64 {
+    pm.pa(pm.layout.pt_offset(offset / HUGE)) + ((offset % HUGE) / PAGE) * 8
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_consistent() {
+        let l = PatchMemLayout::new(8 << 20).unwrap();
+        assert_eq!(l.pt_pages, 4);
+        assert!(l.alloc_start >= l.pt_offset(4));
+        assert_eq!(l.alloc_start % PAGE, 0);
+        assert!(l.slot_offset(1) + REGISTRY_SLOT_SIZE as u64 <= l.pt_offset(0));
+        assert!(PatchMemLayout::new(3 << 20).is_err());
+        assert!(PatchMemLayout::new(2 << 20).is_err());
+    }
+
+    #[test]
+    fn ptes_never_writable_and_executable() {
+        let pm = PatchMem {
+            layout: PatchMemLayout::new(8 << 20).unwrap(),
+            gpa: 0xfe00_0000,
+            va_base: Some(0xffff_ffff_a000_0000),
+        };
+        let t = pte(&pm, 0x80000, RegionKind::Text);
+        assert_eq!(t & !0xfff & !NX, 0xfe08_0000);
+        assert!(t & RW == 0 && t & NX == 0);
+        let r = pte(&pm, 0x80000, RegionKind::Rodata);
+        assert!(r & RW == 0 && r & NX != 0);
+        let d = pte(&pm, 0x80000, RegionKind::Data);
+        assert!(d & RW != 0 && d & NX != 0);
+        for e in [t, r, d] {
+            assert_eq!(e & lucos_introspect::paging::US, 0, "never user-accessible");
+        }
+    }
+}

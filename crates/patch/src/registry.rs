@@ -1,0 +1,265 @@
+//! The registry of applied patches, kept inside the VM's patch memory so
+//! any lucos process can attach later, and a crashed one loses nothing.
+//!
+//! Layout at the start of patch memory (never mapped into the guest):
+//! a header page, then two slots. An update writes the inactive slot, then
+//! flips `active` in the header, so a torn write leaves the old copy valid.
+
+use serde::{Deserialize, Serialize};
+
+use crate::memory::{PatchMemLayout, REGISTRY_SLOT_SIZE};
+use crate::RegionKind;
+
+pub const MAGIC: &[u8; 8] = b"LUCOSREG";
+pub const FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("the patch registry in patch memory is corrupt ({0}); refusing to touch the guest. Inspect it with `lucos status --raw`")]
+    Corrupt(String),
+    #[error("the patch registry has format {0}, this lucos understands {FORMAT}; use a matching lucos version")]
+    Format(u32),
+    #[error("the patch registry would need {need} bytes, a slot holds {REGISTRY_SLOT_SIZE}; revert and drop old bundles")]
+    Full { need: usize },
+}
+
+/// One redirected function entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    /// Old function as named in the manifest (`file:name` or `name`).
+    pub function: String,
+    /// Live virtual address of the function and of its 5-byte site.
+    pub func_addr: u64,
+    pub site_addr: u64,
+    pub site_pa: u64,
+    /// Bytes at the site before this bundle (NOP5, or an earlier bundle's jmp).
+    #[serde(with = "hex_bytes")]
+    pub original: Vec<u8>,
+    /// The jmp this bundle wrote.
+    #[serde(with = "hex_bytes")]
+    pub written: Vec<u8>,
+    pub new_addr: u64,
+    pub new_symbol: String,
+}
+
+/// A piece of patch memory owned by a bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RangeRecord {
+    /// Offset into patch memory.
+    pub offset: u64,
+    pub len: u64,
+    pub va: u64,
+    pub kind: RegionKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BundleState {
+    Applied,
+    Reverted,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleRecord {
+    pub id: String,
+    pub description: String,
+    /// sha256 of the bundle file, hex.
+    pub sha256: String,
+    pub state: BundleState,
+    pub applied_unix_ms: u64,
+    pub reverted_unix_ms: Option<u64>,
+    pub sites: Vec<SiteRecord>,
+    pub ranges: Vec<RangeRecord>,
+    pub apply_pause_us: u64,
+    pub revert_pause_us: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Registry {
+    pub format: u32,
+    /// Set by the first apply: where patch memory is mapped in the guest
+    /// kernel's address space, and the (guest-physical address, value) of
+    /// each page-directory entry lucos installed (all were zero before).
+    pub va_base: Option<u64>,
+    pub pd_entries: Vec<(u64, u64)>,
+    /// Next free offset in the allocatable area; ranges are never reused.
+    pub next_free: u64,
+    pub bundles: Vec<BundleRecord>,
+    /// Bumped on every commit.
+    pub generation: u64,
+}
+
+impl Registry {
+    pub fn empty(layout: &PatchMemLayout) -> Self {
+        Registry {
+            format: FORMAT,
+            next_free: layout.alloc_start,
+            ..Default::default()
+        }
+    }
+
+    pub fn applied(&self) -> impl Iterator<Item = &BundleRecord> {
+        self.bundles
+            .iter()
+            .filter(|b| b.state == BundleState::Applied)
+    }
+
+    pub fn find_applied(&self, id: &str) -> Option<&BundleRecord> {
+        self.applied().find(|b| b.id == id)
+    }
+
+    /// The applied bundle whose jmp currently sits at `site_addr` (the top
+    /// of that site's stack), with its record.
+    pub fn top_of_site(&self, site_addr: u64) -> Option<(&BundleRecord, &SiteRecord)> {
+        self.applied()
+            .filter_map(|b| {
+                b.sites
+                    .iter()
+                    .find(|s| s.site_addr == site_addr)
+                    .map(|s| (b, s))
+            })
+            .last()
+    }
+
+    /// Bytes of the header page and of the slot to write for this registry.
+    pub fn encode(&self, header: &Header) -> Result<(Header, Vec<u8>), RegistryError> {
+        let json = serde_json::to_vec(self).expect("registry serializes");
+        if json.len() > REGISTRY_SLOT_SIZE {
+            return Err(RegistryError::Full { need: json.len() });
+        }
+        let slot = 1 - header.active.min(1);
+        let mut h = header.clone();
+        h.active = slot;
+        h.generation = self.generation;
+        h.len[slot as usize] = json.len() as u32;
+        h.crc[slot as usize] = crc32fast::hash(&json);
+        Ok((h, json))
+    }
+}
+
+/// The header page: which slot is current and its checksum.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Header {
+    pub active: u32,
+    pub generation: u64,
+    pub len: [u32; 2],
+    pub crc: [u32; 2],
+}
+
+pub const HEADER_LEN: usize = 8 + 4 + 4 + 8 + 8 + 8;
+
+impl Header {
+    /// `None` for never-initialised (all-zero) patch memory.
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Option<Header>, RegistryError> {
+        if b.iter().all(|&x| x == 0) {
+            return Ok(None);
+        }
+        if &b[..8] != MAGIC {
+            return Err(RegistryError::Corrupt("bad magic".into()));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"));
+        let format = u32_at(8);
+        if format != FORMAT {
+            return Err(RegistryError::Format(format));
+        }
+        let active = u32_at(12);
+        if active > 1 {
+            return Err(RegistryError::Corrupt(format!("active slot {active}")));
+        }
+        Ok(Some(Header {
+            active,
+            generation: u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")),
+            len: [u32_at(24), u32_at(28)],
+            crc: [u32_at(32), u32_at(36)],
+        }))
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[..8].copy_from_slice(MAGIC);
+        b[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+        b[12..16].copy_from_slice(&self.active.to_le_bytes());
+        b[16..24].copy_from_slice(&self.generation.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len[0].to_le_bytes());
+        b[28..32].copy_from_slice(&self.len[1].to_le_bytes());
+        b[32..36].copy_from_slice(&self.crc[0].to_le_bytes());
+        b[36..40].copy_from_slice(&self.crc[1].to_le_bytes());
+        b
+    }
+
+    /// Decodes the active slot's registry, checking length and checksum.
+    pub fn registry(&self, slot_bytes: &[u8]) -> Result<Registry, RegistryError> {
+        let len = self.len[self.active as usize] as usize;
+        let json = slot_bytes
+            .get(..len)
+            .ok_or_else(|| RegistryError::Corrupt(format!("slot length {len} too large")))?;
+        if crc32fast::hash(json) != self.crc[self.active as usize] {
+            return Err(RegistryError::Corrupt("checksum mismatch".into()));
+        }
+        let reg: Registry = serde_json::from_slice(json)
+            .map_err(|e| RegistryError::Corrupt(format!("bad JSON: {e}")))?;
+        if reg.format != FORMAT {
+            return Err(RegistryError::Format(reg.format));
+        }
+        Ok(reg)
+    }
+}
+
+mod hex_bytes {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(b))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        hex::decode(String::deserialize(d)?).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_checks() {
+        let h = Header {
+            active: 1,
+            generation: 7,
+            len: [3, 4],
+            crc: [5, 6],
+        };
+        assert_eq!(Header::decode(&h.encode()).unwrap(), Some(h));
+        assert_eq!(Header::decode(&[0; HEADER_LEN]).unwrap(), None);
+        let mut bad = Header::default().encode();
+        bad[0] = b'X';
+        assert!(matches!(
+            Header::decode(&bad),
+            Err(RegistryError::Corrupt(_))
+        ));
+        let mut bad = Header::default().encode();
+        bad[8] = 9;
+        assert!(matches!(
+            Header::decode(&bad),
+            Err(RegistryError::Format(9))
+        ));
+    }
+
+    #[test]
+    fn encode_alternates_slots_and_detects_corruption() {
+        let layout = PatchMemLayout::new(8 << 20).unwrap();
+        let mut reg = Registry::empty(&layout);
+        reg.generation = 1;
+        let (h1, json1) = reg.encode(&Header::default()).unwrap();
+        assert_eq!(h1.active, 1);
+        assert_eq!(h1.registry(&json1).unwrap(), reg);
+        reg.generation = 2;
+        let (h2, json2) = reg.encode(&h1).unwrap();
+        assert_eq!(h2.active, 0);
+        // The previous slot's metadata is kept intact.
+        assert_eq!((h2.len[1], h2.crc[1]), (h1.len[1], h1.crc[1]));
+        let mut torn = json2.clone();
+        torn[3] ^= 0xff;
+        assert!(matches!(h2.registry(&torn), Err(RegistryError::Corrupt(_))));
+    }
+}
