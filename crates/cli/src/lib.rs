@@ -3,4 +3,5 @@
 pub mod guest;
 pub mod harness;
 pub mod info;
+pub mod patchcmd;
 pub mod run;

@@ -1,8 +1,8 @@
 //! `lucos`: live-update a running Linux kernel from outside its VM.
 
-use lucos::{guest, info, run};
+use lucos::{guest, info, patchcmd, run};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -29,6 +29,32 @@ enum Cmd {
     List,
     /// Attach to a VM and print what lucos reads from outside.
     Info(info::InfoArgs),
+    /// Apply a patch bundle to a running VM.
+    Apply(patchcmd::ApplyArgs),
+    /// Revert an applied bundle (newest first per function).
+    Revert(patchcmd::RevertArgs),
+    /// Show the bundles recorded in the VM's patch registry.
+    Status(patchcmd::StatusArgs),
+    /// Benchmark: pause-time percentiles over N apply/revert cycles.
+    Bench(patchcmd::BenchArgs),
+    /// Make, pack or inspect bundles.
+    Bundle {
+        #[command(subcommand)]
+        cmd: BundleCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum BundleCmd {
+    /// Add (or replace) the manifest of an object file.
+    Pack {
+        object: std::path::PathBuf,
+        manifest: std::path::PathBuf,
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+    },
+    /// Print a bundle's manifest and load plan.
+    Show { bundle: std::path::PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -77,5 +103,45 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Info(args) => info::info(args),
+        Cmd::Apply(args) => patchcmd::apply(args),
+        Cmd::Revert(args) => patchcmd::revert(args),
+        Cmd::Status(args) => patchcmd::status(args),
+        Cmd::Bench(args) => patchcmd::bench(args),
+        Cmd::Bundle { cmd } => match cmd {
+            BundleCmd::Pack {
+                object,
+                manifest,
+                output,
+            } => {
+                let obj = std::fs::read(&object)
+                    .with_context(|| format!("reading {}", object.display()))?;
+                let text = std::fs::read(&manifest)
+                    .with_context(|| format!("reading {}", manifest.display()))?;
+                let m = lucos_patch::Manifest::from_json(&text)?;
+                let packed = lucos_patch::pack(&obj, &m)?;
+                std::fs::write(&output, packed)
+                    .with_context(|| format!("writing {}", output.display()))?;
+                println!("wrote {}", output.display());
+                Ok(())
+            }
+            BundleCmd::Show { bundle } => {
+                let b = patchcmd::load_bundle(&bundle)?;
+                println!("{}", String::from_utf8_lossy(&b.manifest().to_json()?));
+                let plan = lucos_patch::plan(&b)?;
+                for r in [&plan.text, &plan.rodata, &plan.data] {
+                    println!(
+                        "{}: {} bytes in {} sections",
+                        r.kind.name(),
+                        r.size,
+                        r.sections.len()
+                    );
+                }
+                for d in &plan.dropped {
+                    println!("dropped {}: {}", d.name, d.reason);
+                }
+                println!("needs from the kernel: {}", plan.undefined.join(", "));
+                Ok(())
+            }
+        },
     }
 }

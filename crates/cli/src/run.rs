@@ -43,7 +43,12 @@ impl VmOpts {
         } else {
             Accel::Tcg
         };
-        let mut append = String::from("console=ttyS0 panic=-1 lucos.loglevel=4");
+        let mut append = String::from("console=ttyS0 panic=-1");
+        if matches!(serial, SerialMode::Socket) {
+            // Harness consoles: no tty echo or line editing (whose cursor
+            // queries can swallow typed input), few kernel messages.
+            append.push_str(" lucos.echo=0 lucos.loglevel=1");
+        }
         if !self.append.is_empty() {
             append.push(' ');
             append.push_str(&self.append);

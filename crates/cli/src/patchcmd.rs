@@ -1,0 +1,212 @@
+//! `lucos apply`, `revert`, `status`, `bench`.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lucos_patch::registry::{BundleState, Registry};
+use lucos_patch::{ApplyReport, Bundle, RevertReport, Session};
+
+use crate::info::{attach, Attached};
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    pub vm: String,
+    pub bundle: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RevertArgs {
+    pub vm: String,
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    pub vm: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn load_bundle(path: &PathBuf) -> Result<Bundle> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    Bundle::parse(&bytes).with_context(|| format!("{} is not a valid lucos bundle", path.display()))
+}
+
+/// Opens an engine session on an attached VM.
+pub fn session(a: &mut Attached) -> Result<Session<'_, lucos_backend::Vm>> {
+    let w = a.vm.patch_window()?;
+    Ok(Session::new(
+        &mut a.vm,
+        &a.syms,
+        a.layout.clone(),
+        w.gpa,
+        w.size,
+    )?)
+}
+
+pub fn apply_bundle(a: &mut Attached, bundle: &Bundle) -> Result<ApplyReport> {
+    let id = bundle.manifest().id.clone();
+    session(a)?
+        .apply(bundle)
+        .with_context(|| format!("applying bundle '{id}' (the guest was left unchanged)"))
+}
+
+pub fn revert_bundle(a: &mut Attached, id: &str) -> Result<RevertReport> {
+    session(a)?
+        .revert(id)
+        .with_context(|| format!("reverting bundle '{id}'"))
+}
+
+pub fn print_apply(r: &ApplyReport) {
+    println!(
+        "applied '{}' in {:.1} ms; guest paused {} us",
+        r.id,
+        ms(r.total),
+        r.pause.as_micros()
+    );
+    if let Some(va) = r.mapped_at {
+        println!("  patch memory mapped into the kernel at {va:#x}");
+    }
+    for s in &r.sites {
+        println!(
+            "  {} @ {:#x}: {} -> jmp {:#x} ({})",
+            s.function,
+            s.site_addr,
+            hex::encode(&s.original),
+            s.new_addr,
+            s.new_symbol
+        );
+    }
+}
+
+pub fn print_revert(r: &RevertReport) {
+    println!(
+        "reverted '{}' in {:.1} ms; guest paused {} us",
+        r.id,
+        ms(r.total),
+        r.pause.as_micros()
+    );
+    for s in &r.sites {
+        println!(
+            "  {} @ {:#x}: restored {}",
+            s.function,
+            s.site_addr,
+            hex::encode(&s.original)
+        );
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn apply(args: ApplyArgs) -> Result<()> {
+    let bundle = load_bundle(&args.bundle)?;
+    let mut a = attach(&args.vm)?;
+    let r = apply_bundle(&mut a, &bundle)?;
+    print_apply(&r);
+    Ok(())
+}
+
+pub fn revert(args: RevertArgs) -> Result<()> {
+    let mut a = attach(&args.vm)?;
+    let r = revert_bundle(&mut a, &args.id)?;
+    print_revert(&r);
+    Ok(())
+}
+
+pub fn print_status(reg: &Registry) {
+    match reg.va_base {
+        Some(va) => println!(
+            "patch memory mapped at {va:#x}; {} bytes allocated",
+            reg.next_free
+        ),
+        None => println!("patch memory not mapped yet (no bundle applied)"),
+    }
+    if reg.bundles.is_empty() {
+        println!("no bundles");
+    }
+    for b in &reg.bundles {
+        let state = match b.state {
+            BundleState::Applied => "applied",
+            BundleState::Reverted => "reverted",
+        };
+        let size: u64 = b.ranges.iter().map(|r| r.len).sum();
+        print!(
+            "{} [{state}] {} bytes, apply pause {} us",
+            b.id, size, b.apply_pause_us
+        );
+        if let Some(p) = b.revert_pause_us {
+            print!(", revert pause {p} us");
+        }
+        println!();
+        if !b.description.is_empty() {
+            println!("  {}", b.description);
+        }
+        for s in &b.sites {
+            println!(
+                "  {} @ {:#x} -> {} @ {:#x}",
+                s.function, s.site_addr, s.new_symbol, s.new_addr
+            );
+        }
+    }
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let mut a = attach(&args.vm)?;
+    let reg = session(&mut a)?.registry()?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reg)?);
+    } else {
+        print_status(&reg);
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    pub vm: String,
+    pub bundle: PathBuf,
+    /// Apply/revert cycles.
+    #[arg(long, short = 'n', default_value_t = 50)]
+    pub cycles: usize,
+}
+
+/// p50/p99/max of pause times over N apply/revert cycles.
+pub fn bench(args: BenchArgs) -> Result<()> {
+    if args.cycles == 0 {
+        bail!("--cycles must be at least 1");
+    }
+    let bundle = load_bundle(&args.bundle)?;
+    let id = bundle.manifest().id.clone();
+    let mut a = attach(&args.vm)?;
+    let (mut apply, mut revert) = (Vec::new(), Vec::new());
+    let t = Instant::now();
+    for _ in 0..args.cycles {
+        apply.push(apply_bundle(&mut a, &bundle)?.pause);
+        revert.push(revert_bundle(&mut a, &id)?.pause);
+    }
+    let wall = t.elapsed();
+    println!(
+        "{} apply/revert cycles of '{id}' in {:.2} s",
+        args.cycles,
+        wall.as_secs_f64()
+    );
+    print_percentiles("apply pause", &mut apply);
+    print_percentiles("revert pause", &mut revert);
+    Ok(())
+}
+
+pub fn print_percentiles(label: &str, v: &mut [Duration]) {
+    v.sort();
+    let pct = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    println!(
+        "{label}: p50 {} us, p99 {} us, max {} us (n={})",
+        pct(0.5).as_micros(),
+        pct(0.99).as_micros(),
+        v[v.len() - 1].as_micros(),
+        v.len()
+    );
+}
