@@ -1,1 +1,14 @@
-//! placeholder
+//! Building bundles: new kernel code compiled with the target kernel's Kbuild, plus a
+//! manifest derived from the target vmlinux (fentry sites, expected bytes, build id).
+
+pub mod error;
+pub mod kbuild;
+pub mod make;
+pub mod target;
+
+pub use error::BuildError;
+pub use make::{
+    build_dir, find_spec_files, load_symbols, make_bundle, make_bundle_with, make_from_spec_file,
+    read_spec_file, vmlinux_path, BundleSpec,
+};
+pub use target::{check_undefined, find_fentry_site, kernel_release, replacement_for, target_for};

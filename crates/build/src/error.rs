@@ -1,0 +1,104 @@
+//! Errors of bundle building. Each message says what was wrong and what to do.
+
+use std::path::PathBuf;
+
+use lucos_introspect::symbols::SymbolError;
+use lucos_patch::BundleError;
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum BuildError {
+    #[error(
+        "kernel build tree {path} has no {missing}; build the guest kernel first \
+         (guest/kernel.sh) and pass its cache directory (the one holding vmlinux and build/)"
+    )]
+    TreeIncomplete { path: PathBuf, missing: String },
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot run `{program}`: {source}; install it (guest/deps.sh installs the kernel build tools)")]
+    Spawn {
+        program: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no source files given; a bundle needs at least one .c file")]
+    NoSources,
+    #[error("source {path}: {reason}")]
+    BadSource { path: PathBuf, reason: String },
+    #[error("Kbuild failed to compile {what} ({status}); fix the source. Output:\n{output}")]
+    Compile {
+        what: String,
+        status: String,
+        output: String,
+    },
+    #[error("Kbuild reported success but wrote no {path}; output:\n{output}")]
+    NoObject { path: PathBuf, output: String },
+    #[error("the compiled object is not a readable ELF file: {reason}")]
+    BadObject { reason: String },
+    #[error(transparent)]
+    Symbols(#[from] SymbolError),
+    #[error("`{spec}` is a {kind:?} symbol, not a function; only functions can be redirected")]
+    NotAFunction {
+        spec: String,
+        kind: lucos_introspect::symbols::SymbolKind,
+    },
+    #[error(
+        "`{spec}` has no size in vmlinux (an assembly label?); lucos redirects sized C functions"
+    )]
+    NoSize { spec: String },
+    #[error(
+        "`{spec}` is in {section}, which the kernel frees after boot; it cannot be redirected"
+    )]
+    InitCode { spec: String, section: String },
+    #[error(
+        "vmlinux has no `__fentry__`: the kernel was built without CONFIG_FUNCTION_TRACER / \
+         -mfentry, so no function has a site lucos can redirect"
+    )]
+    NoFentry,
+    #[error("`{spec}` has no __fentry__ site (notrace or inlined); lucos cannot redirect it")]
+    NoFentrySite { spec: String },
+    #[error(
+        "`{spec}` calls __fentry__ at {site:#x} but ftrace did not record that site \
+         (__mcount_loc), so the call is never turned into a NOP and lucos cannot redirect it; \
+         patch a caller instead"
+    )]
+    SiteNotRecorded { spec: String, site: u64 },
+    #[error(
+        "the bundle needs kernel symbol `{name}`, which vmlinux cannot provide: {reason}{hint}"
+    )]
+    Unresolved {
+        name: String,
+        reason: String,
+        hint: String,
+    },
+    #[error(
+        "`{spec}` resolves to {addr:#x}, but the engine, looking it up as the manifest names \
+         it, would find {found}; qualify the spec as `path/file.c:name`"
+    )]
+    OldNotUnique {
+        spec: String,
+        addr: u64,
+        found: String,
+    },
+    #[error("resolve entry `{name}` → `{file}` does not match vmlinux: {reason}")]
+    BadResolve {
+        name: String,
+        file: String,
+        reason: String,
+    },
+    #[error("cannot read {path} (kernel release): {source}; is the build tree complete?")]
+    Release {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bundle spec {path}: {reason}")]
+    SpecFile { path: PathBuf, reason: String },
+    #[error("the bundle is not valid: {0}")]
+    Bundle(#[from] BundleError),
+}

@@ -1,0 +1,411 @@
+//! Builds the test bundles of guest/bundles against the cached guest kernel tree.
+//!
+//! Skipped (with a message) only when that tree does not exist; `guest/kernel.sh` builds it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use lucos_build::{
+    check_undefined, find_spec_files, kbuild, load_symbols, make_from_spec_file, read_spec_file,
+    replacement_for, BuildError,
+};
+use lucos_introspect::symbols::{Binding, KernelSymbols, SymbolError, SymbolKind};
+use lucos_patch::{plan, Bundle, LinkError, NOP5};
+use object::{Object, ObjectSection, ObjectSymbol};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The cached kernel directory, or `None` (test skipped) when it was never built.
+fn tree() -> Option<PathBuf> {
+    let out = Command::new("bash")
+        .arg(repo().join("guest/kernel.sh"))
+        .arg("--print-dir")
+        .output()
+        .expect("run guest/kernel.sh --print-dir");
+    assert!(out.status.success(), "guest/kernel.sh --print-dir failed");
+    let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIPPED: no cached guest kernel at {} (build it with guest/kernel.sh)",
+            dir.display()
+        );
+        None
+    }
+}
+
+fn syms(tree: &Path) -> &'static KernelSymbols {
+    static SYMS: OnceLock<KernelSymbols> = OnceLock::new();
+    SYMS.get_or_init(|| load_symbols(tree).expect("load vmlinux symbols"))
+}
+
+/// Files under `tree` modified after `stamp` (some may predate the test: compare sets).
+fn newer_than(tree: &Path, stamp: &Path) -> Vec<String> {
+    let out = Command::new("find")
+        .arg(tree)
+        .arg("-newer")
+        .arg(stamp)
+        .output()
+        .expect("run find");
+    assert!(out.status.success());
+    let mut v: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    v.sort();
+    v
+}
+
+/// Build id as `readelf -n` reports it (independent of lucos's ELF reader).
+fn readelf_build_id(vmlinux: &Path) -> String {
+    let out = Command::new("readelf")
+        .arg("-n")
+        .arg(vmlinux)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("Build ID:")).unwrap();
+    line.split_whitespace().last().unwrap().to_string()
+}
+
+/// Addresses from System.map (independent of lucos's ELF reader).
+fn system_map(tree: &Path) -> BTreeMap<String, Vec<u64>> {
+    let text = std::fs::read_to_string(tree.join("System.map")).unwrap();
+    let mut map: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for l in text.lines() {
+        let mut it = l.split_whitespace();
+        let (Some(a), Some(_), Some(n)) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        map.entry(n.to_string())
+            .or_default()
+            .push(u64::from_str_radix(a, 16).unwrap());
+    }
+    map
+}
+
+fn section_names(bundle: &[u8]) -> Vec<String> {
+    let f = object::File::parse(bundle).unwrap();
+    f.sections()
+        .filter_map(|s| s.name().ok().map(String::from))
+        .collect()
+}
+
+fn undefined_names(bundle: &[u8]) -> Vec<String> {
+    let f = object::File::parse(bundle).unwrap();
+    f.symbols()
+        .filter(|s| s.is_undefined())
+        .filter_map(|s| s.name().ok().map(String::from))
+        .filter(|n| !n.is_empty())
+        .collect()
+}
+
+#[test]
+fn spec_bundles_build_and_leave_the_tree_alone() {
+    let Some(tree) = tree() else { return };
+    let syms = syms(&tree);
+    let stampdir = tempfile::tempdir().unwrap();
+    let stamp = stampdir.path().join("stamp");
+    std::fs::write(&stamp, "").unwrap();
+    let before = newer_than(&tree, &stamp);
+
+    let build_id = readelf_build_id(&tree.join("vmlinux"));
+    let release = std::fs::read_to_string(tree.join("build/include/config/kernel.release"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let map = system_map(&tree);
+    let fentry = map["__fentry__"][0];
+
+    let specs = find_spec_files(&repo().join("guest/bundles")).unwrap();
+    let names: Vec<String> = specs
+        .iter()
+        .map(|p| p.file_stem().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in ["bad-extable", "cmdline", "uname", "version", "version2"] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "guest/bundles/{want}.json missing"
+        );
+    }
+
+    let mut new_fns = Vec::new();
+    for spec_path in &specs {
+        let started = Instant::now();
+        let bytes = make_from_spec_file(&tree, spec_path, syms)
+            .unwrap_or_else(|e| panic!("{}: {e}", spec_path.display()));
+        eprintln!(
+            "built {} in {:.2} s ({} bytes)",
+            spec_path.display(),
+            started.elapsed().as_secs_f64(),
+            bytes.len()
+        );
+        let bundle = Bundle::parse(&bytes).unwrap();
+        let m = bundle.manifest();
+        let (spec, _) = read_spec_file(spec_path).unwrap();
+        assert_eq!(m.id, spec.id);
+        assert_eq!(m.target.build_id, build_id, "{}", m.id);
+        assert_eq!(m.target.release, release);
+        assert_eq!(m.resolve, spec.resolve);
+        assert_eq!(m.replacements.len(), spec.replacements.len());
+
+        for r in &m.replacements {
+            new_fns.push(r.new.clone());
+            let addrs = &map[&r.old];
+            let sym = match &r.old_file {
+                Some(f) => syms.lookup_in_file(f, &r.old).unwrap(),
+                None => syms.lookup(&r.old).unwrap(),
+            };
+            assert!(
+                addrs.contains(&sym.addr),
+                "{} not at a System.map address",
+                r.old
+            );
+            assert_eq!(
+                r.old_file.is_some(),
+                sym.binding == Binding::Local,
+                "old_file is set exactly for statics ({})",
+                r.old
+            );
+            let site = r.site_offset as usize;
+            assert!(site == 0 || site == 4);
+            assert_eq!(&r.expect[site..site + 5], &NOP5, "{}", r.old);
+            // vmlinux has `call __fentry__` there; the rest is vmlinux's bytes.
+            let raw = syms.section_bytes(sym.addr, r.expect.len()).unwrap();
+            assert_eq!(raw[site], 0xe8);
+            let rel = i32::from_le_bytes(raw[site + 1..site + 5].try_into().unwrap());
+            let dest = (sym.addr + site as u64 + 5).wrapping_add(rel as i64 as u64);
+            assert_eq!(dest, fentry, "{}: site does not call __fentry__", r.old);
+            assert_eq!(&r.expect[site + 5..], &raw[site + 5..]);
+            assert_eq!(r.expected_bytes(0), r.expect);
+        }
+
+        let sections = section_names(&bytes);
+        let planned = plan(&bundle);
+        if m.id == "bad-extable" {
+            assert!(sections.iter().any(|s| s == "__ex_table"), "{sections:?}");
+            match planned {
+                Err(LinkError::UnsupportedSection { section, .. }) => {
+                    assert_eq!(section, "__ex_table")
+                }
+                other => panic!("bad-extable must be refused for __ex_table: {other:?}"),
+            }
+        } else {
+            let p = planned.unwrap_or_else(|e| panic!("{}: {e}", m.id));
+            assert_eq!(p.fentry_sites.len(), m.replacements.len(), "{}", m.id);
+        }
+        match m.id.as_str() {
+            "cmdline" => {
+                let r = &m.replacements[0];
+                assert_eq!(r.old, "cmdline_proc_show");
+                assert_eq!(r.old_file.as_deref(), Some("fs/proc/cmdline.c"));
+            }
+            "uname" => {
+                let r = &m.replacements[0];
+                assert_eq!(r.old, "__x64_sys_newuname");
+                assert_eq!(r.old_file, None);
+                let undef = undefined_names(&bytes);
+                for (name, file) in [
+                    ("override_release", "kernel/sys.c"),
+                    ("uts_kern_table", "kernel/utsname_sysctl.c"),
+                ] {
+                    assert!(
+                        undef.iter().any(|u| u == name),
+                        "{name} not used: {undef:?}"
+                    );
+                    let s = syms.lookup_in_file(file, name).unwrap();
+                    assert_eq!(s.binding, Binding::Local, "{name} must be a static");
+                }
+                assert!(undef.iter().any(|u| u == "_copy_to_user"));
+            }
+            _ => {}
+        }
+    }
+    let mut unique = new_fns.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        new_fns.len(),
+        "new function names must be unique: {new_fns:?}"
+    );
+
+    assert_eq!(
+        newer_than(&tree, &stamp),
+        before,
+        "building bundles modified the cached kernel tree"
+    );
+}
+
+#[test]
+fn compile_errors_carry_the_diagnostics() {
+    let Some(tree) = tree() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("broken.c");
+    std::fs::write(
+        &src,
+        "int lucos_broken(void)\n{\n\treturn undeclared_thing;\n}\n",
+    )
+    .unwrap();
+    let e = kbuild::compile(&tree.join("build"), std::slice::from_ref(&src)).unwrap_err();
+    let msg = e.to_string();
+    assert!(matches!(e, BuildError::Compile { .. }), "{msg}");
+    assert!(msg.contains("undeclared_thing"), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "{}:3:",
+            std::fs::canonicalize(&src).unwrap().display()
+        )),
+        "diagnostics name the user's file: {msg}"
+    );
+}
+
+#[test]
+fn several_sources_make_one_object() {
+    let Some(tree) = tree() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a.c");
+    let b = dir.path().join("b-part.c");
+    std::fs::write(dir.path().join("shared.h"), "int lucos_b(int x);\n").unwrap();
+    std::fs::write(
+        &a,
+        "#include \"shared.h\"\nint lucos_a(int x) { return lucos_b(x) + 1; }\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &b,
+        "#include \"shared.h\"\nint lucos_b(int x) { return x * 3; }\n",
+    )
+    .unwrap();
+    let obj = kbuild::compile(&tree.join("build"), &[a, b]).unwrap();
+    let f = object::File::parse(&*obj).unwrap();
+    let defined: Vec<&str> = f
+        .symbols()
+        .filter(|s| s.is_definition())
+        .filter_map(|s| s.name().ok())
+        .collect();
+    assert!(
+        defined.contains(&"lucos_a") && defined.contains(&"lucos_b"),
+        "{defined:?}"
+    );
+}
+
+#[test]
+fn functions_without_a_site_are_refused() {
+    let Some(tree) = tree() else { return };
+    let syms = syms(&tree);
+    // SYSCALL_DEFINE's __do_sys_* is `static inline`, hence notrace.
+    let e = replacement_for(syms, "__do_sys_newuname", "lucos_x").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "`__do_sys_newuname` has no __fentry__ site (notrace or inlined); lucos cannot \
+         redirect it"
+    );
+    let e = replacement_for(syms, "saved_command_line", "lucos_x").unwrap_err();
+    assert!(matches!(e, BuildError::NotAFunction { .. }), "{e}");
+    // Base name or path both find the static.
+    let r = replacement_for(syms, "cmdline.c:cmdline_proc_show", "lucos_x").unwrap();
+    assert_eq!(r.old_file.as_deref(), Some("cmdline.c"));
+}
+
+/// For every function of vmlinux: either a clear refusal, or a manifest entry whose
+/// expected bytes under a KASLR slide are vmlinux's slid bytes with the site as NOP5.
+#[test]
+fn every_vmlinux_function_gets_a_consistent_expectation() {
+    let Some(tree) = tree() else { return };
+    let syms = syms(&tree);
+    let slide = 0x2a0_0000u64;
+    let (mut ok, mut with_abs, mut shortened) = (0, 0, 0);
+    for s in syms
+        .symbols()
+        .iter()
+        .filter(|s| s.kind == SymbolKind::Func && s.size > 0)
+    {
+        let spec = s.qualified_name();
+        let r = match replacement_for(syms, &spec, "lucos_x") {
+            Ok(r) => r,
+            Err(
+                BuildError::NoFentrySite { .. }
+                | BuildError::InitCode { .. }
+                | BuildError::Symbols(SymbolError::AmbiguousInFile { .. }),
+            ) => continue,
+            Err(e) => panic!("{spec}: {e}"),
+        };
+        ok += 1;
+        with_abs += usize::from(!r.expect_abs.is_empty());
+        shortened += usize::from(r.expect.len() < 16 && s.size >= 16);
+        let site = r.site_offset as usize;
+        let mut live = syms
+            .expected_bytes(s.addr, r.expect.len(), slide as i64)
+            .unwrap();
+        live[site..site + 5].copy_from_slice(&NOP5);
+        assert_eq!(r.expected_bytes(slide), live, "{spec}");
+    }
+    eprintln!("{ok} redirectable functions, {with_abs} with expect_abs, {shortened} shortened");
+    assert!(ok > 1000 && with_abs > 10 && shortened > 10);
+}
+
+/// An object needing `names` (weak when the name starts with `?`).
+fn object_needing(names: &[&str]) -> Vec<u8> {
+    use object::write::{Object as WObject, Symbol, SymbolSection};
+    use object::{Architecture, BinaryFormat, Endianness, SymbolFlags, SymbolKind, SymbolScope};
+    let mut o = WObject::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
+    for n in names {
+        let (name, weak) = match n.strip_prefix('?') {
+            Some(n) => (n, true),
+            None => (*n, false),
+        };
+        o.add_symbol(Symbol {
+            name: name.as_bytes().to_vec(),
+            value: 0,
+            size: 0,
+            kind: SymbolKind::Unknown,
+            scope: SymbolScope::Linkage,
+            weak,
+            section: SymbolSection::Undefined,
+            flags: SymbolFlags::None,
+        });
+    }
+    o.write().unwrap()
+}
+
+#[test]
+fn undefined_symbols_are_checked_like_the_engine_resolves_them() {
+    let Some(tree) = tree() else { return };
+    let syms = syms(&tree);
+    let none = BTreeMap::new();
+    check_undefined(
+        syms,
+        &object_needing(&["seq_puts", "__fentry__", "override_release"]),
+        &none,
+    )
+    .unwrap();
+    check_undefined(syms, &object_needing(&["?lucos_no_such_symbol"]), &none).unwrap();
+
+    let e = check_undefined(syms, &object_needing(&["lucos_no_such_symbol"]), &none).unwrap_err();
+    assert!(matches!(e, BuildError::Unresolved { .. }), "{e}");
+
+    // `type_show` is a static in several files.
+    let e = check_undefined(syms, &object_needing(&["type_show"]), &none).unwrap_err();
+    assert!(e.to_string().contains("\"resolve\""), "{e}");
+    let files: Vec<String> = syms
+        .all_named("type_show")
+        .filter_map(|s| s.file.clone())
+        .collect();
+    let one = files
+        .iter()
+        .find(|f| files.iter().filter(|g| g == f).count() == 1)
+        .unwrap();
+    let resolve = BTreeMap::from([("type_show".to_string(), one.clone())]);
+    check_undefined(syms, &object_needing(&["type_show"]), &resolve).unwrap();
+
+    let resolve = BTreeMap::from([("override_release".to_string(), "fs/nope.c".to_string())]);
+    let e = check_undefined(syms, &object_needing(&[]), &resolve).unwrap_err();
+    assert!(matches!(e, BuildError::BadResolve { .. }), "{e}");
+}
