@@ -123,6 +123,15 @@ impl Console {
         }
     }
 
+    /// Waits for the next complete line containing `needle` and returns it
+    /// (without the line break).
+    pub fn next_line_with(&self, needle: &str, timeout: Duration) -> Result<String, BackendError> {
+        let upto = self.wait_for(needle, timeout)?;
+        let head = upto.rsplit('\n').next().unwrap_or_default().to_owned();
+        let tail = self.wait_for("\n", timeout)?;
+        Ok(format!("{head}{tail}").trim_end().replace('\r', ""))
+    }
+
     /// Runs a shell command at the guest prompt and returns its output and
     /// exit status. Output is framed by start/end markers that are split in
     /// the typed line, so an echo of the command itself cannot match them;
@@ -131,8 +140,14 @@ impl Console {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let start = format!("__LUCOS_START_{n}__");
         let done = format!("__LUCOS_DONE_{n}__");
+        // `cmd &; ...` is a syntax error: a trailing `&` already separates.
+        let sep = if cmd.trim_end().ends_with('&') {
+            " "
+        } else {
+            "; "
+        };
         self.send(&format!(
-            "echo __LUCOS_\"\"START_{n}__; {cmd}; echo __LUCOS_\"\"DONE_{n}__ $?\n"
+            "echo __LUCOS_\"\"START_{n}__; {cmd}{sep}echo __LUCOS_\"\"DONE_{n}__ $?\n"
         ))?;
         self.wait_for(&start, timeout)?;
         let text = self.wait_for(&done, timeout)?;

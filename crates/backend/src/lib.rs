@@ -16,3 +16,8 @@ pub use descriptor::VmDescriptor;
 pub use error::BackendError;
 pub use launch::{Accel, LaunchConfig, RunningVm, SerialMode};
 pub use vm::Vm;
+
+/// SIGKILLs a process (tests use it to make a VM disappear).
+pub fn sys_kill(pid: u32) {
+    sys::signal(pid, true);
+}

@@ -139,6 +139,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
 
     fn commit(&mut self, header: &Header, reg: &mut Registry) -> Result<(), EngineError> {
         reg.generation += 1;
+        reg.prune();
         let (h, json) = reg.encode(header)?;
         self.m
             .write_phys_data(self.pm.pa(self.pm.layout.slot_offset(h.active)), &json)?;

@@ -87,7 +87,14 @@ pub struct Registry {
     pub bundles: Vec<BundleRecord>,
     /// Bumped on every commit.
     pub generation: u64,
+    /// Reverted records dropped from `bundles` to bound the registry's size
+    /// (their memory stays allocated: `next_free` only grows).
+    #[serde(default)]
+    pub reverted_dropped: u64,
 }
+
+/// Reverted records kept for `lucos status`; older ones are dropped.
+pub const KEEP_REVERTED: usize = 32;
 
 impl Registry {
     pub fn empty(layout: &PatchMemLayout) -> Self {
@@ -119,6 +126,26 @@ impl Registry {
                     .map(|s| (b, s))
             })
             .last()
+    }
+
+    /// Drops the oldest reverted records beyond [`KEEP_REVERTED`]. Applied
+    /// records are never dropped: they are needed to revert.
+    pub fn prune(&mut self) {
+        let reverted = self
+            .bundles
+            .iter()
+            .filter(|b| b.state == BundleState::Reverted)
+            .count();
+        let mut excess = reverted.saturating_sub(KEEP_REVERTED);
+        self.reverted_dropped += excess as u64;
+        self.bundles.retain(|b| {
+            if excess > 0 && b.state == BundleState::Reverted {
+                excess -= 1;
+                false
+            } else {
+                true
+            }
+        });
     }
 
     /// Bytes of the header page and of the slot to write for this registry.
@@ -243,6 +270,37 @@ mod tests {
             Header::decode(&bad),
             Err(RegistryError::Format(9))
         ));
+    }
+
+    #[test]
+    fn prune_keeps_applied_and_recent_reverted() {
+        let layout = PatchMemLayout::new(8 << 20).unwrap();
+        let mut reg = Registry::empty(&layout);
+        let rec = |id: String, state| BundleRecord {
+            id,
+            description: String::new(),
+            sha256: String::new(),
+            state,
+            applied_unix_ms: 0,
+            reverted_unix_ms: None,
+            sites: vec![],
+            ranges: vec![],
+            apply_pause_us: 0,
+            revert_pause_us: None,
+        };
+        reg.bundles.push(rec("base".into(), BundleState::Applied));
+        for i in 0..KEEP_REVERTED + 5 {
+            reg.bundles
+                .push(rec(format!("r{i}"), BundleState::Reverted));
+        }
+        reg.prune();
+        assert_eq!(reg.bundles.len(), KEEP_REVERTED + 1);
+        assert_eq!(reg.bundles[0].id, "base");
+        assert_eq!(
+            reg.bundles[1].id, "r5",
+            "the oldest reverted records go first"
+        );
+        assert_eq!(reg.reverted_dropped, 5);
     }
 
     #[test]
