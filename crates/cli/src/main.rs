@@ -1,6 +1,6 @@
 //! `lucos`: live-update a running Linux kernel from outside its VM.
 
-use lucos::{guest, info, patchcmd, run};
+use lucos::{demo, guest, info, patchcmd, run};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -23,6 +23,8 @@ enum Cmd {
         #[command(subcommand)]
         cmd: GuestCmd,
     },
+    /// Boot the guest, read it from outside, live-patch it, revert, stop.
+    Demo(demo::DemoArgs),
     /// Start a VM and own it until Ctrl-C / SIGTERM.
     Run(run::RunArgs),
     /// List running VMs.
@@ -89,6 +91,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Run(args) => run::run(args),
+        Cmd::Demo(args) => demo::demo(args),
         Cmd::List => {
             for d in lucos_backend::VmDescriptor::list() {
                 println!(

@@ -1,0 +1,144 @@
+//! Issue 2: the guest boots under TCG, lucos controls it and reads and
+//! writes its memory from outside.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use lucos::info::{attach_vm, facts, read_kernel_string, with_pause};
+use lucos_backend::Vm;
+use lucos_introspect::{read_virt, translate, Machine, PhysMem};
+
+#[test]
+fn shell_runs_commands() {
+    let s = shared();
+    assert_eq!(
+        s.sh("echo hello from the guest").trim(),
+        "hello from the guest"
+    );
+    assert_eq!(s.sh("nproc").trim(), "2");
+    assert!(s.sh("uname -r").trim().starts_with("6.1."));
+    let out = s.booted.console.run("false", CMD_TIMEOUT).unwrap();
+    assert_eq!(out.status, 1);
+    let probe = s.sh("probe");
+    assert!(probe.contains("uname_release=6.1."), "{probe}");
+}
+
+#[test]
+fn reads_kernel_variables_from_outside() {
+    let s = shared();
+    let banner = read_kernel_string(&s.a, "linux_banner", 512).unwrap();
+    let version = s.sh("cat /proc/version");
+    assert_eq!(banner.trim_end(), version.trim_end());
+    // init_uts_ns starts with struct new_utsname { sysname[65], nodename[65], release[65], ... }.
+    let sysname = read_kernel_string(&s.a, "init_uts_ns", 65).unwrap();
+    assert_eq!(sysname, "Linux");
+    let uts = s.a.syms.lookup("init_uts_ns").unwrap().addr;
+    let mut release = [0u8; 65];
+    read_virt(
+        &s.a.vm,
+        s.a.layout.cr3,
+        s.a.layout.live(uts) + 2 * 65,
+        &mut release,
+    )
+    .unwrap();
+    let release =
+        String::from_utf8_lossy(&release[..release.iter().position(|&b| b == 0).unwrap()])
+            .into_owned();
+    assert_eq!(release, s.sh("uname -r").trim());
+}
+
+#[test]
+fn kaslr_slide_matches_what_the_guest_reports() {
+    let s = shared();
+    // Only for checking: lucos itself never trusts what the guest reports.
+    let line = s.sh("grep -w -e _text -e cmdline_proc_show /proc/kallsyms");
+    for l in line.lines() {
+        let mut it = l.split_whitespace();
+        let addr = u64::from_str_radix(it.next().unwrap(), 16).unwrap();
+        let name = it.nth(1).unwrap();
+        let link = s.a.syms.lookup(name).unwrap().addr;
+        assert_eq!(s.a.layout.live(link), addr, "{name}");
+    }
+    assert_eq!(s.a.layout.slide % (2 << 20), 0);
+    assert!(s.a.syms.build_id_hex().unwrap().len() >= 40);
+}
+
+#[test]
+fn guest_observes_writes_from_outside() {
+    let mut s = shared();
+    let uts =
+        s.a.layout
+            .live(s.a.syms.lookup("init_uts_ns").unwrap().addr);
+    let nodename = uts + 65;
+    let pa = translate(&s.a.vm, s.a.layout.cr3, nodename).unwrap().pa;
+    let mut old = [0u8; 65];
+    s.a.vm.read_phys(pa, &mut old).unwrap();
+    let mut new = [0u8; 65];
+    new[..15].copy_from_slice(b"set-by-lucos-42");
+    s.a.vm.write_phys(pa, &new).unwrap();
+    assert_eq!(s.sh("uname -n").trim(), "set-by-lucos-42");
+    s.a.vm.write_phys(pa, &old).unwrap();
+    let restored =
+        String::from_utf8_lossy(&old[..old.iter().position(|&b| b == 0).unwrap()]).into_owned();
+    assert_eq!(s.sh("uname -n").trim(), restored);
+}
+
+#[test]
+fn pause_stops_the_guest_and_registers_are_read() {
+    let mut s = shared();
+    let f = facts(&mut s.a).unwrap();
+    assert_eq!(f.vcpus.len(), 2);
+    for v in &f.vcpus {
+        assert_eq!(v.cpl, 0, "an idle guest sits in the kernel");
+        assert_ne!(v.cr3, "0x0");
+    }
+    // While paused, the jiffies counter must not move; after resume it must.
+    let jiffies = s.a.layout.live(s.a.syms.lookup("jiffies_64").unwrap().addr);
+    let cr3 = s.a.layout.cr3;
+    let read = |vm: &Vm| {
+        let mut b = [0u8; 8];
+        read_virt(vm, cr3, jiffies, &mut b).unwrap();
+        u64::from_le_bytes(b)
+    };
+    let (a, b) = with_pause(&mut s.a.vm, |vm| {
+        assert!(vm.is_paused()?);
+        let a = read(vm);
+        std::thread::sleep(Duration::from_millis(300));
+        Ok((a, read(vm)))
+    })
+    .unwrap();
+    assert_eq!(a, b, "jiffies moved while paused");
+    assert!(!s.a.vm.is_paused().unwrap());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while read(&s.a.vm) == b {
+        assert!(
+            Instant::now() < deadline,
+            "jiffies never moved after resume"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn boots_with_one_vcpu_and_attaches() {
+    let (_slot, vm, booted) = private("one", 1);
+    eprintln!(
+        "1-vCPU guest booted in {:.2} s",
+        booted.boot_time.as_secs_f64()
+    );
+    let out = booted.console.run("nproc", CMD_TIMEOUT).unwrap();
+    assert_eq!(out.output.trim(), "1");
+    let a = attach_vm(Vm::attach_desc(booted.desc.clone()).unwrap()).unwrap();
+    assert_eq!(a.vm.vcpu_count(), 1);
+    let dir = vm.desc.dir.clone();
+    let pid = vm.desc.qemu_pid;
+    drop(a);
+    drop(vm);
+    assert!(!dir.exists(), "VM directory left behind");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "QEMU left running"
+    );
+}

@@ -1,0 +1,311 @@
+//! Issue 3: live function replacement from outside the guest.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use lucos::patchcmd::{apply_bundle, revert_bundle, session};
+use lucos_introspect::{Machine, MachineError, PhysMem, VcpuRegs};
+use lucos_patch::{Bundle, EngineError, Manifest, Session};
+use sha2::{Digest, Sha256};
+
+/// Everything a refused or failed apply must leave byte-identical: the
+/// whole kernel text, the target sites, and all of patch memory.
+fn guest_hash(s: &mut Shared) -> [u8; 32] {
+    let a = &mut s.a;
+    let mut h = Sha256::new();
+    let text_len = (a.layout.text_end - a.layout.text_start) as usize;
+    let mut buf = vec![0u8; text_len];
+    a.vm.read_phys(a.layout.phys_text, &mut buf).unwrap();
+    h.update(&buf);
+    let w = a.vm.patch_window().unwrap();
+    let mut pm = vec![0u8; w.size as usize];
+    a.vm.read_phys(w.gpa, &mut pm).unwrap();
+    h.update(&pm);
+    h.finalize().into()
+}
+
+fn expect_refusal(s: &mut Shared, bundle: &Bundle, needle: &str) -> String {
+    let before = guest_hash(s);
+    let err = apply_bundle(&mut s.a, bundle).expect_err("apply must be refused");
+    let text = format!("{err:#}");
+    assert!(
+        text.contains(needle),
+        "error should mention '{needle}': {text}"
+    );
+    assert_eq!(
+        guest_hash(s),
+        before,
+        "a refused apply changed guest memory: {text}"
+    );
+    assert!(!s.a.vm.is_paused().unwrap(), "VM left paused after: {text}");
+    text
+}
+
+fn probe(s: &Shared) -> String {
+    s.sh("probe")
+}
+
+#[test]
+fn cmdline_and_uname_apply_observe_revert() {
+    let mut s = shared();
+    let before = probe(&s);
+    assert!(
+        !before.contains("lucos-patched") && !before.contains("+lucos"),
+        "{before}"
+    );
+    let cmdline = bundle("cmdline");
+    let uname = bundle("uname");
+    let r = apply_bundle(&mut s.a, &cmdline).unwrap();
+    eprintln!("cmdline apply paused the guest {} us", r.pause.as_micros());
+    assert!(s.sh("cat /proc/cmdline").starts_with("lucos-patched "));
+    // uname calls the static override_release() and reads a static variable.
+    apply_bundle(&mut s.a, &uname).unwrap();
+    let release = s.sh("uname -r");
+    assert!(release.trim().ends_with("+lucos"), "{release}");
+    let status = session(&mut s.a).unwrap().registry().unwrap();
+    assert_eq!(status.applied().count(), 2);
+    revert_bundle(&mut s.a, &uname.manifest().id).unwrap();
+    revert_bundle(&mut s.a, &cmdline.manifest().id).unwrap();
+    assert_eq!(probe(&s), before);
+}
+
+#[test]
+fn stacking_and_revert_order() {
+    let mut s = shared();
+    let original = s.sh("cat /proc/version");
+    let (v1, v2) = (bundle("version"), bundle("version2"));
+    apply_bundle(&mut s.a, &v1).unwrap();
+    assert!(s.sh("cat /proc/version").contains("lucos-v1"));
+    apply_bundle(&mut s.a, &v2).unwrap();
+    assert!(s.sh("cat /proc/version").contains("lucos-v2"));
+    let before = guest_hash(&mut s);
+    let err = revert_bundle(&mut s.a, &v1.manifest().id).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("revert 'version-v2' first"),
+        "{err:#}"
+    );
+    assert_eq!(guest_hash(&mut s), before, "refused revert changed memory");
+    revert_bundle(&mut s.a, &v2.manifest().id).unwrap();
+    assert!(s.sh("cat /proc/version").contains("lucos-v1"));
+    revert_bundle(&mut s.a, &v1.manifest().id).unwrap();
+    assert_eq!(s.sh("cat /proc/version"), original);
+}
+
+/// Repacks a bundle with an edited manifest.
+fn with_manifest(b: &Bundle, edit: impl FnOnce(&mut Manifest)) -> Bundle {
+    let mut m = b.manifest().clone();
+    edit(&mut m);
+    let obj = std::fs::read(bundle_path(&b.manifest().id)).unwrap();
+    Bundle::parse(&lucos_patch::pack(&obj, &m).unwrap()).unwrap()
+}
+
+#[test]
+fn refusals_leave_the_guest_byte_identical() {
+    let mut s = shared();
+    let good = bundle("cmdline");
+    // Malformed and truncated files never reach the guest.
+    let bytes = std::fs::read(bundle_path(&good.manifest().id)).unwrap();
+    assert!(Bundle::parse(b"not an ELF file").is_err());
+    assert!(Bundle::parse(&bytes[..bytes.len() / 2]).is_err());
+
+    expect_refusal(
+        &mut s,
+        &with_manifest(&good, |m| m.target.build_id = "00".repeat(20)),
+        "build id",
+    );
+    expect_refusal(
+        &mut s,
+        &with_manifest(&good, |m| m.replacements[0].expect[6] ^= 0xff),
+        "does not hold the bytes",
+    );
+    expect_refusal(&mut s, &bundle("bad-extable"), "__ex_table");
+    expect_refusal(
+        &mut s,
+        &snippet_bundle("unknown-sym", UNKNOWN_SYMBOL),
+        "lucos_no_such_symbol",
+    );
+    expect_refusal(
+        &mut s,
+        &snippet_bundle("overflow", RELOC_OVERFLOW),
+        "overflows",
+    );
+    expect_refusal(
+        &mut s,
+        &snippet_bundle("too-big", TOO_BIG),
+        "patch memory is full",
+    );
+
+    // A site somebody else owns (ftrace's `call`): refused, untouched.
+    let cmd_site = site_of(&s, "cmdline_proc_show");
+    let call = [0xe8, 0, 0, 0, 0];
+    s.a.vm.write_phys(cmd_site, &call).unwrap();
+    expect_refusal(&mut s, &good, "ftrace owns");
+    s.a.vm.write_phys(cmd_site, &lucos_patch::NOP5).unwrap();
+
+    // Applied twice: refused the second time.
+    apply_bundle(&mut s.a, &good).unwrap();
+    expect_refusal(&mut s, &good, "already applied");
+    revert_bundle(&mut s.a, &good.manifest().id).unwrap();
+}
+
+fn site_of(s: &Shared, func: &str) -> u64 {
+    let live = s.a.layout.live(s.a.syms.lookup(func).unwrap().addr);
+    lucos_introspect::translate(&s.a.vm, s.a.layout.cr3, live)
+        .unwrap()
+        .pa
+}
+
+/// Fails the N-th coherent write: a VM that goes away in the middle of the
+/// site switch. The engine must restore and resume.
+struct Flaky<'a> {
+    inner: &'a mut lucos_backend::Vm,
+    fail_at: usize,
+    writes: usize,
+}
+
+impl PhysMem for Flaky<'_> {
+    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        self.inner.read_phys(pa, buf)
+    }
+}
+
+impl Machine for Flaky<'_> {
+    fn vcpu_count(&self) -> usize {
+        self.inner.vcpu_count()
+    }
+    fn pause(&mut self) -> Result<(), MachineError> {
+        self.inner.pause()
+    }
+    fn resume(&mut self) -> Result<(), MachineError> {
+        self.inner.resume()
+    }
+    fn is_paused(&mut self) -> Result<bool, MachineError> {
+        self.inner.is_paused()
+    }
+    fn vcpu_regs(&mut self, idx: usize) -> Result<VcpuRegs, MachineError> {
+        self.inner.vcpu_regs(idx)
+    }
+    fn idt_base(&mut self, idx: usize) -> Result<u64, MachineError> {
+        self.inner.idt_base(idx)
+    }
+    fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+        self.writes += 1;
+        if self.writes == self.fail_at {
+            return Err(MachineError::Engine("injected: VM went away".into()));
+        }
+        self.inner.write_phys(pa, data)
+    }
+    fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+        self.inner.write_phys_data(pa, data)
+    }
+}
+
+#[test]
+fn failure_mid_switch_rolls_back_and_resumes() {
+    let mut s = shared();
+    let two = bundle("uname"); // one site
+    let cmd = bundle("cmdline");
+    let before = guest_hash(&mut s);
+    let w = s.a.vm.patch_window().unwrap();
+    let layout = s.a.layout.clone();
+    {
+        let a = &mut s.a;
+        let mut flaky = Flaky {
+            inner: &mut a.vm,
+            fail_at: 1,
+            writes: 0,
+        };
+        let mut sess = Session::new(&mut flaky, &a.syms, layout.clone(), w.gpa, w.size).unwrap();
+        let err = sess.apply(&two).unwrap_err();
+        assert!(matches!(err, EngineError::Machine(_)), "{err}");
+
+        let mut flaky = Flaky {
+            inner: &mut a.vm,
+            fail_at: 1,
+            writes: 0,
+        };
+        let mut sess = Session::new(&mut flaky, &a.syms, layout, w.gpa, w.size).unwrap();
+        assert!(sess.apply(&cmd).is_err());
+    }
+    assert!(!s.a.vm.is_paused().unwrap(), "VM left paused");
+    assert_eq!(
+        guest_hash(&mut s),
+        before,
+        "failed apply left changes behind"
+    );
+    assert!(!s.sh("cat /proc/cmdline").contains("lucos-patched"));
+}
+
+#[test]
+fn vm_gone_is_a_clear_error() {
+    let (_slot, vm, booted) = private("gone", 1);
+    let mut a =
+        lucos::info::attach_vm(lucos_backend::Vm::attach_desc(booted.desc.clone()).unwrap())
+            .unwrap();
+    lucos_backend::sys_kill(vm.desc.qemu_pid);
+    let err = apply_bundle(&mut a, &bundle("cmdline")).unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("QMP") || text.contains("gdbstub") || text.contains("closed"),
+        "{text}"
+    );
+}
+
+#[test]
+fn two_hundred_cycles_under_syscall_load() {
+    let mut s = shared();
+    let uname = bundle("uname");
+    let id = uname.manifest().id.clone();
+    let release = s.sh("uname -r").trim().to_owned();
+    // One syscall loop per vCPU, each hitting the patched function.
+    s.sh(&format!("sysloop --forever --report-ms 500 --check-release {release} >/tmp/l0 2>&1 & sysloop --forever --report-ms 500 --check-release {release} >/tmp/l1 2>&1 &"));
+    let mark = s.booted.console.transcript().len();
+    let progress = |s: &Shared, f: &str| -> u64 {
+        let out = s.sh(&format!("tail -n 1 {f}"));
+        out.split("progress=")
+            .nth(1)
+            .and_then(|x| x.split_whitespace().next())
+            .and_then(|x| x.parse().ok())
+            .unwrap_or(0)
+    };
+    let start = [progress(&s, "/tmp/l0"), progress(&s, "/tmp/l1")];
+    let mut pauses = Vec::new();
+    let t = Instant::now();
+    for _ in 0..200 {
+        pauses.push(apply_bundle(&mut s.a, &uname).unwrap().pause);
+        pauses.push(revert_bundle(&mut s.a, &id).unwrap().pause);
+    }
+    eprintln!("200 cycles in {:.1} s", t.elapsed().as_secs_f64());
+    lucos::patchcmd::print_percentiles("pause under load", &mut pauses);
+    // The loops saw both kernels and kept going.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = [progress(&s, "/tmp/l0"), progress(&s, "/tmp/l1")];
+        if now[0] > start[0] && now[1] > start[1] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "syscall loops stopped making progress"
+        );
+    }
+    let last = s.sh("tail -n 1 /tmp/l0; tail -n 1 /tmp/l1");
+    s.sh("kill %1 %2; wait");
+    let console = &s.booted.console.transcript()[mark..];
+    for bad in [
+        "Oops",
+        "BUG:",
+        "WARNING:",
+        "general protection",
+        "Call Trace",
+    ] {
+        assert!(
+            !console.contains(bad),
+            "guest console shows '{bad}':\n{console}"
+        );
+    }
+    assert_eq!(s.sh("uname -r").trim(), release);
+    eprintln!("{last}");
+}
