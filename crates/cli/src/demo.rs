@@ -31,6 +31,7 @@ fn step(n: u32, text: &str) {
 /// Shows the next line the watching guest process prints.
 fn watch(console: &Console, label: &str) -> Result<String> {
     let line = console.next_line_with("probe uname_release=", LINE_TIMEOUT)?;
+    let line = line[line.find("probe ").unwrap_or(0)..].to_owned();
     println!("  guest| {line}   <- {label}");
     Ok(line)
 }

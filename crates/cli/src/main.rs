@@ -48,6 +48,18 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BundleCmd {
+    /// Build a bundle from a spec file (C sources compiled with Kbuild
+    /// against the guest build tree).
+    Make {
+        spec: std::path::PathBuf,
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+        /// Cached guest build (default: the guest of --kernel-version).
+        #[arg(long)]
+        tree: Option<std::path::PathBuf>,
+        #[arg(long, default_value = guest::DEFAULT_VERSION)]
+        kernel_version: String,
+    },
     /// Add (or replace) the manifest of an object file.
     Pack {
         object: std::path::PathBuf,
@@ -111,6 +123,24 @@ fn main() -> Result<()> {
         Cmd::Status(args) => patchcmd::status(args),
         Cmd::Bench(args) => patchcmd::bench(args),
         Cmd::Bundle { cmd } => match cmd {
+            BundleCmd::Make {
+                spec,
+                output,
+                tree,
+                kernel_version,
+            } => {
+                let tree = match tree {
+                    Some(t) => t,
+                    None => guest::ensure(&kernel_version)?.kernel_dir,
+                };
+                let syms = lucos_build::load_symbols(&tree)?;
+                let bytes = lucos_build::make_from_spec_file(&tree, &spec, &syms)
+                    .with_context(|| format!("building {}", spec.display()))?;
+                std::fs::write(&output, &bytes)
+                    .with_context(|| format!("writing {}", output.display()))?;
+                println!("wrote {} ({} bytes)", output.display(), bytes.len());
+                Ok(())
+            }
             BundleCmd::Pack {
                 object,
                 manifest,
