@@ -21,6 +21,7 @@ const CHUNK: usize = 1024;
 pub struct Gdb {
     stream: UnixStream,
     buf: Vec<u8>,
+    threads: Vec<String>,
     /// Whether packets must still be acknowledged (QEMU before 8.x has no
     /// QStartNoAckMode).
     ack: bool,
@@ -87,6 +88,7 @@ impl Gdb {
         let mut gdb = Gdb {
             stream,
             buf: Vec::new(),
+            threads: Vec::new(),
             ack: true,
         };
         // The reply to QStartNoAckMode is still acknowledged; the stop
@@ -99,6 +101,15 @@ impl Gdb {
             b"Qqemu.PhyMemMode:1",
             "physical memory mode (QEMU >= 4.1 needed)",
         )?;
+        // QEMU answers 'p' (single register) only after the client has read
+        // its target description.
+        gdb.request(b"qXfer:features:read:target.xml:0,ffb")?;
+        let mut reply = gdb.request(b"qfThreadInfo")?;
+        while let Some((b'm', rest)) = reply.split_first() {
+            gdb.threads
+                .extend(String::from_utf8_lossy(rest).split(',').map(str::to_owned));
+            reply = gdb.request(b"qsThreadInfo")?;
+        }
         Ok(gdb)
     }
 
@@ -175,6 +186,33 @@ impl Gdb {
             )));
         }
         Ok(())
+    }
+
+    /// RIP of vCPU `idx` (gdb register 16 on x86-64; stable across QEMU
+    /// versions, unlike the rest of the 'g' layout). VM must be paused.
+    pub fn rip(&mut self, idx: usize) -> Result<u64, BackendError> {
+        let thread = self
+            .threads
+            .get(idx)
+            .ok_or_else(|| {
+                BackendError::Gdb(format!(
+                    "no vCPU {idx} among gdb threads {:?}",
+                    self.threads
+                ))
+            })?
+            .clone();
+        self.expect_ok(format!("Hg{thread}").as_bytes(), "select vCPU")?;
+        let reply = self.request(b"p10")?;
+        let bytes = hex::decode(&reply)
+            .ok()
+            .filter(|b| b.len() == 8)
+            .ok_or_else(|| {
+                BackendError::Gdb(format!(
+                    "bad RIP reply '{}'",
+                    String::from_utf8_lossy(&reply)
+                ))
+            })?;
+        Ok(u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
     }
 
     pub fn read_phys(&mut self, pa: u64, buf: &mut [u8]) -> Result<(), BackendError> {

@@ -159,6 +159,14 @@ impl Machine for Vm {
         })
     }
 
+    fn vcpu_rip(&mut self, idx: usize) -> Result<u64, MachineError> {
+        if !self.paused_by_us {
+            // The gdbstub only answers a stopped VM.
+            return Ok(self.vcpu_regs(idx)?.rip);
+        }
+        Ok(self.gdb.rip(idx)?)
+    }
+
     fn idt_base(&mut self, idx: usize) -> Result<u64, MachineError> {
         let text = self.qmp.hmp("info registers", Some(idx))?;
         qmp::parse_idt_base(&text).ok_or_else(|| {

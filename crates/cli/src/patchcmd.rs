@@ -9,6 +9,7 @@ use lucos_patch::registry::{BundleState, Registry};
 use lucos_patch::{ApplyReport, Bundle, RevertReport, Session};
 
 use crate::info::{attach, Attached};
+use lucos_introspect::Machine;
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
@@ -167,21 +168,66 @@ pub fn status(args: StatusArgs) -> Result<()> {
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    pub vm: String,
+    /// A bundle file, or a bundle spec (`guest/bundles/*.json`) to build first.
     pub bundle: PathBuf,
+    /// Attach to this VM; without it, a private guest is booted and stopped.
+    #[arg(long)]
+    pub vm: Option<String>,
     /// Apply/revert cycles.
-    #[arg(long, short = 'n', default_value_t = 50)]
+    #[arg(long, short = 'n', default_value_t = 100)]
     pub cycles: usize,
+    /// Run a syscall loop on every vCPU of the private guest meanwhile.
+    #[arg(long)]
+    pub load: bool,
 }
 
-/// p50/p99/max of pause times over N apply/revert cycles.
+/// p50/p99/max of pause times over N apply/revert cycles, next to the cost
+/// of an empty QMP stop+cont measured in the same run.
 pub fn bench(args: BenchArgs) -> Result<()> {
     if args.cycles == 0 {
         bail!("--cycles must be at least 1");
     }
-    let bundle = load_bundle(&args.bundle)?;
+    let mut private = None;
+    let mut a = match &args.vm {
+        Some(name) => attach(name)?,
+        None => {
+            let g = crate::guest::ensure(crate::guest::DEFAULT_VERSION)?;
+            let opts = crate::run::VmOpts {
+                name: format!("bench-{}", std::process::id()),
+                vcpus: 2,
+                mem: 256,
+                patch_mem: 64,
+                accel: "tcg".into(),
+                kernel_version: crate::guest::DEFAULT_VERSION.into(),
+                append: String::new(),
+                qemu: "qemu-system-x86_64".into(),
+            };
+            let (vm, booted) = crate::harness::boot(&opts, &g)?;
+            if args.load {
+                booted.console.run(
+                    "sysloop --forever >/dev/null & sysloop --forever >/dev/null &",
+                    Duration::from_secs(30),
+                )?;
+            }
+            let a = crate::info::attach_vm(lucos_backend::Vm::attach_desc(booted.desc.clone())?)?;
+            private = Some((vm, booted));
+            a
+        }
+    };
+    let bundle = if args.bundle.extension().is_some_and(|e| e == "json") {
+        let bytes = lucos_build::make_from_spec_file(&a.vm.desc.kernel.dir, &args.bundle, &a.syms)?;
+        Bundle::parse(&bytes)?
+    } else {
+        load_bundle(&args.bundle)?
+    };
     let id = bundle.manifest().id.clone();
-    let mut a = attach(&args.vm)?;
+    let mut empty = Vec::new();
+    for _ in 0..args.cycles {
+        let t = Instant::now();
+        a.vm.pause()?;
+        a.vm.resume()?;
+        empty.push(t.elapsed());
+    }
     let (mut apply, mut revert) = (Vec::new(), Vec::new());
     let t = Instant::now();
     for _ in 0..args.cycles {
@@ -190,16 +236,31 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     let wall = t.elapsed();
     println!(
-        "{} apply/revert cycles of '{id}' in {:.2} s",
+        "{} apply/revert cycles of '{id}' in {:.2} s ({}{})",
         args.cycles,
-        wall.as_secs_f64()
+        wall.as_secs_f64(),
+        a.vm.desc.accel,
+        if args.load {
+            ", syscall loop on every vCPU"
+        } else {
+            ""
+        }
     );
-    print_percentiles("apply pause", &mut apply);
-    print_percentiles("revert pause", &mut revert);
+    let base = print_percentiles("empty stop+cont", &mut empty);
+    let ap = print_percentiles("apply pause", &mut apply);
+    let rp = print_percentiles("revert pause", &mut revert);
+    println!(
+        "p50 ratio to an empty stop+cont: apply {:.1}x, revert {:.1}x",
+        ap.as_secs_f64() / base.as_secs_f64(),
+        rp.as_secs_f64() / base.as_secs_f64()
+    );
+    drop(a);
+    drop(private);
     Ok(())
 }
 
-pub fn print_percentiles(label: &str, v: &mut [Duration]) {
+/// Prints p50/p99/max and returns p50.
+pub fn print_percentiles(label: &str, v: &mut [Duration]) -> Duration {
     v.sort();
     let pct = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
     println!(
@@ -209,4 +270,5 @@ pub fn print_percentiles(label: &str, v: &mut [Duration]) {
         v[v.len() - 1].as_micros(),
         v.len()
     );
+    pct(0.5)
 }

@@ -36,6 +36,11 @@ pub trait Machine: PhysMem {
     fn is_paused(&mut self) -> Result<bool, MachineError>;
     /// Registers of vCPU `idx`; only meaningful while paused.
     fn vcpu_regs(&mut self, idx: usize) -> Result<VcpuRegs, MachineError>;
+    /// Instruction pointer of vCPU `idx`: the only register the site switch
+    /// needs while the VM is paused, so engines may provide a cheaper path.
+    fn vcpu_rip(&mut self, idx: usize) -> Result<u64, MachineError> {
+        Ok(self.vcpu_regs(idx)?.rip)
+    }
     /// Base of the IDT of vCPU `idx` (IDTR is not in every register dump).
     fn idt_base(&mut self, idx: usize) -> Result<u64, MachineError>;
     /// Coherent write: the guest sees it on its next access, code included.

@@ -475,7 +475,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         sites: impl Iterator<Item = &'s Site> + Clone,
     ) -> Result<(), EngineError> {
         for vcpu in 0..self.m.vcpu_count() {
-            let rip = self.m.vcpu_regs(vcpu)?.rip;
+            let rip = self.m.vcpu_rip(vcpu)?;
             if let Some(s) = sites
                 .clone()
                 .find(|s| rip > s.site_addr && rip < s.site_addr + 5)
