@@ -331,7 +331,10 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             revert_pause_us: None,
         };
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(jmps).collect();
-        let pause = match self.switch(&switch, &header, &mut reg, &mut record) {
+        let pause = match self.switch(&switch, &header, &mut reg, |reg, paused| {
+            record.apply_pause_us = paused.as_micros() as u64;
+            reg.bundles.push(record);
+        }) {
             Ok(p) => p,
             Err(e) => {
                 self.rollback(undo);
@@ -426,15 +429,16 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         }
     }
 
-    /// Pauses, checks every vCPU and site, writes the site bytes, commits
-    /// the registry and resumes. On any failure the sites are restored
-    /// before resuming. Returns the pause duration.
+    /// Pauses, checks every vCPU and site, writes the new site bytes, lets
+    /// `update` record the change (given the pause so far), commits the
+    /// registry and resumes. On any failure the sites are restored before
+    /// resuming. Returns the pause duration.
     fn switch(
         &mut self,
         sites: &[(&Site, [u8; 5])],
         header: &Header,
         reg: &mut Registry,
-        record: &mut BundleRecord,
+        update: impl FnOnce(&mut Registry, Duration),
     ) -> Result<Duration, EngineError> {
         let t = Instant::now();
         self.m.pause()?;
@@ -450,8 +454,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             }
         }
         if result.is_ok() {
-            record.apply_pause_us = t.elapsed().as_micros() as u64;
-            reg.bundles.push(record.clone());
+            update(reg, t.elapsed());
             result = self.commit(header, reg);
         }
         if result.is_err() {
@@ -535,47 +538,23 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 current: s.written.clone().try_into().unwrap_or([0; 5]),
             })
             .collect();
-        let originals: Vec<[u8; 5]> = rec
+        let originals = rec
             .sites
             .iter()
-            .map(|s| s.original.clone().try_into().unwrap_or(NOP5))
-            .collect();
-        let t = Instant::now();
-        self.m.pause()?;
-        let mut written = Vec::new();
-        let mut result = self.check_paused(sites.iter());
-        if result.is_ok() {
-            for (s, orig) in sites.iter().zip(&originals) {
-                if let Err(e) = self.m.write_phys(s.site_pa, orig) {
-                    result = Err(e.into());
-                    break;
-                }
-                written.push(s);
-            }
-        }
-        if result.is_ok() {
-            let b = reg
+            .map(|s| s.original.clone().try_into().unwrap_or(NOP5));
+        let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(originals).collect();
+        let pause = self.switch(&switch, &header, &mut reg, |reg, paused| {
+            if let Some(b) = reg
                 .bundles
                 .iter_mut()
                 .rev()
                 .find(|b| b.id == id && b.state == BundleState::Applied)
-                .expect("found above");
-            b.state = BundleState::Reverted;
-            b.reverted_unix_ms = Some(now_ms());
-            b.revert_pause_us = Some(t.elapsed().as_micros() as u64);
-            result = self.commit(&header, &mut reg);
-        }
-        if result.is_err() {
-            for s in written {
-                if let Err(e) = self.m.write_phys(s.site_pa, &s.current) {
-                    tracing::error!(site = s.site_addr, error = %e, "re-applying a site failed");
-                }
+            {
+                b.state = BundleState::Reverted;
+                b.reverted_unix_ms = Some(now_ms());
+                b.revert_pause_us = Some(paused.as_micros() as u64);
             }
-        }
-        let resumed = self.m.resume();
-        let pause = t.elapsed();
-        result?;
-        resumed?;
+        })?;
         Ok(RevertReport {
             id: id.to_owned(),
             sites: rec.sites,
