@@ -37,7 +37,6 @@ const REFUSED: &[(&str, &str)] = &[
     (".static_call.text", "static-call trampolines"),
     ("__bug_table", "BUG()/WARN() records; a WARN in new code would be reported as an invalid-opcode oops"),
     (".parainstructions", "paravirt patch sites; the new code would keep the slow indirect paravirt calls with the wrong clobbers"),
-    (".smp_locks", "LOCK-prefix records for SMP alternatives"),
     (".init.*", "init code or data: it only runs at boot or module load, and the kernel frees it; a patch cannot run it"),
     (".initcall*", "an initcall table entry: initcalls run only at boot; a patch cannot run them"),
     (".exit.*", "exit code or data: it only runs at module unload; a patch cannot run it"),
@@ -54,6 +53,7 @@ const REFUSED: &[(&str, &str)] = &[
 
 /// (pattern, why dropping it is safe).
 const DROPPED: &[(&str, &str)] = &[
+    (".smp_locks", "LOCK-prefix records: the kernel only uses them to turn LOCK prefixes into NOPs on a single CPU, so new code keeps its LOCK prefixes, which is correct either way"),
     ("__mcount_loc", "lists fentry call sites for ftrace; the linker turns those calls into NOPs and new code is deliberately not traceable"),
     ("__patchable_function_entries", "lists -fpatchable-function-entry sites for ftrace; new code is deliberately not traceable"),
     (".retpoline_sites", "lets alternatives inline retpoline thunk calls; the calls keep going through the kernel's thunks, which are correct for the active mitigation"),
