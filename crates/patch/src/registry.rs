@@ -15,7 +15,7 @@ pub const FORMAT: u32 = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("the patch registry in patch memory is corrupt ({0}); refusing to touch the guest. Inspect it with `lucos status --raw`")]
+    #[error("the patch registry in patch memory is corrupt ({0}); lucos refuses to touch this guest's patches. Something other than lucos wrote patch memory; restart the VM to start from a clean state")]
     Corrupt(String),
     #[error("the patch registry has format {0}, this lucos understands {FORMAT}; use a matching lucos version")]
     Format(u32),
