@@ -1,6 +1,7 @@
 //! Building bundles: new kernel code compiled with the target kernel's Kbuild, plus a
 //! manifest derived from the target vmlinux (fentry sites, expected bytes, build id).
 
+pub mod diff;
 pub mod error;
 pub mod kbuild;
 pub mod make;

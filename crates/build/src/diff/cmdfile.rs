@@ -1,0 +1,245 @@
+//! What Kbuild recorded about each object linked into vmlinux: its compile command and the
+//! files it depends on (`.<obj>.o.cmd`, written by fixdep).
+//!
+//! Objects are enumerated from the thin archives the kernel links (`vmlinux.a`, and the
+//! `lib.a` libraries whose members are linked when referenced), so host tools, the boot
+//! stub and modules are never considered.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use super::error::DiffError;
+
+/// Archives whose members may end up in vmlinux.
+const ARCHIVES: &[&str] = &["vmlinux.a", "lib/lib.a", "arch/x86/lib/lib.a"];
+
+/// One object of vmlinux as Kbuild built it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KbuildObject {
+    /// Object path relative to the tree root, e.g. `fs/proc/cmdline.o`.
+    pub object: String,
+    /// Source path relative to the tree root, e.g. `fs/proc/cmdline.c`.
+    pub source: String,
+    /// The compile command (only the compiler invocation; objtool and the like are cut off).
+    pub command: String,
+    /// Files the compile read, relative to the tree root (absolute for system headers).
+    pub deps: Vec<String>,
+}
+
+impl KbuildObject {
+    pub fn is_assembly(&self) -> bool {
+        self.source.ends_with(".S")
+    }
+}
+
+/// Every object of vmlinux with its recorded command.
+pub fn scan(root: &Path) -> Result<Vec<KbuildObject>, DiffError> {
+    let mut members = BTreeSet::new();
+    for a in ARCHIVES {
+        let path = root.join(a);
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let dir = Path::new(a).parent().unwrap_or(Path::new(""));
+                for m in thin_members(&bytes).map_err(|reason| DiffError::Tree {
+                    path: path.clone(),
+                    reason,
+                })? {
+                    members.insert(member_path(root, dir, &m));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && *a != "vmlinux.a" => {}
+            Err(e) => {
+                return Err(DiffError::Tree {
+                    path: root.to_owned(),
+                    reason: format!("cannot read {a} ({e}); is the kernel built?"),
+                })
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(members.len());
+    for m in members {
+        let Some(cmd_path) = cmd_file_path(root, &m) else {
+            continue;
+        };
+        let text = match fs::read_to_string(&cmd_path) {
+            Ok(t) => t,
+            // Objects built by custom rules without a .cmd file cannot depend on C changes.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(DiffError::io("read", &cmd_path)(e)),
+        };
+        if let Some(obj) = parse_cmd(&m, &text).map_err(|reason| DiffError::CmdFile {
+            path: cmd_path.clone(),
+            reason,
+        })? {
+            out.push(obj);
+        }
+    }
+    tracing::debug!(objects = out.len(), "scanned Kbuild command files");
+    Ok(out)
+}
+
+/// Thin archive member paths are relative to the archive's directory; older binutils
+/// wrote them relative to the top. Use whichever exists.
+fn member_path(root: &Path, dir: &Path, name: &str) -> String {
+    let rel = dir.join(name);
+    if !dir.as_os_str().is_empty() && root.join(&rel).exists() {
+        return normalize(&rel.to_string_lossy());
+    }
+    normalize(name)
+}
+
+fn cmd_file_path(root: &Path, object: &str) -> Option<PathBuf> {
+    let p = Path::new(object);
+    let name = p.file_name()?.to_str()?;
+    Some(root.join(p.parent()?).join(format!(".{name}.cmd")))
+}
+
+/// Removes `./` components so paths compare equal to the diff's.
+pub fn normalize(p: &str) -> String {
+    let parts: Vec<&str> = p
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    let s = parts.join("/");
+    if p.starts_with('/') {
+        format!("/{s}")
+    } else {
+        s
+    }
+}
+
+/// Names of the members of a GNU thin archive (`!<thin>\n`).
+fn thin_members(bytes: &[u8]) -> Result<Vec<String>, String> {
+    let body = bytes
+        .strip_prefix(b"!<thin>\n")
+        .ok_or("not a thin archive (expected !<thin>)")?;
+    let mut off = 0usize;
+    let mut long_names: &[u8] = &[];
+    let mut out = Vec::new();
+    while off + 60 <= body.len() {
+        let h = &body[off..off + 60];
+        let name = String::from_utf8_lossy(&h[0..16]).trim_end().to_string();
+        let size: usize = String::from_utf8_lossy(&h[48..58])
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad member size at offset {off}"))?;
+        off += 60;
+        match name.as_str() {
+            "/" | "/SYM64/" => off += size,
+            "//" => {
+                long_names = body.get(off..off + size).ok_or("truncated name table")?;
+                off += size;
+            }
+            n => {
+                // GNU ar may end the field with '/' after the padding ("/4937    /").
+                let n = n.trim_end_matches('/').trim_end();
+                let member = if let Some(idx) = n.strip_prefix('/') {
+                    let at: usize = idx.parse().map_err(|_| format!("bad long name `{n}`"))?;
+                    let rest = long_names.get(at..).ok_or("long name out of range")?;
+                    let end = rest
+                        .windows(2)
+                        .position(|w| w == b"/\n")
+                        .ok_or("unterminated long name")?;
+                    String::from_utf8_lossy(&rest[..end]).into_owned()
+                } else {
+                    n.to_string()
+                };
+                out.push(member);
+                // Thin archives store no member data.
+            }
+        }
+        off += off & 1;
+    }
+    Ok(out)
+}
+
+/// Parses one `.cmd` file; `None` when it does not describe a compiled source file.
+pub fn parse_cmd(object: &str, text: &str) -> Result<Option<KbuildObject>, String> {
+    let mut command = None;
+    let mut source = None;
+    let mut deps = Vec::new();
+    let mut lines = text.lines();
+    while let Some(line) = lines.next() {
+        if let Some(rest) = line.strip_prefix("cmd_") {
+            if let Some((_, c)) = rest.split_once(" := ") {
+                command = Some(first_command(c).trim().to_string());
+            }
+        } else if let Some(rest) = line.strip_prefix("source_") {
+            if let Some((_, s)) = rest.split_once(" := ") {
+                source = Some(normalize(s.trim()));
+            }
+        } else if line.starts_with("deps_") {
+            for dep in lines.by_ref() {
+                let cont = dep.ends_with('\\');
+                let d = dep.trim_end_matches('\\').trim();
+                if !d.is_empty() && !d.starts_with("$(wildcard") {
+                    deps.push(normalize(d));
+                }
+                if !cont {
+                    break;
+                }
+            }
+        }
+    }
+    let (Some(command), Some(source)) = (command, source) else {
+        return Ok(None);
+    };
+    if !(source.ends_with(".c") || source.ends_with(".S")) {
+        return Ok(None);
+    }
+    if !command.contains(" -c ") {
+        return Err(format!("the command for {object} is not a compile (`-c`)"));
+    }
+    Ok(Some(KbuildObject {
+        object: normalize(object),
+        source,
+        command,
+        deps,
+    }))
+}
+
+/// The part of a shell command line before the first unquoted `;`.
+fn first_command(c: &str) -> &str {
+    let (mut single, mut double) = (false, false);
+    for (i, ch) in c.char_indices() {
+        match ch {
+            '\'' if !double => single = !single,
+            '"' if !single => double = !double,
+            ';' if !single && !double => return &c[..i],
+            _ => {}
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_cmd_file() {
+        let text = "cmd_fs/proc/cmdline.o := gcc -Wp,-MMD,fs/proc/.cmdline.o.d -DX='\"a;b\"' -c -o fs/proc/cmdline.o fs/proc/cmdline.c   ; ./tools/objtool/objtool --uaccess fs/proc/cmdline.o\n\n\
+source_fs/proc/cmdline.o := fs/proc/cmdline.c\n\n\
+deps_fs/proc/cmdline.o := \\\n  include/linux/compiler-version.h \\\n    $(wildcard include/config/CC_VERSION_TEXT) \\\n  ./include/linux/fs.h \\\n  /usr/lib/gcc/stdarg.h \\\n\n\
+fs/proc/cmdline.o: $(deps_fs/proc/cmdline.o)\n";
+        let o = parse_cmd("fs/proc/cmdline.o", text).unwrap().unwrap();
+        assert_eq!(o.source, "fs/proc/cmdline.c");
+        assert!(o.command.ends_with("fs/proc/cmdline.c"));
+        assert!(o.command.contains("'\"a;b\"'"));
+        assert_eq!(
+            o.deps,
+            vec![
+                "include/linux/compiler-version.h",
+                "include/linux/fs.h",
+                "/usr/lib/gcc/stdarg.h"
+            ]
+        );
+    }
+
+    #[test]
+    fn normalizes() {
+        assert_eq!(normalize("./a/./b.h"), "a/b.h");
+        assert_eq!(normalize("/usr/x.h"), "/usr/x.h");
+    }
+}

@@ -1,0 +1,468 @@
+//! Comparing the original and patched compiles of one source file, function by function.
+//!
+//! A function changed if its bytes, its relocations (compared symbolically, see
+//! [`super::keys`]) or its entries in special tables differ. A difference that is only the
+//! immediate of a `mov $N, %reg` feeding a `__LINE__`-taking call (printk, might_sleep,
+//! WARN) is a moved line, not a change. Data may not change size or initial value; a
+//! changed static read-only object is given to its users as a new copy, which makes those
+//! users changed.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+
+use iced_x86::{Code, Register};
+use object::elf;
+
+use super::correlate::{correlate, patched_name};
+use super::elf::{insn_at, is_item, Obj, Target};
+use super::error::Refusal;
+use super::keys::{Key, Keyer};
+use super::names::{cold_parent, is_special_static};
+use super::promote;
+use super::special;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Status {
+    Same,
+    /// Only `__LINE__` immediates moved.
+    LineOnly,
+    Changed,
+    New,
+}
+
+/// Calls whose arguments include `__LINE__`.
+const LINE_FUNCS: &[&str] = &[
+    "__warn_printk",
+    "warn_slowpath_fmt",
+    "warn_slowpath_null",
+    "__might_sleep",
+    "___might_sleep",
+    "__might_resched",
+    "__might_fault",
+    "__cant_sleep",
+    "__cant_migrate",
+    "printk",
+    "_printk",
+    "lockdep_rcu_suspicious",
+    "__validate_creds",
+    "__validate_process_creds",
+    "__jbd2_debug",
+    "__btrfs_abort_transaction",
+    "__btrfs_handle_fs_error",
+    "__btrfs_panic",
+];
+
+/// The comparison of one object pair.
+pub(crate) struct Diff<'a> {
+    pub orig: &'a Obj,
+    pub patched: &'a Obj,
+    /// Source path of the object, for messages and static resolution.
+    pub file: String,
+    /// Patched symbol -> original symbol.
+    pub twin: Vec<Option<usize>>,
+    /// Per patched symbol; meaningful for functions and data items.
+    pub status: Vec<Status>,
+    /// Patched function -> special tables with entries pointing into it.
+    pub tables: HashMap<usize, BTreeSet<&'static str>>,
+    /// Changed functions without an fentry site that are replaced through their callers.
+    pub via_callers: HashSet<usize>,
+    /// Why a changed function without an fentry site could not be replaced through its
+    /// callers, or which such function made a caller change.
+    pub no_fentry: HashMap<usize, String>,
+    pub refusals: Vec<Refusal>,
+}
+
+impl Diff<'_> {
+    pub fn is_func(&self, p: usize) -> bool {
+        let s = &self.patched.symbols[p];
+        s.is_func() && self.patched.sec_of(p).is_some_and(|x| x.is_exec())
+    }
+
+    /// The name a patched symbol has in the running kernel (its original's), or its own.
+    pub fn kernel_name(&self, p: usize) -> &str {
+        match self.twin[p] {
+            Some(o) => &self.orig.symbols[o].name,
+            None => &self.patched.symbols[p].name,
+        }
+    }
+
+    /// Compiler-made statics copied fresh for each user (never "new" in a report).
+    pub fn is_special(&self, p: usize) -> bool {
+        let s = &self.patched.symbols[p];
+        let sec = self.patched.sec_of(p).map_or("", |x| x.name.as_str());
+        s.is_local() && is_special_static(&s.name, sec)
+    }
+
+    /// Patched symbols with `status`, in symbol order, as kernel names.
+    pub fn names_with(&self, status: Status, funcs: bool) -> Vec<String> {
+        (0..self.status.len())
+            .filter(|&p| self.status[p] == status && is_item(&self.patched.symbols[p]))
+            .filter(|&p| !self.is_special(p))
+            .filter(|&p| self.is_func(p) == funcs)
+            .map(|p| self.kernel_name(p).to_string())
+            .collect()
+    }
+}
+
+/// Whether the diff moved original line `.0` to patched line `.1` (in some changed file).
+pub(crate) type LineMoved<'a> = &'a dyn Fn(u64, u64) -> bool;
+
+type Fingerprint = (&'static str, Vec<u8>, Vec<(u64, u32, Key)>);
+
+/// Table entries per owning function, as comparable fingerprints.
+fn table_entries(o: &Obj, name_of: &dyn Fn(usize) -> String) -> HashMap<usize, Vec<Fingerprint>> {
+    let mut out: HashMap<usize, Vec<Fingerprint>> = HashMap::new();
+    for (si, sec) in o.sections.iter().enumerate() {
+        let Some(t) = special::table(&sec.name) else {
+            continue;
+        };
+        let mut start = 0;
+        while start < sec.size {
+            let end = (start + t.entry).min(sec.size);
+            let rels = sec.relocs_in(start, end);
+            let owner = rels.iter().find_map(|r| match o.target(si, r) {
+                Target::Sym { sym, .. } if o.sec_of(sym).is_some_and(|s| s.is_exec()) => Some(sym),
+                _ => None,
+            });
+            if let Some(owner) = owner {
+                let k = Keyer {
+                    obj: o,
+                    name_of,
+                    owner: Some(owner),
+                };
+                let mut bytes = sec.bytes(start, end).to_vec();
+                if let Some(line) = t.line {
+                    for b in bytes.iter_mut().skip(line as usize).take(2) {
+                        *b = 0;
+                    }
+                }
+                let keys = rels
+                    .iter()
+                    .map(|r| {
+                        let at = r.offset - start;
+                        let key = match (t.data_len, o.target(si, r)) {
+                            // Compare exactly the bytes the entry covers (say, an
+                            // alternative's replacement), not its neighbours'.
+                            (Some((field, len_at)), Target::Anon { sec, addend, .. })
+                                if field == at =>
+                            {
+                                let len = sec_byte(o, si, start + len_at);
+                                k.window(sec, addend, len)
+                            }
+                            _ => k.key(si, r),
+                        };
+                        (at, r.r_type, key)
+                    })
+                    .collect();
+                out.entry(owner).or_default().push((t.name, bytes, keys));
+            }
+            start = end;
+        }
+    }
+    for v in out.values_mut() {
+        v.sort();
+    }
+    out
+}
+
+fn sec_byte(o: &Obj, sec: usize, at: u64) -> u64 {
+    o.sections[sec]
+        .bytes(at, at + 1)
+        .first()
+        .map_or(0, |&b| u64::from(b))
+}
+
+fn is_line_load(i: &iced_x86::Instruction) -> bool {
+    matches!(i.code(), Code::Mov_r32_imm32 | Code::Mov_rm32_imm32)
+        && i.op0_kind() == iced_x86::OpKind::Register
+        && matches!(
+            i.op0_register(),
+            Register::ESI | Register::EDX | Register::ECX | Register::R8D | Register::R9D
+        )
+}
+
+/// Whether `a` and `b` (same length, same relocations) differ only in `__LINE__` loads:
+/// `mov $N, %reg` feeding a call that takes a line number, where the diff moved line N of
+/// a changed file to the patched value (`moved`).
+fn line_only(a: &[u8], b: &[u8], keys: &[(u64, u32, Key)], moved: LineMoved<'_>) -> bool {
+    let mut off = 0usize;
+    let mut found = false;
+    while off < a.len() {
+        let (Some(i1), Some(i2)) = (insn_at(a, off), insn_at(b, off)) else {
+            return false;
+        };
+        let len = i1.len();
+        if len != i2.len() || len == 0 {
+            return false;
+        }
+        if a[off..off + len] != b[off..off + len] {
+            if !is_line_load(&i1) || !is_line_load(&i2) {
+                return false;
+            }
+            if !moved(u64::from(i1.immediate32()), u64::from(i2.immediate32())) {
+                return false;
+            }
+            let next = keys.iter().find(|(at, _, k)| {
+                *at >= (off + len) as u64
+                    && !matches!(
+                        k,
+                        Key::Str(..)
+                            | Key::Const(..)
+                            | Key::Special(..)
+                            | Key::Null(_)
+                            | Key::Anon(..)
+                    )
+            });
+            match next {
+                Some((_, _, Key::Name(n, _))) if LINE_FUNCS.contains(&n.as_str()) => found = true,
+                _ => return false,
+            }
+        }
+        off += len;
+    }
+    found
+}
+
+/// Compares two compiles of `file`.
+pub(crate) fn compare<'a>(
+    orig: &'a Obj,
+    patched: &'a Obj,
+    file: &str,
+    moved: LineMoved<'_>,
+) -> Diff<'a> {
+    let twin = correlate(orig, patched);
+    let name_o = |i: usize| orig.symbols[i].name.clone();
+    let name_p = |i: usize| patched_name(orig, patched, &twin, i);
+    let ko = Keyer {
+        obj: orig,
+        name_of: &name_o,
+        owner: None,
+    };
+    let kp = Keyer {
+        obj: patched,
+        name_of: &name_p,
+        owner: None,
+    };
+    let to = table_entries(orig, &name_o);
+    let tp = table_entries(patched, &name_p);
+    let mut status = vec![Status::Same; patched.symbols.len()];
+    let mut refusals = Vec::new();
+    let mut rodata_changed = Vec::new();
+
+    for p in 0..patched.symbols.len() {
+        let s = &patched.symbols[p];
+        if !is_item(s) {
+            continue;
+        }
+        let sec = patched.sec_of(p).expect("items are defined");
+        if !sec.is_alloc() || special::is_ignored(&sec.name) || special::table(&sec.name).is_some()
+        {
+            continue;
+        }
+        let init = special::is_init(&sec.name);
+        if s.is_local() && is_special_static(&s.name, &sec.name) {
+            status[p] = Status::New;
+            continue;
+        }
+        let Some(o) = twin[p] else {
+            status[p] = Status::New;
+            continue;
+        };
+        let (bo, bp) = (orig.sym_bytes(o), patched.sym_bytes(p));
+        let (keys_o, keys_p) = (ko.sym_keys(o), kp.sym_keys(p));
+        if sec.is_exec() {
+            if !s.is_func() {
+                continue;
+            }
+            let tables_same = to.get(&o) == tp.get(&p);
+            status[p] = if keys_o != keys_p || !tables_same {
+                if tracing::enabled!(tracing::Level::DEBUG) {
+                    explain(&s.name, &keys_o, &keys_p, tables_same);
+                }
+                Status::Changed
+            } else if bo == bp {
+                Status::Same
+            } else if bo.len() == bp.len() && line_only(bo, bp, &keys_p, moved) {
+                Status::LineOnly
+            } else {
+                Status::Changed
+            };
+            continue;
+        }
+        let so = &orig.symbols[o];
+        let label = || (s.name.clone(), file.to_string());
+        if so.size != s.size {
+            status[p] = Status::Changed;
+            let (symbol, file) = label();
+            refusals.push(if init {
+                Refusal::Init {
+                    symbol,
+                    file,
+                    section: sec.name.clone(),
+                }
+            } else {
+                Refusal::DataLayout {
+                    symbol,
+                    file,
+                    old: so.size,
+                    new: s.size,
+                }
+            });
+        } else if bo != bp || keys_o != keys_p {
+            status[p] = Status::Changed;
+            let (symbol, file) = label();
+            if init {
+                refusals.push(Refusal::Init {
+                    symbol,
+                    file,
+                    section: sec.name.clone(),
+                });
+            } else if sec.is_write() {
+                refusals.push(Refusal::DataInit { symbol, file });
+            } else if !s.is_local() {
+                refusals.push(Refusal::Rodata {
+                    symbol,
+                    file,
+                    reason: "it is global, so code in other files would keep using the old copy"
+                        .into(),
+                });
+            } else {
+                rodata_changed.push(p);
+            }
+        }
+    }
+
+    // Users of changed read-only data need the new copy.
+    let changed_set: HashSet<usize> = rodata_changed.iter().copied().collect();
+    if !changed_set.is_empty() {
+        for (u, us) in patched.symbols.iter().enumerate() {
+            let Some(usec) = us.section() else { continue };
+            if !is_item(us) || special::is_ignored(&patched.sections[usec].name) {
+                continue;
+            }
+            for r in patched.sym_relocs(u) {
+                let Target::Sym { sym, .. } = patched.target(usec, r) else {
+                    continue;
+                };
+                if !changed_set.contains(&sym) || sym == u {
+                    continue;
+                }
+                if patched.sections[usec].is_exec() {
+                    if matches!(status[u], Status::Same | Status::LineOnly) {
+                        status[u] = Status::Changed;
+                    }
+                } else {
+                    refusals.push(Refusal::Rodata {
+                        symbol: patched.symbols[sym].name.clone(),
+                        file: file.to_string(),
+                        reason: format!(
+                            "it is referenced from data `{}`, which a patch cannot update",
+                            us.name
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    propagate_cold(patched, &mut status);
+
+    let mut tables: HashMap<usize, BTreeSet<&'static str>> = HashMap::new();
+    for (&owner, entries) in &tp {
+        tables
+            .entry(owner)
+            .or_default()
+            .extend(entries.iter().map(|e| e.0));
+    }
+
+    let diff = Diff {
+        orig,
+        patched,
+        file: file.to_string(),
+        twin,
+        status,
+        tables,
+        via_callers: HashSet::new(),
+        no_fentry: HashMap::new(),
+        refusals,
+    };
+    let mut diff = check_init(diff);
+    promote::promote_callers(&mut diff);
+    diff
+}
+
+/// Logs the first relocation difference of a changed function.
+fn explain(name: &str, a: &[(u64, u32, Key)], b: &[(u64, u32, Key)], tables_same: bool) {
+    if !tables_same {
+        tracing::debug!(function = name, "special-table entries differ");
+    }
+    match a.iter().zip(b).find(|(x, y)| x != y) {
+        Some((x, y)) => {
+            tracing::debug!(function = name, original = ?x, patched = ?y, "relocations differ")
+        }
+        None if a.len() != b.len() => tracing::debug!(
+            function = name,
+            original = a.len(),
+            patched = b.len(),
+            "relocation counts differ"
+        ),
+        None => {}
+    }
+}
+
+/// A changed cold part changes its parent, which is what gets redirected.
+pub(crate) fn propagate_cold(patched: &Obj, status: &mut [Status]) {
+    let by_name: HashMap<&str, usize> = (0..patched.symbols.len())
+        .filter(|&p| patched.symbols[p].is_func() && patched.symbols[p].section().is_some())
+        .map(|p| (patched.symbols[p].name.as_str(), p))
+        .collect();
+    for p in 0..patched.symbols.len() {
+        if !matches!(status[p], Status::Changed | Status::New) {
+            continue;
+        }
+        let mut name = patched.symbols[p].name.as_str();
+        while let Some(&parent) = cold_parent(name).and_then(|n| by_name.get(n)) {
+            if matches!(status[parent], Status::Same | Status::LineOnly) {
+                status[parent] = Status::Changed;
+            }
+            name = &patched.symbols[parent].name;
+        }
+    }
+}
+
+/// Changed `__init` functions cannot be patched; changed `__exit` code never runs in
+/// built-in code and is only logged.
+fn check_init(mut d: Diff<'_>) -> Diff<'_> {
+    for p in 0..d.status.len() {
+        if !d.is_func(p) || !matches!(d.status[p], Status::Changed | Status::New) {
+            continue;
+        }
+        let sec = d.patched.sec_of(p).map_or("", |s| s.name.as_str());
+        if !special::is_init(sec) {
+            continue;
+        }
+        if sec.starts_with(".exit.") {
+            tracing::info!(function = %d.patched.symbols[p].name, "ignoring a change to __exit code, which built-in code never runs");
+            d.status[p] = Status::Same;
+            continue;
+        }
+        d.refusals.push(Refusal::Init {
+            symbol: d.kernel_name(p).to_string(),
+            file: d.file.clone(),
+            section: sec.to_string(),
+        });
+    }
+    d
+}
+
+/// `call __fentry__` at the entry of `sym` (after an optional endbr64), as the running
+/// kernel's ftrace NOP site requires.
+pub(crate) fn has_fentry(o: &Obj, sym: usize) -> bool {
+    let s = &o.symbols[sym];
+    let Some(sec) = s.section() else { return false };
+    o.sym_relocs(sym).iter().any(|r| {
+        let at = r.offset - s.value;
+        (at == 1 || at == 5)
+            && matches!(r.r_type, elf::R_X86_64_PLT32 | elf::R_X86_64_PC32)
+            && matches!(o.target(sec, r), Target::Sym { sym: t, .. } if o.symbols[t].name == "__fentry__")
+    })
+}

@@ -1,0 +1,239 @@
+//! Matching the patched object's functions and data with the original's.
+//!
+//! 1. Plain names (globals, file-scope statics, `foo.cold`) match exactly.
+//! 2. Compiler-numbered clones (`foo.isra.0`, `foo.constprop.1`, `foo.part.2`) match by
+//!    name without the numbers; when several share that name, identical contents match
+//!    first, then equal names, so a renumbering never swaps two clones' calling conventions.
+//! 3. Function-scope statics (`calls.3`) match through the functions that use them: the
+//!    n-th static named `calls` used by `f` in the original is the n-th one used by `f`'s
+//!    twin. Statics used only by data fall back to a unique name.
+//!
+//! Special statics (`__func__`, WARN_ONCE flags, ...) are never matched: each replaced
+//! function gets its own copy.
+
+use std::collections::{BTreeMap, HashSet};
+
+use object::elf;
+
+use super::elf::{is_item, Obj, Target};
+use super::keys::Keyer;
+use super::names::{canonical, is_numbered, is_special_static, is_static_local};
+use super::special;
+
+/// Symbols that take part in correlation: named, defined, in a section we compare.
+fn candidates(o: &Obj) -> Vec<usize> {
+    (0..o.symbols.len())
+        .filter(|&i| {
+            let s = &o.symbols[i];
+            if !is_item(s) {
+                return false;
+            }
+            let sec = o.sec_of(i).expect("items are defined");
+            sec.is_alloc()
+                && !special::is_ignored(&sec.name)
+                && !is_special_static(&s.name, &sec.name)
+        })
+        .collect()
+}
+
+/// Patched symbol -> original symbol.
+pub(crate) fn correlate(orig: &Obj, patched: &Obj) -> Vec<Option<usize>> {
+    let mut twin: Vec<Option<usize>> = vec![None; patched.symbols.len()];
+    let mut taken: HashSet<usize> = HashSet::new();
+    let oc = candidates(orig);
+    let pc = candidates(patched);
+    let kind = |o: &Obj, i: usize| o.symbols[i].kind;
+    let is_static_local_obj = |o: &Obj, i: usize| {
+        kind(o, i) == elf::STT_OBJECT
+            && o.symbols[i].is_local()
+            && is_static_local(&o.symbols[i].name)
+    };
+
+    // 1. exact plain names
+    let mut by_name: BTreeMap<(&str, u8), Vec<usize>> = BTreeMap::new();
+    for &i in &oc {
+        if !is_numbered(&orig.symbols[i].name) {
+            by_name
+                .entry((&orig.symbols[i].name, kind(orig, i)))
+                .or_default()
+                .push(i);
+        }
+    }
+    for &p in &pc {
+        let s = &patched.symbols[p];
+        if is_numbered(&s.name) {
+            continue;
+        }
+        if let Some(list) = by_name.get(&(s.name.as_str(), s.kind)) {
+            if let Some(&o) = list.iter().find(|o| !taken.contains(o)) {
+                twin[p] = Some(o);
+                taken.insert(o);
+            }
+        }
+    }
+
+    // 2. numbered functions and data other than function-scope statics
+    let canon_key = |name: &str| canonical(name);
+    let mut groups: BTreeMap<(String, u8), (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+    for &i in &oc {
+        if is_numbered(&orig.symbols[i].name)
+            && !is_static_local_obj(orig, i)
+            && !taken.contains(&i)
+        {
+            groups
+                .entry((canon_key(&orig.symbols[i].name), kind(orig, i)))
+                .or_default()
+                .0
+                .push(i);
+        }
+    }
+    for &p in &pc {
+        if is_numbered(&patched.symbols[p].name)
+            && !is_static_local_obj(patched, p)
+            && twin[p].is_none()
+        {
+            groups
+                .entry((canon_key(&patched.symbols[p].name), kind(patched, p)))
+                .or_default()
+                .1
+                .push(p);
+        }
+    }
+    let canon_name_o = |i: usize| canonical(&orig.symbols[i].name);
+    let canon_name_p = |i: usize| canonical(&patched.symbols[i].name);
+    let ko = Keyer {
+        obj: orig,
+        name_of: &canon_name_o,
+        owner: None,
+    };
+    let kp = Keyer {
+        obj: patched,
+        name_of: &canon_name_p,
+        owner: None,
+    };
+    for (os, ps) in groups.values() {
+        if os.len() == 1 && ps.len() == 1 {
+            twin[ps[0]] = Some(os[0]);
+            taken.insert(os[0]);
+            continue;
+        }
+        let fp = |k: &Keyer, o: &Obj, i: usize| (o.sym_bytes(i).to_vec(), k.sym_keys(i));
+        let ofp: Vec<_> = os.iter().map(|&i| fp(&ko, orig, i)).collect();
+        for &p in ps {
+            let pf = fp(&kp, patched, p);
+            if let Some(j) = (0..os.len()).find(|&j| !taken.contains(&os[j]) && ofp[j] == pf) {
+                twin[p] = Some(os[j]);
+                taken.insert(os[j]);
+            }
+        }
+        let unmatched: Vec<usize> = ps.iter().copied().filter(|&p| twin[p].is_none()).collect();
+        for p in unmatched {
+            let name = &patched.symbols[p].name;
+            if let Some(&o) = os
+                .iter()
+                .find(|&&o| !taken.contains(&o) && &orig.symbols[o].name == name)
+            {
+                twin[p] = Some(o);
+                taken.insert(o);
+            }
+        }
+    }
+
+    // 3. function-scope statics, through their users
+    let statics_used = |o: &Obj, user: usize| -> Vec<usize> {
+        let Some(sec) = o.symbols[user].section() else {
+            return Vec::new();
+        };
+        o.sym_relocs(user)
+            .iter()
+            .filter_map(|r| match o.target(sec, r) {
+                Target::Sym { sym, .. } if is_static_local_obj(o, sym) => Some(sym),
+                _ => None,
+            })
+            .filter(|&s| {
+                let sec_name = o.sec_of(s).map_or("", |x| x.name.as_str());
+                !is_special_static(&o.symbols[s].name, sec_name)
+            })
+            .collect()
+    };
+    let users: Vec<(usize, usize)> = pc.iter().filter_map(|&p| twin[p].map(|o| (p, o))).collect();
+    for (p, o) in users {
+        let mut pused = statics_used(patched, p);
+        pused.dedup();
+        for os in statics_used(orig, o) {
+            if taken.contains(&os) {
+                continue;
+            }
+            let cname = canonical(&orig.symbols[os].name);
+            if let Some(&ps) = pused
+                .iter()
+                .find(|&&ps| twin[ps].is_none() && canonical(&patched.symbols[ps].name) == cname)
+            {
+                twin[ps] = Some(os);
+                taken.insert(os);
+            }
+        }
+    }
+    let mut left: BTreeMap<String, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+    for &i in oc
+        .iter()
+        .filter(|&&i| is_static_local_obj(orig, i) && !taken.contains(&i))
+    {
+        left.entry(canonical(&orig.symbols[i].name))
+            .or_default()
+            .0
+            .push(i);
+    }
+    for &p in pc
+        .iter()
+        .filter(|&&p| is_static_local_obj(patched, p) && twin[p].is_none())
+    {
+        left.entry(canonical(&patched.symbols[p].name))
+            .or_default()
+            .1
+            .push(p);
+    }
+    for (name, (os, ps)) in left {
+        match (os.as_slice(), ps.as_slice()) {
+            ([o], [p]) => {
+                twin[*p] = Some(*o);
+            }
+            (_, []) | ([], _) => {}
+            _ => tracing::warn!(
+                object = %patched.label,
+                %name,
+                "cannot tell function-scope statics apart; treating the patched ones as new"
+            ),
+        }
+    }
+    twin
+}
+
+/// The name a patched symbol is compared by: its original's, or a marked new name (so
+/// keys of unchanged code agree on both sides and never match a new symbol by accident).
+pub(crate) fn patched_name(
+    orig: &Obj,
+    patched: &Obj,
+    twin: &[Option<usize>],
+    sym: usize,
+) -> String {
+    match twin[sym] {
+        Some(o) => orig.symbols[o].name.clone(),
+        None => format!("<new>{}", patched.symbols[sym].name),
+    }
+}
+
+/// The matched (original, patched) pairs by name, for reports.
+pub(crate) fn pairs(orig: &Obj, patched: &Obj, twin: &[Option<usize>]) -> Vec<(String, String)> {
+    twin.iter()
+        .enumerate()
+        .filter_map(|(p, o)| {
+            o.map(|o| {
+                (
+                    orig.symbols[o].name.clone(),
+                    patched.symbols[p].name.clone(),
+                )
+            })
+        })
+        .collect()
+}

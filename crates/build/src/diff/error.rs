@@ -1,0 +1,204 @@
+//! Errors of `lucos build`, and the typed refusals: changes a bundle cannot express yet.
+//!
+//! A refusal is not a failure of the tool: the diff is well-formed and compiles, but applying
+//! it live would silently do something other than what the source says. Each one names the
+//! symbol, says why, and says what to do instead.
+
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+/// One change that a bundle cannot carry. All refusals of a build are reported together.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Refusal {
+    #[error(
+        "`{symbol}` ({file}) changes size from {old} to {new} bytes: lucos cannot change the \
+         layout of data the running kernel already uses (a data-transfer feature is coming); \
+         keep its type and size, and put new state in a new variable"
+    )]
+    DataLayout {
+        symbol: String,
+        file: String,
+        old: u64,
+        new: u64,
+    },
+    #[error(
+        "the initial value of `{symbol}` ({file}) changed: the running kernel's copy holds live \
+         state that a patch does not rewrite (a data-transfer feature is coming); change the \
+         code that uses it instead"
+    )]
+    DataInit { symbol: String, file: String },
+    #[error(
+        "read-only `{symbol}` ({file}) changed, but {reason}; lucos can only give new \
+         read-only data to the functions it replaces"
+    )]
+    Rodata {
+        symbol: String,
+        file: String,
+        reason: String,
+    },
+    #[error(
+        "`{symbol}` ({file}) in {section} changed: __init/__exit code and data ran at boot (or \
+         never runs for built-in code) and was freed, so a live patch cannot change it; leave \
+         it unchanged"
+    )]
+    Init {
+        symbol: String,
+        file: String,
+        section: String,
+    },
+    #[error(
+        "`{function}` ({file}) changed but has no `call __fentry__` at its entry (it is notrace, \
+         noinstr or inline), so lucos has no safe site to redirect it{}; move the change into \
+         a traceable function", if .detail.is_empty() { String::new() } else { format!(", and {}", .detail) }
+    )]
+    NoFentry {
+        function: String,
+        file: String,
+        /// Why its callers could not be replaced instead (empty if not applicable).
+        detail: String,
+    },
+    #[error(
+        "`{function}` ({file}) changed but cannot be redirected in the running kernel: {reason}"
+    )]
+    NotRedirectable {
+        function: String,
+        file: String,
+        reason: String,
+    },
+    #[error(
+        "{path} is assembly: lucos compares compiled C functions and cannot build a patch for \
+         assembly code; make the fix in C"
+    )]
+    Assembly { path: String },
+    #[error(
+        "{path} changed and its assembly output {object} differs: lucos cannot patch assembly \
+         code; keep the change out of what assembly files include"
+    )]
+    AssemblyDependent { path: String, object: String },
+    #[error(
+        "new code of `{function}` ({file}) needs section {section} ({what}), which a bundle \
+         cannot carry yet; a later lucos version will register it with the running kernel"
+    )]
+    SpecialSection {
+        function: String,
+        file: String,
+        section: String,
+        what: String,
+    },
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("`{from}` ({file}) refers to `{symbol}`, which {reason}")]
+    Reference {
+        from: String,
+        file: String,
+        symbol: String,
+        reason: String,
+    },
+    #[error(
+        "new per-CPU variable `{symbol}` ({file}): per-CPU data needs per-CPU allocation, which \
+         lucos does not do yet; use an ordinary variable"
+    )]
+    NewPercpu { symbol: String, file: String },
+}
+
+#[derive(Debug, Error)]
+pub enum DiffError {
+    #[error("cannot {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a usable Kbuild tree: {reason}; pass the cached guest build \
+         (`guest/kernel.sh --print-dir`) or its build/ directory"
+    )]
+    Tree { path: PathBuf, reason: String },
+    #[error("the diff {path} cannot be read: line {line}: {reason}")]
+    DiffSyntax {
+        path: PathBuf,
+        line: usize,
+        reason: String,
+    },
+    #[error("the diff {path} changes no file; give a unified diff (`git diff > fix.patch`)")]
+    EmptyDiff { path: PathBuf },
+    #[error(
+        "`patch -p1` could not apply {path} to this kernel's sources:\n{output}\nis the diff \
+         against kernel {release} (paths a/... b/...)?"
+    )]
+    PatchApply {
+        path: PathBuf,
+        release: String,
+        output: String,
+    },
+    #[error("cannot run `{tool}`: {source}; install it (Debian: {package})")]
+    Tool {
+        tool: &'static str,
+        package: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("bad Kbuild command file {path}: {reason}; rebuild the guest kernel")]
+    CmdFile { path: PathBuf, reason: String },
+    #[error(
+        "compiling the {which} {object} failed (exit {status}):\n{stderr}{hint}",
+        hint = if *.which == "patched" { "\nfix the diff so that it compiles" } else { "\nthe cached kernel tree does not build any more; rebuild it with guest/kernel.sh" }
+    )]
+    Compile {
+        which: &'static str,
+        object: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot read compiled object {object}: {reason}")]
+    BadObject { object: String, reason: String },
+    #[error("cannot read the kernel's symbols: {0}")]
+    Symbols(#[from] lucos_introspect::symbols::SymbolError),
+    #[error("cannot build a bundle:\n{}", list(.refusals))]
+    Refused { refusals: Vec<Refusal> },
+    #[error("cannot read the target kernel's identity from vmlinux: {reason}")]
+    Target { reason: String },
+    #[error(
+        "the bundle does not resolve against vmlinux the way the engine will: {reason}; this \
+         is a lucos bug"
+    )]
+    SelfCheck { reason: String },
+    #[error("cannot write the bundle: {reason}")]
+    Emit { reason: String },
+    #[error("the bundle built does not pass lucos's own checks ({0}); this is a lucos bug")]
+    Bundle(#[from] lucos_patch::BundleError),
+    #[error("the bundle built cannot be linked ({0}); this is a lucos bug unless the message says otherwise")]
+    Link(#[from] lucos_patch::LinkError),
+}
+
+fn list(refusals: &[Refusal]) -> String {
+    refusals
+        .iter()
+        .map(|r| format!("  - {r}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+impl DiffError {
+    pub(crate) fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> DiffError {
+        let path = path.into();
+        move |source| DiffError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+
+    /// The refusals, when the build was refused.
+    pub fn refusals(&self) -> &[Refusal] {
+        match self {
+            DiffError::Refused { refusals } => refusals,
+            _ => &[],
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! What goes into the bundle: starting from the changed functions, follow relocations and
+//! include what the new code needs that the running kernel does not have (new and changed
+//! functions, new data, string literals and other anonymous constants, fresh copies of
+//! special statics); everything else becomes an undefined symbol that the lucos linker
+//! resolves against the running kernel (statics by source file).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use object::elf;
+
+use super::compare::{has_fentry, Diff, Status};
+use super::elf::{Rel, Target};
+use super::emit::global_defs;
+use super::error::Refusal;
+use super::names::{cold_parent, is_special_static};
+use super::special;
+
+/// A piece of one object copied into the bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum UnitKind {
+    /// A function or data object (its byte range).
+    Item(usize),
+    /// A whole section nothing names (string literals, constants, jump tables).
+    Section(usize),
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Unit {
+    pub obj: usize,
+    pub kind: UnitKind,
+    /// Symbol name in the bundle (unique among defined symbols for functions).
+    pub name: String,
+}
+
+/// Where a relocation of included code points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Resolved {
+    Null(i64),
+    /// Into an included unit; the addend is relative to the unit's start.
+    Unit {
+        obj: usize,
+        kind: UnitKind,
+        addend: i64,
+    },
+    /// A symbol of the running kernel.
+    External {
+        name: String,
+        addend: i64,
+        weak: bool,
+    },
+}
+
+/// A kernel symbol the bundle links against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct External {
+    /// Source file of the static it names (None for globals).
+    pub file: Option<String>,
+    /// The first unit referring to it, for messages.
+    pub from: String,
+    pub weak: bool,
+}
+
+/// A function of the running kernel to redirect.
+#[derive(Debug, Clone)]
+pub(crate) struct Redirect {
+    pub obj: usize,
+    pub sym: usize,
+    /// Name in the running kernel.
+    pub old: String,
+    /// Source file, for statics.
+    pub old_file: Option<String>,
+    /// Size of the original compile of `old`, to check it is the running kernel's.
+    pub size: u64,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    pub units: Vec<Unit>,
+    pub index: HashMap<(usize, UnitKind), usize>,
+    /// Kernel symbols the new code uses.
+    pub externals: BTreeMap<String, External>,
+    pub redirects: Vec<Redirect>,
+    pub refusals: Vec<Refusal>,
+}
+
+/// Plans the bundle for all compared objects.
+pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
+    let mut plan = Plan::default();
+    for d in diffs {
+        plan.refusals.extend(d.refusals.iter().cloned());
+    }
+    // Global definitions one object adds or changes that another's new code may call.
+    let globals = global_defs(diffs);
+    let mut queue: VecDeque<(usize, UnitKind)> = VecDeque::new();
+    for (oi, d) in diffs.iter().enumerate() {
+        for p in 0..d.status.len() {
+            if d.status[p] != Status::Changed || !d.is_func(p) {
+                continue;
+            }
+            let name = &d.patched.symbols[p].name;
+            let sec = d.patched.sec_of(p).map_or("", |s| s.name.as_str());
+            if cold_parent(name).is_some() || special::is_init(sec) {
+                continue;
+            }
+            // Included through its redirected callers instead.
+            if d.via_callers.contains(&p) {
+                continue;
+            }
+            let Some(o) = d.twin[p] else { continue };
+            let os = &d.orig.symbols[o];
+            let file = d.file.clone();
+            if !has_fentry(d.orig, o) {
+                plan.refusals.push(Refusal::NoFentry {
+                    function: os.name.clone(),
+                    file,
+                    detail: d.no_fentry.get(&p).cloned().unwrap_or_default(),
+                });
+                continue;
+            }
+            plan.redirects.push(Redirect {
+                obj: oi,
+                sym: p,
+                old: os.name.clone(),
+                old_file: os.is_local().then_some(file),
+                size: os.size,
+            });
+            queue.push_back((oi, UnitKind::Item(p)));
+        }
+    }
+    let mut seen_refusals: BTreeSet<String> = plan.refusals.iter().map(|r| r.to_string()).collect();
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    while let Some((oi, kind)) = queue.pop_front() {
+        if plan.index.contains_key(&(oi, kind)) {
+            continue;
+        }
+        let d = &diffs[oi];
+        let name = unit_name(d, kind, &mut names);
+        plan.index.insert((oi, kind), plan.units.len());
+        plan.units.push(Unit {
+            obj: oi,
+            kind,
+            name,
+        });
+        let mut refuse = |r: Refusal, plan: &mut Plan| {
+            if seen_refusals.insert(r.to_string()) {
+                plan.refusals.push(r);
+            }
+        };
+        let (sec, relocs): (usize, &[Rel]) = match kind {
+            UnitKind::Item(p) => {
+                let sec = d.patched.symbols[p].section().expect("items are defined");
+                if let Some(tables) = d.tables.get(&p) {
+                    for t in tables {
+                        let Some(table) = special::table(t).filter(|x| x.required) else {
+                            continue;
+                        };
+                        let what = table.what;
+                        refuse(
+                            Refusal::SpecialSection {
+                                function: d.kernel_name(p).to_string(),
+                                file: d.file.clone(),
+                                section: t.to_string(),
+                                what: what.to_string(),
+                            },
+                            &mut plan,
+                        );
+                    }
+                }
+                // Cold parts jump back into their parent's body: they go with it.
+                let me = &d.patched.symbols[p].name;
+                for c in 0..d.patched.symbols.len() {
+                    let cs = &d.patched.symbols[c];
+                    if cs.is_func() && cs.section().is_some() && cold_parent(&cs.name) == Some(me) {
+                        queue.push_back((oi, UnitKind::Item(c)));
+                    }
+                }
+                (sec, d.patched.sym_relocs(p))
+            }
+            UnitKind::Section(s) => (s, &d.patched.sections[s].relocs[..]),
+        };
+        let from = plan
+            .units
+            .last()
+            .map(|u| u.name.clone())
+            .unwrap_or_default();
+        for r in relocs.iter().filter(|r| r.r_type != elf::R_X86_64_NONE) {
+            match resolve(diffs, &globals, oi, sec, r) {
+                Ok(Resolved::Unit { obj, kind, .. }) => queue.push_back((obj, kind)),
+                Ok(Resolved::External { name, weak, .. }) => {
+                    let file = external_file(d, sec, r);
+                    match plan.externals.get(&name) {
+                        Some(prev) if prev.file != file => refuse(
+                            Refusal::Reference {
+                                from: from.clone(),
+                                file: d.file.clone(),
+                                symbol: name.clone(),
+                                reason: format!(
+                                    "names two different kernel symbols ({} and {}); a bundle \
+                                     resolves undefined symbols by name, so split the change \
+                                     into two patches",
+                                    prev.file.as_deref().unwrap_or("a global"),
+                                    file.as_deref().unwrap_or("a global")
+                                ),
+                            },
+                            &mut plan,
+                        ),
+                        Some(_) => {}
+                        None => {
+                            let from = from.clone();
+                            plan.externals.insert(name, External { file, from, weak });
+                        }
+                    }
+                }
+                Ok(Resolved::Null(_)) => {}
+                Err(r) => refuse(r, &mut plan),
+            }
+        }
+    }
+    plan
+}
+
+/// The source file that qualifies an external static, if it is one.
+fn external_file(d: &Diff<'_>, sec: usize, r: &Rel) -> Option<String> {
+    match d.patched.target(sec, r) {
+        Target::Sym { sym, .. } => {
+            let s = &d.patched.symbols[sym];
+            (s.section().is_some() && s.is_local()).then(|| d.file.clone())
+        }
+        _ => None,
+    }
+}
+
+fn unit_name(d: &Diff<'_>, kind: UnitKind, taken: &mut BTreeSet<String>) -> String {
+    let base = match kind {
+        UnitKind::Item(p) => d.kernel_name(p).to_string(),
+        UnitKind::Section(s) => return d.patched.sections[s].name.clone(),
+    };
+    let mut name = base.clone();
+    let mut n = 1;
+    while !taken.insert(name.clone()) {
+        name = format!("{base}.lucos{n}");
+        n += 1;
+    }
+    name
+}
+
+/// Where relocation `r` in section `sec` of object `oi` must point in the bundle.
+pub(crate) fn resolve(
+    diffs: &[Diff<'_>],
+    globals: &HashMap<&str, (usize, usize)>,
+    oi: usize,
+    sec: usize,
+    r: &Rel,
+) -> Result<Resolved, Refusal> {
+    let d = &diffs[oi];
+    let o = d.patched;
+    let refuse = |symbol: &str, reason: &str| Refusal::Reference {
+        from: o.sections[sec]
+            .name
+            .trim_start_matches(".text.")
+            .to_string(),
+        file: d.file.clone(),
+        symbol: symbol.to_string(),
+        reason: reason.to_string(),
+    };
+    match o.target(sec, r) {
+        Target::Null => Ok(Resolved::Null(r.addend)),
+        Target::Sym { sym, addend } => {
+            let s = &o.symbols[sym];
+            let Some(tsec) = s.section() else {
+                if let Some(&(obj, p)) = globals.get(s.name.as_str()) {
+                    return Ok(Resolved::Unit {
+                        obj,
+                        kind: UnitKind::Item(p),
+                        addend,
+                    });
+                }
+                return Ok(Resolved::External {
+                    name: s.name.clone(),
+                    addend,
+                    weak: s.bind == elf::STB_WEAK,
+                });
+            };
+            let tname = &o.sections[tsec].name;
+            if special::is_init(tname) {
+                return Err(refuse(
+                    &s.name,
+                    "is __init/__exit code or data, freed after boot",
+                ));
+            }
+            let include = Ok(Resolved::Unit {
+                obj: oi,
+                kind: UnitKind::Item(sym),
+                addend,
+            });
+            let external = Ok(Resolved::External {
+                name: d.kernel_name(sym).to_string(),
+                addend,
+                weak: false,
+            });
+            if o.sections[tsec].is_exec() {
+                let cold = cold_parent(&s.name).is_some();
+                return match d.status[sym] {
+                    // vmlinux decides which definition of a weak function wins; a changed
+                    // weak one that did win is redirected in place.
+                    Status::Changed if s.bind == elf::STB_WEAK => external,
+                    Status::Changed | Status::New => include,
+                    _ if cold => include,
+                    _ => external,
+                };
+            }
+            if s.is_local() && is_special_static(&s.name, tname) {
+                return include;
+            }
+            match d.status[sym] {
+                Status::New => match special::needs_registration(tname) {
+                    Some(_) if tname.starts_with(".data..percpu") => Err(Refusal::NewPercpu {
+                        symbol: s.name.clone(),
+                        file: d.file.clone(),
+                    }),
+                    Some(what) => Err(refuse(
+                        &s.name,
+                        &format!("is new and is {what}, which lucos cannot register yet"),
+                    )),
+                    None => include,
+                },
+                // Changed read-only data gets a new copy (other changes were refused).
+                Status::Changed if !o.sections[tsec].is_write() => include,
+                _ => external,
+            }
+        }
+        Target::Anon { sec: t, addend, .. } => {
+            let ts = &o.sections[t];
+            if special::is_init(&ts.name) {
+                return Err(refuse(&ts.name, "is __init data, freed after boot"));
+            }
+            if ts.is_write() {
+                return Err(refuse(
+                    &ts.name,
+                    "is writable data without a symbol; give it a name (a static variable)",
+                ));
+            }
+            Ok(Resolved::Unit {
+                obj: oi,
+                kind: UnitKind::Section(t),
+                addend,
+            })
+        }
+    }
+}

@@ -1,0 +1,514 @@
+//! `lucos build`: from a unified diff of the kernel source to a bundle — the job of kpatch's
+//! create-diff-object, re-thought for lucos.
+//!
+//! 1. Apply the diff to an overlay of the cached Kbuild tree ([`scratch`]).
+//! 2. Find every vmlinux object whose recorded dependencies include a changed file
+//!    ([`cmdfile`]) and compile its original and patched versions with Kbuild's own command
+//!    plus `-ffunction-sections -fdata-sections` ([`compile`]); originals are cached.
+//! 3. Compare them function by function ([`compare`]) and plan what the bundle must carry
+//!    ([`include`]); refuse what it cannot carry ([`Refusal`]).
+//! 4. Write the object ([`emit`]), describe each redirect from vmlinux
+//!    ([`crate::target::replacement_for`]) and pack the manifest.
+
+mod cmdfile;
+mod compare;
+mod compile;
+mod correlate;
+mod elf;
+mod emit;
+mod error;
+mod include;
+mod keys;
+mod names;
+mod objects;
+mod patchfile;
+mod promote;
+mod report;
+mod scratch;
+mod special;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use lucos_introspect::symbols::KernelSymbols;
+use lucos_patch::{Bundle, Manifest, FORMAT_VERSION};
+
+pub use cmdfile::KbuildObject;
+pub use error::{DiffError, Refusal};
+pub use objects::{compare_objects, ObjectDiff};
+pub use patchfile::{parse as parse_diff, ChangeKind, FileChange, LineMap};
+pub use report::{
+    BuildOptions, BuildOutcome, BuildReport, Built, NoProgress, ObjectReport, Progress, Stage,
+    Times,
+};
+
+use compare::Status;
+use compile::Side;
+use elf::Obj;
+
+/// Where the pieces of a kernel cache directory are.
+struct Tree {
+    /// The Kbuild tree (sources, objects, `.cmd` files).
+    root: PathBuf,
+    vmlinux: PathBuf,
+    release: String,
+}
+
+fn locate(tree: &Path) -> Result<Tree, DiffError> {
+    let tree = std::fs::canonicalize(tree).map_err(DiffError::io("open", tree))?;
+    let (root, vmlinux) = if tree.join("build/Makefile").is_file() {
+        (tree.join("build"), tree.join("vmlinux"))
+    } else {
+        (tree.clone(), tree.join("vmlinux"))
+    };
+    for (p, what) in [
+        (&root.join("Makefile"), "no Makefile"),
+        (&vmlinux, "no vmlinux"),
+    ] {
+        if !p.exists() {
+            return Err(DiffError::Tree {
+                path: tree.clone(),
+                reason: what.to_string(),
+            });
+        }
+    }
+    let rel = root.join("include/config/kernel.release");
+    let release = std::fs::read_to_string(&rel)
+        .map_err(|e| DiffError::Tree {
+            path: tree.clone(),
+            reason: format!("cannot read {} ({e}); is the kernel built?", rel.display()),
+        })?
+        .trim()
+        .to_string();
+    Ok(Tree {
+        root,
+        vmlinux,
+        release,
+    })
+}
+
+/// The manifest id for a diff file: its stem, restricted to `[A-Za-z0-9._-]`.
+fn default_id(diff: &Path) -> String {
+    let stem = diff.file_stem().map(|s| s.to_string_lossy().into_owned());
+    let id: String = stem
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if id.is_empty() {
+        "patch".into()
+    } else {
+        id
+    }
+}
+
+fn cache_root(options: &BuildOptions) -> Option<PathBuf> {
+    if !options.use_cache {
+        return None;
+    }
+    options.cache_dir.clone().or_else(|| {
+        let base = std::env::var_os("LUCOS_CACHE")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lucos")))?;
+        Some(base.join("diffobj"))
+    })
+}
+
+/// Builds a bundle for `diff` against the kernel cache directory `tree` (the directory of
+/// `guest/kernel.sh --print-dir`, holding `vmlinux` and `build/`; the Kbuild tree itself
+/// is accepted too).
+pub fn build(
+    tree: &Path,
+    diff: &Path,
+    options: &BuildOptions,
+    progress: &dyn Progress,
+) -> Result<BuildOutcome, DiffError> {
+    let started = Instant::now();
+    let tree = locate(tree)?;
+    let text = std::fs::read_to_string(diff).map_err(DiffError::io("read", diff))?;
+    let changes = patchfile::parse(diff, &text)?;
+    let mut report = BuildReport {
+        files: changes.iter().map(|c| c.path.clone()).collect(),
+        ..BuildReport::default()
+    };
+
+    std::thread::scope(|scope| {
+        let symbols = scope.spawn(|| KernelSymbols::load(&tree.vmlinux));
+        let t = Instant::now();
+        let objects = cmdfile::scan(&tree.root)?;
+        let (affected, refusals) = affected_objects(&objects, &changes);
+        if !refusals.is_empty() {
+            return Err(DiffError::Refused { refusals });
+        }
+        if affected.is_empty() {
+            report.times.total = started.elapsed();
+            return Ok(BuildOutcome::NoChange {
+                report,
+                reason: "no object linked into vmlinux depends on the changed files".into(),
+            });
+        }
+        let overlay = scratch::Overlay::create(&tree.root, &changes, diff, &tree.release)?;
+        let syms = symbols.join().map_err(|_| DiffError::Emit {
+            reason: "symbol loader panicked".into(),
+        })??;
+        let cache = cache_root(options)
+            .map(|c| c.join(syms.build_id_hex().unwrap_or_else(|_| "no-build-id".into())));
+        progress.start(Stage::Rebuild, affected.len() as u64 * 2);
+        let built = compile_all(
+            &tree.root,
+            &overlay.root(),
+            &affected,
+            cache.as_deref(),
+            options.jobs,
+            progress,
+        )?;
+        report.times.rebuild = t.elapsed();
+        progress.finish(Stage::Rebuild, report.times.rebuild);
+
+        let t = Instant::now();
+        progress.start(Stage::Compare, affected.len() as u64);
+        let mut objs: Vec<(Obj, Obj, &KbuildObject, bool)> = Vec::new();
+        let mut refusals = Vec::new();
+        for (obj, b) in affected.iter().zip(&built) {
+            let read = |p: &Path| std::fs::read(p).map_err(DiffError::io("read", p));
+            let orig = Obj::parse(&obj.object, &read(&b.original)?)?;
+            let patched = Obj::parse(&obj.object, &read(&b.patched)?)?;
+            if obj.is_assembly() {
+                if elf::same_allocated_contents(&orig, &patched) {
+                    report.unchanged_assembly.push(obj.object.clone());
+                } else {
+                    let path = changes
+                        .iter()
+                        .find(|c| obj.source == c.path || obj.deps.contains(&c.path));
+                    refusals.push(Refusal::AssemblyDependent {
+                        path: path.map_or_else(|| obj.source.clone(), |c| c.path.clone()),
+                        object: obj.object.clone(),
+                    });
+                }
+                continue;
+            }
+            objs.push((orig, patched, obj, b.cached));
+        }
+        drop(overlay);
+        let moved = |from: u64, to: u64| {
+            let (Ok(from), Ok(to)) = (u32::try_from(from), u32::try_from(to)) else {
+                return false;
+            };
+            changes.iter().any(|c| c.lines.map(from) == Some(to))
+        };
+        let diffs: Vec<compare::Diff<'_>> = objs
+            .iter()
+            .map(|(o, p, k, _)| {
+                progress.step(Stage::Compare, &k.object);
+                compare::compare(o, p, &k.source, &moved)
+            })
+            .collect();
+        for ((_, _, k, cached), d) in objs.iter().zip(&diffs) {
+            report.objects.push(ObjectReport {
+                object: k.object.clone(),
+                source: k.source.clone(),
+                original_cached: *cached,
+                changed: d.names_with(Status::Changed, true),
+                new_functions: d.names_with(Status::New, true),
+                new_data: d.names_with(Status::New, false),
+                line_only: d.names_with(Status::LineOnly, true),
+            });
+        }
+        let mut plan = include::plan(&diffs);
+        refusals.append(&mut plan.refusals);
+        report.times.compare = t.elapsed();
+        progress.finish(Stage::Compare, report.times.compare);
+        if !refusals.is_empty() {
+            return Err(DiffError::Refused { refusals });
+        }
+        if plan.redirects.is_empty() {
+            report.times.total = started.elapsed();
+            let line_only: usize = report.objects.iter().map(|o| o.line_only.len()).sum();
+            let reason = if line_only > 0 {
+                format!("only __LINE__ values moved (in {line_only} function(s))")
+            } else {
+                "the compiled code is the same".to_string()
+            };
+            return Ok(BuildOutcome::NoChange { report, reason });
+        }
+
+        let t = Instant::now();
+        progress.start(Stage::Emit, plan.redirects.len() as u64);
+        let built = emit_bundle(&diffs, &plan, &syms, &tree, diff, options, progress)?;
+        report.times.emit = t.elapsed();
+        progress.finish(Stage::Emit, report.times.emit);
+        report.times.total = started.elapsed();
+        tracing::info!(
+            rebuild = ?report.times.rebuild,
+            compare = ?report.times.compare,
+            emit = ?report.times.emit,
+            total = ?report.times.total,
+            "built bundle"
+        );
+        Ok(BuildOutcome::Bundle(Box::new(Built { report, ..built })))
+    })
+}
+
+/// Objects to recompile, and refusals for changed files that cannot be handled.
+fn affected_objects<'a>(
+    objects: &'a [KbuildObject],
+    changes: &[FileChange],
+) -> (Vec<&'a KbuildObject>, Vec<Refusal>) {
+    let mut refusals = Vec::new();
+    let mut out: Vec<&KbuildObject> = Vec::new();
+    for c in changes {
+        let p = c.path.as_str();
+        let users: Vec<&KbuildObject> = objects
+            .iter()
+            .filter(|o| o.source == p || o.deps.iter().any(|d| d == p))
+            .collect();
+        let ext = Path::new(p)
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("");
+        match ext {
+            "S" | "s" => refusals.push(Refusal::Assembly {
+                path: c.path.clone(),
+            }),
+            "c" if users.is_empty() && c.kind != ChangeKind::Added => {
+                refusals.push(Refusal::File {
+                    path: c.path.clone(),
+                    reason: "is not compiled into vmlinux with this kernel's configuration (it is \
+                         part of a module, or disabled in .config); lucos patches vmlinux only"
+                        .into(),
+                })
+            }
+            "c" | "h" => {}
+            _ if p.starts_with("Documentation/") => {}
+            _ if users.is_empty() => refusals.push(Refusal::File {
+                path: c.path.clone(),
+                reason: "is not a C source or header that vmlinux is built from; lucos build \
+                         handles changes to .c and .h files (Kconfig, Makefile and linker \
+                         script changes need a new kernel)"
+                    .into(),
+            }),
+            _ => {}
+        }
+        for u in users {
+            if !out.iter().any(|o| o.object == u.object) {
+                out.push(u);
+            }
+        }
+    }
+    (out, refusals)
+}
+
+/// Paths of one object's two compiles.
+struct Compiled {
+    original: PathBuf,
+    patched: PathBuf,
+    cached: bool,
+    /// Where the original goes in the cache, when caching.
+    cache_file: Option<PathBuf>,
+}
+
+/// Compiles original (or takes it from the cache) and patched versions of every object,
+/// `jobs` at a time.
+fn compile_all(
+    root: &Path,
+    overlay: &Path,
+    objects: &[&KbuildObject],
+    cache: Option<&Path>,
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<Compiled>, DiffError> {
+    let out_dir = overlay.parent().unwrap_or(overlay).join("objects");
+    std::fs::create_dir_all(&out_dir).map_err(DiffError::io("create", &out_dir))?;
+    let mut results: Vec<Compiled> = Vec::with_capacity(objects.len());
+    for (i, o) in objects.iter().enumerate() {
+        let mut r = Compiled {
+            original: out_dir.join(format!("{i}.orig.o")),
+            patched: out_dir.join(format!("{i}.patched.o")),
+            cached: false,
+            cache_file: None,
+        };
+        if let Some(dir) = cache {
+            let key = compile::cache_key(root, o)?;
+            let p = compile::cache_path(dir, o, &key);
+            if p.is_file() {
+                r.original = p;
+                r.cached = true;
+                progress.step(Stage::Rebuild, &format!("{} (original, cached)", o.object));
+            } else {
+                r.cache_file = Some(p);
+            }
+        }
+        results.push(r);
+    }
+    let remap_from = format!("{}/", root.display());
+    let remap_to = format!("{}/", overlay.display());
+    let next = AtomicUsize::new(0);
+    let errors: Mutex<Vec<DiffError>> = Mutex::new(Vec::new());
+    let work: Vec<(usize, Side)> = (0..objects.len())
+        .flat_map(|i| [(i, Side::Patched), (i, Side::Original)])
+        .filter(|&(i, side)| side == Side::Patched || !results[i].cached)
+        .collect();
+    std::thread::scope(|s| {
+        for _ in 0..jobs.max(1).min(work.len().max(1)) {
+            s.spawn(|| loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                let Some(&(i, side)) = work.get(n) else { break };
+                let o = objects[i];
+                let result = match side {
+                    Side::Patched => compile::run(
+                        o,
+                        side,
+                        overlay,
+                        &results[i].patched,
+                        Some((&remap_from, &remap_to)),
+                    ),
+                    Side::Original => compile::run(o, side, root, &results[i].original, None),
+                };
+                match result {
+                    Ok(()) => progress.step(Stage::Rebuild, &o.object),
+                    Err(e) => errors.lock().expect("not poisoned").push(e),
+                }
+            });
+        }
+    });
+    if let Some(e) = errors
+        .into_inner()
+        .expect("not poisoned")
+        .into_iter()
+        .next()
+    {
+        return Err(e);
+    }
+    for r in &results {
+        if let Some(file) = &r.cache_file {
+            compile::store(&r.original, file);
+        }
+    }
+    Ok(results)
+}
+
+/// Writes the object, the manifest and checks the result with lucos's own loader.
+fn emit_bundle(
+    diffs: &[compare::Diff<'_>],
+    plan: &include::Plan,
+    syms: &KernelSymbols,
+    tree: &Tree,
+    diff: &Path,
+    options: &BuildOptions,
+    progress: &dyn Progress,
+) -> Result<Built, DiffError> {
+    let object = emit::write_object(diffs, plan)?;
+    let mut refusals = Vec::new();
+    let mut replacements = Vec::new();
+    for r in &plan.redirects {
+        let unit = plan.index[&(r.obj, include::UnitKind::Item(r.sym))];
+        let new = &plan.units[unit].name;
+        let spec = match &r.old_file {
+            Some(f) => format!("{f}:{}", r.old),
+            None => r.old.clone(),
+        };
+        progress.step(Stage::Emit, &r.old);
+        let file = || {
+            r.old_file
+                .clone()
+                .unwrap_or_else(|| diffs[r.obj].file.clone())
+        };
+        // Same compile, same size: otherwise vmlinux's function of that name is another
+        // one (a __weak default overridden elsewhere, or a tree not matching the kernel).
+        if let Ok(k) = syms.resolve_spec(&spec) {
+            if k.size != r.size {
+                refusals.push(Refusal::NotRedirectable {
+                    function: r.old.clone(),
+                    file: file(),
+                    reason: format!(
+                        "the running kernel's `{}` is {} bytes but this file's is {}: it is \
+                         another definition (a __weak one overridden elsewhere?), or the \
+                         cached tree does not match the running kernel",
+                        k.qualified_name(),
+                        k.size,
+                        r.size
+                    ),
+                });
+                continue;
+            }
+        }
+        match crate::target::replacement_for(syms, &spec, new) {
+            Ok(rep) => replacements.push(rep),
+            Err(e) => refusals.push(Refusal::NotRedirectable {
+                function: r.old.clone(),
+                file: r
+                    .old_file
+                    .clone()
+                    .unwrap_or_else(|| diffs[r.obj].file.clone()),
+                reason: e.to_string(),
+            }),
+        }
+    }
+    let mut resolve = BTreeMap::new();
+    for (name, ext) in &plan.externals {
+        if name == "__fentry__" {
+            continue;
+        }
+        let found = match &ext.file {
+            Some(f) => syms.lookup_in_file(f, name),
+            None => syms.lookup(name),
+        };
+        match found {
+            Ok(_) => {
+                if let Some(f) = &ext.file {
+                    if syms.all_named(name).nth(1).is_some() {
+                        resolve.insert(name.clone(), f.clone());
+                    }
+                }
+            }
+            Err(_) if ext.weak => {}
+            Err(e) => refusals.push(Refusal::Reference {
+                from: ext.from.clone(),
+                file: ext.file.clone().unwrap_or_default(),
+                symbol: name.clone(),
+                reason: format!("the running kernel does not have: {e}"),
+            }),
+        }
+    }
+    if !refusals.is_empty() {
+        return Err(DiffError::Refused { refusals });
+    }
+    crate::target::check_undefined(syms, &object, &resolve).map_err(|e| DiffError::SelfCheck {
+        reason: e.to_string(),
+    })?;
+    let target = crate::target::target_for(syms, &tree.release).map_err(|e| DiffError::Target {
+        reason: e.to_string(),
+    })?;
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        id: options.id.clone().unwrap_or_else(|| default_id(diff)),
+        description: options
+            .description
+            .clone()
+            .unwrap_or_else(|| format!("built by lucos build from {}", diff.display())),
+        target,
+        replacements,
+        resolve,
+    };
+    let bundle = lucos_patch::pack(&object, &manifest)?;
+    let parsed = Bundle::parse(&bundle)?;
+    lucos_patch::plan(&parsed)?;
+    Ok(Built {
+        replaced: manifest.replacements.iter().map(|r| r.label()).collect(),
+        included: plan.units.iter().map(|u| u.name.clone()).collect(),
+        external: plan.externals.keys().cloned().collect(),
+        bundle,
+        manifest,
+        report: BuildReport::default(),
+    })
+}

@@ -1,0 +1,72 @@
+//! Comparing two already compiled objects, without a kernel tree: the core of
+//! [`super::build`] on its own, for tests and for inspecting what a change does.
+
+use super::compare::{self, Status};
+use super::correlate::pairs;
+use super::elf::Obj;
+use super::emit;
+use super::error::{DiffError, Refusal};
+use super::include;
+use super::patchfile::LineMap;
+
+/// What changed between two compiles of one source file, and what a bundle would carry.
+#[derive(Debug, Clone, Default)]
+pub struct ObjectDiff {
+    /// Functions whose code changed (original names).
+    pub changed: Vec<String>,
+    /// Functions that would be redirected (changed, with a `__fentry__` site).
+    pub redirected: Vec<String>,
+    pub new_functions: Vec<String>,
+    pub new_data: Vec<String>,
+    /// Functions that differ only in `__LINE__` values.
+    pub line_only: Vec<String>,
+    /// Matched (original, patched) symbols whose names differ (compiler renumbering).
+    pub renamed: Vec<(String, String)>,
+    /// Symbols copied into the bundle.
+    pub included: Vec<String>,
+    /// Kernel symbols the bundle would link against.
+    pub external: Vec<String>,
+    pub refusals: Vec<Refusal>,
+    /// The bundle's ELF object (no manifest yet), when nothing was refused and some
+    /// function changed.
+    pub object: Option<Vec<u8>>,
+}
+
+/// Compares `orig` and `patched`, compiled from source `file` with
+/// `-ffunction-sections -fdata-sections`. `lines` says how the diff moved the file's lines;
+/// without it, any `__LINE__`-shaped difference counts as a moved line (as in kpatch).
+pub fn compare_objects(
+    file: &str,
+    orig: &[u8],
+    patched: &[u8],
+    lines: Option<&LineMap>,
+) -> Result<ObjectDiff, DiffError> {
+    let o = Obj::parse(&format!("{file} (original)"), orig)?;
+    let p = Obj::parse(&format!("{file} (patched)"), patched)?;
+    let moved = |from: u64, to: u64| match lines {
+        None => true,
+        Some(m) => u32::try_from(from).is_ok_and(|f| m.map(f).map(u64::from) == Some(to)),
+    };
+    let d = compare::compare(&o, &p, file, &moved);
+    let mut out = ObjectDiff {
+        changed: d.names_with(Status::Changed, true),
+        new_functions: d.names_with(Status::New, true),
+        new_data: d.names_with(Status::New, false),
+        line_only: d.names_with(Status::LineOnly, true),
+        renamed: pairs(&o, &p, &d.twin)
+            .into_iter()
+            .filter(|(a, b)| a != b)
+            .collect(),
+        ..ObjectDiff::default()
+    };
+    let diffs = [d];
+    let plan = include::plan(&diffs);
+    out.redirected = plan.redirects.iter().map(|r| r.old.clone()).collect();
+    out.included = plan.units.iter().map(|u| u.name.clone()).collect();
+    out.external = plan.externals.keys().cloned().collect();
+    out.refusals = plan.refusals.clone();
+    if out.refusals.is_empty() && !plan.redirects.is_empty() {
+        out.object = Some(emit::write_object(&diffs, &plan)?);
+    }
+    Ok(out)
+}

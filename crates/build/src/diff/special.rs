@@ -1,0 +1,182 @@
+//! Sections that are not plain code or data: tables the kernel reads at boot or module load
+//! (one entry per site in some function), hints the bundle drops, and init/exit code.
+//!
+//! A table entry belongs to the function its first code reference points into; comparing a
+//! function includes its entries (a changed WARN flag or fixup changes behaviour without
+//! changing the function's bytes), and a function whose new code has entries in a table the
+//! bundle cannot carry is refused — the lucos linker would refuse the section anyway, and
+//! leaving the entries out would make the new code silently misbehave.
+
+/// A table of fixed-size entries pointing into code.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Table {
+    pub name: &'static str,
+    /// Entry size in bytes (x86-64, Linux 6.1); the last entry may be shorter (padding).
+    pub entry: u64,
+    /// Offset of a `u16` line number inside an entry, ignored when comparing.
+    pub line: Option<u64>,
+    /// What the table is, for refusal messages.
+    pub what: &'static str,
+    /// (offset of a relocation to anonymous data, offset of a `u8` with its length).
+    pub data_len: Option<(u64, u64)>,
+    /// New code with entries here cannot be emitted (the entries are needed for it to
+    /// behave); otherwise the entries are an optimisation the new code can do without.
+    pub required: bool,
+}
+
+/// Tables the bundle format cannot carry yet.
+pub(crate) const TABLES: &[Table] = &[
+    Table {
+        name: "__ex_table",
+        entry: 12,
+        line: None,
+        data_len: None,
+        what: "exception-table fixups for instructions allowed to fault, e.g. user copies",
+        required: true,
+    },
+    Table {
+        name: "__jump_table",
+        entry: 16,
+        line: None,
+        data_len: None,
+        what: "static-key (jump label) sites",
+        required: true,
+    },
+    Table {
+        name: ".altinstructions",
+        entry: 12,
+        line: None,
+        // struct alt_instr: s32 instr, s32 repl, u16 cpuid, u8 instrlen, u8 replacementlen
+        data_len: Some((4, 11)),
+        what: "CPU-feature alternatives",
+        required: true,
+    },
+    Table {
+        name: ".static_call_sites",
+        entry: 8,
+        line: None,
+        data_len: None,
+        what: "static-call sites",
+        required: true,
+    },
+    Table {
+        name: "__bug_table",
+        entry: 12,
+        line: Some(8),
+        data_len: None,
+        what: "BUG()/WARN() records",
+        required: true,
+    },
+    Table {
+        name: ".parainstructions",
+        entry: 16,
+        line: None,
+        data_len: None,
+        what: "paravirt patch sites, e.g. from local_irq_save()",
+        required: true,
+    },
+    Table {
+        name: ".smp_locks",
+        entry: 4,
+        line: None,
+        data_len: None,
+        what: "LOCK-prefix records",
+        // The kernel only uses these to turn LOCK prefixes into NOPs while running on one
+        // CPU (and back); unregistered new code keeps its LOCK prefixes, which is correct
+        // either way, just slower on one CPU.
+        required: false,
+    },
+];
+
+/// Sections with no meaning for a live patch: ftrace/objtool hints the linker drops,
+/// notes, debug info, and tables only read at boot.
+const IGNORED: &[&str] = &[
+    "__mcount_loc",
+    "__patchable_function_entries",
+    ".retpoline_sites",
+    ".return_sites",
+    ".call_sites",
+    ".ibt_endbr_seal",
+    ".orc_unwind",
+    ".orc_unwind_ip",
+    ".discard.*",
+    ".note.*",
+    ".comment",
+    ".eh_frame",
+    ".printk_index",
+    ".initcall*",
+    ".con_initcall*",
+    "__param",
+    "__modver",
+    "__ksymtab*",
+    "___ksymtab*",
+    "__kcrctab*",
+    ".modinfo",
+    ".BTF*",
+    ".debug_*",
+    ".gnu.linkonce.this_module",
+];
+
+/// Sections holding data that needs registration with the running kernel: new items there
+/// cannot be added by a patch.
+pub(crate) const NEEDS_REGISTRATION: &[(&str, &str)] = &[
+    (".data..percpu*", "per-CPU data"),
+    ("__tracepoints*", "a tracepoint definition"),
+    ("_ftrace_events", "a trace event definition"),
+    ("__dyndbg*", "a dynamic-debug descriptor"),
+    (".altinstr_replacement", "alternative replacement code"),
+    (".altinstr_aux", "alternative auxiliary code"),
+];
+
+fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == pattern,
+    }
+}
+
+pub(crate) fn table(name: &str) -> Option<&'static Table> {
+    TABLES.iter().find(|t| t.name == name)
+}
+
+/// Sections left out of comparison and bundles entirely.
+pub(crate) fn is_ignored(name: &str) -> bool {
+    IGNORED.iter().any(|p| matches(p, name))
+}
+
+/// `__init`/`__exit` code and data (and their variants such as `.init.rodata`, `.meminit.text`
+/// in kernels that still have them).
+pub(crate) fn is_init(name: &str) -> bool {
+    name.starts_with(".init.")
+        || name.starts_with(".exit.")
+        || name.starts_with(".meminit.")
+        || name.starts_with(".head.text")
+        || name == ".x86_cpu_dev.init"
+}
+
+/// Why a new item in this section cannot be added by a patch, if it cannot.
+pub(crate) fn needs_registration(name: &str) -> Option<&'static str> {
+    NEEDS_REGISTRATION
+        .iter()
+        .find(|(p, _)| matches(p, name))
+        .map(|(_, what)| *what)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes() {
+        assert!(table("__bug_table").is_some_and(|t| t.line == Some(8)));
+        assert!(is_ignored("__mcount_loc"));
+        assert!(is_ignored(".discard.addressable"));
+        assert!(is_ignored(".initcall5.init"));
+        assert!(!is_ignored(".text.foo"));
+        assert!(is_init(".init.text"));
+        assert!(is_init(".exit.data"));
+        assert!(!is_init(".text.init_foo"));
+        assert_eq!(needs_registration(".data..percpu"), Some("per-CPU data"));
+        assert_eq!(needs_registration(".data..read_mostly"), None);
+    }
+}

@@ -1,0 +1,277 @@
+//! Builds each sample diff of guest/patches/ against the cached guest kernel and checks the
+//! outcome: which functions are replaced, the refusal text, or "no function changed"; every
+//! bundle must be accepted by lucos's own bundle parser and linker planner.
+//!
+//! Needs the cached guest build (`guest/kernel.sh`); skipped with a message when absent.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use lucos_build::diff::{build, BuildOptions, BuildOutcome, Built, DiffError, NoProgress};
+use lucos_patch::Bundle;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The cached guest kernel directory, if it is built.
+fn tree() -> Option<PathBuf> {
+    let out = Command::new("bash")
+        .arg(repo().join("guest/kernel.sh"))
+        .arg("--print-dir")
+        .output()
+        .ok()?;
+    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    if dir.join("done").exists() {
+        Some(dir)
+    } else {
+        eprintln!("skipping: the guest kernel is not built (run guest/kernel.sh)");
+        None
+    }
+}
+
+fn sample(name: &str) -> PathBuf {
+    repo().join("guest/patches").join(name)
+}
+
+fn options(cache: &Path) -> BuildOptions {
+    BuildOptions {
+        cache_dir: Some(cache.to_owned()),
+        ..BuildOptions::default()
+    }
+}
+
+fn run(name: &str) -> Option<Result<BuildOutcome, DiffError>> {
+    let tree = tree()?;
+    let cache = tempfile::tempdir().expect("tempdir");
+    let t = Instant::now();
+    let r = build(&tree, &sample(name), &options(cache.path()), &NoProgress);
+    eprintln!("{name}: {:?}", t.elapsed());
+    Some(r)
+}
+
+fn bundle(name: &str) -> Option<Box<Built>> {
+    match run(name)? {
+        Ok(BuildOutcome::Bundle(b)) => {
+            let parsed = Bundle::parse(&b.bundle).expect("bundle parses");
+            lucos_patch::plan(&parsed).expect("bundle links");
+            eprintln!(
+                "{name}: replaced {:?} included {:?}",
+                b.replaced, b.included
+            );
+            if let Some(dir) = std::env::var_os("LUCOS_DIFF_OUT") {
+                std::fs::write(Path::new(&dir).join(format!("{name}.o")), &b.bundle).unwrap();
+            }
+            Some(b)
+        }
+        Ok(BuildOutcome::NoChange { reason, .. }) => panic!("{name}: no change: {reason}"),
+        Err(e) => panic!("{name}: {e}"),
+    }
+}
+
+#[test]
+fn plain_body_change() {
+    let Some(b) = bundle("01-cmdline-prefix.patch") else {
+        return;
+    };
+    assert_eq!(b.replaced, vec!["cmdline_proc_show@fs/proc/cmdline.c"]);
+}
+
+#[test]
+fn new_static_helper() {
+    let Some(b) = bundle("02-uptime-new-helper.patch") else {
+        return;
+    };
+    assert_eq!(b.replaced, vec!["uptime_proc_show@fs/proc/uptime.c"]);
+    // GCC may clone it (lucos_uptime_minutes.isra.0): the clone is what is included.
+    assert!(
+        b.included
+            .iter()
+            .any(|s| s.starts_with("lucos_uptime_minutes")),
+        "{:?}",
+        b.included
+    );
+}
+
+#[test]
+fn static_local_use() {
+    let Some(b) = bundle("03-interrupts-static-local.patch") else {
+        return;
+    };
+    assert_eq!(b.replaced, vec!["show_interrupts"]);
+    // The kernel's own `prec`, not a copy.
+    assert!(
+        b.external.iter().any(|s| s.starts_with("prec.")),
+        "{:?}",
+        b.external
+    );
+    assert!(
+        !b.included.iter().any(|s| s.starts_with("prec.")),
+        "{:?}",
+        b.included
+    );
+}
+
+#[test]
+fn changed_string_literal() {
+    let Some(b) = bundle("04-version-string.patch") else {
+        return;
+    };
+    assert_eq!(b.replaced, vec!["version_proc_show@fs/proc/version.c"]);
+    let parsed = Bundle::parse(&b.bundle).unwrap();
+    assert_eq!(parsed.manifest().replacements.len(), 1);
+    assert!(
+        b.bundle.windows(16).any(|w| w == b"(lucos-patched) "),
+        "the new string is in the bundle"
+    );
+}
+
+#[test]
+fn header_inline_replaces_all_callers() {
+    let Some(b) = bundle("05-fd-header-inline.patch") else {
+        return;
+    };
+    let mut replaced = b.replaced.clone();
+    replaced.sort();
+    assert_eq!(
+        replaced,
+        vec![
+            "proc_fd_link@fs/proc/fd.c",
+            "seq_show@fs/proc/fd.c",
+            "tid_fd_revalidate@fs/proc/fd.c"
+        ]
+    );
+    let objects: Vec<&str> = b.report.objects.iter().map(|o| o.object.as_str()).collect();
+    assert_eq!(objects, vec!["fs/proc/base.o", "fs/proc/fd.o"]);
+}
+
+#[test]
+fn line_shift_is_no_change() {
+    let Some(r) = run("06-params-line-shift.patch") else {
+        return;
+    };
+    match r {
+        Ok(BuildOutcome::NoChange { report, reason }) => {
+            eprintln!("{reason}");
+            let line_only: Vec<&String> =
+                report.objects.iter().flat_map(|o| &o.line_only).collect();
+            assert_eq!(line_only, vec!["param_sysfs_init"]);
+        }
+        Ok(BuildOutcome::Bundle(b)) => panic!("expected no change, got {:?}", b.replaced),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+#[test]
+fn global_size_change_is_refused() {
+    let Some(r) = run("07-acpi-global-size.patch") else {
+        return;
+    };
+    let e = match r {
+        Err(e) => e,
+        Ok(_) => panic!("a size change must be refused"),
+    };
+    let text = e.to_string();
+    eprintln!("{text}");
+    assert!(text.contains("`acpi_video_backlight_string`"), "{text}");
+    assert!(text.contains("from 16 to 32 bytes"), "{text}");
+    assert!(text.contains("data-transfer"), "{text}");
+}
+
+#[test]
+fn fentry_less_static_inline_is_replaced_through_its_caller() {
+    // SYSCALL_DEFINE bodies are `static inline` (so notrace): __do_sys_newuname has no
+    // fentry site, and its only caller is redirected instead.
+    let Some(b) = bundle("08-uname-machine.patch") else {
+        return;
+    };
+    assert_eq!(b.replaced, vec!["__x64_sys_newuname"]);
+    assert!(
+        b.included.iter().any(|s| s == "__do_sys_newuname"),
+        "{:?}",
+        b.included
+    );
+}
+
+/// The performance target: a one-file `.c` fix against a warm cache. Run with
+/// `cargo test --release -p lucos-build --test diff_samples -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark"]
+fn bench_warm_cache() {
+    let Some(tree) = tree() else { return };
+    let cache = tempfile::tempdir().expect("tempdir");
+    for name in [
+        "01-cmdline-prefix.patch",
+        "03-interrupts-static-local.patch",
+        "05-fd-header-inline.patch",
+    ] {
+        for round in ["cold", "warm"] {
+            let t = Instant::now();
+            let r = build(&tree, &sample(name), &options(cache.path()), &NoProgress).unwrap();
+            let times = r.report().times;
+            eprintln!(
+                "{name} ({round} cache): {:.2?} wall; rebuild {:.2?}, compare {:.2?}, emit {:.2?}",
+                t.elapsed(),
+                times.rebuild,
+                times.compare,
+                times.emit
+            );
+            if round == "warm" {
+                assert!(r.report().objects.iter().all(|o| o.original_cached));
+                assert!(t.elapsed().as_secs() < 30, "over the 30 s target");
+            }
+        }
+    }
+}
+
+/// Builds the diff named by `LUCOS_DIFF` and prints the outcome (for trying changes out):
+/// `LUCOS_DIFF=fix.patch cargo test -p lucos-build --test diff_samples -- --ignored try_diff --nocapture`
+#[test]
+#[ignore = "manual"]
+fn try_diff() {
+    let (Some(tree), Some(diff)) = (tree(), std::env::var_os("LUCOS_DIFF")) else {
+        return;
+    };
+    let cache = tempfile::tempdir().expect("tempdir");
+    match build(&tree, Path::new(&diff), &options(cache.path()), &NoProgress) {
+        Ok(BuildOutcome::Bundle(b)) => {
+            let parsed = Bundle::parse(&b.bundle).expect("bundle parses");
+            lucos_patch::plan(&parsed).expect("bundle links");
+            eprintln!("{:#?}", b.report);
+            eprintln!("replaced {:?}\nincluded {:?}", b.replaced, b.included);
+            if let Some(dir) = std::env::var_os("LUCOS_DIFF_OUT") {
+                std::fs::write(Path::new(&dir).join("try.o"), &b.bundle).unwrap();
+            }
+        }
+        Ok(BuildOutcome::NoChange { report, reason }) => eprintln!("{report:#?}\n{reason}"),
+        Err(e) => eprintln!("{e}"),
+    }
+}
+
+/// Compares two objects named by `LUCOS_ORIG` and `LUCOS_PATCHED` and prints the result.
+#[test]
+#[ignore = "manual"]
+fn try_objects() {
+    let (Some(o), Some(p)) = (
+        std::env::var_os("LUCOS_ORIG"),
+        std::env::var_os("LUCOS_PATCHED"),
+    ) else {
+        return;
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
+    let d = lucos_build::diff::compare_objects(
+        "source.c",
+        &std::fs::read(o).unwrap(),
+        &std::fs::read(p).unwrap(),
+        None,
+    )
+    .unwrap();
+    eprintln!(
+        "changed {:?}\nredirected {:?}\nnew {:?} {:?}\nline_only {:?}\nrenamed {:?}\nincluded {:?}\nrefusals {:#?}",
+        d.changed, d.redirected, d.new_functions, d.new_data, d.line_only, d.renamed, d.included, d.refusals
+    );
+}

@@ -1,0 +1,396 @@
+//! Correlation and comparison on small objects compiled here from C snippets with kernel-like
+//! flags (`-O2 -ffunction-sections -fdata-sections -mcmodel=kernel -pg -mfentry`). Every
+//! object diff that yields code is packed into a bundle and checked with lucos's own parser
+//! and linker planner.
+
+use std::path::Path;
+use std::process::Command;
+
+use lucos_build::diff::{compare_objects, parse_diff, ObjectDiff, Refusal};
+use lucos_patch::{Bundle, Manifest, Replacement, Target, FORMAT_VERSION, NOP5};
+
+const FLAGS: &[&str] = &[
+    "-O2",
+    "-ffunction-sections",
+    "-fdata-sections",
+    "-mcmodel=kernel",
+    "-fno-pic",
+    "-mno-red-zone",
+    "-fno-common",
+    "-pg",
+    "-mfentry",
+    "-mrecord-mcount",
+    "-fno-asynchronous-unwind-tables",
+    "-fno-stack-protector",
+    "-c",
+];
+
+fn cc(dir: &Path, name: &str, src: &str) -> Vec<u8> {
+    let c = dir.join(format!("{name}.c"));
+    let o = dir.join(format!("{name}.o"));
+    std::fs::write(&c, src).unwrap();
+    // Relative source path, so `__FILE__` is the same for both versions.
+    let out = Command::new("gcc")
+        .args(FLAGS)
+        .arg(format!("{name}.c"))
+        .arg("-o")
+        .arg(&o)
+        .current_dir(dir)
+        .output()
+        .expect("run gcc");
+    assert!(
+        out.status.success(),
+        "gcc failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::read(&o).unwrap()
+}
+
+/// Compiles both versions (as `t.c`, so `__FILE__` is the same) and compares them, with the
+/// line map of their `diff -u`.
+fn diff(orig: &str, patched: &str) -> ObjectDiff {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let o = cc(&a, "t", orig);
+    let p = cc(&b, "t", patched);
+    let text = Command::new("diff")
+        .args(["-u", "--label", "a/t.c", "--label", "b/t.c"])
+        .arg(a.join("t.c"))
+        .arg(b.join("t.c"))
+        .output()
+        .unwrap()
+        .stdout;
+    let text = String::from_utf8(text).unwrap();
+    let changes = if text.is_empty() {
+        Vec::new()
+    } else {
+        parse_diff(Path::new("t.patch"), &text).unwrap()
+    };
+    let d = compare_objects("t.c", &o, &p, changes.first().map(|c| &c.lines)).unwrap();
+    eprintln!("{d:#?}");
+    if let Some(object) = &d.object {
+        check_bundle(object, &d);
+    }
+    d
+}
+
+/// Packs the object with a manifest redirecting each changed function and checks it.
+fn check_bundle(object: &[u8], d: &ObjectDiff) {
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        id: "unit".into(),
+        description: String::new(),
+        target: Target {
+            build_id: "00".into(),
+            release: "test".into(),
+        },
+        replacements: d
+            .redirected
+            .iter()
+            .map(|f| Replacement {
+                old: f.clone(),
+                old_file: None,
+                new: f.clone(),
+                site_offset: 0,
+                expect: NOP5.to_vec(),
+                expect_abs: Vec::new(),
+            })
+            .collect(),
+        resolve: Default::default(),
+    };
+    let bundle = lucos_patch::pack(object, &manifest).expect("pack");
+    let parsed = Bundle::parse(&bundle).expect("bundle parses");
+    lucos_patch::plan(&parsed).expect("bundle plans");
+}
+
+const PRELUDE: &str = "extern int _printk(const char *fmt, ...);\n\
+                       extern int __warn_printk(const char *fmt, ...);\n\
+                       extern int ext(int);\n\
+                       extern int ext_a(int);\n\
+                       extern int ext_b(int);\n";
+
+#[test]
+fn unchanged_source_has_no_change() {
+    let src = format!("{PRELUDE}int f(int x) {{ return ext(x) + 1; }}\n");
+    let d = diff(&src, &src);
+    assert!(d.changed.is_empty() && d.new_functions.is_empty() && d.line_only.is_empty());
+    assert!(d.object.is_none());
+}
+
+#[test]
+fn numbered_static_locals_correlate_by_user() {
+    // Swapping the two functions swaps GCC's numbering of their `calls` statics.
+    let orig = format!(
+        "{PRELUDE}int first(int x) {{ static int calls; calls += x; return calls; }}\n\
+         int second(int x) {{ static int calls; calls++; return calls + ext(x); }}\n"
+    );
+    let patched = format!(
+        "{PRELUDE}int second(int x) {{ static int calls; calls++; return calls + ext(x); }}\n\
+         int first(int x) {{ static int calls; calls += x; return calls * 2; }}\n"
+    );
+    let d = diff(&orig, &patched);
+    assert_eq!(d.changed, vec!["first"]);
+    assert_eq!(d.redirected, vec!["first"]);
+    assert!(d.new_data.is_empty(), "{:?}", d.new_data);
+    // GCC swapped the numbers; first's static keeps the running kernel's name (calls.1).
+    assert!(
+        d.renamed.contains(&("calls.1".into(), "calls.0".into())),
+        "{:?}",
+        d.renamed
+    );
+    let statics: Vec<&String> = d
+        .external
+        .iter()
+        .filter(|e| e.starts_with("calls."))
+        .collect();
+    assert_eq!(statics, vec!["calls.1"]);
+    assert!(!d.included.iter().any(|s| s.starts_with("calls.")));
+}
+
+#[test]
+fn compiler_renamed_clones_correlate() {
+    // The same clone under another number (as after unrelated changes elsewhere).
+    let src = |n: u32| {
+        format!(
+            "{PRELUDE}static int __attribute__((noinline)) helper(int a) __asm__(\"helper.isra.{n}\");\n\
+             static int __attribute__((noinline)) helper(int a) {{ return ext(a) * 3; }}\n\
+             static int __attribute__((noinline)) scale(int a, int b) {{ return ext(a) * b + ext(b); }}\n\
+             int use1(int x) {{ return helper(x) + scale(x, 3); }}\n"
+        )
+    };
+    let d = diff(&src(0), &src(4));
+    assert!(d.changed.is_empty(), "{:?}", d.changed);
+    assert!(d.new_functions.is_empty(), "{:?}", d.new_functions);
+    assert!(d
+        .renamed
+        .contains(&("helper.isra.0".into(), "helper.isra.4".into())));
+}
+
+#[test]
+fn constprop_clone_change_is_found() {
+    let src = |k: u32| {
+        format!(
+            "{PRELUDE}static int __attribute__((noinline)) scale(int a, int b) {{ return ext(a) * b + ext(b + {k}); }}\n\
+             int use1(int x) {{ return scale(x, 3); }}\n"
+        )
+    };
+    let d = diff(&src(1), &src(2));
+    // GCC specialises scale for b == 3: scale.constprop.0 is what changed.
+    assert_eq!(d.changed.len(), 1, "{:?}", d.changed);
+    assert!(d.changed[0].starts_with("scale"), "{:?}", d.changed);
+    assert!(d.object.is_some());
+}
+
+#[test]
+fn line_number_only_changes_are_not_changes() {
+    let body = "int f(int x) { if (ext(x)) _printk(\"%s:%d: oops\\n\", __FILE__, __LINE__); return x; }\n\
+                int g(int x) { if (ext(x) > 3) __warn_printk(\"bad %d\\n\", __LINE__); return ext(x + 1); }\n";
+    let orig = format!("{PRELUDE}{body}");
+    let patched = format!("{PRELUDE}\n/* moved\n down */\n\n{body}");
+    let d = diff(&orig, &patched);
+    assert!(d.changed.is_empty(), "{:?}", d.changed);
+    let mut line_only = d.line_only.clone();
+    line_only.sort();
+    assert_eq!(line_only, vec!["f", "g"]);
+    assert!(d.object.is_none());
+}
+
+#[test]
+fn changed_printk_constant_is_a_change() {
+    // Looks like a moved __LINE__, but the diff did not move line 7 to line 8.
+    let orig =
+        format!("{PRELUDE}int f(int x) {{ if (ext(x)) _printk(\"v%d\\n\", 7); return x; }}\n");
+    let patched =
+        format!("{PRELUDE}int f(int x) {{ if (ext(x)) _printk(\"v%d\\n\", 8); return x; }}\n");
+    let d = diff(&orig, &patched);
+    assert_eq!(d.changed, vec!["f"]);
+}
+
+#[test]
+fn relocation_target_change_is_a_change() {
+    // Same bytes, different callee.
+    let orig = format!("{PRELUDE}int f(int x) {{ return ext_a(x) + 1; }}\n");
+    let patched = format!("{PRELUDE}int f(int x) {{ return ext_b(x) + 1; }}\n");
+    let d = diff(&orig, &patched);
+    assert_eq!(d.changed, vec!["f"]);
+    assert!(d.external.contains(&"ext_b".to_string()));
+}
+
+#[test]
+fn new_function_is_included() {
+    let orig = format!("{PRELUDE}int f(int x) {{ return ext(x) + 1; }}\n");
+    let patched = format!(
+        "{PRELUDE}static int __attribute__((noinline)) twice(int x) {{ return ext(x) * 2; }}\n\
+         int f(int x) {{ return twice(x) + 1; }}\n"
+    );
+    let d = diff(&orig, &patched);
+    assert_eq!(d.changed, vec!["f"]);
+    assert_eq!(d.new_functions.len(), 1);
+    assert!(d.new_functions[0].starts_with("twice"));
+    assert!(
+        d.included.iter().any(|s| s.starts_with("twice")),
+        "{:?}",
+        d.included
+    );
+    assert!(d.object.is_some());
+}
+
+#[test]
+fn string_literals_and_special_statics_travel_with_the_code() {
+    let orig =
+        format!("{PRELUDE}int f(int x) {{ return _printk(\"%s: one %d\\n\", __func__, x); }}\n");
+    let patched =
+        format!("{PRELUDE}int f(int x) {{ return _printk(\"%s: two %d\\n\", __func__, x); }}\n");
+    let d = diff(&orig, &patched);
+    assert_eq!(d.changed, vec!["f"]);
+    // The string section and a fresh __func__ copy are included; nothing resolves them
+    // in the kernel.
+    assert!(
+        d.included.iter().any(|s| s.contains(".str")),
+        "{:?}",
+        d.included
+    );
+    assert!(!d.external.iter().any(|s| s.starts_with("__func__")));
+    let object = d.object.as_ref().unwrap();
+    assert!(object.windows(7).any(|w| w == b"two %d\n"));
+}
+
+#[test]
+fn changed_data_size_is_refused() {
+    let orig = format!("{PRELUDE}int table[4];\nint f(int i) {{ return table[i & 3]; }}\n");
+    let patched = format!("{PRELUDE}int table[8];\nint f(int i) {{ return table[i & 7]; }}\n");
+    let d = diff(&orig, &patched);
+    assert!(
+        d.refusals.iter().any(|r| matches!(
+            r,
+            Refusal::DataLayout { symbol, old: 16, new: 32, .. } if symbol == "table"
+        )),
+        "{:?}",
+        d.refusals
+    );
+    let text = d.refusals[0].to_string();
+    assert!(text.contains("data-transfer"), "{text}");
+    assert!(d.object.is_none());
+}
+
+#[test]
+fn changed_initial_value_is_refused() {
+    let orig = format!("{PRELUDE}int limit = 4;\nint f(int i) {{ return i < limit; }}\n");
+    let patched = format!("{PRELUDE}int limit = 5;\nint f(int i) {{ return i < limit; }}\n");
+    let d = diff(&orig, &patched);
+    assert!(matches!(&d.refusals[..], [Refusal::DataInit { symbol, .. }] if symbol == "limit"));
+}
+
+#[test]
+fn changed_static_rodata_is_copied_for_its_users() {
+    let orig = format!(
+        "{PRELUDE}static const int steps[4] = {{1, 2, 3, 4}};\n\
+         int f(int i) {{ return steps[ext(i) & 3]; }}\n"
+    );
+    let patched = orig.replace("{1, 2, 3, 4}", "{1, 2, 3, 5}");
+    let d = diff(&orig, &patched);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.redirected, vec!["f"]);
+    assert!(d.included.iter().any(|s| s == "steps"), "{:?}", d.included);
+}
+
+#[test]
+fn init_code_changes_are_refused() {
+    let orig = format!(
+        "{PRELUDE}__attribute__((__section__(\".init.text\"))) int setup(int x) {{ return ext(x); }}\n"
+    );
+    let patched = orig.replace("ext(x)", "ext(x + 1)");
+    let d = diff(&orig, &patched);
+    assert!(matches!(&d.refusals[..], [Refusal::Init { symbol, .. }] if symbol == "setup"));
+}
+
+#[test]
+fn notrace_functions_are_refused() {
+    let orig = format!(
+        "{PRELUDE}__attribute__((no_instrument_function)) int quiet(int x) {{ return ext(x); }}\n"
+    );
+    let patched = orig.replace("ext(x)", "ext(x + 1)");
+    let d = diff(&orig, &patched);
+    assert!(
+        matches!(&d.refusals[..], [Refusal::NoFentry { function, .. }] if function == "quiet"),
+        "{:?}",
+        d.refusals
+    );
+}
+
+#[test]
+fn new_code_needing_the_exception_table_is_refused() {
+    let fixup = "asm volatile(\"1: nop\\n.pushsection __ex_table,\\\"a\\\"\\n\
+                 .long 1b - .\\n.long 1b - .\\n.long 0\\n.popsection\");";
+    let orig = format!("{PRELUDE}int f(int x) {{ {fixup} return ext(x); }}\n");
+    let patched = orig.replace("ext(x)", "ext(x + 1)");
+    let d = diff(&orig, &patched);
+    assert!(
+        matches!(&d.refusals[..], [Refusal::SpecialSection { function, section, .. }]
+            if function == "f" && section == "__ex_table"),
+        "{:?}",
+        d.refusals
+    );
+}
+
+#[test]
+fn cold_parts_go_with_their_parent() {
+    let src = |k: u32| {
+        format!(
+            "{PRELUDE}extern void __attribute__((cold)) report(int);\n\
+             int g(int x) {{ int r = 0; for (int i = 0; i < x; i++) {{ r += ext(i);\n\
+             if (r > 1000) {{ report(r); _printk(\"r=%d i=%d\\n\", r, i); r = ext(r) * {k} + ext(i); }} }}\n\
+             return r; }}\n"
+        )
+    };
+    let d = diff(&src(3), &src(5));
+    // The change is in the cold part; the parent is what gets redirected, and the cold
+    // part (which jumps back into its parent) is copied with it.
+    assert_eq!(d.redirected, vec!["g"]);
+    assert!(d.included.iter().any(|s| s == "g.cold"), "{:?}", d.included);
+}
+
+#[test]
+fn fentry_less_static_is_replaced_through_its_callers() {
+    // Kernel `inline` implies notrace; an out-of-line copy has no fentry site.
+    let orig = format!(
+        "{PRELUDE}static __attribute__((noinline, no_instrument_function)) int body(int x) {{ return ext(x) + 1; }}\n\
+         int caller1(int x) {{ return body(x) * 2; }}\n\
+         int caller2(int x) {{ return body(x + 1) * 3; }}\n\
+         int other(int x) {{ return ext(x); }}\n"
+    );
+    let patched = orig.replace("ext(x) + 1", "ext(x) + 2");
+    let d = diff(&orig, &patched);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    let mut redirected = d.redirected.clone();
+    redirected.sort();
+    assert_eq!(redirected, vec!["caller1", "caller2"]);
+    assert!(
+        d.included.iter().any(|s| s.starts_with("body")),
+        "{:?}",
+        d.included
+    );
+}
+
+#[test]
+fn fentry_less_static_with_its_address_taken_is_refused() {
+    let orig = format!(
+        "{PRELUDE}static __attribute__((noinline, no_instrument_function)) int body(int x) {{ return ext(x) + 1; }}\n\
+         int (*hook)(int) = body;\n\
+         int caller1(int x) {{ return body(x) * 2; }}\n"
+    );
+    let patched = orig.replace("ext(x) + 1", "ext(x) + 2");
+    let d = diff(&orig, &patched);
+    match &d.refusals[..] {
+        [Refusal::NoFentry {
+            function, detail, ..
+        }] => {
+            assert!(function.starts_with("body"));
+            assert!(detail.contains("address is taken"), "{detail}");
+        }
+        other => panic!("{other:?}"),
+    }
+}
