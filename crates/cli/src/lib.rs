@@ -1,5 +1,6 @@
 //! The `lucos` command's building blocks, shared with its integration tests.
 
+pub mod buildcmd;
 pub mod demo;
 pub mod guest;
 pub mod harness;

@@ -1,6 +1,6 @@
 //! `lucos`: live-update a running Linux kernel from outside its VM.
 
-use lucos::{demo, guest, info, patchcmd, run};
+use lucos::{buildcmd, demo, guest, info, patchcmd, run};
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -39,6 +39,10 @@ enum Cmd {
     Status(patchcmd::StatusArgs),
     /// Benchmark: pause-time percentiles over N apply/revert cycles.
     Bench(patchcmd::BenchArgs),
+    /// Turn a kernel source diff into a bundle.
+    Build(buildcmd::BuildArgs),
+    /// Benchmark `lucos build`: cold vs warm comparison-object cache.
+    BuildBench(buildcmd::BuildBenchArgs),
     /// Make, pack or inspect bundles.
     Bundle {
         #[command(subcommand)]
@@ -104,6 +108,8 @@ fn main() -> Result<()> {
         }
         Cmd::Run(args) => run::run(args),
         Cmd::Demo(args) => demo::demo(args),
+        Cmd::Build(args) => buildcmd::build(args),
+        Cmd::BuildBench(args) => buildcmd::bench(args),
         Cmd::List => {
             for d in lucos_backend::VmDescriptor::list() {
                 println!(

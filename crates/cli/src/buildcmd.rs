@@ -1,0 +1,172 @@
+//! `lucos build`: a kernel source diff to a bundle, with progress bars.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use lucos_build::diff::{self, BuildOptions, BuildOutcome, Progress, Stage, Times};
+
+use crate::guest;
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    /// The unified diff (`git diff` / `diff -u` against the guest's kernel source).
+    pub diff: PathBuf,
+    /// Output bundle.
+    #[arg(short, long)]
+    pub output: Option<PathBuf>,
+    /// Cached guest build (default: the guest of --kernel-version).
+    #[arg(long)]
+    pub tree: Option<PathBuf>,
+    #[arg(long, default_value = guest::DEFAULT_VERSION)]
+    pub kernel_version: String,
+    /// Bundle id (default: the diff's file name).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Do not use or fill the cache of original comparison objects.
+    #[arg(long)]
+    pub no_cache: bool,
+}
+
+/// Draws one bar per pipeline stage.
+#[derive(Default)]
+pub struct Bars {
+    bar: Mutex<Option<ProgressBar>>,
+}
+
+impl Progress for Bars {
+    fn start(&self, stage: Stage, steps: u64) {
+        let pb = if steps == 0 {
+            ProgressBar::new_spinner()
+        } else {
+            ProgressBar::new(steps)
+        };
+        pb.set_style(
+            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        pb.set_prefix(stage.name());
+        if let Some(old) = self.bar.lock().unwrap().replace(pb) {
+            old.finish_and_clear();
+        }
+    }
+
+    fn step(&self, _stage: Stage, what: &str) {
+        if let Some(pb) = &*self.bar.lock().unwrap() {
+            pb.inc(1);
+            pb.set_message(what.to_owned());
+        }
+    }
+
+    fn finish(&self, _stage: Stage, _took: Duration) {
+        if let Some(pb) = self.bar.lock().unwrap().take() {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+fn tree(args: &BuildArgs) -> Result<PathBuf> {
+    Ok(match &args.tree {
+        Some(t) => t.clone(),
+        None => guest::ensure(&args.kernel_version)?.kernel_dir,
+    })
+}
+
+fn print_times(t: &Times) {
+    println!(
+        "time: rebuild {:.2} s, compare {:.2} s, emit {:.2} s, total {:.2} s",
+        t.rebuild.as_secs_f64(),
+        t.compare.as_secs_f64(),
+        t.emit.as_secs_f64(),
+        t.total.as_secs_f64()
+    );
+}
+
+pub fn build(args: BuildArgs) -> Result<()> {
+    let tree = tree(&args)?;
+    let options = BuildOptions {
+        id: args.id.clone(),
+        use_cache: !args.no_cache,
+        ..BuildOptions::default()
+    };
+    let outcome = diff::build(&tree, &args.diff, &options, &Bars::default())
+        .with_context(|| format!("building a bundle from {}", args.diff.display()))?;
+    match &outcome {
+        BuildOutcome::NoChange { reason, .. } => {
+            println!("no function changed: {reason}");
+        }
+        BuildOutcome::Bundle(b) => {
+            for o in &b.report.objects {
+                println!(
+                    "{}: changed {:?}, new functions {:?}, new data {:?}, line-number-only {:?}",
+                    o.object, o.changed, o.new_functions, o.new_data, o.line_only
+                );
+            }
+            println!("replaces: {}", b.replaced.join(", "));
+            let out = args
+                .output
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("{}.lcb", b.manifest.id)));
+            std::fs::write(&out, &b.bundle)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {} (bundle id '{}')", out.display(), b.manifest.id);
+        }
+    }
+    print_times(&outcome.report().times);
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct BuildBenchArgs {
+    /// The diff to build (default: guest/patches/01-cmdline-prefix.patch).
+    pub diff: Option<PathBuf>,
+    #[arg(long)]
+    pub tree: Option<PathBuf>,
+    #[arg(long, default_value = guest::DEFAULT_VERSION)]
+    pub kernel_version: String,
+    /// Warm runs after the cold one.
+    #[arg(long, short = 'n', default_value_t = 3)]
+    pub runs: usize,
+}
+
+/// Cold (empty comparison-object cache) vs warm builds of one diff.
+pub fn bench(args: BuildBenchArgs) -> Result<()> {
+    if args.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let diff = args
+        .diff
+        .clone()
+        .unwrap_or_else(|| guest::guest_dir().join("patches/01-cmdline-prefix.patch"));
+    let tree = match &args.tree {
+        Some(t) => t.clone(),
+        None => guest::ensure(&args.kernel_version)?.kernel_dir,
+    };
+    let cache = tempfile::tempdir()?;
+    let options = BuildOptions {
+        cache_dir: Some(cache.path().to_owned()),
+        ..BuildOptions::default()
+    };
+    let mut totals = Vec::new();
+    for run in 0..=args.runs {
+        let outcome = diff::build(&tree, &diff, &options, &diff::NoProgress)?;
+        let t = outcome.report().times;
+        print!("{} ", if run == 0 { "cold" } else { "warm" });
+        print_times(&t);
+        totals.push(t.total);
+    }
+    let cold = totals[0].as_secs_f64();
+    let mut warm: Vec<f64> = totals[1..].iter().map(Duration::as_secs_f64).collect();
+    warm.sort_by(f64::total_cmp);
+    let median = warm[warm.len() / 2];
+    println!(
+        "{}: cold {cold:.2} s, warm median {median:.2} s ({:.2}x of cold)",
+        diff.display(),
+        median / cold
+    );
+    Ok(())
+}

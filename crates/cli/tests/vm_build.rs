@@ -1,0 +1,144 @@
+//! Issue 4: `lucos build` turns the sample diffs in guest/patches into
+//! bundles that change a running guest's behaviour (and revert cleanly).
+
+mod common;
+
+use common::*;
+use lucos::patchcmd::{apply_bundle, revert_bundle};
+use lucos_build::diff::{self, BuildOptions, BuildOutcome, Built, NoProgress};
+use lucos_patch::Bundle;
+
+fn build(patch: &str) -> Result<BuildOutcome, lucos_build::diff::DiffError> {
+    let path = lucos::guest::guest_dir().join("patches").join(patch);
+    diff::build(
+        &guest().kernel_dir,
+        &path,
+        &BuildOptions::default(),
+        &NoProgress,
+    )
+}
+
+fn bundle_of(patch: &str) -> (Box<Built>, Bundle) {
+    match build(patch).unwrap_or_else(|e| panic!("{patch}: {e}")) {
+        BuildOutcome::Bundle(b) => {
+            let parsed = Bundle::parse(&b.bundle).unwrap();
+            (b, parsed)
+        }
+        BuildOutcome::NoChange { reason, .. } => {
+            panic!("{patch}: unexpectedly no change: {reason}")
+        }
+    }
+}
+
+/// Applies the bundle built from `patch`, runs `cmd` before, during and after.
+fn apply_observe_revert(patch: &str, cmd: &str) -> (String, String, String) {
+    let (_, b) = bundle_of(patch);
+    let mut s = shared();
+    let before = s.sh(cmd);
+    apply_bundle(&mut s.a, &b).unwrap();
+    let during = s.sh(cmd);
+    revert_bundle(&mut s.a, &b.manifest().id).unwrap();
+    let after = s.sh(cmd);
+    (before, during, after)
+}
+
+#[test]
+fn plain_body_change() {
+    let (before, during, after) =
+        apply_observe_revert("01-cmdline-prefix.patch", "cat /proc/cmdline");
+    assert!(!before.starts_with("lucos-patched"));
+    assert_eq!(during, format!("lucos-patched {before}"));
+    assert_eq!(after, before);
+}
+
+#[test]
+fn new_static_helper() {
+    let (b, _) = bundle_of("02-uptime-new-helper.patch");
+    assert!(
+        b.included
+            .iter()
+            .any(|f| f.contains("lucos_uptime_minutes")),
+        "{:?}",
+        b.included
+    );
+    let (before, during, after) =
+        apply_observe_revert("02-uptime-new-helper.patch", "cat /proc/uptime");
+    assert!(!before.contains("min)"));
+    assert!(during.trim_end().ends_with("min)"), "{during}");
+    assert!(!after.contains("min)"));
+}
+
+#[test]
+fn static_local_variable_use() {
+    // show_interrupts() keeps the column width in a static local `prec`;
+    // the patch widens the IRQ-number column by two.
+    let cmd = "grep -m1 ':' /proc/interrupts | sed 's/:.*//' | wc -c";
+    let (before, during, after) = apply_observe_revert("03-interrupts-static-local.patch", cmd);
+    let n = |s: &str| s.trim().parse::<i32>().unwrap();
+    assert_eq!(
+        n(&during),
+        n(&before) + 2,
+        "before {before} during {during}"
+    );
+    assert_eq!(after, before);
+}
+
+#[test]
+fn changed_string_literal() {
+    let (before, during, after) =
+        apply_observe_revert("04-version-string.patch", "cat /proc/version");
+    assert!(!before.contains("(lucos-patched)"));
+    assert!(during.contains("(lucos-patched)"), "{during}");
+    assert_eq!(after, before);
+}
+
+#[test]
+fn static_inline_in_a_header_replaces_every_caller() {
+    let (b, _) = bundle_of("05-fd-header-inline.patch");
+    assert!(
+        b.replaced.len() >= 2,
+        "every caller of the inline must be replaced: {:?}",
+        b.replaced
+    );
+    let (before, during, after) = apply_observe_revert(
+        "05-fd-header-inline.patch",
+        "ls /proc/self/fd | wc -l; cat /proc/self/fdinfo/0 | head -1",
+    );
+    assert_eq!(
+        during, before,
+        "behaviour for real descriptors is unchanged"
+    );
+    assert_eq!(after, before);
+}
+
+#[test]
+fn line_number_shift_only_is_no_change() {
+    match build("06-params-line-shift.patch").unwrap() {
+        BuildOutcome::NoChange { .. } => {}
+        BuildOutcome::Bundle(b) => panic!(
+            "a __LINE__-only diff produced a bundle replacing {:?}",
+            b.replaced
+        ),
+    }
+}
+
+#[test]
+fn changed_global_size_is_refused() {
+    let err = build("07-acpi-global-size.patch").unwrap_err().to_string();
+    assert!(
+        err.contains("acpi_video_backlight_string") && err.contains("size"),
+        "{err}"
+    );
+}
+
+#[test]
+fn syscall_body_inlined_into_its_wrapper() {
+    // __do_sys_newuname is a notrace static inline: its caller
+    // __x64_sys_newuname (which has an fentry site) is replaced instead.
+    let (b, _) = bundle_of("08-uname-machine.patch");
+    assert!(b.replaced.iter().any(|f| f.contains("__x64_sys_newuname")), "{:?}", b.replaced);
+    let (before, during, after) = apply_observe_revert("08-uname-machine.patch", "uname -m");
+    assert_eq!(before.trim(), "x86_64");
+    assert_eq!(during.trim(), "lucos");
+    assert_eq!(after, before);
+}
