@@ -2,8 +2,11 @@
 //!
 //! Skipped (with a message) only when that tree does not exist; `guest/kernel.sh` builds it.
 
+mod common;
+
+use common::{repo, tree};
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -15,30 +18,6 @@ use lucos_build::{
 use lucos_introspect::symbols::{Binding, KernelSymbols, SymbolError, SymbolKind};
 use lucos_patch::{plan, Bundle, LinkError, NOP5};
 use object::{Object, ObjectSection, ObjectSymbol};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The cached kernel directory, or `None` (test skipped) when it was never built.
-fn tree() -> Option<PathBuf> {
-    let out = Command::new("bash")
-        .arg(repo().join("guest/kernel.sh"))
-        .arg("--print-dir")
-        .output()
-        .expect("run guest/kernel.sh --print-dir");
-    assert!(out.status.success(), "guest/kernel.sh --print-dir failed");
-    let dir = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED: no cached guest kernel at {} (build it with guest/kernel.sh)",
-            dir.display()
-        );
-        None
-    }
-}
 
 fn syms(tree: &Path) -> &'static KernelSymbols {
     static SYMS: OnceLock<KernelSymbols> = OnceLock::new();

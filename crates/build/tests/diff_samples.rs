@@ -4,32 +4,15 @@
 //!
 //! Needs the cached guest build (`guest/kernel.sh`); skipped with a message when absent.
 
+mod common;
+
+use common::{repo, tree};
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
 use std::time::Instant;
 
 use lucos_build::diff::{build, BuildOptions, BuildOutcome, Built, DiffError, NoProgress};
 use lucos_patch::Bundle;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// The cached guest kernel directory, if it is built.
-fn tree() -> Option<PathBuf> {
-    let out = Command::new("bash")
-        .arg(repo().join("guest/kernel.sh"))
-        .arg("--print-dir")
-        .output()
-        .ok()?;
-    let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    if dir.join("done").exists() {
-        Some(dir)
-    } else {
-        eprintln!("skipping: the guest kernel is not built (run guest/kernel.sh)");
-        None
-    }
-}
 
 fn sample(name: &str) -> PathBuf {
     repo().join("guest/patches").join(name)
