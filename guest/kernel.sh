@@ -48,7 +48,10 @@ mkdir -p "$work"
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 echo "stage: download linux-source-6.1=$version"
-if ! apt-get download "linux-source-6.1=$version" >download.log 2>&1; then
+# A fresh machine may have empty package lists: refresh them once and retry.
+if ! apt-get download "linux-source-6.1=$version" >download.log 2>&1 &&
+   ! { [ "$(id -u)" = 0 ] && apt-get update -qq >/dev/null 2>&1 &&
+       apt-get download "linux-source-6.1=$version" >download.log 2>&1; }; then
   echo "kernel.sh: linux-source-6.1=$version is not available. apt offers:" >&2
   apt-cache madison linux-source-6.1 >&2 || true
   echo "(run 'apt-get update' if the list is empty; pick one with --version)" >&2
