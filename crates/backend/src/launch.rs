@@ -55,6 +55,9 @@ pub struct LaunchConfig {
     pub patch_mib: u64,
     pub accel: Accel,
     pub serial: SerialMode,
+    /// Where the console is logged; default: `serial.log` in the VM
+    /// directory (removed with the VM).
+    pub serial_log: Option<PathBuf>,
 }
 
 impl LaunchConfig {
@@ -119,7 +122,10 @@ impl LaunchConfig {
         c.arg("-initrd").arg(&self.initrd);
         c.arg("-append").arg(&self.append);
         c.args(["-nodefaults", "-display", "none", "-no-reboot"]);
-        let log = dir.join("serial.log");
+        let log = self
+            .serial_log
+            .clone()
+            .unwrap_or_else(|| dir.join("serial.log"));
         match self.serial {
             SerialMode::Terminal => c
                 .arg("-chardev")
@@ -179,7 +185,11 @@ impl RunningVm {
                 qmp: dir.join("qmp.sock"),
                 gdb: dir.join("gdb.sock"),
                 serial: matches!(cfg.serial, SerialMode::Socket).then(|| dir.join("serial.sock")),
-                serial_log: Some(dir.join("serial.log")),
+                serial_log: Some(
+                    cfg.serial_log
+                        .clone()
+                        .unwrap_or_else(|| dir.join("serial.log")),
+                ),
                 ram: MemFile {
                     path: dir.join("ram"),
                     size: cfg.mem_mib << 20,

@@ -65,6 +65,7 @@ impl VmOpts {
             patch_mib: self.patch_mem,
             accel,
             serial,
+            serial_log: None,
         })
     }
 }
@@ -76,6 +77,9 @@ pub struct RunArgs {
     /// Serial console on a socket in the VM directory instead of this terminal.
     #[arg(long)]
     pub headless: bool,
+    /// Also log the serial console to this file (kept after the VM stops).
+    #[arg(long)]
+    pub log: Option<std::path::PathBuf>,
 }
 
 /// SIGINT/SIGTERM set a flag that the wait loops poll.
@@ -99,7 +103,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         SerialMode::Terminal
     };
-    let cfg = args.vm.launch_config(&guest, serial)?;
+    let mut cfg = args.vm.launch_config(&guest, serial)?;
+    cfg.serial_log = args.log.clone();
     let mut vm = RunningVm::start(&cfg).context("starting the VM")?;
     eprintln!(
         "lucos: VM '{}' running (QEMU pid {}); attach with e.g. `lucos info {}`; descriptor {}",

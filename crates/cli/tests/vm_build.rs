@@ -136,7 +136,11 @@ fn syscall_body_inlined_into_its_wrapper() {
     // __do_sys_newuname is a notrace static inline: its caller
     // __x64_sys_newuname (which has an fentry site) is replaced instead.
     let (b, _) = bundle_of("08-uname-machine.patch");
-    assert!(b.replaced.iter().any(|f| f.contains("__x64_sys_newuname")), "{:?}", b.replaced);
+    assert!(
+        b.replaced.iter().any(|f| f.contains("__x64_sys_newuname")),
+        "{:?}",
+        b.replaced
+    );
     let (before, during, after) = apply_observe_revert("08-uname-machine.patch", "uname -m");
     assert_eq!(before.trim(), "x86_64");
     assert_eq!(during.trim(), "lucos");

@@ -203,6 +203,21 @@ impl Machine for Flaky<'_> {
 }
 
 #[test]
+fn site_owned_by_the_guests_ftrace_is_refused() {
+    let mut s = shared();
+    // The guest's own function tracer takes over cmdline_proc_show's site.
+    s.sh("mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null; cd /sys/kernel/tracing && echo cmdline_proc_show > set_ftrace_filter && echo function > current_tracer");
+    let text = expect_refusal(&mut s, &bundle("cmdline"), "ftrace owns");
+    eprintln!("{text}");
+    s.sh("cd /sys/kernel/tracing && echo nop > current_tracer && echo > set_ftrace_filter");
+    // Once ftrace lets go, the site is the NOP5 again and the bundle applies.
+    let b = bundle("cmdline");
+    apply_bundle(&mut s.a, &b).unwrap();
+    assert!(s.sh("cat /proc/cmdline").starts_with("lucos-patched "));
+    revert_bundle(&mut s.a, &b.manifest().id).unwrap();
+}
+
+#[test]
 fn failure_mid_switch_rolls_back_and_resumes() {
     let mut s = shared();
     let two = bundle("uname"); // one site
