@@ -104,7 +104,11 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 va_base: None,
             },
         };
-        s.pm.va_base = s.registry()?.va_base;
+        let reg = s.registry()?;
+        if let Some(mapped) = reg.patch_gpa.filter(|&g| g != patch_gpa) {
+            return Err(EngineError::PatchMemoryMoved { mapped, now: patch_gpa });
+        }
+        s.pm.va_base = reg.va_base;
         Ok(s)
     }
 
@@ -316,6 +320,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             return Err(e);
         }
         reg.va_base = Some(va_base);
+        reg.patch_gpa = Some(self.pm.gpa);
         reg.pd_entries.extend(new_pd.iter().copied());
         reg.next_free += need;
         let mut record = BundleRecord {

@@ -82,6 +82,10 @@ pub struct Registry {
     /// each page-directory entry lucos installed (all were zero before).
     pub va_base: Option<u64>,
     pub pd_entries: Vec<(u64, u64)>,
+    /// Guest-physical address of patch memory when it was mapped: the page
+    /// tables point there, so it must not move (a guest reassigning PCI BARs).
+    #[serde(default)]
+    pub patch_gpa: Option<u64>,
     /// Next free offset in the allocatable area; ranges are never reused.
     pub next_free: u64,
     pub bundles: Vec<BundleRecord>,

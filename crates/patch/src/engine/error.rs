@@ -61,6 +61,8 @@ pub enum EngineError {
         expected: String,
         found: String,
     },
+    #[error("patch memory moved from guest-physical {mapped:#x} to {now:#x} (the guest reassigned the PCI BAR) after lucos mapped it; the applied patches' page tables point to the old address, so lucos refuses to touch them. Restart the VM")]
+    PatchMemoryMoved { mapped: u64, now: u64 },
     #[error("the linked bundle has no function `{0}` for its manifest")]
     MissingNew(String),
     #[error(transparent)]
