@@ -157,11 +157,21 @@ pub fn print_status(reg: &Registry) {
 
 pub fn status(args: StatusArgs) -> Result<()> {
     let mut a = attach(&args.vm)?;
-    let reg = session(&mut a)?.registry()?;
+    let sess = session(&mut a)?;
+    let reg = sess.registry()?;
+    let odd = sess.inconsistencies()?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&reg)?);
     } else {
         print_status(&reg);
+    }
+    for (id, function, live) in &odd {
+        eprintln!(
+            "warning: '{id}' is recorded as applied but `{function}` holds {} instead of its jmp \
+             (a lucos process died while applying?); `lucos revert {} {id}` clears the record",
+            hex::encode(live),
+            args.vm
+        );
     }
     Ok(())
 }

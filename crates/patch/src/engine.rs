@@ -106,7 +106,10 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         };
         let reg = s.registry()?;
         if let Some(mapped) = reg.patch_gpa.filter(|&g| g != patch_gpa) {
-            return Err(EngineError::PatchMemoryMoved { mapped, now: patch_gpa });
+            return Err(EngineError::PatchMemoryMoved {
+                mapped,
+                now: patch_gpa,
+            });
         }
         s.pm.va_base = reg.va_base;
         Ok(s)
@@ -139,6 +142,21 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
     /// The registry as stored in the guest's patch memory.
     pub fn registry(&self) -> Result<Registry, EngineError> {
         Ok(self.read_header()?.1)
+    }
+
+    /// The exact bytes a commit after `header` would overwrite.
+    fn snapshot_registry(&self, header: &Header) -> Result<Vec<(u64, Vec<u8>)>, EngineError> {
+        let slot = self
+            .pm
+            .pa(self.pm.layout.slot_offset(1 - header.active.min(1)));
+        let head = self.pm.pa(self.pm.layout.header_offset());
+        let mut out = Vec::new();
+        for (pa, len) in [(slot, memory::REGISTRY_SLOT_SIZE), (head, HEADER_LEN)] {
+            let mut b = vec![0u8; len];
+            self.m.read_phys(pa, &mut b)?;
+            out.push((pa, b));
+        }
+        Ok(out)
     }
 
     fn commit(&mut self, header: &Header, reg: &mut Registry) -> Result<(), EngineError> {
@@ -336,7 +354,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             revert_pause_us: None,
         };
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(jmps).collect();
-        let pause = match self.switch(&switch, &header, &mut reg, |reg, paused| {
+        let pause = match self.switch(&switch, &header, &mut reg, true, |reg, paused| {
             record.apply_pause_us = paused.as_micros() as u64;
             reg.bundles.push(record);
         }) {
@@ -434,23 +452,41 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         }
     }
 
-    /// Pauses, checks every vCPU and site, writes the new site bytes, lets
-    /// `update` record the change (given the pause so far), commits the
-    /// registry and resumes. On any failure the sites are restored before
-    /// resuming. Returns the pause duration.
+    /// Pauses, checks every vCPU and site, switches the sites to their new
+    /// bytes, lets `update` record the change (given the pause so far),
+    /// commits the registry and resumes. With `record_first` the registry is
+    /// committed before the sites are written (apply: a crash in between
+    /// leaves a record that an idempotent revert clears, never a live `jmp`
+    /// nobody knows about); otherwise after (revert). On any failure the
+    /// sites and the registry are restored before resuming.
     fn switch(
         &mut self,
         sites: &[(&Site, [u8; 5])],
         header: &Header,
         reg: &mut Registry,
+        record_first: bool,
         update: impl FnOnce(&mut Registry, Duration),
     ) -> Result<Duration, EngineError> {
         let t = Instant::now();
         self.m.pause()?;
+        let before = reg.clone();
+        let mut update = Some(update);
+        let mut saved: Option<Vec<(u64, Vec<u8>)>> = None;
         let mut written: Vec<&Site> = Vec::new();
-        let mut result = self.check_paused(sites.iter().map(|(s, _)| *s));
+        let mut done = Vec::new();
+        let mut result = self.check_paused(sites).map(|d| done = d);
+        if result.is_ok() && record_first {
+            (update.take().expect("once"))(reg, t.elapsed());
+            result = self.snapshot_registry(header).map(|s| saved = Some(s));
+            if result.is_ok() {
+                result = self.commit(header, reg).map(drop);
+            }
+        }
         if result.is_ok() {
-            for (site, bytes) in sites {
+            for ((site, bytes), done) in sites.iter().zip(&done) {
+                if *done {
+                    continue; // already switched (by a crashed earlier attempt)
+                }
                 if let Err(e) = self.m.write_phys(site.site_pa, bytes) {
                     result = Err(e.into());
                     break;
@@ -459,13 +495,21 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             }
         }
         if result.is_ok() {
-            update(reg, t.elapsed());
-            result = self.commit(header, reg);
+            if let Some(update) = update.take() {
+                update(reg, t.elapsed());
+                result = self.commit(header, reg);
+            }
         }
         if result.is_err() {
             for s in written {
                 if let Err(e) = self.m.write_phys(s.site_pa, &s.current) {
                     tracing::error!(site = s.site_addr, error = %e, "restoring a site failed");
+                }
+            }
+            *reg = before;
+            for (pa, bytes) in saved.into_iter().flatten() {
+                if let Err(e) = self.m.write_phys_data(pa, &bytes) {
+                    tracing::error!(error = %e, "restoring the registry failed");
                 }
             }
         }
@@ -477,16 +521,14 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
     }
 
     /// With the VM paused: no vCPU may be inside a site, and each site must
-    /// still hold the bytes inspected before staging.
-    fn check_paused<'s>(
-        &mut self,
-        sites: impl Iterator<Item = &'s Site> + Clone,
-    ) -> Result<(), EngineError> {
+    /// still hold the bytes inspected before staging, or already the new
+    /// bytes (after a crashed attempt; reported as `true`).
+    fn check_paused(&mut self, sites: &[(&Site, [u8; 5])]) -> Result<Vec<bool>, EngineError> {
         for vcpu in 0..self.m.vcpu_count() {
             let rip = self.m.vcpu_rip(vcpu)?;
-            if let Some(s) = sites
-                .clone()
-                .find(|s| rip > s.site_addr && rip < s.site_addr + 5)
+            if let Some((s, _)) = sites
+                .iter()
+                .find(|(s, _)| rip > s.site_addr && rip < s.site_addr + 5)
             {
                 return Err(EngineError::RipInSite {
                     vcpu,
@@ -495,10 +537,11 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 });
             }
         }
-        for s in sites {
+        let mut done = Vec::with_capacity(sites.len());
+        for (s, new) in sites {
             let mut now = [0u8; 5];
             self.m.read_phys(s.site_pa, &mut now)?;
-            if now != s.current {
+            if now != s.current && now != *new {
                 return Err(EngineError::SiteChanged {
                     function: s.function.clone(),
                     site: s.site_addr,
@@ -506,8 +549,31 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                     found: hex::encode(now),
                 });
             }
+            done.push(now == *new && now != s.current);
         }
-        Ok(())
+        Ok(done)
+    }
+
+    /// Applied sites whose live bytes are not the bundle's `jmp` (e.g. a
+    /// lucos killed between recording and switching): (bundle, function,
+    /// live bytes). A revert clears such a record.
+    pub fn inconsistencies(&self) -> Result<Vec<(String, String, Vec<u8>)>, EngineError> {
+        let reg = self.registry()?;
+        let mut out = Vec::new();
+        for b in reg.applied() {
+            for s in &b.sites {
+                let top = reg.top_of_site(s.site_addr).map(|(t, _)| t.id.as_str());
+                if top != Some(b.id.as_str()) {
+                    continue;
+                }
+                let mut now = vec![0u8; s.written.len()];
+                self.m.read_phys(s.site_pa, &mut now)?;
+                if now != s.written {
+                    out.push((b.id.clone(), s.function.clone(), now));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Reverts an applied bundle: the newest on each of its sites only.
@@ -548,7 +614,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             .iter()
             .map(|s| s.original.clone().try_into().unwrap_or(NOP5));
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(originals).collect();
-        let pause = self.switch(&switch, &header, &mut reg, |reg, paused| {
+        let pause = self.switch(&switch, &header, &mut reg, false, |reg, paused| {
             if let Some(b) = reg
                 .bundles
                 .iter_mut()
