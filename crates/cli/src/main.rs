@@ -39,6 +39,10 @@ enum Cmd {
     Status(patchcmd::StatusArgs),
     /// Benchmark: pause-time percentiles over N apply/revert cycles.
     Bench(patchcmd::BenchArgs),
+    /// Stop all vCPUs of a VM.
+    Pause { vm: String },
+    /// Resume a paused VM (e.g. after a lucos process was killed mid-apply).
+    Resume { vm: String },
     /// Turn a kernel source diff into a bundle.
     Build(buildcmd::BuildArgs),
     /// Benchmark `lucos build`: cold vs warm comparison-object cache.
@@ -108,6 +112,18 @@ fn main() -> Result<()> {
         }
         Cmd::Run(args) => run::run(args),
         Cmd::Demo(args) => demo::demo(args),
+        Cmd::Pause { vm } => {
+            let mut vm = lucos_backend::Vm::attach(&vm)?;
+            lucos_introspect::Machine::pause(&mut vm)?;
+            println!("paused");
+            Ok(())
+        }
+        Cmd::Resume { vm } => {
+            let mut vm = lucos_backend::Vm::attach(&vm)?;
+            lucos_introspect::Machine::resume(&mut vm)?;
+            println!("running");
+            Ok(())
+        }
         Cmd::Build(args) => buildcmd::build(args),
         Cmd::BuildBench(args) => buildcmd::bench(args),
         Cmd::List => {

@@ -165,6 +165,9 @@ pub fn status(args: StatusArgs) -> Result<()> {
     } else {
         print_status(&reg);
     }
+    if a.vm.is_paused()? {
+        eprintln!("note: the VM is paused; `lucos resume {}` continues it", args.vm);
+    }
     for (id, function, live) in &odd {
         eprintln!(
             "warning: '{id}' is recorded as applied but `{function}` holds {} instead of its jmp \
