@@ -166,7 +166,10 @@ pub fn status(args: StatusArgs) -> Result<()> {
         print_status(&reg);
     }
     if a.vm.is_paused()? {
-        eprintln!("note: the VM is paused; `lucos resume {}` continues it", args.vm);
+        eprintln!(
+            "note: the VM is paused; `lucos resume {}` continues it",
+            args.vm
+        );
     }
     for (id, function, live) in &odd {
         eprintln!(

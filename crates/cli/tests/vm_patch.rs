@@ -308,6 +308,21 @@ fn two_hundred_cycles_under_syscall_load() {
     }
     let last = s.sh("tail -n 1 /tmp/l0; tail -n 1 /tmp/l1");
     s.sh("kill %1 %2; wait");
+    // Both kernels answered the loops: calls saw the patched release too.
+    let count = |key: &str| -> u64 {
+        last.split_whitespace()
+            .filter_map(|w| w.strip_prefix(key))
+            .filter_map(|v| v.parse::<u64>().ok())
+            .sum()
+    };
+    assert!(
+        count("other=") > 0,
+        "the loops never ran the patched function: {last}"
+    );
+    assert!(
+        count("same=") > 0,
+        "the loops never ran the original function: {last}"
+    );
     let console = &s.booted.console.transcript()[mark..];
     for bad in [
         "Oops",
