@@ -17,7 +17,7 @@ pub const PATCH_DEVICE: &str = "lucos-patch";
 pub const PATCH_BAR: u64 = 2;
 /// Below this much RAM the `pc` machine puts all of it below 4 GiB, so
 /// guest-physical address == RAM file offset.
-const MAX_LOWMEM_MIB: u64 = 3 * 1024;
+pub const MAX_LOWMEM_MIB: u64 = 3 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {

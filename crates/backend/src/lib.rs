@@ -2,6 +2,7 @@
 //! interfaces only (QMP, the gdbstub, and guest RAM shared through
 //! memory-backend files), so lucos can drive a VM it did not start.
 
+pub mod adopt;
 pub mod console;
 pub mod descriptor;
 pub mod error;

@@ -113,6 +113,11 @@ impl Qmp {
         }
     }
 
+    /// The underlying socket (for its peer credentials).
+    pub fn stream(&self) -> &UnixStream {
+        &self.writer
+    }
+
     pub fn stop(&mut self) -> Result<(), BackendError> {
         self.execute("stop", None).map(drop)
     }

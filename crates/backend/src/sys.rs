@@ -142,3 +142,31 @@ pub fn cleanup_at_exit(pid: u32, dir: std::path::PathBuf) {
     }
     list.push((pid, dir));
 }
+
+/// Pid of the process at the other end of a connected unix socket
+/// (SO_PEERCRED): how lucos learns which QEMU it adopted.
+pub fn peer_pid(stream: &std::os::unix::net::UnixStream) -> std::io::Result<u32> {
+    use std::os::fd::AsRawFd;
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a properly
+    // sized and aligned ucred that outlives the call; the fd is valid for the
+    // lifetime of `stream`.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    u32::try_from(cred.pid).map_err(|_| std::io::Error::other("no peer pid"))
+}

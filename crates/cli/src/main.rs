@@ -39,6 +39,10 @@ enum Cmd {
     Status(patchcmd::StatusArgs),
     /// Benchmark: pause-time percentiles over N apply/revert cycles.
     Bench(patchcmd::BenchArgs),
+    /// Describe a QEMU that lucos did not start, so lucos can attach to it.
+    Adopt(AdoptArgs),
+    /// Drop the descriptor of an adopted VM (the VM keeps running).
+    Forget { vm: String },
     /// Stop all vCPUs of a VM.
     Pause { vm: String },
     /// Resume a paused VM (e.g. after a lucos process was killed mid-apply).
@@ -79,6 +83,74 @@ enum BundleCmd {
     Show { bundle: std::path::PathBuf },
 }
 
+#[derive(clap::Args)]
+struct AdoptArgs {
+    /// Name to attach by.
+    #[arg(long)]
+    name: String,
+    /// QMP unix socket (`-qmp unix:PATH,server=on,wait=off`).
+    #[arg(long)]
+    qmp: std::path::PathBuf,
+    /// gdbstub unix socket (`-chardev socket,id=g,path=PATH,server=on,wait=off -gdb chardev:g`).
+    #[arg(long)]
+    gdb: std::path::PathBuf,
+    /// mem-path of the guest RAM memory-backend-file (share=on).
+    #[arg(long)]
+    ram: std::path::PathBuf,
+    /// mem-path of the patch memory backend behind an ivshmem-plain device.
+    #[arg(long)]
+    patch: std::path::PathBuf,
+    /// qdev id of the ivshmem-plain device.
+    #[arg(long, default_value = "lucos-patch")]
+    patch_device: String,
+    /// Serial console socket, if any.
+    #[arg(long)]
+    serial: Option<std::path::PathBuf>,
+    /// Cached build of the kernel the guest runs.
+    #[arg(long)]
+    kernel_dir: Option<std::path::PathBuf>,
+    #[arg(long, default_value = guest::DEFAULT_VERSION)]
+    kernel_version: String,
+}
+
+fn adopt(args: AdoptArgs) -> Result<()> {
+    let kernel_dir = match args.kernel_dir {
+        Some(d) => d,
+        None => guest::ensure(&args.kernel_version)?.kernel_dir,
+    };
+    let vmlinux = kernel_dir.join("vmlinux");
+    let syms = lucos_introspect::KernelSymbols::load(&vmlinux)
+        .with_context(|| format!("loading {}", vmlinux.display()))?;
+    let kernel = lucos_backend::descriptor::KernelInfo {
+        dir: kernel_dir,
+        vmlinux,
+        build_id: syms.build_id_hex()?,
+    };
+    let desc = lucos_backend::adopt::adopt(&lucos_backend::adopt::Foreign {
+        name: args.name.clone(),
+        qmp: args.qmp,
+        gdb: args.gdb,
+        ram: args.ram,
+        patch: args.patch,
+        patch_device: Some(args.patch_device),
+        serial: args.serial,
+        kernel,
+    })?;
+    // Prove it: attach, find KASLR, check the live build id.
+    if let Err(e) = lucos_backend::Vm::attach_desc(desc.clone())
+        .map_err(anyhow::Error::from)
+        .and_then(info::attach_vm)
+    {
+        let _ = std::fs::remove_dir_all(&desc.dir);
+        return Err(e.context(format!("adopting '{}' (descriptor removed)", args.name)));
+    }
+    println!(
+        "adopted QEMU pid {} as '{}' ({} vCPUs, {}); try `lucos info {}`",
+        desc.qemu_pid, desc.name, desc.vcpus, desc.accel, desc.name
+    );
+    Ok(())
+}
+
 #[derive(Subcommand)]
 enum GuestCmd {
     /// Build what is missing and print the artifact paths.
@@ -112,6 +184,20 @@ fn main() -> Result<()> {
         }
         Cmd::Run(args) => run::run(args),
         Cmd::Demo(args) => demo::demo(args),
+        Cmd::Adopt(args) => adopt(args),
+        Cmd::Forget { vm } => {
+            lucos_backend::descriptor::validate_name(&vm)?;
+            let dir = lucos_backend::descriptor::vm_dir(&vm);
+            let desc = lucos_backend::VmDescriptor::load(&vm)?;
+            if desc.ram.path.starts_with(&desc.dir) {
+                anyhow::bail!(
+                    "'{vm}' was started by `lucos run`, which owns it: stop it there (Ctrl-C)"
+                );
+            }
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            println!("forgot '{vm}'; its QEMU keeps running");
+            Ok(())
+        }
         Cmd::Pause { vm } => {
             let mut vm = lucos_backend::Vm::attach(&vm)?;
             lucos_introspect::Machine::pause(&mut vm)?;

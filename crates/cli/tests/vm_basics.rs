@@ -142,3 +142,81 @@ fn boots_with_one_vcpu_and_attaches() {
         "QEMU left running"
     );
 }
+
+/// Kills a hand-started QEMU when the test ends, pass or fail.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn adopts_a_qemu_it_did_not_start() {
+    let _slot = private_slot();
+    let g = guest();
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("test-{}-adopted", std::process::id());
+    let mut cfg = opts("adopted", 1)
+        .launch_config(g, lucos_backend::SerialMode::Socket)
+        .unwrap();
+    cfg.name = name.clone();
+    // Started by hand: no descriptor, files outside lucos's run directory.
+    let child = cfg
+        .command(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let qemu = Killed(child);
+    let serial = dir.path().join("serial.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !serial.exists() {
+        assert!(Instant::now() < deadline, "QEMU did not create its sockets");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let console = lucos_backend::Console::connect(&serial).unwrap();
+    console
+        .wait_for(lucos::harness::PROMPT, Duration::from_secs(120))
+        .unwrap();
+
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_lucos"))
+        .args(["adopt", "--name", &name])
+        .arg("--qmp")
+        .arg(dir.path().join("qmp.sock"))
+        .arg("--gdb")
+        .arg(dir.path().join("gdb.sock"))
+        .arg("--ram")
+        .arg(dir.path().join("ram"))
+        .arg("--patch")
+        .arg(dir.path().join("patch"))
+        .arg("--kernel-dir")
+        .arg(&g.kernel_dir)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let desc = lucos_backend::VmDescriptor::load(&name).unwrap();
+    assert_eq!(desc.qemu_pid, qemu.0.id(), "pid from the QMP socket's peer");
+    let a = attach_vm(Vm::attach_desc(desc).unwrap()).unwrap();
+    let banner = read_kernel_string(&a, "linux_banner", 512).unwrap();
+    let version = console
+        .run("cat /proc/version", CMD_TIMEOUT)
+        .unwrap()
+        .output;
+    assert_eq!(banner.trim_end(), version.trim_end());
+    drop(a);
+    let forget = std::process::Command::new(env!("CARGO_BIN_EXE_lucos"))
+        .args(["forget", &name])
+        .status()
+        .unwrap();
+    assert!(forget.success());
+    assert!(lucos_backend::VmDescriptor::load(&name).is_err());
+    assert!(
+        dir.path().join("ram").exists(),
+        "forget must not touch the VM's own files"
+    );
+    drop(qemu);
+}

@@ -80,11 +80,16 @@ pub fn shared() -> MutexGuard<'static, Shared> {
     s
 }
 
+/// The one slot for a VM besides the shared guest.
+pub fn private_slot() -> MutexGuard<'static, ()> {
+    static SLOT: Mutex<()> = Mutex::new(());
+    SLOT.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// A private VM for tests that need their own configuration; at most one
 /// at a time per process so that no more than two VMs ever run.
 pub fn private(tag: &str, vcpus: usize) -> (MutexGuard<'static, ()>, RunningVm, Booted) {
-    static SLOT: Mutex<()> = Mutex::new(());
-    let slot = SLOT.lock().unwrap_or_else(|p| p.into_inner());
+    let slot = private_slot();
     let (vm, booted) = harness::boot(&opts(tag, vcpus), guest()).expect("booting a private guest");
     (slot, vm, booted)
 }

@@ -1,0 +1,108 @@
+//! Adopting a QEMU that lucos did not start: it only needs the standard
+//! interfaces (a QMP socket, a gdbstub socket, guest RAM in a shared
+//! memory-backend file and an ivshmem-plain patch-memory device).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::descriptor::{self, KernelInfo, MemFile, RamRegion, VmDescriptor};
+use crate::error::BackendError;
+use crate::launch::{MAX_LOWMEM_MIB, PATCH_DEVICE};
+use crate::qmp::Qmp;
+use crate::sys;
+
+/// What a user knows about a running QEMU.
+#[derive(Debug, Clone)]
+pub struct Foreign {
+    pub name: String,
+    pub qmp: PathBuf,
+    pub gdb: PathBuf,
+    pub ram: PathBuf,
+    pub patch: PathBuf,
+    pub patch_device: Option<String>,
+    pub serial: Option<PathBuf>,
+    pub kernel: KernelInfo,
+}
+
+fn file_size(path: &Path, what: &str) -> Result<u64, BackendError> {
+    std::fs::metadata(path).map(|m| m.len()).map_err(|e| {
+        BackendError::Config(format!(
+            "{what} {}: {e}; give the mem-path of QEMU's memory-backend-file (share=on)",
+            path.display()
+        ))
+    })
+}
+
+/// Writes a descriptor for a running QEMU so other lucos commands can
+/// attach to it by name.
+pub fn adopt(f: &Foreign) -> Result<VmDescriptor, BackendError> {
+    descriptor::validate_name(&f.name)?;
+    if VmDescriptor::load(&f.name).is_ok() {
+        return Err(BackendError::NameTaken(f.name.clone()));
+    }
+    let mut qmp = Qmp::connect_timeout(&f.qmp, Duration::from_secs(10))?;
+    let pid = sys::peer_pid(qmp.stream()).map_err(|source| BackendError::Io {
+        what: "QMP peer credentials",
+        source,
+    })?;
+    let vcpus = qmp
+        .execute("query-cpus-fast", None)?
+        .as_array()
+        .map_or(0, Vec::len);
+    let kvm = qmp.execute("query-kvm", None)?;
+    let accel = if kvm["enabled"].as_bool() == Some(true) {
+        "kvm"
+    } else {
+        "tcg"
+    };
+    let ram_size = file_size(&f.ram, "guest RAM file")?;
+    if ram_size > MAX_LOWMEM_MIB << 20 {
+        return Err(BackendError::Config(format!(
+            "guest RAM of {} MiB is split around the PCI hole; lucos handles up to {MAX_LOWMEM_MIB} MiB for now",
+            ram_size >> 20
+        )));
+    }
+    let patch_size = file_size(&f.patch, "patch memory file")?;
+    let dir = descriptor::vm_dir(&f.name);
+    std::fs::create_dir_all(&dir).map_err(|source| BackendError::Io {
+        what: "VM directory",
+        source,
+    })?;
+    let desc = VmDescriptor {
+        format: descriptor::FORMAT,
+        name: f.name.clone(),
+        dir,
+        qemu_pid: pid,
+        qmp: f.qmp.clone(),
+        gdb: f.gdb.clone(),
+        serial: f.serial.clone(),
+        serial_log: None,
+        ram: MemFile {
+            path: f.ram.clone(),
+            size: ram_size,
+        },
+        ram_regions: vec![RamRegion {
+            gpa: 0,
+            offset: 0,
+            len: ram_size,
+        }],
+        patch: MemFile {
+            path: f.patch.clone(),
+            size: patch_size,
+        },
+        patch_device: f
+            .patch_device
+            .clone()
+            .unwrap_or_else(|| PATCH_DEVICE.to_owned()),
+        kernel: f.kernel.clone(),
+        vcpus,
+        accel: accel.to_owned(),
+        started_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+    };
+    drop(qmp);
+    desc.store()?;
+    Ok(desc)
+}
