@@ -3,7 +3,7 @@
 # apt runs only when something is missing).
 set -euo pipefail
 pkgs=(qemu-system-x86 build-essential bc bison flex libelf-dev libssl-dev dwarves
-      busybox-static cpio xz-utils kmod rsync binutils python3)
+      busybox-static cpio xz-utils kmod rsync binutils patch)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
