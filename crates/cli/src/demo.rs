@@ -109,7 +109,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
 
     step(
         4,
-        "building patch bundles from guest/bundles/*.c with Kbuild",
+        "building patch bundles: two from C files (Kbuild), one from a source diff",
     );
     let tb = Instant::now();
     let cmdline = demo_bundle(&g.kernel_dir, &a.syms, "cmdline")?;
@@ -118,27 +118,42 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         "  built 'cmdline' and 'uname' in {:.1} s",
         tb.elapsed().as_secs_f64()
     );
+    let diff = guest_dir().join("patches/04-version-string.patch");
+    let version = match lucos_build::diff::build(
+        &g.kernel_dir,
+        &diff,
+        &lucos_build::diff::BuildOptions::default(),
+        &crate::buildcmd::Bars::default(),
+    )? {
+        lucos_build::diff::BuildOutcome::Bundle(b) => {
+            let t = b.report.times;
+            println!(
+                "  lucos build {}: replaces {} (rebuild {:.2} s, compare {:.2} s, emit {:.3} s)",
+                diff.file_name().unwrap_or_default().to_string_lossy(),
+                b.replaced.join(", "),
+                t.rebuild.as_secs_f64(),
+                t.compare.as_secs_f64(),
+                t.emit.as_secs_f64()
+            );
+            Bundle::parse(&b.bundle)?
+        }
+        lucos_build::diff::BuildOutcome::NoChange { reason, .. } => {
+            anyhow::bail!("{}: {reason}", diff.display())
+        }
+    };
 
-    step(
-        5,
-        "live patch while a guest process prints uname -r and /proc/cmdline every second",
-    );
+    step(5, "live patch while a guest process prints uname -r, /proc/cmdline and /proc/version every second");
     booted.console.send("probe --every 1 &\n")?;
     watch(&booted.console, "original kernel")?;
-    for b in [&cmdline, &uname] {
+    for b in [&cmdline, &uname, &version] {
         let r = apply_bundle(&mut a, b)?;
         print_apply(&r);
     }
     // A line may already have been produced just before the switch.
     watch(&booted.console, "patched (no reboot)")?;
     watch(&booted.console, "patched (no reboot)")?;
-    for id in ["uname", "cmdline"] {
-        let id = [&cmdline, &uname]
-            .iter()
-            .map(|b| b.manifest().id.clone())
-            .find(|i| i.starts_with(id))
-            .unwrap_or_else(|| id.to_owned());
-        let r = revert_bundle(&mut a, &id)?;
+    for b in [&version, &uname, &cmdline] {
+        let r = revert_bundle(&mut a, &b.manifest().id)?;
         print_revert(&r);
     }
     watch(&booted.console, "reverted")?;
