@@ -156,6 +156,8 @@ pub struct RunningVm {
     child: Option<Child>,
     pub desc: VmDescriptor,
     pub started: Instant,
+    /// False once the VM was handed to the process ([`RunningVm::keep_until_exit`]).
+    owned: bool,
 }
 
 impl RunningVm {
@@ -213,6 +215,7 @@ impl RunningVm {
                     .unwrap_or(0),
             },
             started: Instant::now(),
+            owned: true,
         };
         let stderr_path = dir.join("qemu.stderr");
         let stderr = File::create(&stderr_path).map_err(io)?;
@@ -267,12 +270,9 @@ impl RunningVm {
     /// shared VM in a static).
     pub fn keep_until_exit(mut self) -> VmDescriptor {
         sys::cleanup_at_exit(self.desc.qemu_pid, self.desc.dir.clone());
-        let desc = self.desc.clone();
-        // QEMU must not be reaped or killed by Drop: forget the handle.
-        if let Some(child) = self.child.take() {
-            std::mem::forget(child);
-        }
-        desc
+        // Drop now leaves QEMU running; the exit hook ends it.
+        self.owned = false;
+        self.desc.clone()
     }
 
     /// Exit status, if QEMU has exited.
@@ -287,9 +287,16 @@ impl RunningVm {
 
     /// Asks QEMU to quit (QMP, then SIGTERM, then SIGKILL) and reaps it.
     pub fn shutdown(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        if !self.owned {
             return;
-        };
+        }
+        if let Some(child) = self.child.take() {
+            self.stop(child);
+        }
+        let _ = std::fs::remove_dir_all(&self.desc.dir);
+    }
+
+    fn stop(&self, mut child: Child) {
         if matches!(child.try_wait(), Ok(None)) {
             if let Ok(mut qmp) =
                 crate::qmp::Qmp::connect_timeout(&self.desc.qmp, Duration::from_secs(2))
@@ -311,7 +318,6 @@ impl RunningVm {
             }
         }
         let _ = child.wait();
-        let _ = std::fs::remove_dir_all(&self.desc.dir);
     }
 }
 
