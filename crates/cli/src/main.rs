@@ -43,6 +43,8 @@ enum Cmd {
     Adopt(AdoptArgs),
     /// Drop the descriptor of an adopted VM (the VM keeps running).
     Forget { vm: String },
+    /// Clear patch records left by an earlier boot of the guest.
+    Reset { vm: String },
     /// Stop all vCPUs of a VM.
     Pause { vm: String },
     /// Resume a paused VM (e.g. after a lucos process was killed mid-apply).
@@ -196,6 +198,13 @@ fn main() -> Result<()> {
             }
             std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
             println!("forgot '{vm}'; its QEMU keeps running");
+            Ok(())
+        }
+        Cmd::Reset { vm } => {
+            let mut a = info::attach(&vm)?;
+            let w = a.vm.patch_window()?;
+            let n = lucos_patch::reset_stale_registry(&mut a.vm, w.gpa, w.size)?;
+            println!("cleared {n} stale record(s)");
             Ok(())
         }
         Cmd::Pause { vm } => {

@@ -144,6 +144,11 @@ fn refusals_leave_the_guest_byte_identical() {
     expect_refusal(&mut s, &good, "ftrace owns");
     s.a.vm.write_phys(cmd_site, &lucos_patch::NOP5).unwrap();
 
+    // A jmp nobody recorded (another live-patching tool): refused.
+    s.a.vm.write_phys(cmd_site, &[0xe9, 0, 0, 0, 0]).unwrap();
+    expect_refusal(&mut s, &good, "no applied lucos bundle wrote");
+    s.a.vm.write_phys(cmd_site, &lucos_patch::NOP5).unwrap();
+
     // Applied twice: refused the second time.
     apply_bundle(&mut s.a, &good).unwrap();
     expect_refusal(&mut s, &good, "already applied");
@@ -251,6 +256,37 @@ fn failure_mid_switch_rolls_back_and_resumes() {
         "failed apply left changes behind"
     );
     assert!(!s.sh("cat /proc/cmdline").contains("lucos-patched"));
+}
+
+#[test]
+fn records_of_an_earlier_boot_are_detected_and_reset() {
+    let mut s = shared();
+    let b = bundle("cmdline");
+    apply_bundle(&mut s.a, &b).unwrap();
+    revert_bundle(&mut s.a, &b.manifest().id).unwrap();
+    let reg = session(&mut s.a).unwrap().registry().unwrap();
+    let (pa, value) = reg.pd_entries[0];
+    // What a reboot does: the new kernel's page directory lacks lucos's entry.
+    s.a.vm.write_phys(pa, &0u64.to_le_bytes()).unwrap();
+    let err = session(&mut s.a)
+        .err()
+        .expect("stale registry must be refused");
+    assert!(format!("{err:#}").contains("earlier boot"), "{err:#}");
+    let w = s.a.vm.patch_window().unwrap();
+    let cleared = lucos_patch::reset_stale_registry(&mut s.a.vm, w.gpa, w.size).unwrap();
+    assert!(cleared >= 1);
+    let fresh = session(&mut s.a).unwrap().registry().unwrap();
+    assert!(fresh.bundles.is_empty() && fresh.va_base.is_none());
+    assert_eq!(fresh.next_free, reg.next_free, "pages are never reused");
+    // A fresh apply maps patch memory again and works.
+    apply_bundle(&mut s.a, &b).unwrap();
+    assert!(s.sh("cat /proc/cmdline").starts_with("lucos-patched "));
+    revert_bundle(&mut s.a, &b.manifest().id).unwrap();
+    let again = session(&mut s.a).unwrap().registry().unwrap();
+    assert_eq!(again.pd_entries[0].1, value, "same mapping re-established");
+    // With live records that match the kernel, reset refuses.
+    let w = s.a.vm.patch_window().unwrap();
+    assert!(lucos_patch::reset_stale_registry(&mut s.a.vm, w.gpa, w.size).is_err());
 }
 
 #[test]

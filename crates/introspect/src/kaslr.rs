@@ -31,8 +31,9 @@ const PROBES: [(u8, &[&str]); 3] = [
 pub struct KernelLayout {
     /// live = link-time + slide.
     pub slide: i64,
-    /// A CR3 that maps the whole kernel image (with PTI, the kernel half);
-    /// may carry PCID bits, which the walker ignores.
+    /// A CR3 that maps the whole kernel image: the physical address of
+    /// `init_top_pgt` when vmlinux has it (stable for the kernel's life),
+    /// else the vCPU's (with PTI, its kernel half; PCID bits are ignored).
     pub cr3: u64,
     /// Live `_text`, `_etext` and `_end`.
     pub text_start: u64,
@@ -207,7 +208,7 @@ pub fn detect_layout(
         }
         Err(e) => return Err(text_not_mapped(text_start, cr3, e)),
     };
-    Ok(KernelLayout {
+    let mut layout = KernelLayout {
         slide,
         cr3,
         text_start,
@@ -215,7 +216,21 @@ pub fn detect_layout(
         image_end: live("_end")?,
         phys_text,
         phys_base: phys_text.wrapping_sub(text_start.wrapping_sub(START_KERNEL_MAP)),
-    })
+    };
+    // A vCPU's CR3 may belong to a short-lived process whose page tables
+    // get freed; the kernel's own top-level table (`init_top_pgt`) maps the
+    // same kernel half and lives as long as the kernel. Use it when it
+    // really maps the kernel.
+    if let Some(pgd) = syms
+        .lookup("init_top_pgt")
+        .ok()
+        .and_then(|s| layout.image_phys(s.addr))
+    {
+        if paging::translate(mem, pgd, text_start).is_ok_and(|t| t.pa == phys_text) {
+            layout.cr3 = pgd;
+        }
+    }
+    Ok(layout)
 }
 
 fn text_not_mapped(live_text: u64, cr3: u64, source: PagingError) -> KaslrError {

@@ -28,8 +28,7 @@ pub struct Session<'a, M: Machine + ?Sized> {
     m: &'a mut M,
     syms: &'a KernelSymbols,
     layout: KernelLayout,
-    /// Physical address of the kernel's own top-level page table
-    /// (`init_top_pgt`): unlike a process's CR3 it never goes away.
+    /// `layout.cr3`: the kernel's own top-level page table when known.
     cr3: u64,
     pm: PatchMem,
 }
@@ -65,6 +64,13 @@ struct Site {
     current: [u8; 5],
 }
 
+/// A failed switch, and whether every site is back to its old bytes (only
+/// then may staged code be taken away).
+struct SwitchFailure {
+    error: EngineError,
+    sites_restored: bool,
+}
+
 /// Bytes written while staging, for rollback.
 #[derive(Default)]
 struct Undo {
@@ -78,6 +84,40 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Clears a registry whose records belong to an earlier boot (see
+/// [`EngineError::StaleRegistry`]). Allocated pages stay allocated: the
+/// guest may have run code from them, so they are never reused.
+pub fn reset_stale_registry<M: Machine + ?Sized>(
+    m: &mut M,
+    patch_gpa: u64,
+    patch_size: u64,
+) -> Result<usize, EngineError> {
+    let layout = PatchMemLayout::new(patch_size)?;
+    let mut hb = [0u8; HEADER_LEN];
+    m.read_phys(patch_gpa + layout.header_offset(), &mut hb)?;
+    let Some(header) = Header::decode(&hb)? else {
+        return Ok(0);
+    };
+    let mut slot = vec![0u8; memory::REGISTRY_SLOT_SIZE];
+    m.read_phys(patch_gpa + layout.slot_offset(header.active), &mut slot)?;
+    let old = header.registry(&slot)?;
+    let mut stale = false;
+    for &(pa, value) in &old.pd_entries {
+        stale |= m.read_u64(pa)? != value;
+    }
+    if !stale {
+        return Err(EngineError::NotStale);
+    }
+    let mut fresh = Registry::empty(&layout);
+    fresh.next_free = old.next_free;
+    fresh.generation = old.generation + 1;
+    fresh.reverted_dropped = old.reverted_dropped + old.bundles.len() as u64;
+    let (h, json) = fresh.encode(&header)?;
+    m.write_phys_data(patch_gpa + layout.slot_offset(h.active), &json)?;
+    m.write_phys_data(patch_gpa + layout.header_offset(), &h.encode())?;
+    Ok(old.bundles.len())
+}
+
 impl<'a, M: Machine + ?Sized> Session<'a, M> {
     /// `layout` comes from [`lucos_introspect::detect_layout`] (build id
     /// already verified); `patch_gpa`/`patch_size` locate patch memory.
@@ -88,11 +128,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         patch_gpa: u64,
         patch_size: u64,
     ) -> Result<Self, EngineError> {
-        let cr3 = syms
-            .lookup("init_top_pgt")
-            .ok()
-            .and_then(|s| layout.image_phys(s.addr))
-            .unwrap_or(layout.cr3);
+        let cr3 = layout.cr3;
         let mut s = Session {
             m,
             syms,
@@ -110,6 +146,14 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 mapped,
                 now: patch_gpa,
             });
+        }
+        // Patch memory can outlive the kernel that mapped it (a guest
+        // reboot, a reused memory file): then the kernel no longer has
+        // lucos's page-directory entries, and every record is stale.
+        for &(pa, value) in &reg.pd_entries {
+            if s.m.read_u64(pa)? != value {
+                return Err(EngineError::StaleRegistry { pa, value });
+            }
         }
         s.pm.va_base = reg.va_base;
         Ok(s)
@@ -262,6 +306,14 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             .iter()
             .map(|r| self.inspect(&reg, r))
             .collect::<Result<Vec<_>, _>>()?;
+        for (i, a) in sites.iter().enumerate() {
+            if let Some(b) = sites[..i].iter().find(|b| b.site_addr == a.site_addr) {
+                return Err(EngineError::SameSiteTwice {
+                    first: b.function.clone(),
+                    second: a.function.clone(),
+                });
+            }
+        }
 
         // Allocate (never reusing ranges) and pick the mapping.
         let plan = plan(bundle)?;
@@ -341,7 +393,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         reg.patch_gpa = Some(self.pm.gpa);
         reg.pd_entries.extend(new_pd.iter().copied());
         reg.next_free += need;
-        let mut record = BundleRecord {
+        let record = BundleRecord {
             id: man.id.clone(),
             description: man.description.clone(),
             sha256: hex::encode(bundle.sha256()),
@@ -354,16 +406,18 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             revert_pause_us: None,
         };
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(jmps).collect();
-        let pause = match self.switch(&switch, &header, &mut reg, true, |reg, paused| {
-            record.apply_pause_us = paused.as_micros() as u64;
+        let pause = match self.switch(&switch, &header, &mut reg, true, |reg| {
             reg.bundles.push(record);
         }) {
             Ok(p) => p,
-            Err(e) => {
-                self.rollback(undo);
-                return Err(e);
+            Err(f) => {
+                if f.sites_restored {
+                    self.rollback(undo);
+                }
+                return Err(f.error);
             }
         };
+        self.record_pause(&man.id, BundleState::Applied, pause);
         self.pm.va_base = Some(va_base);
         Ok(ApplyReport {
             id: man.id.clone(),
@@ -453,22 +507,33 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
     }
 
     /// Pauses, checks every vCPU and site, switches the sites to their new
-    /// bytes, lets `update` record the change (given the pause so far),
-    /// commits the registry and resumes. With `record_first` the registry is
-    /// committed before the sites are written (apply: a crash in between
-    /// leaves a record that an idempotent revert clears, never a live `jmp`
-    /// nobody knows about); otherwise after (revert). On any failure the
-    /// sites and the registry are restored before resuming.
+    /// bytes, lets `update` record the change, commits the registry and
+    /// resumes (unless the VM was paused before). With `record_first` the
+    /// registry is committed before the sites are written (apply: a crash in
+    /// between leaves a record that an idempotent revert clears, never a
+    /// live `jmp` nobody knows about); otherwise after (revert). On failure
+    /// the sites and the registry are restored before resuming.
     fn switch(
         &mut self,
         sites: &[(&Site, [u8; 5])],
         header: &Header,
         reg: &mut Registry,
         record_first: bool,
-        update: impl FnOnce(&mut Registry, Duration),
-    ) -> Result<Duration, EngineError> {
+        update: impl FnOnce(&mut Registry),
+    ) -> Result<Duration, SwitchFailure> {
+        let fail = |error: EngineError| SwitchFailure {
+            error,
+            sites_restored: true,
+        };
+        let was_paused = self.m.is_paused().map_err(|e| fail(e.into()))?;
         let t = Instant::now();
-        self.m.pause()?;
+        if let Err(e) = self.m.pause() {
+            // The stop may have happened even though its reply was lost.
+            if !was_paused && self.m.is_paused().unwrap_or(false) {
+                let _ = self.m.resume();
+            }
+            return Err(fail(e.into()));
+        }
         let before = reg.clone();
         let mut update = Some(update);
         let mut saved: Option<Vec<(u64, Vec<u8>)>> = None;
@@ -476,10 +541,10 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         let mut done = Vec::new();
         let mut result = self.check_paused(sites).map(|d| done = d);
         if result.is_ok() && record_first {
-            (update.take().expect("once"))(reg, t.elapsed());
+            (update.take().expect("once"))(reg);
             result = self.snapshot_registry(header).map(|s| saved = Some(s));
             if result.is_ok() {
-                result = self.commit(header, reg).map(drop);
+                result = self.commit(header, reg);
             }
         }
         if result.is_ok() {
@@ -496,14 +561,18 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         }
         if result.is_ok() {
             if let Some(update) = update.take() {
-                update(reg, t.elapsed());
+                update(reg);
                 result = self.commit(header, reg);
             }
         }
+        let mut sites_restored = true;
         if result.is_err() {
             for s in written {
-                if let Err(e) = self.m.write_phys(s.site_pa, &s.current) {
-                    tracing::error!(site = s.site_addr, error = %e, "restoring a site failed");
+                let restored = self.m.write_phys(s.site_pa, &s.current).is_ok()
+                    && self.site_holds(s.site_pa, &s.current);
+                if !restored {
+                    tracing::error!(site = s.site_addr, "restoring a site failed");
+                    sites_restored = false;
                 }
             }
             *reg = before;
@@ -513,11 +582,47 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 }
             }
         }
-        let resumed = self.m.resume();
+        let resumed = if was_paused { Ok(()) } else { self.m.resume() };
         let pause = t.elapsed();
-        result?;
-        resumed?;
-        Ok(pause)
+        match (result, resumed) {
+            (Err(error), _) => Err(SwitchFailure {
+                error,
+                sites_restored,
+            }),
+            (Ok(()), Err(e)) => Err(SwitchFailure {
+                error: EngineError::ResumeFailed(e),
+                sites_restored: false,
+            }),
+            (Ok(()), Ok(())) => Ok(pause),
+        }
+    }
+
+    fn site_holds(&self, pa: u64, bytes: &[u8; 5]) -> bool {
+        let mut now = [0u8; 5];
+        self.m.read_phys(pa, &mut now).is_ok() && now == *bytes
+    }
+
+    /// Stores the final pause time (measured after resume) in the record;
+    /// the guest is running again, so this is an ordinary data write.
+    fn record_pause(&mut self, id: &str, state: BundleState, pause: Duration) {
+        let res = self.read_header().and_then(|(h, mut reg)| {
+            let us = pause.as_micros() as u64;
+            if let Some(b) = reg
+                .bundles
+                .iter_mut()
+                .rev()
+                .find(|b| b.id == id && b.state == state)
+            {
+                match state {
+                    BundleState::Applied => b.apply_pause_us = us,
+                    BundleState::Reverted => b.revert_pause_us = Some(us),
+                }
+            }
+            self.commit(&h, &mut reg)
+        });
+        if let Err(e) = res {
+            tracing::warn!(error = %e, "could not record the pause time");
+        }
     }
 
     /// With the VM paused: no vCPU may be inside a site, and each site must
@@ -614,18 +719,20 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             .iter()
             .map(|s| s.original.clone().try_into().unwrap_or(NOP5));
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(originals).collect();
-        let pause = self.switch(&switch, &header, &mut reg, false, |reg, paused| {
-            if let Some(b) = reg
-                .bundles
-                .iter_mut()
-                .rev()
-                .find(|b| b.id == id && b.state == BundleState::Applied)
-            {
-                b.state = BundleState::Reverted;
-                b.reverted_unix_ms = Some(now_ms());
-                b.revert_pause_us = Some(paused.as_micros() as u64);
-            }
-        })?;
+        let pause = self
+            .switch(&switch, &header, &mut reg, false, |reg| {
+                if let Some(b) = reg
+                    .bundles
+                    .iter_mut()
+                    .rev()
+                    .find(|b| b.id == id && b.state == BundleState::Applied)
+                {
+                    b.state = BundleState::Reverted;
+                    b.reverted_unix_ms = Some(now_ms());
+                }
+            })
+            .map_err(|f| f.error)?;
+        self.record_pause(id, BundleState::Reverted, pause);
         Ok(RevertReport {
             id: id.to_owned(),
             sites: rec.sites,

@@ -22,7 +22,7 @@ mod sections;
 mod site;
 
 pub use bundle::{pack, Bundle, BundleError, MANIFEST_SECTION};
-pub use engine::{ApplyReport, EngineError, RevertReport, Session};
+pub use engine::{reset_stale_registry, ApplyReport, EngineError, RevertReport, Session};
 pub use layout::{
     DroppedSection, FentrySite, Linked, PlacedSection, RegionKind, RegionPlan, Regions,
     MAX_REGION_SIZE, PAGE_SIZE,

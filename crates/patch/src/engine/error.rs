@@ -63,6 +63,14 @@ pub enum EngineError {
     },
     #[error("patch memory moved from guest-physical {mapped:#x} to {now:#x} (the guest reassigned the PCI BAR) after lucos mapped it; the applied patches' page tables point to the old address, so lucos refuses to touch them. Restart the VM")]
     PatchMemoryMoved { mapped: u64, now: u64 },
+    #[error("patch memory holds records of an earlier boot of this guest: the page-directory entry at guest-physical {pa:#x} no longer holds {value:#x}. Those patches are gone with that kernel; clear the records with `lucos reset`")]
+    StaleRegistry { pa: u64, value: u64 },
+    #[error("the patch registry describes the running kernel; nothing to reset (revert bundles with `lucos revert`)")]
+    NotStale,
+    #[error("`{first}` and `{second}` are the same function in the running kernel; list it once")]
+    SameSiteTwice { first: String, second: String },
+    #[error("the VM did not resume after the switch ({0}); the change was made and recorded. Run `lucos resume` to continue the guest")]
+    ResumeFailed(MachineError),
     #[error("the linked bundle has no function `{0}` for its manifest")]
     MissingNew(String),
     #[error(transparent)]
@@ -79,6 +87,6 @@ pub enum EngineError {
     Kaslr(#[from] KaslrError),
     #[error("kernel symbols: {0}")]
     Symbols(#[from] SymbolError),
-    #[error("VM: {0}")]
+    #[error(transparent)]
     Machine(#[from] MachineError),
 }
