@@ -11,7 +11,8 @@ use lucos_patch::{Bundle, EngineError, Manifest, Session};
 use sha2::{Digest, Sha256};
 
 /// Everything a refused or failed apply must leave byte-identical: the
-/// whole kernel text, the target sites, and all of patch memory.
+/// whole kernel text (sites included), all of patch memory, and the page
+/// directory lucos hangs its page tables into.
 fn guest_hash(s: &mut Shared) -> [u8; 32] {
     let a = &mut s.a;
     let mut h = Sha256::new();
@@ -23,6 +24,12 @@ fn guest_hash(s: &mut Shared) -> [u8; 32] {
     let mut pm = vec![0u8; w.size as usize];
     a.vm.read_phys(w.gpa, &mut pm).unwrap();
     h.update(&pm);
+    // The kernel-image page directory, where a first apply hangs lucos's tables.
+    let walk = lucos_introspect::walk(&a.vm, a.layout.cr3, 0xffff_ffff_8000_0000).unwrap();
+    let pd = walk.entry(lucos_introspect::Level::Pd).unwrap().entry_pa & !0xfff;
+    let mut page = vec![0u8; 4096];
+    a.vm.read_phys(pd, &mut page).unwrap();
+    h.update(&page);
     h.finalize().into()
 }
 
@@ -166,8 +173,24 @@ fn site_of(s: &Shared, func: &str) -> u64 {
 /// site switch. The engine must restore and resume.
 struct Flaky<'a> {
     inner: &'a mut lucos_backend::Vm,
+    /// Fail the N-th coherent (site) write; 0 = never.
     fail_at: usize,
     writes: usize,
+    /// Fail the N-th data write (staging, registry); 0 = never.
+    fail_data_at: usize,
+    data_writes: usize,
+}
+
+impl<'a> Flaky<'a> {
+    fn new(inner: &'a mut lucos_backend::Vm, fail_at: usize, fail_data_at: usize) -> Self {
+        Flaky {
+            inner,
+            fail_at,
+            writes: 0,
+            fail_data_at,
+            data_writes: 0,
+        }
+    }
 }
 
 impl PhysMem for Flaky<'_> {
@@ -203,6 +226,10 @@ impl Machine for Flaky<'_> {
         self.inner.write_phys(pa, data)
     }
     fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+        self.data_writes += 1;
+        if self.data_writes == self.fail_data_at {
+            return Err(MachineError::Engine("injected: VM went away".into()));
+        }
         self.inner.write_phys_data(pa, data)
     }
 }
@@ -225,29 +252,24 @@ fn site_owned_by_the_guests_ftrace_is_refused() {
 #[test]
 fn failure_mid_switch_rolls_back_and_resumes() {
     let mut s = shared();
-    let two = bundle("uname"); // one site
     let cmd = bundle("cmdline");
+    // Three sites: the second site write fails after the first succeeded.
+    let three = diff_bundle("05-fd-header-inline.patch");
+    assert_eq!(three.manifest().replacements.len(), 3);
     let before = guest_hash(&mut s);
     let w = s.a.vm.patch_window().unwrap();
     let layout = s.a.layout.clone();
     {
         let a = &mut s.a;
-        let mut flaky = Flaky {
-            inner: &mut a.vm,
-            fail_at: 1,
-            writes: 0,
-        };
-        let mut sess = Session::new(&mut flaky, &a.syms, layout.clone(), w.gpa, w.size).unwrap();
-        let err = sess.apply(&two).unwrap_err();
-        assert!(matches!(err, EngineError::Machine(_)), "{err}");
-
-        let mut flaky = Flaky {
-            inner: &mut a.vm,
-            fail_at: 1,
-            writes: 0,
-        };
-        let mut sess = Session::new(&mut flaky, &a.syms, layout, w.gpa, w.size).unwrap();
-        assert!(sess.apply(&cmd).is_err());
+        // (site write to fail, data write to fail): mid-switch, first
+        // staging write, a later staging write.
+        for (fail_at, fail_data_at) in [(2, 0), (0, 1), (0, 4)] {
+            let mut flaky = Flaky::new(&mut a.vm, fail_at, fail_data_at);
+            let mut sess =
+                Session::new(&mut flaky, &a.syms, layout.clone(), w.gpa, w.size).unwrap();
+            let err = sess.apply(&three).unwrap_err();
+            assert!(matches!(err, EngineError::Machine(_)), "{err}");
+        }
     }
     assert!(!s.a.vm.is_paused().unwrap(), "VM left paused");
     assert_eq!(
@@ -255,6 +277,21 @@ fn failure_mid_switch_rolls_back_and_resumes() {
         before,
         "failed apply left changes behind"
     );
+    assert!(!s.sh("cat /proc/cmdline").contains("lucos-patched"));
+
+    // A lucos killed after recording an apply but before switching the site:
+    // the record is reported, and revert clears it without touching the site.
+    apply_bundle(&mut s.a, &cmd).unwrap();
+    let site = site_of(&s, "cmdline_proc_show");
+    s.a.vm.write_phys(site, &lucos_patch::NOP5).unwrap();
+    let odd = session(&mut s.a).unwrap().inconsistencies().unwrap();
+    assert_eq!(odd.len(), 1, "{odd:?}");
+    revert_bundle(&mut s.a, &cmd.manifest().id).unwrap();
+    assert!(session(&mut s.a)
+        .unwrap()
+        .inconsistencies()
+        .unwrap()
+        .is_empty());
     assert!(!s.sh("cat /proc/cmdline").contains("lucos-patched"));
 }
 
@@ -313,6 +350,8 @@ fn two_hundred_cycles_under_syscall_load() {
     // One syscall loop per vCPU, each hitting the patched function.
     s.sh(&format!("sysloop --forever --report-ms 500 --check-release {release} >/tmp/l0 2>&1 & sysloop --forever --report-ms 500 --check-release {release} >/tmp/l1 2>&1 &"));
     let mark = s.booted.console.transcript().len();
+    let tainted = s.sh("cat /proc/sys/kernel/tainted");
+    let dmesg_lines = s.sh("dmesg | wc -l").trim().parse::<usize>().unwrap();
     let progress = |s: &Shared, f: &str| -> u64 {
         let out = s.sh(&format!("tail -n 1 {f}"));
         out.split("progress=")
@@ -321,7 +360,12 @@ fn two_hundred_cycles_under_syscall_load() {
             .and_then(|x| x.parse().ok())
             .unwrap_or(0)
     };
-    let start = [progress(&s, "/tmp/l0"), progress(&s, "/tmp/l1")];
+    // Both loops must be running before the cycles start.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while progress(&s, "/tmp/l0") == 0 || progress(&s, "/tmp/l1") == 0 {
+        assert!(Instant::now() < deadline, "syscall loops did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let mut pauses = Vec::new();
     let t = Instant::now();
     for _ in 0..200 {
@@ -330,48 +374,64 @@ fn two_hundred_cycles_under_syscall_load() {
     }
     eprintln!("200 cycles in {:.1} s", t.elapsed().as_secs_f64());
     lucos::patchcmd::print_percentiles("pause under load", &mut pauses);
-    // The loops saw both kernels and kept going.
+    let counts = |s: &Shared| -> (u64, u64, [u64; 2]) {
+        let last = s.sh("tail -n 1 /tmp/l0; tail -n 1 /tmp/l1");
+        let sum = |key: &str| -> u64 {
+            last.split_whitespace()
+                .filter_map(|w| w.strip_prefix(key))
+                .filter_map(|v| v.parse::<u64>().ok())
+                .sum()
+        };
+        (
+            sum("same="),
+            sum("other="),
+            [progress(s, "/tmp/l0"), progress(s, "/tmp/l1")],
+        )
+    };
+    // Both kernels answered the loops: calls saw the patched release too.
+    let (same, other, after) = counts(&s);
+    assert!(other > 0, "the loops never ran the patched function");
+    assert!(same > 0, "the loops never ran the original function");
+    // And both loops are still alive after the cycles: new reports keep coming.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let now = [progress(&s, "/tmp/l0"), progress(&s, "/tmp/l1")];
-        if now[0] > start[0] && now[1] > start[1] {
+        let (_, _, now) = counts(&s);
+        if now[0] > after[0] && now[1] > after[1] {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "syscall loops stopped making progress"
+            "a syscall loop stopped making progress"
         );
+        std::thread::sleep(Duration::from_millis(200));
     }
-    let last = s.sh("tail -n 1 /tmp/l0; tail -n 1 /tmp/l1");
     s.sh("kill %1 %2; wait");
-    // Both kernels answered the loops: calls saw the patched release too.
-    let count = |key: &str| -> u64 {
-        last.split_whitespace()
-            .filter_map(|w| w.strip_prefix(key))
-            .filter_map(|v| v.parse::<u64>().ok())
-            .sum()
-    };
-    assert!(
-        count("other=") > 0,
-        "the loops never ran the patched function: {last}"
-    );
-    assert!(
-        count("same=") > 0,
-        "the loops never ran the original function: {last}"
-    );
+    // No oops on the console, no new warning or BUG in the kernel log
+    // (the harness console only shows urgent messages), no new taint.
     let console = &s.booted.console.transcript()[mark..];
+    assert!(
+        !console.contains("Oops") && !console.contains("general protection"),
+        "{console}"
+    );
+    let new_log = s.sh(&format!("dmesg | tail -n +{}", dmesg_lines + 1));
     for bad in [
         "Oops",
         "BUG:",
         "WARNING:",
-        "general protection",
         "Call Trace",
+        "general protection",
     ] {
         assert!(
-            !console.contains(bad),
-            "guest console shows '{bad}':\n{console}"
+            !new_log.contains(bad),
+            "guest kernel log shows '{bad}':\n{new_log}"
         );
     }
+    assert_eq!(
+        s.sh("cat /proc/sys/kernel/tainted"),
+        tainted,
+        "the kernel became tainted"
+    );
+    let last = format!("same={same} other={other}");
     assert_eq!(s.sh("uname -r").trim(), release);
     eprintln!("{last}");
 }

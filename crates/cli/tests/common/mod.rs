@@ -186,3 +186,25 @@ pub fn snippet_bundle(id: &str, source: &str) -> lucos_patch::Bundle {
     std::fs::write(bundle_path(id), &bytes).unwrap();
     lucos_patch::Bundle::parse(&bytes).unwrap()
 }
+
+/// Builds (once per process) a bundle from a sample diff in guest/patches.
+pub fn diff_bundle(patch: &str) -> lucos_patch::Bundle {
+    static CACHE: Mutex<Vec<(String, Vec<u8>)>> = Mutex::new(Vec::new());
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, b)) = cache.iter().find(|(n, _)| n == patch) {
+        return lucos_patch::Bundle::parse(b).unwrap();
+    }
+    let path = lucos::guest::guest_dir().join("patches").join(patch);
+    let outcome = lucos_build::diff::build(
+        &guest().kernel_dir,
+        &path,
+        &lucos_build::diff::BuildOptions::default(),
+        &lucos_build::diff::NoProgress,
+    )
+    .unwrap_or_else(|e| panic!("{patch}: {e}"));
+    let lucos_build::diff::BuildOutcome::Bundle(b) = outcome else {
+        panic!("{patch}: no bundle");
+    };
+    cache.push((patch.to_owned(), b.bundle.clone()));
+    lucos_patch::Bundle::parse(&b.bundle).unwrap()
+}
