@@ -232,6 +232,7 @@ impl RunningVm {
             source,
         })?;
         vm.desc.qemu_pid = child.id();
+        sys::track(child.id(), dir.clone());
         vm.child = Some(child);
         vm.started = Instant::now();
         vm.wait_for_sockets(&stderr_path)?;
@@ -269,7 +270,6 @@ impl RunningVm {
     /// QEMU is killed and its files removed (for harnesses that keep one
     /// shared VM in a static).
     pub fn keep_until_exit(mut self) -> VmDescriptor {
-        sys::cleanup_at_exit(self.desc.qemu_pid, self.desc.dir.clone());
         // Drop now leaves QEMU running; the exit hook ends it.
         self.owned = false;
         self.desc.clone()
@@ -291,7 +291,9 @@ impl RunningVm {
             return;
         }
         if let Some(child) = self.child.take() {
+            let pid = child.id();
             self.stop(child);
+            sys::untrack(pid);
         }
         let _ = std::fs::remove_dir_all(&self.desc.dir);
     }

@@ -18,6 +18,8 @@ pub use error::BackendError;
 pub use launch::{Accel, LaunchConfig, RunningVm, SerialMode};
 pub use vm::Vm;
 
+pub use sys::exit_on_signal;
+
 /// SIGKILLs a process (tests use it to make a VM disappear).
 pub fn sys_kill(pid: u32) {
     sys::signal(pid, true);

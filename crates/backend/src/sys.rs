@@ -116,31 +116,59 @@ pub fn signal(pid: u32, kill: bool) {
     }
 }
 
-static EXIT_CLEANUP: std::sync::Mutex<Vec<(u32, std::path::PathBuf)>> =
-    std::sync::Mutex::new(Vec::new());
+/// QEMUs this process started and has not shut down yet, with their VM
+/// directories: what the exit hook and the signal handler clean up.
+static LIVE: std::sync::Mutex<Vec<(u32, std::path::PathBuf)>> = std::sync::Mutex::new(Vec::new());
+static EXIT_HOOK: std::sync::Once = std::sync::Once::new();
 
-extern "C" fn run_exit_cleanup() {
-    let list = match EXIT_CLEANUP.lock() {
-        Ok(l) => l.clone(),
-        Err(p) => p.into_inner().clone(),
-    };
-    for (pid, dir) in list {
+fn live() -> std::sync::MutexGuard<'static, Vec<(u32, std::path::PathBuf)>> {
+    LIVE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+extern "C" fn kill_live_vms() {
+    for (pid, dir) in live().drain(..) {
         signal(pid, true);
         let _ = std::fs::remove_dir_all(dir);
     }
 }
 
-/// Kills `pid` and removes `dir` when the process exits normally, for VMs
-/// kept in statics (test harnesses), whose destructors never run.
-pub fn cleanup_at_exit(pid: u32, dir: std::path::PathBuf) {
-    let mut list = EXIT_CLEANUP.lock().unwrap_or_else(|p| p.into_inner());
-    if list.is_empty() {
+/// Records a started QEMU. When the process exits normally, whatever is
+/// still recorded is killed and its directory removed (VMs kept in statics
+/// by test harnesses are never dropped).
+pub fn track(pid: u32, dir: std::path::PathBuf) {
+    EXIT_HOOK.call_once(|| {
         // SAFETY: registers a plain `extern "C" fn()` that only takes a
         // mutex, sends signals and removes files; atexit has no other
         // preconditions.
-        unsafe { libc::atexit(run_exit_cleanup) };
-    }
-    list.push((pid, dir));
+        unsafe { libc::atexit(kill_live_vms) };
+    });
+    live().push((pid, dir));
+}
+
+/// Forgets a QEMU that was shut down normally.
+pub fn untrack(pid: u32) {
+    live().retain(|(p, _)| *p != pid);
+}
+
+/// On SIGINT/SIGTERM/SIGHUP: kill every tracked QEMU, remove its files and
+/// exit (130). For commands that own VMs but no event loop (demo, bench,
+/// tests); `lucos run` shuts down through QMP instead.
+pub fn exit_on_signal() -> std::io::Result<()> {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let mut result = Ok(());
+    ONCE.call_once(|| {
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+        result =
+            signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]).map(|mut signals| {
+                std::thread::spawn(move || {
+                    if signals.forever().next().is_some() {
+                        kill_live_vms();
+                        std::process::exit(130);
+                    }
+                });
+            });
+    });
+    result
 }
 
 /// Pid of the process at the other end of a connected unix socket

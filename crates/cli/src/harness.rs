@@ -37,6 +37,7 @@ fn wait_shell(desc: &VmDescriptor, started: Instant) -> Result<(Console, Duratio
 
 /// Boots a VM owned by the caller (dropping the `RunningVm` stops it).
 pub fn boot(opts: &VmOpts, guest: &Guest) -> Result<(RunningVm, Booted)> {
+    lucos_backend::exit_on_signal().context("installing signal handlers")?;
     let cfg = opts.launch_config(guest, SerialMode::Socket)?;
     let vm = RunningVm::start(&cfg).context("starting the VM")?;
     let (console, boot_time) = wait_shell(&vm.desc, vm.started)?;
