@@ -20,6 +20,7 @@ const CHUNK: usize = 1024;
 
 pub struct Gdb {
     stream: UnixStream,
+    path: std::path::PathBuf,
     buf: Vec<u8>,
     threads: Vec<String>,
     /// Whether packets must still be acknowledged (QEMU before 8.x has no
@@ -82,11 +83,13 @@ impl Gdb {
             path: path.to_owned(),
             source,
         })?;
+        // QEMU serves one gdb client; a busy socket accepts but never answers.
         stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
+            .set_read_timeout(Some(Duration::from_secs(5)))
             .map_err(io)?;
         let mut gdb = Gdb {
             stream,
+            path: path.to_owned(),
             buf: Vec::new(),
             threads: Vec::new(),
             ack: true,
@@ -110,6 +113,9 @@ impl Gdb {
                 .extend(String::from_utf8_lossy(rest).split(',').map(str::to_owned));
             reply = gdb.request(b"qsThreadInfo")?;
         }
+        gdb.stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io)?;
         Ok(gdb)
     }
 
@@ -123,7 +129,16 @@ impl Gdb {
 
     fn fill(&mut self) -> Result<(), BackendError> {
         let mut tmp = [0u8; 8192];
-        let n = self.stream.read(&mut tmp).map_err(io)?;
+        let n = self.stream.read(&mut tmp).map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => BackendError::Timeout {
+                what: format!(
+                    "the gdbstub at {} to answer; is another debugger attached to it? Detach it and retry",
+                    self.path.display()
+                ),
+                secs: self.stream.read_timeout().ok().flatten().map_or(0.0, |d| d.as_secs_f64()),
+            },
+            _ => io(e),
+        })?;
         if n == 0 {
             return Err(BackendError::Gdb(
                 "QEMU closed the gdbstub connection".into(),

@@ -17,7 +17,7 @@ pub const PATCH_DEVICE: &str = "lucos-patch";
 pub const PATCH_BAR: u64 = 2;
 /// Below this much RAM the `pc` machine puts all of it below 4 GiB, so
 /// guest-physical address == RAM file offset.
-pub const MAX_LOWMEM_MIB: u64 = 3 * 1024;
+const MAX_LOWMEM_MIB: u64 = 3 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -75,9 +75,9 @@ impl LaunchConfig {
                 self.mem_mib
             )));
         }
-        if self.patch_mib < 4 || !self.patch_mib.is_power_of_two() {
+        if !(4..=256).contains(&self.patch_mib) || !self.patch_mib.is_power_of_two() {
             return Err(BackendError::Config(format!(
-                "patch memory {} MiB must be a power of two >= 4 (an ivshmem BAR)",
+                "patch memory {} MiB must be a power of two from 4 to 256 (an ivshmem BAR that fits next to the kernel image)",
                 self.patch_mib
             )));
         }

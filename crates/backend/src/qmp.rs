@@ -46,7 +46,7 @@ impl Qmp {
             next_id: 1,
         };
         let greeting = qmp.read_message().map_err(|e| match e {
-            BackendError::Io { source, .. } if source.kind() == std::io::ErrorKind::WouldBlock => BackendError::Qmp(
+            BackendError::Timeout { .. } => BackendError::Qmp(
                 "QEMU sent no QMP greeting: another client (another lucos process?) holds the QMP socket".into(),
             ),
             e => e,
@@ -66,7 +66,13 @@ impl Qmp {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = self.reader.read_line(&mut line).map_err(io)?;
+            let n = self.reader.read_line(&mut line).map_err(|e| match e.kind() {
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => BackendError::Timeout {
+                    what: "QEMU to answer on QMP (is the VM wedged, or another client holding the socket?)".into(),
+                    secs: 30.0,
+                },
+                _ => io(e),
+            })?;
             if n == 0 {
                 return Err(BackendError::Qmp("QEMU closed the QMP socket".into()));
             }
@@ -216,7 +222,6 @@ pub fn parse_info_registers(text: &str) -> Option<VcpuRegs> {
         cs: hex("CS")?,
         fs_base: hex("FS_BASE")?,
         gs_base: hex("GS_BASE")?,
-        kernel_gs_base: 0,
         cr0: hex("CR0")?,
         cr2: hex("CR2")?,
         cr3: hex("CR3")?,

@@ -79,6 +79,23 @@ impl Vm {
             .pci_bar(&self.desc.patch_device, PATCH_BAR)?
             .filter(|&(gpa, size)| gpa != 0 && gpa != u64::MAX && size == self.desc.patch.size)
             .map(|(gpa, size)| PatchWindow { gpa, size });
+        if let Some(w) = self.window {
+            if let Some(r) = self
+                .desc
+                .ram_regions
+                .iter()
+                .find(|r| w.gpa < r.gpa + r.len && r.gpa < w.gpa + w.size)
+            {
+                self.window = None;
+                return Err(BackendError::PatchMemory(format!(
+                    "the patch memory BAR at {:#x} overlaps guest RAM region {:#x}+{:#x} of the descriptor: the RAM layout in {} is wrong for this machine",
+                    w.gpa,
+                    r.gpa,
+                    r.len,
+                    self.desc.dir.display()
+                )));
+            }
+        }
         Ok(self.window)
     }
 

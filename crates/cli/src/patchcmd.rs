@@ -104,17 +104,27 @@ fn ms(d: Duration) -> f64 {
 }
 
 pub fn apply(args: ApplyArgs) -> Result<()> {
+    let t = Instant::now();
     let bundle = load_bundle(&args.bundle)?;
     let mut a = attach(&args.vm)?;
     let r = apply_bundle(&mut a, &bundle)?;
     print_apply(&r);
+    println!(
+        "  command total {:.1} ms (attach, symbols, KASLR, apply)",
+        ms(t.elapsed())
+    );
     Ok(())
 }
 
 pub fn revert(args: RevertArgs) -> Result<()> {
+    let t = Instant::now();
     let mut a = attach(&args.vm)?;
     let r = revert_bundle(&mut a, &args.id)?;
     print_revert(&r);
+    println!(
+        "  command total {:.1} ms (attach, symbols, KASLR, revert)",
+        ms(t.elapsed())
+    );
     Ok(())
 }
 

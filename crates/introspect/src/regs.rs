@@ -12,7 +12,6 @@ pub struct VcpuRegs {
     pub cs: u64,
     pub fs_base: u64,
     pub gs_base: u64,
-    pub kernel_gs_base: u64,
     pub cr0: u64,
     pub cr2: u64,
     pub cr3: u64,

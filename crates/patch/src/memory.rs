@@ -37,8 +37,10 @@ pub enum MemoryError {
     BadSize(u64),
     #[error("patch memory is full: the bundle needs {need} bytes, {free} are left. Restart the VM with a larger --patch-mem (ranges are never reused, even after revert)")]
     Full { need: u64, free: u64 },
-    #[error("no free virtual range for patch memory in the kernel image region (kernel {text:#x}..{end:#x}); the guest's page tables look unusual")]
-    NoVirtualRange { text: u64, end: u64 },
+    #[error("no free {size_mib} MiB range for patch memory in the kernel image region next to the kernel ({text:#x}..{end:#x}); use a smaller --patch-mem")]
+    NoVirtualRange { size_mib: u64, text: u64, end: u64 },
+    #[error("the page-directory entry for {va:#x} is already in use by the guest; lucos will not map patch memory over it")]
+    PdEntryInUse { va: u64 },
     #[error("page tables: {0}")]
     Paging(#[from] paging::PagingError),
     #[error(transparent)]
@@ -115,7 +117,7 @@ pub fn pd_entries_for(
         let va = va_base + chunk * HUGE;
         let walk = paging::walk(mem, cr3, va)?;
         if walk.stopped_at() != Some(Level::Pd) {
-            return Err(MemoryError::NoVirtualRange { text: va, end: va });
+            return Err(MemoryError::PdEntryInUse { va });
         }
         let pd = walk.entry(Level::Pd).expect("walk reached the PD");
         let value = pm.pa(pm.layout.pt_offset(chunk)) | PRESENT | RW | ACCESSED;
@@ -147,6 +149,7 @@ pub fn choose_va_base(
         }
     }
     Err(MemoryError::NoVirtualRange {
+        size_mib: size >> 20,
         text: kernel_text,
         end: kernel_end,
     })
