@@ -526,26 +526,33 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             sites_restored: true,
         };
         let was_paused = self.m.is_paused().map_err(|e| fail(e.into()))?;
+        let before = reg.clone();
+        let mut update = Some(update);
+        // Work that does not need the guest stopped happens before the stop:
+        // the record itself and the bytes a record-first commit overwrites.
+        let mut saved: Option<Vec<(u64, Vec<u8>)>> = None;
+        if record_first {
+            (update.take().expect("once"))(reg);
+            let snapshot = self.snapshot_registry(header).map_err(|e| {
+                *reg = before.clone();
+                fail(e)
+            })?;
+            saved = Some(snapshot);
+        }
         let t = Instant::now();
         if let Err(e) = self.m.pause() {
+            *reg = before;
             // The stop may have happened even though its reply was lost.
             if !was_paused && self.m.is_paused().unwrap_or(false) {
                 let _ = self.m.resume();
             }
             return Err(fail(e.into()));
         }
-        let before = reg.clone();
-        let mut update = Some(update);
-        let mut saved: Option<Vec<(u64, Vec<u8>)>> = None;
         let mut written: Vec<&Site> = Vec::new();
         let mut done = Vec::new();
         let mut result = self.check_paused(sites).map(|d| done = d);
         if result.is_ok() && record_first {
-            (update.take().expect("once"))(reg);
-            result = self.snapshot_registry(header).map(|s| saved = Some(s));
-            if result.is_ok() {
-                result = self.commit(header, reg);
-            }
+            result = self.commit(header, reg);
         }
         if result.is_ok() {
             for ((site, bytes), done) in sites.iter().zip(&done) {
