@@ -32,11 +32,7 @@ pub struct CommandOutput {
 
 impl Console {
     pub fn connect(path: &Path) -> Result<Self, BackendError> {
-        let stream = UnixStream::connect(path).map_err(|source| BackendError::Connect {
-            what: "serial console socket",
-            path: path.to_owned(),
-            source,
-        })?;
+        let stream = crate::error::connect_unix(path, "serial console socket")?;
         let mut reader = stream.try_clone().map_err(|source| BackendError::Io {
             what: "serial console",
             source,

@@ -54,6 +54,33 @@ pub enum BackendError {
     Config(String),
 }
 
+/// Connects to a QEMU unix socket. QEMU creates the socket file (bind)
+/// a moment before it listens, so a refused connection is retried briefly.
+pub(crate) fn connect_unix(
+    path: &std::path::Path,
+    what: &'static str,
+) -> Result<std::os::unix::net::UnixStream, BackendError> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(source) => {
+                return Err(BackendError::Connect {
+                    what,
+                    path: path.to_owned(),
+                    source,
+                })
+            }
+        }
+    }
+}
+
 impl From<BackendError> for lucos_introspect::MachineError {
     fn from(e: BackendError) -> Self {
         lucos_introspect::MachineError::Engine(e.to_string())

@@ -78,11 +78,7 @@ impl Gdb {
     /// Connects. Note QEMU pauses the VM when a gdb client connects; the
     /// caller restores the run state it wants.
     pub fn connect(path: &Path) -> Result<Self, BackendError> {
-        let stream = UnixStream::connect(path).map_err(|source| BackendError::Connect {
-            what: "gdbstub socket",
-            path: path.to_owned(),
-            source,
-        })?;
+        let stream = crate::error::connect_unix(path, "gdbstub socket")?;
         // QEMU serves one gdb client; a busy socket accepts but never answers.
         stream
             .set_read_timeout(Some(Duration::from_secs(5)))

@@ -33,11 +33,7 @@ impl Qmp {
     /// Connects; QEMU serves one QMP client at a time, so a missing
     /// greeting means another client holds the socket.
     pub fn connect_timeout(path: &Path, timeout: Duration) -> Result<Self, BackendError> {
-        let stream = UnixStream::connect(path).map_err(|source| BackendError::Connect {
-            what: "QMP socket",
-            path: path.to_owned(),
-            source,
-        })?;
+        let stream = crate::error::connect_unix(path, "QMP socket")?;
         stream.set_read_timeout(Some(timeout)).map_err(io)?;
         let writer = stream.try_clone().map_err(io)?;
         let mut qmp = Qmp {
