@@ -151,6 +151,15 @@ fn refusals_leave_the_guest_byte_identical() {
     expect_refusal(&mut s, &good, "ftrace owns");
     s.a.vm.write_phys(cmd_site, &lucos_patch::NOP5).unwrap();
 
+    // One function under two spellings: refused (revert could never undo both).
+    let twice = with_manifest(&good, |m| {
+        let mut again = m.replacements[0].clone();
+        m.replacements[0].old_file = Some("cmdline.c".into());
+        again.old_file = Some("fs/proc/cmdline.c".into());
+        m.replacements.push(again);
+    });
+    expect_refusal(&mut s, &twice, "same function");
+
     // A jmp nobody recorded (another live-patching tool): refused.
     s.a.vm.write_phys(cmd_site, &[0xe9, 0, 0, 0, 0]).unwrap();
     expect_refusal(&mut s, &good, "no applied lucos bundle wrote");
