@@ -21,7 +21,11 @@ use crate::{
 };
 
 mod error;
+mod reset;
+mod switch;
+
 pub use error::EngineError;
+pub use reset::reset_stale_registry;
 
 /// A guest as the engine sees it: machine, symbols, live layout, patch memory.
 pub struct Session<'a, M: Machine + ?Sized> {
@@ -82,40 +86,6 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
-}
-
-/// Clears a registry whose records belong to an earlier boot (see
-/// [`EngineError::StaleRegistry`]). Allocated pages stay allocated: the
-/// guest may have run code from them, so they are never reused.
-pub fn reset_stale_registry<M: Machine + ?Sized>(
-    m: &mut M,
-    patch_gpa: u64,
-    patch_size: u64,
-) -> Result<usize, EngineError> {
-    let layout = PatchMemLayout::new(patch_size)?;
-    let mut hb = [0u8; HEADER_LEN];
-    m.read_phys(patch_gpa + layout.header_offset(), &mut hb)?;
-    let Some(header) = Header::decode(&hb)? else {
-        return Ok(0);
-    };
-    let mut slot = vec![0u8; memory::REGISTRY_SLOT_SIZE];
-    m.read_phys(patch_gpa + layout.slot_offset(header.active), &mut slot)?;
-    let old = header.registry(&slot)?;
-    let mut stale = false;
-    for &(pa, value) in &old.pd_entries {
-        stale |= m.read_u64(pa)? != value;
-    }
-    if !stale {
-        return Err(EngineError::NotStale);
-    }
-    let mut fresh = Registry::empty(&layout);
-    fresh.next_free = old.next_free;
-    fresh.generation = old.generation + 1;
-    fresh.reverted_dropped = old.reverted_dropped + old.bundles.len() as u64;
-    let (h, json) = fresh.encode(&header)?;
-    m.write_phys_data(patch_gpa + layout.slot_offset(h.active), &json)?;
-    m.write_phys_data(patch_gpa + layout.header_offset(), &h.encode())?;
-    Ok(old.bundles.len())
 }
 
 impl<'a, M: Machine + ?Sized> Session<'a, M> {
@@ -504,188 +474,6 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 tracing::error!(pa, error = %e, "rollback write failed");
             }
         }
-    }
-
-    /// Pauses, checks every vCPU and site, switches the sites to their new
-    /// bytes, lets `update` record the change, commits the registry and
-    /// resumes (unless the VM was paused before). With `record_first` the
-    /// registry is committed before the sites are written (apply: a crash in
-    /// between leaves a record that an idempotent revert clears, never a
-    /// live `jmp` nobody knows about); otherwise after (revert). On failure
-    /// the sites and the registry are restored before resuming.
-    fn switch(
-        &mut self,
-        sites: &[(&Site, [u8; 5])],
-        header: &Header,
-        reg: &mut Registry,
-        record_first: bool,
-        update: impl FnOnce(&mut Registry),
-    ) -> Result<Duration, SwitchFailure> {
-        let fail = |error: EngineError| SwitchFailure {
-            error,
-            sites_restored: true,
-        };
-        let was_paused = self.m.is_paused().map_err(|e| fail(e.into()))?;
-        let before = reg.clone();
-        let mut update = Some(update);
-        // Work that does not need the guest stopped happens before the stop:
-        // the record itself and the bytes a record-first commit overwrites.
-        let mut saved: Option<Vec<(u64, Vec<u8>)>> = None;
-        if record_first {
-            (update.take().expect("once"))(reg);
-            let snapshot = self.snapshot_registry(header).map_err(|e| {
-                *reg = before.clone();
-                fail(e)
-            })?;
-            saved = Some(snapshot);
-        }
-        let t = Instant::now();
-        if let Err(e) = self.m.pause() {
-            *reg = before;
-            // The stop may have happened even though its reply was lost.
-            if !was_paused && self.m.is_paused().unwrap_or(false) {
-                let _ = self.m.resume();
-            }
-            return Err(fail(e.into()));
-        }
-        let mut written: Vec<&Site> = Vec::new();
-        let mut done = Vec::new();
-        let mut result = self.check_paused(sites).map(|d| done = d);
-        if result.is_ok() && record_first {
-            result = self.commit(header, reg);
-        }
-        if result.is_ok() {
-            for ((site, bytes), done) in sites.iter().zip(&done) {
-                if *done {
-                    continue; // already switched (by a crashed earlier attempt)
-                }
-                if let Err(e) = self.m.write_phys(site.site_pa, bytes) {
-                    result = Err(e.into());
-                    break;
-                }
-                written.push(site);
-            }
-        }
-        if result.is_ok() {
-            if let Some(update) = update.take() {
-                update(reg);
-                result = self.commit(header, reg);
-            }
-        }
-        let mut sites_restored = true;
-        if result.is_err() {
-            for s in written {
-                let restored = self.m.write_phys(s.site_pa, &s.current).is_ok()
-                    && self.site_holds(s.site_pa, &s.current);
-                if !restored {
-                    tracing::error!(site = s.site_addr, "restoring a site failed");
-                    sites_restored = false;
-                }
-            }
-            *reg = before;
-            for (pa, bytes) in saved.into_iter().flatten() {
-                if let Err(e) = self.m.write_phys_data(pa, &bytes) {
-                    tracing::error!(error = %e, "restoring the registry failed");
-                }
-            }
-        }
-        let resumed = if was_paused { Ok(()) } else { self.m.resume() };
-        let pause = t.elapsed();
-        match (result, resumed) {
-            (Err(error), _) => Err(SwitchFailure {
-                error,
-                sites_restored,
-            }),
-            (Ok(()), Err(e)) => Err(SwitchFailure {
-                error: EngineError::ResumeFailed(e),
-                sites_restored: false,
-            }),
-            (Ok(()), Ok(())) => Ok(pause),
-        }
-    }
-
-    fn site_holds(&self, pa: u64, bytes: &[u8; 5]) -> bool {
-        let mut now = [0u8; 5];
-        self.m.read_phys(pa, &mut now).is_ok() && now == *bytes
-    }
-
-    /// Stores the final pause time (measured after resume) in the record;
-    /// the guest is running again, so this is an ordinary data write.
-    fn record_pause(&mut self, id: &str, state: BundleState, pause: Duration) {
-        let res = self.read_header().and_then(|(h, mut reg)| {
-            let us = pause.as_micros() as u64;
-            if let Some(b) = reg
-                .bundles
-                .iter_mut()
-                .rev()
-                .find(|b| b.id == id && b.state == state)
-            {
-                match state {
-                    BundleState::Applied => b.apply_pause_us = us,
-                    BundleState::Reverted => b.revert_pause_us = Some(us),
-                }
-            }
-            self.commit(&h, &mut reg)
-        });
-        if let Err(e) = res {
-            tracing::warn!(error = %e, "could not record the pause time");
-        }
-    }
-
-    /// With the VM paused: no vCPU may be inside a site, and each site must
-    /// still hold the bytes inspected before staging, or already the new
-    /// bytes (after a crashed attempt; reported as `true`).
-    fn check_paused(&mut self, sites: &[(&Site, [u8; 5])]) -> Result<Vec<bool>, EngineError> {
-        for vcpu in 0..self.m.vcpu_count() {
-            let rip = self.m.vcpu_rip(vcpu)?;
-            if let Some((s, _)) = sites
-                .iter()
-                .find(|(s, _)| rip > s.site_addr && rip < s.site_addr + 5)
-            {
-                return Err(EngineError::RipInSite {
-                    vcpu,
-                    rip,
-                    function: s.function.clone(),
-                });
-            }
-        }
-        let mut done = Vec::with_capacity(sites.len());
-        for (s, new) in sites {
-            let mut now = [0u8; 5];
-            self.m.read_phys(s.site_pa, &mut now)?;
-            if now != s.current && now != *new {
-                return Err(EngineError::SiteChanged {
-                    function: s.function.clone(),
-                    site: s.site_addr,
-                    expected: hex::encode(s.current),
-                    found: hex::encode(now),
-                });
-            }
-            done.push(now == *new && now != s.current);
-        }
-        Ok(done)
-    }
-
-    /// Applied sites whose live bytes are not the bundle's `jmp` (e.g. a
-    /// lucos killed between recording and switching): (bundle, function,
-    /// live bytes). A revert clears such a record.
-    pub fn inconsistencies(&self) -> Result<Vec<(String, String, Vec<u8>)>, EngineError> {
-        let reg = self.registry()?;
-        let mut out = Vec::new();
-        for b in reg.applied() {
-            for s in &b.sites {
-                let top = reg.top_of_site(s.site_addr).map(|(t, _)| t.id.as_str());
-                if top != Some(b.id.as_str()) {
-                    continue;
-                }
-                let mut now = vec![0u8; s.written.len()];
-                self.m.read_phys(s.site_pa, &mut now)?;
-                if now != s.written {
-                    out.push((b.id.clone(), s.function.clone(), now));
-                }
-            }
-        }
-        Ok(out)
     }
 
     /// Reverts an applied bundle: the newest on each of its sites only.
