@@ -1,12 +1,52 @@
-//! `lucos run` owns its VM: SIGTERM shuts QEMU down and removes every file.
+//! Commands that own a VM (`lucos run`, `lucos bench`) shut QEMU down and
+//! remove every file when they are told to stop.
 
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use lucos_backend::VmDescriptor;
+
+/// Waits until the VM `name` started by `child` has a descriptor.
+fn wait_for_vm(child: &mut Child, name: &str) -> VmDescriptor {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(d) = VmDescriptor::load(name) {
+            return d;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "lucos exited early");
+        assert!(Instant::now() < deadline, "no VM descriptor appeared");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Sends `signal` to `child` and returns its exit code once QEMU is gone
+/// and the VM directory removed.
+fn stop_and_check_cleanup(mut child: Child, desc: &VmDescriptor, signal: &str) -> Option<i32> {
+    assert!(std::path::Path::new(&format!("/proc/{}", desc.qemu_pid)).exists());
+    Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    let gone = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{}", desc.qemu_pid)).exists() {
+        assert!(
+            Instant::now() < gone,
+            "QEMU still running after lucos exited"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !desc.dir.exists(),
+        "VM directory {} left behind",
+        desc.dir.display()
+    );
+    status.code()
+}
 
 #[test]
 fn run_shuts_down_cleanly_on_sigterm() {
     let name = format!("test-{}-run", std::process::id());
-    let dir = lucos_backend::descriptor::vm_dir(&name);
     let mut child = Command::new(env!("CARGO_BIN_EXE_lucos"))
         .args([
             "run",
@@ -21,34 +61,8 @@ fn run_shuts_down_cleanly_on_sigterm() {
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let desc = loop {
-        if let Ok(d) = lucos_backend::VmDescriptor::load(&name) {
-            break d;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "lucos run exited early"
-        );
-        assert!(Instant::now() < deadline, "no VM descriptor appeared");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert!(std::path::Path::new(&format!("/proc/{}", desc.qemu_pid)).exists());
-    Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "lucos run exited with {status}");
-    let gone = Instant::now() + Duration::from_secs(10);
-    while std::path::Path::new(&format!("/proc/{}", desc.qemu_pid)).exists() {
-        assert!(
-            Instant::now() < gone,
-            "QEMU still running after lucos run exited"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(!dir.exists(), "VM directory {} left behind", dir.display());
+    let desc = wait_for_vm(&mut child, &name);
+    assert_eq!(stop_and_check_cleanup(child, &desc, "-TERM"), Some(0));
 }
 
 #[test]
@@ -63,32 +77,6 @@ fn commands_owning_a_vm_clean_up_on_sigint() {
         .spawn()
         .unwrap();
     let name = format!("bench-{}", child.id());
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let desc = loop {
-        if let Ok(d) = lucos_backend::VmDescriptor::load(&name) {
-            break d;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "lucos bench exited early"
-        );
-        assert!(Instant::now() < deadline, "no VM descriptor appeared");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
-        .status()
-        .unwrap();
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "{status}");
-    let gone = Instant::now() + Duration::from_secs(10);
-    while std::path::Path::new(&format!("/proc/{}", desc.qemu_pid)).exists() {
-        assert!(Instant::now() < gone, "QEMU still running after SIGINT");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert!(
-        !desc.dir.exists(),
-        "VM directory {} left behind",
-        desc.dir.display()
-    );
+    let desc = wait_for_vm(&mut child, &name);
+    assert_eq!(stop_and_check_cleanup(child, &desc, "-INT"), Some(130));
 }
