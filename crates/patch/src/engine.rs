@@ -299,16 +299,13 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         }
         let (va_base, new_pd) = match reg.va_base {
             Some(b) => (b, Vec::new()),
-            None => {
-                let b = memory::choose_va_base(
-                    &*self.m,
-                    self.cr3,
-                    &self.pm,
-                    self.layout.text_start,
-                    self.layout.image_end,
-                )?;
-                (b, memory::pd_entries_for(&*self.m, self.cr3, &self.pm, b)?)
-            }
+            None => memory::choose_va_base(
+                &*self.m,
+                self.cr3,
+                &self.pm,
+                self.layout.text_start,
+                self.layout.image_end,
+            )?,
         };
         let offs = [
             reg.next_free,

@@ -283,8 +283,8 @@ impl Manifest {
     }
 }
 
-/// `Vec<u8>` as a hex string in JSON.
-mod hex_bytes {
+/// `Vec<u8>` as a hex string in JSON (also used by the registry).
+pub(crate) mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(bytes: &[u8], s: S) -> Result<S::Ok, S::Error> {

@@ -128,14 +128,14 @@ pub fn pd_entries_for(
 
 /// Picks a 2 MiB-aligned virtual range for patch memory in the kernel-image
 /// region, after the kernel (or before it), whose page-directory entries are
-/// all not present.
+/// all not present; returns it with the entries to install.
 pub fn choose_va_base(
     mem: &(impl PhysMem + ?Sized),
     cr3: u64,
     pm: &PatchMem,
     kernel_text: u64,
     kernel_end: u64,
-) -> Result<u64, MemoryError> {
+) -> Result<(u64, Vec<(u64, u64)>), MemoryError> {
     let size = pm.layout.size;
     let after = kernel_end.next_multiple_of(HUGE) + HUGE;
     let before = (kernel_text.saturating_sub(size + HUGE)) & !(HUGE - 1);
@@ -144,8 +144,8 @@ pub fn choose_va_base(
         (before >= KERNEL_MAP_START + HUGE).then_some(before),
     ];
     for base in candidates.into_iter().flatten() {
-        if pd_entries_for(mem, cr3, pm, base).is_ok() {
-            return Ok(base);
+        if let Ok(entries) = pd_entries_for(mem, cr3, pm, base) {
+            return Ok((base, entries));
         }
     }
     Err(MemoryError::NoVirtualRange {

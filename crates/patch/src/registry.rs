@@ -33,10 +33,10 @@ pub struct SiteRecord {
     pub site_addr: u64,
     pub site_pa: u64,
     /// Bytes at the site before this bundle (NOP5, or an earlier bundle's jmp).
-    #[serde(with = "hex_bytes")]
+    #[serde(with = "crate::manifest::hex_bytes")]
     pub original: Vec<u8>,
     /// The jmp this bundle wrote.
-    #[serde(with = "hex_bytes")]
+    #[serde(with = "crate::manifest::hex_bytes")]
     pub written: Vec<u8>,
     pub new_addr: u64,
     pub new_symbol: String,
@@ -233,18 +233,6 @@ impl Header {
             return Err(RegistryError::Format(reg.format));
         }
         Ok(reg)
-    }
-}
-
-mod hex_bytes {
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&hex::encode(b))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        hex::decode(String::deserialize(d)?).map_err(serde::de::Error::custom)
     }
 }
 
