@@ -311,9 +311,12 @@ fn records_of_an_earlier_boot_are_detected_and_reset() {
     apply_bundle(&mut s.a, &b).unwrap();
     revert_bundle(&mut s.a, &b.manifest().id).unwrap();
     let reg = session(&mut s.a).unwrap().registry().unwrap();
+    // What a reboot does: the new kernel's page directory lacks lucos's
+    // entries. Drop all but the last, so reset must also clear a survivor.
     let (pa, value) = reg.pd_entries[0];
-    // What a reboot does: the new kernel's page directory lacks lucos's entry.
-    s.a.vm.write_phys(pa, &0u64.to_le_bytes()).unwrap();
+    for &(pa, _) in &reg.pd_entries[..reg.pd_entries.len() - 1] {
+        s.a.vm.write_phys(pa, &0u64.to_le_bytes()).unwrap();
+    }
     let err = session(&mut s.a)
         .err()
         .expect("stale registry must be refused");
@@ -329,7 +332,11 @@ fn records_of_an_earlier_boot_are_detected_and_reset() {
     assert!(s.sh("cat /proc/cmdline").starts_with("lucos-patched "));
     revert_bundle(&mut s.a, &b.manifest().id).unwrap();
     let again = session(&mut s.a).unwrap().registry().unwrap();
-    assert_eq!(again.pd_entries[0].1, value, "same mapping re-established");
+    assert_eq!(
+        again.pd_entries, reg.pd_entries,
+        "the same range is free again and reused for the mapping"
+    );
+    assert_eq!(again.pd_entries[0], (pa, value));
     // With live records that match the kernel, reset refuses.
     let w = s.a.vm.patch_window().unwrap();
     assert!(lucos_patch::reset_stale_registry(&mut s.a.vm, w.gpa, w.size).is_err());

@@ -7,8 +7,9 @@ use crate::memory::{self, PatchMemLayout};
 use crate::registry::{Header, Registry, HEADER_LEN};
 
 /// Clears a registry whose records belong to an earlier boot (see
-/// [`EngineError::StaleRegistry`]). Allocated pages stay allocated: the
-/// guest may have run code from them, so they are never reused.
+/// [`EngineError::StaleRegistry`]), and any of its page-directory entries
+/// that survived. Allocated pages stay allocated: the guest may have run
+/// code from them, so they are never reused.
 pub fn reset_stale_registry<M: Machine + ?Sized>(
     m: &mut M,
     patch_gpa: u64,
@@ -23,12 +24,19 @@ pub fn reset_stale_registry<M: Machine + ?Sized>(
     let mut slot = vec![0u8; memory::REGISTRY_SLOT_SIZE];
     m.read_phys(patch_gpa + layout.slot_offset(header.active), &mut slot)?;
     let old = header.registry(&slot)?;
-    let mut stale = false;
+    let mut ours = Vec::new();
     for &(pa, value) in &old.pd_entries {
-        stale |= m.read_u64(pa)? != value;
+        if m.read_u64(pa)? == value {
+            ours.push(pa);
+        }
     }
-    if !stale {
+    if ours.len() == old.pd_entries.len() {
         return Err(EngineError::NotStale);
+    }
+    // Entries that still point at lucos's page tables are leftovers of the
+    // dropped records (no code can jump there: the kernel lost the others).
+    for pa in ours {
+        m.write_phys_data(pa, &0u64.to_le_bytes())?;
     }
     let mut fresh = Registry::empty(&layout);
     fresh.next_free = old.next_free;
