@@ -187,6 +187,49 @@ mod tests {
         assert!(PatchMemLayout::new(2 << 20).is_err());
     }
 
+    /// A kernel image mapped with 2 MiB pages at `text..end`, as Linux does.
+    fn kernel_at(text: u64, end: u64) -> (lucos_introspect::fake::FakeMem, u64) {
+        use lucos_introspect::fake::FakeMem;
+        use lucos_introspect::PageSize;
+        let mut mem = FakeMem::new();
+        let cr3 = mem.new_pml4();
+        let mut va = text;
+        while va < end {
+            mem.map(cr3, va, 0x100_0000 + (va - text), PageSize::Size2M, 0);
+            va += HUGE;
+        }
+        (mem, cr3)
+    }
+
+    fn pm(size: u64) -> PatchMem {
+        PatchMem {
+            layout: PatchMemLayout::new(size).unwrap(),
+            gpa: 0xfe00_0000,
+            va_base: None,
+        }
+    }
+
+    #[test]
+    fn range_goes_after_the_kernel_or_before_it_when_the_kernel_is_high() {
+        let low = (0xffff_ffff_8100_0000, 0xffff_ffff_8240_0000);
+        let (mem, cr3) = kernel_at(low.0, low.1);
+        let (base, pd) = choose_va_base(&mem, cr3, &pm(16 << 20), low.0, low.1).unwrap();
+        assert_eq!(
+            base, 0xffff_ffff_8260_0000,
+            "first 2 MiB boundary after _end, plus a guard"
+        );
+        assert_eq!(pd.len(), 8);
+        // KASLR can put the kernel at the top of the region: no room after it.
+        let high = (0xffff_ffff_be60_0000, 0xffff_ffff_bfa2_0000);
+        let (mem, cr3) = kernel_at(high.0, high.1);
+        let (base, _) = choose_va_base(&mem, cr3, &pm(16 << 20), high.0, high.1).unwrap();
+        assert_eq!(base, 0xffff_ffff_bd40_0000, "below _text, with a guard");
+        assert!(base + (16 << 20) < high.0);
+        // Nothing fits: a clear error naming the size.
+        let err = choose_va_base(&mem, cr3, &pm(1 << 30), high.0, high.1).unwrap_err();
+        assert!(err.to_string().contains("1024 MiB"), "{err}");
+    }
+
     #[test]
     fn ptes_never_writable_and_executable() {
         let pm = PatchMem {
