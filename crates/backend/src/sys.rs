@@ -36,10 +36,6 @@ impl SharedMem {
         self.map.len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.map.len() == 0
-    }
-
     fn check(&self, off: usize, len: usize) -> bool {
         off.checked_add(len)
             .is_some_and(|end| end <= self.map.len())
@@ -72,10 +68,6 @@ impl SharedMem {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.map.as_mut_ptr().add(off), data.len())
         };
         true
-    }
-
-    pub fn flush(&self) -> std::io::Result<()> {
-        self.map.flush()
     }
 }
 

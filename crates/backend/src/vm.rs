@@ -111,19 +111,9 @@ impl Vm {
         })
     }
 
-    /// Patch memory through the shared file: for lucos's own records, which
-    /// the guest never executes, so no translation coherence is needed.
-    pub fn patch_mem(&self) -> &SharedMem {
-        &self.patch
-    }
-
     fn patch_offset(&self, pa: u64, len: u64) -> Option<u64> {
         let w = self.window?;
         (pa >= w.gpa && pa.checked_add(len)? <= w.gpa + w.size).then(|| pa - w.gpa)
-    }
-
-    pub fn qmp(&mut self) -> &mut Qmp {
-        &mut self.qmp
     }
 }
 

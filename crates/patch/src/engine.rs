@@ -32,8 +32,6 @@ pub struct Session<'a, M: Machine + ?Sized> {
     m: &'a mut M,
     syms: &'a KernelSymbols,
     layout: KernelLayout,
-    /// `layout.cr3`: the kernel's own top-level page table when known.
-    cr3: u64,
     pm: PatchMem,
 }
 
@@ -98,12 +96,10 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         patch_gpa: u64,
         patch_size: u64,
     ) -> Result<Self, EngineError> {
-        let cr3 = layout.cr3;
         let mut s = Session {
             m,
             syms,
             layout,
-            cr3,
             pm: PatchMem {
                 layout: PatchMemLayout::new(patch_size)?,
                 gpa: patch_gpa,
@@ -127,14 +123,6 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         }
         s.pm.va_base = reg.va_base;
         Ok(s)
-    }
-
-    pub fn layout(&self) -> &KernelLayout {
-        &self.layout
-    }
-
-    pub fn patch_mem(&self) -> &PatchMem {
-        &self.pm
     }
 
     fn read_header(&self) -> Result<(Header, Registry), EngineError> {
@@ -216,7 +204,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         let func_addr = self.layout.live(sym.addr);
         let site_addr = func_addr + u64::from(rep.site_offset);
         let mut live = vec![0u8; rep.expect.len()];
-        paging::read_virt(&*self.m, self.cr3, func_addr, &mut live)?;
+        paging::read_virt(&*self.m, self.layout.cr3, func_addr, &mut live)?;
         let so = rep.site_offset as usize;
         let current: [u8; 5] = live[so..so + 5].try_into().expect("expect covers the site");
         let kind = check_fentry_site(&current, site_addr).map_err(|source| EngineError::Site {
@@ -245,7 +233,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 live: hex::encode(&cmp),
             });
         }
-        let site_pa = paging::translate(&*self.m, self.cr3, site_addr)?.pa;
+        let site_pa = paging::translate(&*self.m, self.layout.cr3, site_addr)?.pa;
         Ok(Site {
             function,
             func_addr,
@@ -301,7 +289,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             Some(b) => (b, Vec::new()),
             None => memory::choose_va_base(
                 &*self.m,
-                self.cr3,
+                self.layout.cr3,
                 &self.pm,
                 self.layout.text_start,
                 self.layout.image_end,
