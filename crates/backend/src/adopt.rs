@@ -3,7 +3,7 @@
 //! memory-backend file and an ivshmem-plain patch-memory device).
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use crate::descriptor::{self, KernelInfo, MemFile, RamRegion, VmDescriptor};
 use crate::error::BackendError;
@@ -86,11 +86,7 @@ pub fn adopt(f: &Foreign) -> Result<VmDescriptor, BackendError> {
             path: f.ram.clone(),
             size: ram_size,
         },
-        ram_regions: vec![RamRegion {
-            gpa: 0,
-            offset: 0,
-            len: ram_size,
-        }],
+        ram_regions: RamRegion::below_4g(ram_size),
         patch: MemFile {
             path: f.patch.clone(),
             size: patch_size,
@@ -102,10 +98,7 @@ pub fn adopt(f: &Foreign) -> Result<VmDescriptor, BackendError> {
         kernel: f.kernel.clone(),
         vcpus,
         accel: accel.to_owned(),
-        started_unix_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        started_unix_ms: descriptor::now_unix_ms(),
     };
     drop(qmp);
     desc.store()?;

@@ -57,6 +57,26 @@ pub struct VmDescriptor {
     pub started_unix_ms: u64,
 }
 
+impl RamRegion {
+    /// All of a RAM file at guest-physical 0: a VM whose RAM sits below the
+    /// PCI hole in one piece.
+    pub fn below_4g(size: u64) -> Vec<RamRegion> {
+        vec![RamRegion {
+            gpa: 0,
+            offset: 0,
+            len: size,
+        }]
+    }
+}
+
+/// Milliseconds since the Unix epoch, for `started_unix_ms`.
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Where descriptors live: `$LUCOS_RUN_DIR`, else /dev/shm/lucos (RAM files
 /// belong on tmpfs), else the temp dir.
 pub fn run_dir() -> PathBuf {

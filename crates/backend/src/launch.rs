@@ -5,7 +5,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use crate::descriptor::{self, KernelInfo, MemFile, RamRegion, VmDescriptor};
 use crate::error::BackendError;
@@ -196,11 +196,7 @@ impl RunningVm {
                     path: dir.join("ram"),
                     size: cfg.mem_mib << 20,
                 },
-                ram_regions: vec![RamRegion {
-                    gpa: 0,
-                    offset: 0,
-                    len: cfg.mem_mib << 20,
-                }],
+                ram_regions: RamRegion::below_4g(cfg.mem_mib << 20),
                 patch: MemFile {
                     path: dir.join("patch"),
                     size: cfg.patch_mib << 20,
@@ -209,10 +205,7 @@ impl RunningVm {
                 kernel: cfg.kernel.clone(),
                 vcpus: cfg.vcpus,
                 accel: cfg.accel.as_str().to_owned(),
-                started_unix_ms: SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
+                started_unix_ms: descriptor::now_unix_ms(),
             },
             started: Instant::now(),
             owned: true,
