@@ -32,12 +32,12 @@ pub struct Guest {
 
 impl Guest {
     pub fn kernel_info(&self) -> Result<KernelInfo> {
-        let syms = lucos_introspect::symbols::KernelSymbols::load(&self.vmlinux)
-            .with_context(|| format!("reading {}", self.vmlinux.display()))?;
+        let build_id = lucos_introspect::KernelSymbols::read_build_id_hex(&self.vmlinux)
+            .with_context(|| format!("reading the build id of {}", self.vmlinux.display()))?;
         Ok(KernelInfo {
             dir: self.kernel_dir.clone(),
             vmlinux: self.vmlinux.clone(),
-            build_id: syms.build_id_hex().unwrap_or_default(),
+            build_id,
         })
     }
 }

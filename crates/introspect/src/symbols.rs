@@ -259,6 +259,20 @@ impl KernelSymbols {
         ))
     }
 
+    /// The GNU build id of the ELF file at `path`, hex, without loading
+    /// its symbols.
+    pub fn read_build_id_hex(path: impl AsRef<Path>) -> Result<String, SymbolError> {
+        let path = path.as_ref();
+        let file = File::open(path).map_err(|source| SymbolError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cache = ReadCache::new(file);
+        read::parse_build_id(&cache, &path.display().to_string())?
+            .map(hex::encode)
+            .ok_or(SymbolError::NoBuildId)
+    }
+
     /// Parses an ELF image held in memory.
     pub fn from_bytes(data: Vec<u8>) -> Result<Self, SymbolError> {
         let origin = "<in-memory ELF>".to_string();

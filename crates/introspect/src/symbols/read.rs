@@ -149,15 +149,9 @@ pub(super) fn parse<'data, R: ReadRef<'data>>(
     }
     relocs.sort_unstable_by_key(|r| r.0);
 
-    let mut build_id = None;
-    for (sh, s) in table.iter().zip(&sections) {
-        if sh.sh_type(endian) != elf::SHT_NOTE || build_id.is_some() {
-            continue;
-        }
-        let bytes = sh.data(endian, data).map_err(oe)?;
-        let align = if sh.sh_addralign(endian) == 8 { 8 } else { 4 };
-        build_id = find_build_id(bytes, align).map(|(desc, off)| (desc, s.addr + off as u64));
-    }
+    let build_id = note_build_id(&table, endian, data)
+        .map_err(oe)?
+        .map(|(desc, index, off)| (desc, sections[index].addr + off as u64));
 
     Ok(Parsed {
         sections,
@@ -166,6 +160,44 @@ pub(super) fn parse<'data, R: ReadRef<'data>>(
         has_relocs,
         build_id,
     })
+}
+
+/// The GNU build id of an ELF file, reading only its note sections (cheap
+/// next to loading all symbols).
+pub(super) fn parse_build_id<'data, R: ReadRef<'data>>(
+    data: R,
+    origin: &str,
+) -> Result<Option<Vec<u8>>, SymbolError> {
+    let oe = |e: object::read::Error| SymbolError::BadElf {
+        origin: origin.to_string(),
+        msg: e.to_string(),
+    };
+    let header = elf::FileHeader64::<Endianness>::parse(data).map_err(oe)?;
+    let endian = header.endian().map_err(oe)?;
+    let table = header.sections(endian, data).map_err(oe)?;
+    Ok(note_build_id(&table, endian, data)
+        .map_err(oe)?
+        .map(|(desc, _, _)| desc))
+}
+
+/// NT_GNU_BUILD_ID from the first note section holding one:
+/// (descriptor, section index, offset of the descriptor in the section).
+fn note_build_id<'data, R: ReadRef<'data>>(
+    table: &object::read::elf::SectionTable<'data, elf::FileHeader64<Endianness>, R>,
+    endian: Endianness,
+    data: R,
+) -> Result<Option<(Vec<u8>, usize, usize)>, object::read::Error> {
+    for (index, sh) in table.iter().enumerate() {
+        if sh.sh_type(endian) != elf::SHT_NOTE {
+            continue;
+        }
+        let bytes = sh.data(endian, data)?;
+        let align = if sh.sh_addralign(endian) == 8 { 8 } else { 4 };
+        if let Some((desc, off)) = find_build_id(bytes, align) {
+            return Ok(Some((desc, index, off)));
+        }
+    }
+    Ok(None)
 }
 
 /// Finds NT_GNU_BUILD_ID in a note section: (descriptor, its offset).

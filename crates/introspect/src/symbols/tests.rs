@@ -249,6 +249,11 @@ fn load_from_file_reads_sections_on_demand() {
         m.section_bytes(g.addr, g.size as usize).unwrap()
     );
     assert_eq!(f.build_id().unwrap(), m.build_id().unwrap());
+    // The notes-only reader agrees with the full load.
+    assert_eq!(
+        KernelSymbols::read_build_id_hex(&path).unwrap(),
+        m.build_id_hex().unwrap()
+    );
     assert!(f.origin().ends_with("vmlinux"));
     let e = KernelSymbols::load(dir.path().join("missing")).unwrap_err();
     assert!(matches!(e, SymbolError::Io { .. }) && e.to_string().contains("missing"));
