@@ -77,7 +77,6 @@ pub struct Facts {
     pub text: String,
     pub phys_text: String,
     pub build_id: String,
-    pub build_id_verified: bool,
     pub linux_banner: String,
     pub patch_memory: String,
     pub pause_us: u64,
@@ -122,7 +121,6 @@ pub fn facts(a: &mut Attached) -> Result<Facts> {
         text: format!("{:#x}..{:#x}", a.layout.text_start, a.layout.text_end),
         phys_text: format!("{:#x}", a.layout.phys_text),
         build_id: a.syms.build_id_hex()?,
-        build_id_verified: true,
         linux_banner: banner.trim_end().to_owned(),
         patch_memory: format!(
             "{} MiB at guest-physical {:#x}",

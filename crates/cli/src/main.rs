@@ -121,12 +121,12 @@ fn adopt(args: AdoptArgs) -> Result<()> {
         None => guest::ensure(&args.kernel_version)?.kernel_dir,
     };
     let vmlinux = kernel_dir.join("vmlinux");
-    let syms = lucos_introspect::KernelSymbols::load(&vmlinux)
-        .with_context(|| format!("loading {}", vmlinux.display()))?;
+    let build_id = lucos_introspect::KernelSymbols::read_build_id_hex(&vmlinux)
+        .with_context(|| format!("reading the build id of {}", vmlinux.display()))?;
     let kernel = lucos_backend::descriptor::KernelInfo {
         dir: kernel_dir,
         vmlinux,
-        build_id: syms.build_id_hex()?,
+        build_id,
     };
     let desc = lucos_backend::adopt::adopt(&lucos_backend::adopt::Foreign {
         name: args.name.clone(),
