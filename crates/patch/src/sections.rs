@@ -76,6 +76,15 @@ fn matches(pattern: &str, name: &str) -> bool {
     }
 }
 
+/// Why the linker refuses a section of this name, if it does: the one list
+/// that `lucos build` also consults, so the two never disagree.
+pub fn refused_by_name(name: &str) -> Option<&'static str> {
+    REFUSED
+        .iter()
+        .find(|(p, _)| matches(p, name))
+        .map(|(_, why)| *why)
+}
+
 /// Reason text for refusing `name`, ending in the note that support is planned.
 pub(crate) fn refusal(what: &str) -> String {
     format!("{what}; {LATER}")
@@ -83,7 +92,7 @@ pub(crate) fn refusal(what: &str) -> String {
 
 /// Classifies a non-relocation section by name, type and flags.
 pub(crate) fn classify(name: &str, sh_type: u32, flags: u64) -> Class {
-    if let Some((_, why)) = REFUSED.iter().find(|(p, _)| matches(p, name)) {
+    if let Some(why) = refused_by_name(name) {
         return Class::Refuse(why);
     }
     if let Some((_, why)) = DROPPED.iter().find(|(p, _)| matches(p, name)) {

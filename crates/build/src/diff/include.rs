@@ -151,7 +151,7 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
                 let sec = d.patched.symbols[p].section().expect("items are defined");
                 if let Some(tables) = d.tables.get(&p) {
                     for t in tables {
-                        let Some(table) = special::table(t).filter(|x| x.required) else {
+                        let Some(table) = special::table(t).filter(|x| x.required()) else {
                             continue;
                         };
                         let what = table.what;

@@ -19,9 +19,15 @@ pub(crate) struct Table {
     pub what: &'static str,
     /// (offset of a relocation to anonymous data, offset of a `u8` with its length).
     pub data_len: Option<(u64, u64)>,
-    /// New code with entries here cannot be emitted (the entries are needed for it to
-    /// behave); otherwise the entries are an optimisation the new code can do without.
-    pub required: bool,
+}
+
+impl Table {
+    /// New code with entries here cannot be emitted: the lucos linker refuses the
+    /// section (the entries are needed for the code to behave). Otherwise the entries
+    /// are an optimisation the new code can do without, and the linker drops them.
+    pub fn required(&self) -> bool {
+        lucos_patch::section_refusal(self.name).is_some()
+    }
 }
 
 /// Tables the bundle format cannot carry yet.
@@ -32,7 +38,6 @@ pub(crate) const TABLES: &[Table] = &[
         line: None,
         data_len: None,
         what: "exception-table fixups for instructions allowed to fault, e.g. user copies",
-        required: true,
     },
     Table {
         name: "__jump_table",
@@ -40,7 +45,6 @@ pub(crate) const TABLES: &[Table] = &[
         line: None,
         data_len: None,
         what: "static-key (jump label) sites",
-        required: true,
     },
     Table {
         name: ".altinstructions",
@@ -49,7 +53,6 @@ pub(crate) const TABLES: &[Table] = &[
         // struct alt_instr: s32 instr, s32 repl, u16 cpuid, u8 instrlen, u8 replacementlen
         data_len: Some((4, 11)),
         what: "CPU-feature alternatives",
-        required: true,
     },
     Table {
         name: ".static_call_sites",
@@ -57,7 +60,6 @@ pub(crate) const TABLES: &[Table] = &[
         line: None,
         data_len: None,
         what: "static-call sites",
-        required: true,
     },
     Table {
         name: "__bug_table",
@@ -65,7 +67,6 @@ pub(crate) const TABLES: &[Table] = &[
         line: Some(8),
         data_len: None,
         what: "BUG()/WARN() records",
-        required: true,
     },
     Table {
         name: ".parainstructions",
@@ -73,7 +74,6 @@ pub(crate) const TABLES: &[Table] = &[
         line: None,
         data_len: None,
         what: "paravirt patch sites, e.g. from local_irq_save()",
-        required: true,
     },
     Table {
         name: ".smp_locks",
@@ -81,10 +81,6 @@ pub(crate) const TABLES: &[Table] = &[
         line: None,
         data_len: None,
         what: "LOCK-prefix records",
-        // The kernel only uses these to turn LOCK prefixes into NOPs while running on one
-        // CPU (and back); unregistered new code keeps its LOCK prefixes, which is correct
-        // either way, just slower on one CPU.
-        required: false,
     },
 ];
 
@@ -178,5 +174,13 @@ mod tests {
         assert!(!is_init(".text.init_foo"));
         assert_eq!(needs_registration(".data..percpu"), Some("per-CPU data"));
         assert_eq!(needs_registration(".data..read_mostly"), None);
+    }
+
+    #[test]
+    fn required_tables_are_exactly_those_the_linker_refuses() {
+        assert!(table("__ex_table").unwrap().required());
+        assert!(table("__bug_table").unwrap().required());
+        // The linker drops LOCK-prefix records, so new code may have them.
+        assert!(!table(".smp_locks").unwrap().required());
     }
 }
