@@ -8,11 +8,8 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum BuildError {
-    #[error(
-        "kernel build tree {path} has no {missing}; build the guest kernel first \
-         (guest/kernel.sh) and pass its cache directory (the one holding vmlinux and build/)"
-    )]
-    TreeIncomplete { path: PathBuf, missing: String },
+    #[error(transparent)]
+    Tree(#[from] crate::tree::TreeError),
     #[error("cannot {action} {path}: {source}")]
     Io {
         action: &'static str,
@@ -90,12 +87,6 @@ pub enum BuildError {
         name: String,
         file: String,
         reason: String,
-    },
-    #[error("cannot read {path} (kernel release): {source}; is the build tree complete?")]
-    Release {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
     },
     #[error("bundle spec {path}: {reason}")]
     SpecFile { path: PathBuf, reason: String },

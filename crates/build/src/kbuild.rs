@@ -121,18 +121,8 @@ pub fn compile(build_dir: &Path, sources: &[PathBuf]) -> Result<Vec<u8>, BuildEr
             .map(|n| n.get())
             .unwrap_or(1),
     );
-    let mut cmd = Command::new("make");
-    cmd.arg("-C")
-        .arg(build_dir)
-        .arg(format!("M={}", dir.display()))
-        .arg("-s")
-        .arg(format!("-j{jobs}"))
-        .arg(&target)
-        .env("LC_ALL", "C")
-        .stdin(Stdio::null());
-    for var in KBUILD_ENV {
-        cmd.env_remove(var);
-    }
+    let mut cmd = make_in(build_dir, jobs);
+    cmd.arg(format!("M={}", dir.display())).arg(&target);
     debug!(?cmd, "running Kbuild");
     let started = Instant::now();
     let out = cmd.output().map_err(|source| BuildError::Spawn {
@@ -175,6 +165,22 @@ pub fn compile(build_dir: &Path, sources: &[PathBuf]) -> Result<Vec<u8>, BuildEr
     Ok(object)
 }
 
+/// `make -C <build_dir> -s -j<jobs>` with none of the caller's variables that would change
+/// what Kbuild builds or how.
+pub(crate) fn make_in(build_dir: &Path, jobs: usize) -> Command {
+    let mut cmd = Command::new("make");
+    cmd.arg("-C")
+        .arg(build_dir)
+        .arg("-s")
+        .arg(format!("-j{}", jobs.max(1)))
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null());
+    for var in KBUILD_ENV {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
 /// A validated source: where it is and the name it gets in the build directory.
 #[derive(Debug)]
 struct Source {
@@ -186,10 +192,10 @@ struct Source {
 fn check_tree(build_dir: &Path) -> Result<(), BuildError> {
     for f in TREE_FILES {
         if !build_dir.join(f).exists() {
-            return Err(BuildError::TreeIncomplete {
+            return Err(BuildError::Tree(crate::tree::TreeError {
                 path: build_dir.to_owned(),
-                missing: (*f).to_string(),
-            });
+                reason: format!("its Kbuild tree has no {f} (is it configured and prepared?)"),
+            }));
         }
     }
     Ok(())

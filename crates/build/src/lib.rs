@@ -6,10 +6,12 @@ pub mod error;
 pub mod kbuild;
 pub mod make;
 pub mod target;
+pub mod tree;
 
 pub use error::BuildError;
 pub use make::{
-    build_dir, find_spec_files, load_symbols, make_bundle, make_bundle_with, make_from_spec_file,
-    read_spec_file, vmlinux_path, BundleSpec,
+    find_spec_files, load_symbols, make_bundle, make_bundle_with, make_from_spec_file,
+    read_spec_file, BundleSpec,
 };
 pub use target::{check_undefined, find_fentry_site, kernel_release, replacement_for, target_for};
+pub use tree::{KernelTree, TreeError, TreeKind};

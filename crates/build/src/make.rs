@@ -1,8 +1,8 @@
 //! From C sources to a bundle: compile with Kbuild, describe the replacements from vmlinux,
 //! pack the manifest and check the result parses.
 //!
-//! `tree` is the kernel cache directory of `guest/kernel.sh`: `vmlinux` (the target) and
-//! `build/` (the configured, built Kbuild tree it came from).
+//! `tree` is a kernel cache directory ([`KernelTree`]): `vmlinux` (the target) and
+//! `build/` (the configured Kbuild tree of its source).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +14,8 @@ use tracing::{info, warn};
 
 use crate::error::BuildError;
 use crate::kbuild;
-use crate::target::{check_undefined, kernel_release, replacement_for, target_for};
+use crate::target::{check_undefined, replacement_for, target_for};
+use crate::tree::KernelTree;
 
 /// What a bundle is called and which functions it replaces.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -43,27 +44,10 @@ struct SpecFile {
     resolve: BTreeMap<String, String>,
 }
 
-/// The `vmlinux` of a kernel cache directory.
-pub fn vmlinux_path(tree: &Path) -> PathBuf {
-    tree.join("vmlinux")
-}
-
-/// The Kbuild tree of a kernel cache directory.
-pub fn build_dir(tree: &Path) -> PathBuf {
-    tree.join("build")
-}
-
 /// Loads the target's symbols (about 0.3 s); reuse them for several bundles with
 /// [`make_bundle_with`].
 pub fn load_symbols(tree: &Path) -> Result<KernelSymbols, BuildError> {
-    let path = vmlinux_path(tree);
-    if !path.exists() {
-        return Err(BuildError::TreeIncomplete {
-            path: tree.to_owned(),
-            missing: "vmlinux".into(),
-        });
-    }
-    Ok(KernelSymbols::load(path)?)
+    Ok(KernelSymbols::load(KernelTree::open(tree)?.vmlinux)?)
 }
 
 /// Builds a bundle from `sources` for the kernel of `tree`.
@@ -84,7 +68,8 @@ pub fn make_bundle_with(
     spec: &BundleSpec,
 ) -> Result<Vec<u8>, BuildError> {
     // Everything vmlinux can tell is checked before the (slower) compile.
-    let release = kernel_release(tree)?;
+    let tree = KernelTree::open(tree)?;
+    let release = tree.release()?;
     let mut replacements = Vec::with_capacity(spec.replacements.len());
     for (old, new) in &spec.replacements {
         replacements.push(replacement_for(syms, old, new)?);
@@ -99,7 +84,7 @@ pub fn make_bundle_with(
     };
     manifest.validate()?;
 
-    let object = kbuild::compile(&build_dir(tree), sources)?;
+    let object = kbuild::compile(&tree.root, sources)?;
     check_undefined(syms, &object, &spec.resolve)?;
     let bundle = lucos_patch::pack(&object, &manifest)?;
     let parsed = Bundle::parse(&bundle)?;

@@ -12,17 +12,13 @@ use object::{Object, ObjectSymbol};
 use tracing::debug;
 
 use crate::error::BuildError;
+use crate::tree::KernelTree;
 
 const FENTRY: &str = "__fentry__";
 
-/// The kernel release of a cached tree (`<tree>/build/include/config/kernel.release`).
+/// The kernel release of a cached tree ([`KernelTree::release`]).
 pub fn kernel_release(tree: &Path) -> Result<String, BuildError> {
-    let path = tree.join("build/include/config/kernel.release");
-    let text = std::fs::read_to_string(&path).map_err(|source| BuildError::Release {
-        path: path.clone(),
-        source,
-    })?;
-    Ok(text.trim().to_string())
+    Ok(KernelTree::open(tree)?.release()?)
 }
 
 /// `target` of the manifest: the vmlinux build id, which the engine checks against the

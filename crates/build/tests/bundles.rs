@@ -95,9 +95,16 @@ fn spec_bundles_build_and_leave_the_tree_alone() {
     let before = newer_than(&tree, &stamp);
 
     let build_id = readelf_build_id(&tree.join("vmlinux"));
-    let release = std::fs::read_to_string(tree.join("build/include/config/kernel.release"))
+    // The release the kernel itself reports: `Linux version <release> ...` in its banner.
+    let banner = {
+        let syms = lucos_introspect::KernelSymbols::load(tree.join("vmlinux")).unwrap();
+        let b = syms.lookup("linux_banner").unwrap();
+        String::from_utf8_lossy(&syms.section_bytes(b.addr, 64).unwrap()).into_owned()
+    };
+    let release = banner
+        .strip_prefix("Linux version ")
+        .and_then(|r| r.split_whitespace().next())
         .unwrap()
-        .trim()
         .to_string();
     let map = system_map(&tree);
     let fentry = map["__fentry__"][0];

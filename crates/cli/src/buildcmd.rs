@@ -18,11 +18,11 @@ pub struct BuildArgs {
     /// Output bundle.
     #[arg(short, long)]
     pub output: Option<PathBuf>,
-    /// Cached guest build (default: the guest of --kernel-version).
+    /// Cached guest kernel directory (default: the selected guest's).
     #[arg(long)]
     pub tree: Option<PathBuf>,
-    #[arg(long, default_value = guest::DEFAULT_VERSION)]
-    pub kernel_version: String,
+    #[command(flatten)]
+    pub guest: guest::GuestSel,
     /// Bundle id (default: the diff's file name).
     #[arg(long)]
     pub id: Option<String>,
@@ -72,7 +72,7 @@ impl Progress for Bars {
 fn tree(args: &BuildArgs) -> Result<PathBuf> {
     Ok(match &args.tree {
         Some(t) => t.clone(),
-        None => guest::ensure(&args.kernel_version)?.kernel_dir,
+        None => args.guest.ensure()?.kernel_dir,
     })
 }
 
@@ -126,8 +126,8 @@ pub struct BuildBenchArgs {
     pub diff: Option<PathBuf>,
     #[arg(long)]
     pub tree: Option<PathBuf>,
-    #[arg(long, default_value = guest::DEFAULT_VERSION)]
-    pub kernel_version: String,
+    #[command(flatten)]
+    pub guest: guest::GuestSel,
     /// Warm runs after the cold one.
     #[arg(long, short = 'n', default_value_t = 3)]
     pub runs: usize,
@@ -144,7 +144,7 @@ pub fn bench(args: BuildBenchArgs) -> Result<()> {
         .unwrap_or_else(|| guest::guest_dir().join("patches/01-cmdline-prefix.patch"));
     let tree = match &args.tree {
         Some(t) => t.clone(),
-        None => guest::ensure(&args.kernel_version)?.kernel_dir,
+        None => args.guest.ensure()?.kernel_dir,
     };
     let cache = tempfile::tempdir()?;
     let options = BuildOptions {

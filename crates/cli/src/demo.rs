@@ -10,7 +10,7 @@ use clap::Args;
 use lucos_backend::{Console, Vm};
 use lucos_patch::Bundle;
 
-use crate::guest::{self, guest_dir};
+use crate::guest::guest_dir;
 use crate::harness;
 use crate::info::{attach_vm, facts, print_facts, read_kernel_string};
 use crate::patchcmd::{apply_bundle, print_apply, print_revert, revert_bundle};
@@ -52,14 +52,13 @@ pub fn demo(args: DemoArgs) -> Result<()> {
     let t = Instant::now();
     println!("lucos demo: live-patching a running Linux kernel from outside its VM");
     step(1, "guest kernel and initramfs");
-    let g = guest::ensure(&args.vm.kernel_version)?;
-    match g.build_seconds {
-        Some(s) => println!(
-            "  kernel {} (cached build, took {s} s to build)",
-            g.bzimage.display()
-        ),
-        None => println!("  kernel {}", g.bzimage.display()),
-    }
+    let g = args.vm.guest.ensure()?;
+    println!(
+        "  kernel {} ({} {})",
+        g.bzimage.display(),
+        g.meta["flavour"].as_str().unwrap_or("tiny"),
+        g.meta["release"].as_str().unwrap_or("lucos build")
+    );
     println!("  initramfs {}", g.initrd.display());
 
     step(

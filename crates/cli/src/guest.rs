@@ -1,5 +1,14 @@
-//! The test guest: kernel and initramfs built by the scripts in `guest/`,
-//! cached under ~/.cache/lucos. This module runs them with progress bars.
+//! The guest: a kernel flavour and the initramfs, made by the scripts in
+//! `guest/` and cached under ~/.cache/lucos. This module runs them with
+//! progress bars.
+//!
+//! - `debian` (default): Debian's own cloud kernel, unmodified, with its
+//!   debug vmlinux and the prepared source tree `lucos build` compiles in
+//!   (`guest/debian.sh`).
+//! - `tiny`: a small config of the same source that lucos compiles itself
+//!   (`guest/kernel.sh`, about 5 minutes once); it boots in a second, which
+//!   makes it handy while developing lucos, but it lacks most of what real
+//!   fixes need (no CONFIG_BUG, jump labels, ORC or retpolines).
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -11,6 +20,51 @@ use indicatif::{ProgressBar, ProgressStyle};
 use lucos_backend::descriptor::KernelInfo;
 
 pub const DEFAULT_VERSION: &str = "6.1.187-1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Flavour {
+    /// Debian's unmodified cloud kernel (linux-image-*-cloud-amd64).
+    #[default]
+    Debian,
+    /// A tinyconfig-based build of Debian's linux-source, compiled by lucos.
+    Tiny,
+}
+
+impl Flavour {
+    fn script(self) -> &'static str {
+        match self {
+            Flavour::Debian => "debian.sh",
+            Flavour::Tiny => "kernel.sh",
+        }
+    }
+}
+
+/// Which guest kernel: flavour and package version.
+#[derive(Debug, Clone, clap::Args)]
+pub struct GuestSel {
+    /// Guest kernel flavour.
+    #[arg(long, value_enum, default_value_t = Flavour::Debian)]
+    pub flavour: Flavour,
+    /// Guest kernel version (Debian package version).
+    #[arg(long, default_value = DEFAULT_VERSION)]
+    pub kernel_version: String,
+}
+
+impl Default for GuestSel {
+    fn default() -> Self {
+        GuestSel {
+            flavour: Flavour::Debian,
+            kernel_version: DEFAULT_VERSION.into(),
+        }
+    }
+}
+
+impl GuestSel {
+    /// The guest, fetched or built if missing.
+    pub fn ensure(&self) -> Result<Guest> {
+        ensure(self.flavour, &self.kernel_version)
+    }
+}
 
 /// Where the guest scripts are: `$LUCOS_GUEST_DIR`, else the source tree
 /// this binary was built from.
@@ -27,7 +81,8 @@ pub struct Guest {
     pub bzimage: PathBuf,
     pub vmlinux: PathBuf,
     pub initrd: PathBuf,
-    pub build_seconds: Option<u64>,
+    /// What the kernel script recorded (`meta.json`): timings, release.
+    pub meta: serde_json::Value,
 }
 
 impl Guest {
@@ -66,33 +121,33 @@ fn print_path(name: &str, args: &[&str]) -> Result<PathBuf> {
 }
 
 /// The guest if it is already built (no build started).
-pub fn find(version: &str) -> Result<Option<Guest>> {
-    let kernel_dir = print_path("kernel.sh", &["--version", version, "--print-dir"])?;
+pub fn find(flavour: Flavour, version: &str) -> Result<Option<Guest>> {
+    let kernel_dir = print_path(flavour.script(), &["--version", version, "--print-dir"])?;
     let initrd = print_path("initramfs.sh", &["--print-path"])?;
     if !kernel_dir.join("done").is_file() || !initrd.is_file() {
         return Ok(None);
     }
-    let build_seconds = std::fs::read_to_string(kernel_dir.join("meta.json"))
+    let meta = std::fs::read_to_string(kernel_dir.join("meta.json"))
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .and_then(|v| v["build_seconds"].as_u64());
+        .unwrap_or_default();
     Ok(Some(Guest {
         bzimage: kernel_dir.join("bzImage"),
         vmlinux: kernel_dir.join("vmlinux"),
         kernel_dir,
         initrd,
-        build_seconds,
+        meta,
     }))
 }
 
 /// Builds whatever is missing (a cache hit takes well under a second).
-pub fn ensure(version: &str) -> Result<Guest> {
-    if let Some(g) = find(version)? {
+pub fn ensure(flavour: Flavour, version: &str) -> Result<Guest> {
+    if let Some(g) = find(flavour, version)? {
         return Ok(g);
     }
-    run_with_progress("kernel", "kernel.sh", &["--version", version])?;
+    run_with_progress("kernel", flavour.script(), &["--version", version])?;
     run_with_progress("initramfs", "initramfs.sh", &[])?;
-    find(version)?.context("guest build finished but its artifacts are missing")
+    find(flavour, version)?.context("guest build finished but its artifacts are missing")
 }
 
 /// Runs a guest script, turning its output into a spinner with a count of

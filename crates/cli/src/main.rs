@@ -68,11 +68,11 @@ enum BundleCmd {
         spec: std::path::PathBuf,
         #[arg(short, long)]
         output: std::path::PathBuf,
-        /// Cached guest build (default: the guest of --kernel-version).
+        /// Cached guest kernel directory (default: the selected guest's).
         #[arg(long)]
         tree: Option<std::path::PathBuf>,
-        #[arg(long, default_value = guest::DEFAULT_VERSION)]
-        kernel_version: String,
+        #[command(flatten)]
+        guest: guest::GuestSel,
     },
     /// Add (or replace) the manifest of an object file.
     Pack {
@@ -111,14 +111,14 @@ struct AdoptArgs {
     /// Cached build of the kernel the guest runs.
     #[arg(long)]
     kernel_dir: Option<std::path::PathBuf>,
-    #[arg(long, default_value = guest::DEFAULT_VERSION)]
-    kernel_version: String,
+    #[command(flatten)]
+    guest: guest::GuestSel,
 }
 
 fn adopt(args: AdoptArgs) -> Result<()> {
     let kernel_dir = match args.kernel_dir {
         Some(d) => d,
-        None => guest::ensure(&args.kernel_version)?.kernel_dir,
+        None => args.guest.ensure()?.kernel_dir,
     };
     let vmlinux = kernel_dir.join("vmlinux");
     let build_id = lucos_introspect::KernelSymbols::read_build_id_hex(&vmlinux)
@@ -157,8 +157,8 @@ fn adopt(args: AdoptArgs) -> Result<()> {
 enum GuestCmd {
     /// Build what is missing and print the artifact paths.
     Build {
-        #[arg(long, default_value = guest::DEFAULT_VERSION)]
-        version: String,
+        #[command(flatten)]
+        guest: guest::GuestSel,
     },
 }
 
@@ -172,15 +172,15 @@ fn main() -> Result<()> {
         .init();
     match Cli::parse().cmd {
         Cmd::Guest {
-            cmd: GuestCmd::Build { version },
+            cmd: GuestCmd::Build { guest },
         } => {
-            let g = guest::ensure(&version)?;
+            let g = guest.ensure()?;
             println!("kernel:    {}", g.bzimage.display());
             println!("vmlinux:   {}", g.vmlinux.display());
             println!("initramfs: {}", g.initrd.display());
             println!("build tree: {}", g.kernel_dir.join("build").display());
-            if let Some(s) = g.build_seconds {
-                println!("kernel build took {s} s");
+            if let Some(r) = g.meta["release"].as_str() {
+                println!("release:   {r}");
             }
             Ok(())
         }
@@ -244,11 +244,11 @@ fn main() -> Result<()> {
                 spec,
                 output,
                 tree,
-                kernel_version,
+                guest,
             } => {
                 let tree = match tree {
                     Some(t) => t,
-                    None => guest::ensure(&kernel_version)?.kernel_dir,
+                    None => guest.ensure()?.kernel_dir,
                 };
                 let syms = lucos_build::load_symbols(&tree)?;
                 let bytes = lucos_build::make_from_spec_file(&tree, &spec, &syms)

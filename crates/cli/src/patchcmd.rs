@@ -217,14 +217,14 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let mut a = match &args.vm {
         Some(name) => attach(name)?,
         None => {
-            let g = crate::guest::ensure(crate::guest::DEFAULT_VERSION)?;
+            let g = crate::guest::GuestSel::default().ensure()?;
             let opts = crate::run::VmOpts {
                 name: format!("bench-{}", std::process::id()),
                 vcpus: 2,
                 mem: 256,
                 patch_mem: 64,
                 accel: "tcg".into(),
-                kernel_version: crate::guest::DEFAULT_VERSION.into(),
+                guest: crate::guest::GuestSel::default(),
                 append: String::new(),
                 qemu: "qemu-system-x86_64".into(),
             };

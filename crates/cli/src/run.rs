@@ -26,9 +26,8 @@ pub struct VmOpts {
     /// tcg everywhere; kvm only on hosts with a working /dev/kvm.
     #[arg(long, value_parser = ["tcg", "kvm"], default_value = "tcg")]
     pub accel: String,
-    /// Guest kernel version (linux-source-6.1 package version).
-    #[arg(long, default_value = guest::DEFAULT_VERSION)]
-    pub kernel_version: String,
+    #[command(flatten)]
+    pub guest: guest::GuestSel,
     /// Extra kernel command line.
     #[arg(long, default_value = "")]
     pub append: String,
@@ -97,7 +96,7 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
 
 pub fn run(args: RunArgs) -> Result<()> {
     let stop = stop_flag()?;
-    let guest = guest::ensure(&args.vm.kernel_version)?;
+    let guest = args.vm.guest.ensure()?;
     let serial = if args.headless {
         SerialMode::Socket
     } else {

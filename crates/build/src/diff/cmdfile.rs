@@ -9,7 +9,9 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use super::dwarfdeps::DepsIndex;
 use super::error::DiffError;
+use crate::tree::{KernelTree, TreeKind};
 
 /// Archives whose members may end up in vmlinux.
 const ARCHIVES: &[&str] = &["vmlinux.a", "lib/lib.a", "arch/x86/lib/lib.a"];
@@ -31,6 +33,70 @@ impl KbuildObject {
     pub fn is_assembly(&self) -> bool {
         self.source.ends_with(".S")
     }
+}
+
+/// Every vmlinux object of `tree` with the files it depends on. The command is known only
+/// for built trees; [`with_commands`] fills it in for the ones a build needs.
+pub fn objects(tree: &KernelTree) -> Result<Vec<KbuildObject>, DiffError> {
+    match tree.kind {
+        TreeKind::Built => scan(&tree.root),
+        TreeKind::Prepared => {
+            let id = lucos_introspect::KernelSymbols::read_build_id_hex(&tree.vmlinux)?;
+            let idx =
+                DepsIndex::load_or_build(&tree.vmlinux, &id, &tree.index_file("deps-index.json"))?;
+            Ok(idx
+                .units
+                .into_iter()
+                .map(|u| KbuildObject {
+                    object: format!("{}.o", u.source.trim_end_matches(".c")),
+                    source: u.source,
+                    command: String::new(),
+                    deps: u.files,
+                })
+                .collect())
+        }
+    }
+}
+
+/// `objects` with Kbuild's command line for each. In a prepared tree an object's command
+/// is only known once Kbuild has built it there: build the missing ones with `make <obj>`
+/// (its `.cmd` file is the cache), then read the commands and exact dependencies that
+/// fixdep recorded.
+pub fn with_commands(
+    tree: &KernelTree,
+    objects: &[&KbuildObject],
+    jobs: usize,
+) -> Result<Vec<KbuildObject>, DiffError> {
+    if tree.kind == TreeKind::Built {
+        return Ok(objects.iter().map(|o| (*o).clone()).collect());
+    }
+    let missing: Vec<&str> = objects
+        .iter()
+        .filter(|o| cmd_file_path(&tree.root, &o.object).is_none_or(|p| !p.is_file()))
+        .map(|o| o.object.as_str())
+        .collect();
+    if !missing.is_empty() {
+        super::compile::make_targets(&tree.root, &missing, jobs)?;
+    }
+    let mut out = Vec::with_capacity(objects.len());
+    for o in objects {
+        let path = cmd_file_path(&tree.root, &o.object).ok_or_else(|| DiffError::CmdFile {
+            path: tree.root.join(&o.object),
+            reason: "not an object path".into(),
+        })?;
+        let text = fs::read_to_string(&path).map_err(DiffError::io("read", &path))?;
+        let parsed = parse_cmd(&o.object, &text)
+            .map_err(|reason| DiffError::CmdFile {
+                path: path.clone(),
+                reason,
+            })?
+            .ok_or_else(|| DiffError::CmdFile {
+                path: path.clone(),
+                reason: "it records no compile of a C source".into(),
+            })?;
+        out.push(parsed);
+    }
+    Ok(out)
 }
 
 /// Every object of vmlinux with its recorded command.

@@ -307,6 +307,8 @@ pub(crate) fn compare<'a>(
                     new: s.size,
                 }
             });
+        } else if keys_o == keys_p && special::dyndbg_line_only(&sec.name, bo, bp, moved) {
+            status[p] = Status::LineOnly;
         } else if bo != bp || keys_o != keys_p {
             status[p] = Status::Changed;
             let (symbol, file) = label();

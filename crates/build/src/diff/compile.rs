@@ -125,6 +125,46 @@ pub fn run(
     Ok(())
 }
 
+/// Builds `targets` (object paths) in the kernel tree `root` with Kbuild, so that their
+/// `.cmd` files record the exact commands. The tree is locked meanwhile: two lucos builds
+/// must not run Kbuild in it at once.
+pub fn make_targets(root: &Path, targets: &[&str], jobs: usize) -> Result<(), DiffError> {
+    let lock_path = root.join(".lucos-make.lock");
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(DiffError::io("open", &lock_path))?;
+    lock.lock().map_err(DiffError::io("lock", &lock_path))?;
+    tracing::info!(
+        objects = targets.len(),
+        "building original objects in the kernel tree"
+    );
+    let output = crate::kbuild::make_in(root, jobs)
+        .args(targets)
+        .output()
+        .map_err(|source| DiffError::Tool {
+            tool: "make",
+            package: "make",
+            source,
+        })?;
+    if !output.status.success() {
+        return Err(DiffError::Compile {
+            which: "original",
+            object: targets.join(" "),
+            status: output
+                .status
+                .code()
+                .map_or("signal".to_string(), |c| c.to_string()),
+            stderr: String::from_utf8_lossy(&output.stderr)
+                .trim_end()
+                .to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Cache key of an original object: its command and everything it read.
 pub fn cache_key(tree: &Path, obj: &KbuildObject) -> Result<String, DiffError> {
     let mut h = Sha256::new();

@@ -67,6 +67,17 @@ pub enum Refusal {
         reason: String,
     },
     #[error(
+        "`{function}` ({file}) failed the run-pre check: {reason}; the kernel tree does not \
+         reproduce the running kernel (another compiler, config or source version?), so \
+         lucos cannot tell what this diff changes in it; use the tree made for this kernel \
+         (`lucos guest build`)"
+    )]
+    RunPre {
+        function: String,
+        file: String,
+        reason: String,
+    },
+    #[error(
         "{path} is assembly: lucos compares compiled C functions and cannot build a patch for \
          assembly code; make the fix in C"
     )]
@@ -156,6 +167,8 @@ pub enum DiffError {
     BadObject { object: String, reason: String },
     #[error("cannot read the kernel's symbols: {0}")]
     Symbols(#[from] lucos_introspect::symbols::SymbolError),
+    #[error(transparent)]
+    KernelTree(#[from] crate::tree::TreeError),
     #[error("cannot build a bundle:\n{}", list(.refusals))]
     Refused { refusals: Vec<Refusal> },
     #[error("cannot read the target kernel's identity from vmlinux: {reason}")]

@@ -14,6 +14,7 @@ mod cmdfile;
 mod compare;
 mod compile;
 mod correlate;
+mod dwarfdeps;
 mod elf;
 mod emit;
 mod error;
@@ -26,6 +27,7 @@ mod promote;
 mod report;
 mod scratch;
 mod special;
+mod verify;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -45,50 +47,10 @@ pub use report::{
     Times,
 };
 
+use crate::tree::KernelTree;
 use compare::Status;
 use compile::Side;
 use elf::Obj;
-
-/// Where the pieces of a kernel cache directory are.
-struct Tree {
-    /// The Kbuild tree (sources, objects, `.cmd` files).
-    root: PathBuf,
-    vmlinux: PathBuf,
-    release: String,
-}
-
-fn locate(tree: &Path) -> Result<Tree, DiffError> {
-    let tree = std::fs::canonicalize(tree).map_err(DiffError::io("open", tree))?;
-    let (root, vmlinux) = if tree.join("build/Makefile").is_file() {
-        (tree.join("build"), tree.join("vmlinux"))
-    } else {
-        (tree.clone(), tree.join("vmlinux"))
-    };
-    for (p, what) in [
-        (&root.join("Makefile"), "no Makefile"),
-        (&vmlinux, "no vmlinux"),
-    ] {
-        if !p.exists() {
-            return Err(DiffError::Tree {
-                path: tree.clone(),
-                reason: what.to_string(),
-            });
-        }
-    }
-    let rel = root.join("include/config/kernel.release");
-    let release = std::fs::read_to_string(&rel)
-        .map_err(|e| DiffError::Tree {
-            path: tree.clone(),
-            reason: format!("cannot read {} ({e}); is the kernel built?", rel.display()),
-        })?
-        .trim()
-        .to_string();
-    Ok(Tree {
-        root,
-        vmlinux,
-        release,
-    })
-}
 
 /// The manifest id for a diff file: its stem, restricted to `[A-Za-z0-9._-]`.
 fn default_id(diff: &Path) -> String {
@@ -134,7 +96,8 @@ pub fn build(
     progress: &dyn Progress,
 ) -> Result<BuildOutcome, DiffError> {
     let started = Instant::now();
-    let tree = locate(tree)?;
+    let tree = KernelTree::open(tree)?;
+    let release = tree.release()?;
     let text = std::fs::read_to_string(diff).map_err(DiffError::io("read", diff))?;
     let changes = patchfile::parse(diff, &text)?;
     let mut report = BuildReport {
@@ -145,7 +108,7 @@ pub fn build(
     std::thread::scope(|scope| {
         let symbols = scope.spawn(|| KernelSymbols::load(&tree.vmlinux));
         let t = Instant::now();
-        let objects = cmdfile::scan(&tree.root)?;
+        let objects = cmdfile::objects(&tree)?;
         let (affected, refusals) = affected_objects(&objects, &changes);
         if !refusals.is_empty() {
             return Err(DiffError::Refused { refusals });
@@ -157,7 +120,9 @@ pub fn build(
                 reason: "no object linked into vmlinux depends on the changed files".into(),
             });
         }
-        let overlay = scratch::Overlay::create(&tree.root, &changes, diff, &tree.release)?;
+        let affected = cmdfile::with_commands(&tree, &affected, options.jobs)?;
+        let affected: Vec<&KbuildObject> = affected.iter().collect();
+        let overlay = scratch::Overlay::create(&tree.root, &changes, diff, &release)?;
         let syms = symbols.join().map_err(|_| DiffError::Emit {
             reason: "symbol loader panicked".into(),
         })??;
@@ -244,7 +209,7 @@ pub fn build(
 
         let t = Instant::now();
         progress.start(Stage::Emit, plan.redirects.len() as u64);
-        let built = emit_bundle(&diffs, &plan, &syms, &tree, diff, options, progress)?;
+        let built = emit_bundle(&diffs, &plan, &syms, &release, diff, options, progress)?;
         report.times.emit = t.elapsed();
         progress.finish(Stage::Emit, report.times.emit);
         report.times.total = started.elapsed();
@@ -402,7 +367,7 @@ fn emit_bundle(
     diffs: &[compare::Diff<'_>],
     plan: &include::Plan,
     syms: &KernelSymbols,
-    tree: &Tree,
+    release: &str,
     diff: &Path,
     options: &BuildOptions,
     progress: &dyn Progress,
@@ -441,6 +406,10 @@ fn emit_bundle(
                 });
                 continue;
             }
+        }
+        if let Some(refusal) = verify::run_pre(diffs, r, &spec, syms) {
+            refusals.push(refusal);
+            continue;
         }
         match crate::target::replacement_for(syms, &spec, new) {
             Ok(rep) => replacements.push(rep),
@@ -486,7 +455,7 @@ fn emit_bundle(
     crate::target::check_undefined(syms, &object, &resolve).map_err(|e| DiffError::SelfCheck {
         reason: e.to_string(),
     })?;
-    let target = crate::target::target_for(syms, &tree.release).map_err(|e| DiffError::Target {
+    let target = crate::target::target_for(syms, release).map_err(|e| DiffError::Target {
         reason: e.to_string(),
     })?;
     let manifest = Manifest {

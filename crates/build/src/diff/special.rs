@@ -84,6 +84,36 @@ pub(crate) const TABLES: &[Table] = &[
     },
 ];
 
+/// Offset of `lineno:18` (the low bits of a `u32`) in `struct _ddebug` (Linux 6.1: four
+/// pointers first).
+const DYNDBG_LINENO: usize = 32;
+
+/// Whether a dynamic-debug descriptor (`__dyndbg`) differs only in its line number, and the
+/// diff really moved that line: then it is the same call site, shifted.
+pub(crate) fn dyndbg_line_only(
+    section: &str,
+    a: &[u8],
+    b: &[u8],
+    moved: &dyn Fn(u64, u64) -> bool,
+) -> bool {
+    let lineno = |x: &[u8]| {
+        x.get(DYNDBG_LINENO..DYNDBG_LINENO + 4)
+            .map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes")))
+    };
+    let (Some(la), Some(lb)) = (lineno(a), lineno(b)) else {
+        return false;
+    };
+    const MASK: u32 = (1 << 18) - 1;
+    let rest_same = a.len() == b.len()
+        && a[..DYNDBG_LINENO] == b[..DYNDBG_LINENO]
+        && a[DYNDBG_LINENO + 4..] == b[DYNDBG_LINENO + 4..]
+        && la & !MASK == lb & !MASK;
+    section.starts_with("__dyndbg")
+        && rest_same
+        && la != lb
+        && moved(u64::from(la & MASK), u64::from(lb & MASK))
+}
+
 /// Sections with no meaning for a live patch: ftrace/objtool hints the linker drops,
 /// notes, debug info, and tables only read at boot.
 const IGNORED: &[&str] = &[
@@ -182,5 +212,23 @@ mod tests {
         assert!(table("__bug_table").unwrap().required());
         // The linker drops LOCK-prefix records, so new code may have them.
         assert!(!table(".smp_locks").unwrap().required());
+    }
+
+    #[test]
+    fn a_dynamic_debug_descriptor_whose_line_moved_is_the_same_site() {
+        let desc = |line: u32, flags: u32| {
+            let mut d = vec![0u8; 56];
+            d[..8].copy_from_slice(&[1; 8]);
+            d[32..36].copy_from_slice(&(line | flags << 24).to_le_bytes());
+            d
+        };
+        let moved = |a: u64, b: u64| (a, b) == (100, 103);
+        let (a, b) = (desc(100, 0), desc(103, 0));
+        assert!(dyndbg_line_only("__dyndbg", &a, &b, &moved));
+        // Not a descriptor, a line the diff did not move, or another field changed too.
+        assert!(!dyndbg_line_only(".data", &a, &b, &moved));
+        assert!(!dyndbg_line_only("__dyndbg", &a, &desc(104, 0), &moved));
+        assert!(!dyndbg_line_only("__dyndbg", &a, &desc(103, 1), &moved));
+        assert!(!dyndbg_line_only("__dyndbg", &a, &a, &moved));
     }
 }

@@ -14,11 +14,11 @@ pub fn repo() -> PathBuf {
 /// builds the guest first: a missing tree there is a bug, not a skip.
 pub fn tree() -> Option<PathBuf> {
     let out = Command::new("bash")
-        .arg(repo().join("guest/kernel.sh"))
+        .arg(repo().join("guest/debian.sh"))
         .arg("--print-dir")
         .output()
-        .expect("run guest/kernel.sh --print-dir");
-    assert!(out.status.success(), "guest/kernel.sh --print-dir failed");
+        .expect("run guest/debian.sh --print-dir");
+    assert!(out.status.success(), "guest/debian.sh --print-dir failed");
     let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     if dir.join("done").exists() {
         return Some(dir);
@@ -29,7 +29,7 @@ pub fn tree() -> Option<PathBuf> {
         dir.display()
     );
     eprintln!(
-        "SKIPPED: no cached guest kernel at {} (build it with guest/kernel.sh)",
+        "SKIPPED: no cached guest kernel at {} (fetch it with guest/debian.sh)",
         dir.display()
     );
     None

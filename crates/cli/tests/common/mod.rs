@@ -18,7 +18,9 @@ pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn guest() -> &'static Guest {
     static G: OnceLock<Guest> = OnceLock::new();
     G.get_or_init(|| {
-        guest::ensure(guest::DEFAULT_VERSION).expect("guest build (run scripts/test.sh)")
+        guest::GuestSel::default()
+            .ensure()
+            .expect("guest build (run scripts/test.sh)")
     })
 }
 
@@ -29,7 +31,7 @@ pub fn opts(tag: &str, vcpus: usize) -> VmOpts {
         mem: 256,
         patch_mem: 16,
         accel: "tcg".into(),
-        kernel_version: guest::DEFAULT_VERSION.into(),
+        guest: guest::GuestSel::default(),
         append: String::new(),
         qemu: "qemu-system-x86_64".into(),
     }
@@ -165,8 +167,11 @@ pub fn snippet_bundle(id: &str, source: &str) -> lucos_patch::Bundle {
     let src = dir.path().join(format!("{}.c", id.replace('-', "_")));
     std::fs::write(&src, source).unwrap();
     let g = guest();
-    let obj = lucos_build::kbuild::compile(&lucos_build::build_dir(&g.kernel_dir), &[src])
-        .unwrap_or_else(|e| panic!("compiling snippet {id}: {e}"));
+    let obj = lucos_build::kbuild::compile(
+        &lucos_build::KernelTree::open(&g.kernel_dir).unwrap().root,
+        &[src],
+    )
+    .unwrap_or_else(|e| panic!("compiling snippet {id}: {e}"));
     let syms = symbols();
     let release = lucos_build::kernel_release(&g.kernel_dir).unwrap();
     let manifest = lucos_patch::Manifest {

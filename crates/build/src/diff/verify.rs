@@ -1,0 +1,137 @@
+//! Verify, before emitting: proof that the tree compiles the running kernel.
+//!
+//! **Run-pre** (after Ksplice): the original compile of every function a bundle redirects
+//! must be byte for byte the function in vmlinux, except where the linker or the boot
+//! rewrites it — relocated fields (calls, data addresses, the `call __fentry__`) and
+//! static-branch sites, which objtool turns into NOPs in the kernel's own build. vmlinux
+//! stands for the running kernel here: the engine refuses a bundle whose build id is not
+//! the live kernel's, and re-checks the live entry bytes before it writes. A mismatch
+//! means another compiler, another config or another source version: then the "changed
+//! function" lucos found is not a change of *this* kernel, and nothing is emitted.
+
+use iced_x86::{Decoder, DecoderOptions, Instruction};
+use lucos_introspect::symbols::KernelSymbols;
+use object::elf;
+
+use super::compare::Diff;
+use super::elf::{Obj, Target};
+use super::error::Refusal;
+use super::include::Redirect;
+
+/// Width of the field a relocation patches.
+fn reloc_width(r_type: u32) -> usize {
+    match r_type {
+        elf::R_X86_64_64 | elf::R_X86_64_PC64 => 8,
+        _ => 4,
+    }
+}
+
+/// Which bytes of function `sym` of `obj` the link or the kernel's build may change.
+fn masked(obj: &Obj, sym: usize) -> Vec<bool> {
+    let s = &obj.symbols[sym];
+    let len = s.size as usize;
+    let mut mask = vec![false; len];
+    let mut hide = |from: usize, width: usize| {
+        for m in mask.iter_mut().skip(from).take(width) {
+            *m = true;
+        }
+    };
+    for r in obj.sym_relocs(sym) {
+        let at = r.offset.saturating_sub(s.value) as usize;
+        hide(at, reloc_width(r.r_type));
+    }
+    // Static-branch sites: `struct jump_entry` starts with a PC32 to the site.
+    let code = obj.sym_bytes(sym);
+    for (si, sec) in obj.sections.iter().enumerate() {
+        if sec.name != "__jump_table" {
+            continue;
+        }
+        for r in sec.relocs.iter().filter(|r| r.offset % 16 == 0) {
+            if let Target::Sym { sym: t, addend } = obj.target(si, r) {
+                if t == sym && addend >= 0 {
+                    let at = addend as usize;
+                    hide(at, insn_len(code, at).unwrap_or(5));
+                }
+            }
+        }
+    }
+    mask
+}
+
+fn insn_len(code: &[u8], at: usize) -> Option<usize> {
+    let mut d = Decoder::with_ip(64, code.get(at..)?, 0, DecoderOptions::NONE);
+    let i = d.decode();
+    (!i.is_invalid()).then_some(i.len())
+}
+
+/// The instruction of `code` (starting at `addr`) that covers `offset`, as text.
+fn insn_text(code: &[u8], offset: usize, addr: u64) -> String {
+    let mut d = Decoder::with_ip(64, code, addr, DecoderOptions::NONE);
+    let mut insn = Instruction::default();
+    let mut fmt = iced_x86::FastFormatter::new();
+    while d.can_decode() {
+        d.decode_out(&mut insn);
+        let start = (insn.ip() - addr) as usize;
+        if offset < start + insn.len() {
+            let mut out = String::new();
+            fmt.format(&insn, &mut out);
+            let bytes = hex::encode(&code[start..(start + insn.len()).min(code.len())]);
+            return format!("{out} [{bytes}]");
+        }
+    }
+    "(undecodable)".into()
+}
+
+/// The run-pre check for one redirect; `None` when it passes.
+pub(crate) fn run_pre(
+    diffs: &[Diff<'_>],
+    r: &Redirect,
+    spec: &str,
+    syms: &KernelSymbols,
+) -> Option<Refusal> {
+    let d = &diffs[r.obj];
+    let o = d.twin[r.sym]?;
+    let ours = d.orig.sym_bytes(o);
+    let refuse = |reason: String| {
+        Some(Refusal::RunPre {
+            function: r.old.clone(),
+            file: r.old_file.clone().unwrap_or_else(|| d.file.clone()),
+            reason,
+        })
+    };
+    let k = match syms.resolve_spec(spec) {
+        Ok(k) => k,
+        Err(e) => return refuse(format!("vmlinux has no such function ({e})")),
+    };
+    if k.size as usize != ours.len() {
+        // Reported with its own reason when the redirect is described.
+        return None;
+    }
+    let theirs = match syms.section_bytes(k.addr, ours.len()) {
+        Ok(b) => b,
+        Err(e) => return refuse(format!("its code cannot be read from vmlinux ({e})")),
+    };
+    let mask = masked(d.orig, o);
+    let first = (0..ours.len()).find(|&i| !mask[i] && ours[i] != theirs[i])?;
+    refuse(format!(
+        "at +{first:#x} the tree compiles `{}` where the running kernel has `{}`",
+        insn_text(ours, first, k.addr),
+        insn_text(&theirs, first, k.addr)
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instruction_text_covers_the_offset() {
+        // mov eax, 1 ; ret
+        let code = [0xb8, 1, 0, 0, 0, 0xc3];
+        assert!(insn_text(&code, 3, 0x1000).starts_with("mov eax,1"));
+        assert!(insn_text(&code, 5, 0x1000).starts_with("ret"));
+        assert_eq!(insn_len(&code, 0), Some(5));
+        assert_eq!(reloc_width(elf::R_X86_64_PLT32), 4);
+        assert_eq!(reloc_width(elf::R_X86_64_64), 8);
+    }
+}

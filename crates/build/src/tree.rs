@@ -1,0 +1,101 @@
+//! The layout of a cached kernel directory, in one place.
+//!
+//! Two kinds exist, both written by a script in `guest/`:
+//! - **prepared** (`guest/debian.sh`): a distribution's binary kernel. `vmlinux` is its
+//!   debug vmlinux, `build/` the same version's source configured with its config and
+//!   `make prepare`d only. Objects are compiled on demand; dependencies come from DWARF.
+//! - **built** (`guest/kernel.sh`): a kernel lucos compiled itself. `build/` is the whole
+//!   Kbuild tree with its objects and `.cmd` files.
+//!
+//! Both hold `vmlinux` (the target), `build/` (Kbuild) and optionally `release` (the
+//! distribution's release string, which the source tree cannot know).
+
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TreeKind {
+    Prepared,
+    Built,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelTree {
+    /// The cache directory.
+    pub dir: PathBuf,
+    /// The Kbuild tree.
+    pub root: PathBuf,
+    pub vmlinux: PathBuf,
+    pub kind: TreeKind,
+}
+
+/// Why a directory is not a usable kernel tree.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{path} is not a lucos kernel directory: {reason}; pass the directory that \
+     `lucos guest build` prints (it holds vmlinux and build/)"
+)]
+pub struct TreeError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+impl KernelTree {
+    /// Opens a cache directory, or a bare Kbuild tree with vmlinux in it.
+    pub fn open(dir: &Path) -> Result<Self, TreeError> {
+        let bad = |reason: String| TreeError {
+            path: dir.to_owned(),
+            reason,
+        };
+        let dir = std::fs::canonicalize(dir).map_err(|e| bad(format!("cannot open it ({e})")))?;
+        let root = if dir.join("build/Makefile").is_file() {
+            dir.join("build")
+        } else {
+            dir.clone()
+        };
+        if !root.join("Makefile").is_file() {
+            return Err(bad("no Kbuild tree (build/Makefile)".into()));
+        }
+        let vmlinux = dir.join("vmlinux");
+        if !vmlinux.is_file() {
+            return Err(bad("no vmlinux".into()));
+        }
+        if !root.join("include/config/auto.conf").is_file() {
+            return Err(bad(
+                "its Kbuild tree is not configured (no include/config/auto.conf)".into(),
+            ));
+        }
+        let kind = if root.join("vmlinux.a").is_file() {
+            TreeKind::Built
+        } else {
+            TreeKind::Prepared
+        };
+        Ok(KernelTree {
+            dir,
+            root,
+            vmlinux,
+            kind,
+        })
+    }
+
+    /// The kernel release (`uname -r`) of the target: the distribution's, when the cache
+    /// recorded it, else what Kbuild computed.
+    pub fn release(&self) -> Result<String, TreeError> {
+        let recorded = self.dir.join("release");
+        let path = if recorded.is_file() {
+            recorded
+        } else {
+            self.root.join("include/config/kernel.release")
+        };
+        std::fs::read_to_string(&path)
+            .map(|t| t.trim().to_string())
+            .map_err(|e| TreeError {
+                path: self.dir.clone(),
+                reason: format!("cannot read {} ({e})", path.display()),
+            })
+    }
+
+    /// Where per-tree indexes are cached (next to vmlinux, which they are derived from).
+    pub fn index_file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
