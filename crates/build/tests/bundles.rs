@@ -1,6 +1,7 @@
 //! Builds the test bundles of guest/bundles against the cached guest kernel tree.
 //!
-//! Skipped (with a message) only when that tree does not exist; `guest/kernel.sh` builds it.
+//! Needs the cached guest kernel (`guest/debian.sh`, which scripts/test.sh runs); without it
+//! the tests fail under CI and are skipped with a message elsewhere.
 
 mod common;
 

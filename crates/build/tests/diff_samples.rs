@@ -2,7 +2,8 @@
 //! outcome: which functions are replaced, the refusal text, or "no function changed"; every
 //! bundle must be accepted by lucos's own bundle parser and linker planner.
 //!
-//! Needs the cached guest build (`guest/kernel.sh`); skipped with a message when absent.
+//! Needs the cached guest kernel (`guest/debian.sh`); fails under CI without it, and is
+//! skipped with a message elsewhere.
 
 mod common;
 
@@ -263,5 +264,66 @@ fn try_objects() {
     eprintln!(
         "changed {:?}\nredirected {:?}\nnew {:?} {:?}\nline_only {:?}\nrenamed {:?}\nincluded {:?}\nrefusals {:#?}",
         d.changed, d.redirected, d.new_functions, d.new_data, d.line_only, d.renamed, d.included, d.refusals
+    );
+}
+
+/// A symlink view of `tree` whose Kbuild tree has `file` replaced by `text` (every
+/// directory on the way is real, the rest links to the original).
+fn tree_with_changed_source(tree: &Path, file: &str, text: &str) -> tempfile::TempDir {
+    use std::os::unix::fs::symlink;
+    let view = tempfile::tempdir().unwrap();
+    let mut from = tree.to_path_buf();
+    let mut to = view.path().to_path_buf();
+    let mut parts: Vec<&str> = vec!["build"];
+    parts.extend(file.split('/'));
+    let (last, dirs) = parts.split_last().unwrap();
+    let link_all_but = |from: &Path, to: &Path, keep: &str| {
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.file_name() != keep {
+                symlink(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    };
+    for d in dirs {
+        link_all_but(&from, &to, d);
+        from.push(d);
+        to.push(d);
+        std::fs::create_dir(&to).unwrap();
+    }
+    link_all_but(&from, &to, last);
+    std::fs::write(to.join(last), text).unwrap();
+    view
+}
+
+#[test]
+fn a_tree_that_does_not_compile_the_running_kernel_fails_run_pre() {
+    let Some(tree) = tree() else { return };
+    // Kbuild records the command in the real tree; the view reuses it.
+    bundle("04-version-string.patch");
+    let real = std::fs::read_to_string(tree.join("build/fs/proc/version.c")).unwrap();
+    let changed = real.replacen("\treturn 0;\n}", "\treturn 1;\n}", 1);
+    assert_ne!(
+        changed, real,
+        "fs/proc/version.c no longer ends version_proc_show so"
+    );
+    let view = tree_with_changed_source(&tree, "fs/proc/version.c", &changed);
+    let cache = tempfile::tempdir().unwrap();
+    let r = build(
+        view.path(),
+        &sample("04-version-string.patch"),
+        &options(cache.path()),
+        &NoProgress,
+    );
+    let text = match r {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a tree whose version_proc_show is not the kernel's must be refused"),
+    };
+    eprintln!("{text}");
+    assert!(text.contains("`version_proc_show`"), "{text}");
+    assert!(text.contains("run-pre"), "{text}");
+    assert!(
+        text.contains("mov eax,1"),
+        "names the first differing instruction: {text}"
     );
 }

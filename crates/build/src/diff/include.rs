@@ -69,8 +69,6 @@ pub(crate) struct Redirect {
     pub old: String,
     /// Source file, for statics.
     pub old_file: Option<String>,
-    /// Size of the original compile of `old`, to check it is the running kernel's.
-    pub size: u64,
 }
 
 #[derive(Debug, Default)]
@@ -122,7 +120,6 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
                 sym: p,
                 old: os.name.clone(),
                 old_file: os.is_local().then_some(file),
-                size: os.size,
             });
             queue.push_back((oi, UnitKind::Item(p)));
         }

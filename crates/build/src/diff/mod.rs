@@ -383,30 +383,6 @@ fn emit_bundle(
             None => r.old.clone(),
         };
         progress.step(Stage::Emit, &r.old);
-        let file = || {
-            r.old_file
-                .clone()
-                .unwrap_or_else(|| diffs[r.obj].file.clone())
-        };
-        // Same compile, same size: otherwise vmlinux's function of that name is another
-        // one (a __weak default overridden elsewhere, or a tree not matching the kernel).
-        if let Ok(k) = syms.resolve_spec(&spec) {
-            if k.size != r.size {
-                refusals.push(Refusal::NotRedirectable {
-                    function: r.old.clone(),
-                    file: file(),
-                    reason: format!(
-                        "the running kernel's `{}` is {} bytes but this file's is {}: it is \
-                         another definition (a __weak one overridden elsewhere?), or the \
-                         cached tree does not match the running kernel",
-                        k.qualified_name(),
-                        k.size,
-                        r.size
-                    ),
-                });
-                continue;
-            }
-        }
         if let Some(refusal) = verify::run_pre(diffs, r, &spec, syms) {
             refusals.push(refusal);
             continue;

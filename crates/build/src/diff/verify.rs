@@ -103,21 +103,31 @@ pub(crate) fn run_pre(
         Ok(k) => k,
         Err(e) => return refuse(format!("vmlinux has no such function ({e})")),
     };
-    if k.size as usize != ours.len() {
-        // Reported with its own reason when the redirect is described.
-        return None;
-    }
-    let theirs = match syms.section_bytes(k.addr, ours.len()) {
+    let len = ours.len().min(k.size as usize);
+    let theirs = match syms.section_bytes(k.addr, len) {
         Ok(b) => b,
         Err(e) => return refuse(format!("its code cannot be read from vmlinux ({e})")),
     };
     let mask = masked(d.orig, o);
-    let first = (0..ours.len()).find(|&i| !mask[i] && ours[i] != theirs[i])?;
-    refuse(format!(
-        "at +{first:#x} the tree compiles `{}` where the running kernel has `{}`",
-        insn_text(ours, first, k.addr),
-        insn_text(&theirs, first, k.addr)
-    ))
+    let first = (0..len).find(|&i| !mask[i] && ours[i] != theirs[i]);
+    let at = |i: usize| {
+        format!(
+            "at +{i:#x} the tree compiles `{}` where the running kernel has `{}`",
+            insn_text(ours, i, k.addr),
+            insn_text(&theirs, i, k.addr)
+        )
+    };
+    if k.size as usize != ours.len() {
+        return refuse(format!(
+            "the running kernel's `{}` is {} bytes but the tree compiles {} bytes{} (or it \
+             is another definition, e.g. a __weak one overridden elsewhere)",
+            k.qualified_name(),
+            k.size,
+            ours.len(),
+            first.map(|i| format!("; {}", at(i))).unwrap_or_default()
+        ));
+    }
+    first.map(at).and_then(refuse)
 }
 
 #[cfg(test)]
