@@ -186,6 +186,10 @@ fn run_with_progress(label: &str, name: &str, args: &[&str]) -> Result<()> {
         if let Some(s) = t.strip_prefix("stage: ") {
             stage = s.to_owned();
             pb.set_message(stage.clone());
+            // No spinner without a terminal: a line per stage instead.
+            if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                eprintln!("{label}: {stage} ({:.1} s)", start.elapsed().as_secs_f64());
+            }
         } else if t.starts_with("CC ")
             || t.starts_with("LD ")
             || t.starts_with("AR ")
