@@ -20,6 +20,7 @@ mod emit;
 mod error;
 mod include;
 mod keys;
+mod layout;
 mod names;
 mod objects;
 mod patchfile;
@@ -146,8 +147,10 @@ pub fn build(
         let mut refusals = Vec::new();
         for (obj, b) in affected.iter().zip(&built) {
             let read = |p: &Path| std::fs::read(p).map_err(DiffError::io("read", p));
-            let orig = Obj::parse(&obj.object, &read(&b.original)?)?;
-            let patched = Obj::parse(&obj.object, &read(&b.patched)?)?;
+            let (orig_bytes, patched_bytes) = (read(&b.original)?, read(&b.patched)?);
+            refusals.extend(layout_refusals(obj, &orig_bytes, &patched_bytes)?);
+            let orig = Obj::parse(&obj.object, &orig_bytes)?;
+            let patched = Obj::parse(&obj.object, &patched_bytes)?;
             if obj.is_assembly() {
                 if elf::same_allocated_contents(&orig, &patched) {
                     report.unchanged_assembly.push(obj.object.clone());
@@ -165,6 +168,12 @@ pub fn build(
             objs.push((orig, patched, obj, b.cached));
         }
         drop(overlay);
+        // Objects sharing a header see its layout change alike: report each type once.
+        let mut seen_types = std::collections::BTreeSet::new();
+        refusals.retain(|r| match r {
+            Refusal::TypeLayout { type_name, .. } => seen_types.insert(type_name.clone()),
+            _ => true,
+        });
         let moved = |from: u64, to: u64| {
             let (Ok(from), Ok(to)) = (u32::try_from(from), u32::try_from(to)) else {
                 return false;
@@ -222,6 +231,40 @@ pub fn build(
         );
         Ok(BuildOutcome::Bundle(Box::new(Built { report, ..built })))
     })
+}
+
+/// Refusals for every struct or union the original object knew whose layout the patched
+/// one changes.
+fn layout_refusals(
+    obj: &KbuildObject,
+    orig: &[u8],
+    patched: &[u8],
+) -> Result<Vec<Refusal>, DiffError> {
+    let read = |bytes: &[u8]| {
+        layout::layouts(bytes).map_err(|reason| DiffError::BadObject {
+            object: obj.object.clone(),
+            reason: format!("its DWARF cannot be read: {reason}"),
+        })
+    };
+    let (old, new) = (read(orig)?, read(patched)?);
+    if old.is_empty() {
+        tracing::warn!(
+            object = %obj.object,
+            "no debug info: struct layout changes cannot be checked (build the kernel with \
+             CONFIG_DEBUG_INFO)"
+        );
+    }
+    Ok(old
+        .iter()
+        .filter_map(|(name, o)| {
+            let what = layout::first_difference(o, new.get(name)?)?;
+            Some(Refusal::TypeLayout {
+                type_name: name.clone(),
+                file: obj.source.clone(),
+                what,
+            })
+        })
+        .collect())
 }
 
 /// Objects to recompile, and refusals for changed files that cannot be handled.

@@ -1,0 +1,238 @@
+//! Type layouts from an object's DWARF, to catch a diff that changes a struct or union.
+//!
+//! New code compiled against a new layout would run on objects the running kernel laid out
+//! the old way: a member added in the middle of `struct hid_device` shifts every later
+//! member, and no changed *function* shows it. So every named struct and union that the
+//! original object already knew is compared, by size and by each member's name and offset
+//! (bit offset for bit-fields); any difference is refused until lucos can transfer data.
+//! A type only the patched object has is new and cannot be in use yet.
+
+use std::collections::BTreeMap;
+
+use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
+
+/// A struct or union as laid out: size and (member, bit offset) in declaration order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub size: u64,
+    pub members: Vec<(String, u64)>,
+}
+
+/// The first difference between two layouts of one type, for the refusal.
+pub(crate) fn first_difference(old: &Layout, new: &Layout) -> Option<String> {
+    for (i, n) in new.members.iter().enumerate() {
+        match old.members.get(i) {
+            Some(o) if o == n => {}
+            Some(o) if o.0 == n.0 => {
+                return Some(format!(
+                    "member `{}` moves from byte {} to {}",
+                    n.0,
+                    o.1 / 8,
+                    n.1 / 8
+                ))
+            }
+            Some(o) => return Some(format!("member `{}` takes the place of `{}`", n.0, o.0)),
+            None => return Some(format!("member `{}` is added at the end", n.0)),
+        }
+    }
+    if old.members.len() > new.members.len() {
+        return Some(format!(
+            "member `{}` is removed",
+            old.members[new.members.len()].0
+        ));
+    }
+    (old.size != new.size)
+        .then(|| format!("its size changes from {} to {} bytes", old.size, new.size))
+}
+
+type Slice<'a> = gimli::EndianSlice<'a, gimli::RunTimeEndian>;
+
+/// A debug section's bytes with the object's absolute relocations applied (in a `.o`,
+/// string and line offsets are relocations against the string sections).
+fn relocated(file: &object::File<'_>, name: &str) -> Result<Vec<u8>, String> {
+    let Some(sec) = file.section_by_name(name) else {
+        return Ok(Vec::new());
+    };
+    let mut data = sec
+        .uncompressed_data()
+        .map_err(|e| e.to_string())?
+        .into_owned();
+    for (offset, rel) in sec.relocations() {
+        let base = match rel.target() {
+            RelocationTarget::Symbol(i) => {
+                file.symbol_by_index(i).map(|s| s.address()).unwrap_or(0)
+            }
+            _ => 0,
+        };
+        let value = base.wrapping_add(rel.addend() as u64);
+        let at = offset as usize;
+        match rel.size() {
+            32 => {
+                if let Some(w) = data.get_mut(at..at + 4) {
+                    w.copy_from_slice(&(value as u32).to_le_bytes());
+                }
+            }
+            64 => {
+                if let Some(w) = data.get_mut(at..at + 8) {
+                    w.copy_from_slice(&value.to_le_bytes());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(data)
+}
+
+/// Every named struct and union defined once in the object's DWARF. Empty when the object
+/// has no debug info (then nothing can be checked; the caller says so).
+pub(crate) fn layouts(data: &[u8]) -> Result<BTreeMap<String, Layout>, String> {
+    let file = object::File::parse(data).map_err(|e| e.to_string())?;
+    let mut sections = BTreeMap::new();
+    for id in [
+        gimli::SectionId::DebugAbbrev,
+        gimli::SectionId::DebugInfo,
+        gimli::SectionId::DebugLine,
+        gimli::SectionId::DebugRngLists,
+        gimli::SectionId::DebugAddr,
+        gimli::SectionId::DebugStr,
+        gimli::SectionId::DebugLineStr,
+        gimli::SectionId::DebugStrOffsets,
+    ] {
+        sections.insert(id, relocated(&file, id.name())?);
+    }
+    let dwarf = gimli::Dwarf::load(|id| -> Result<Slice<'_>, gimli::Error> {
+        let bytes = sections.get(&id).map(|v| &v[..]).unwrap_or(&[]);
+        Ok(gimli::EndianSlice::new(bytes, gimli::RunTimeEndian::Little))
+    })
+    .map_err(|e| e.to_string())?;
+    let mut found: BTreeMap<String, Option<Layout>> = BTreeMap::new();
+    let mut units = dwarf.units();
+    while let Some(header) = units.next().map_err(|e| e.to_string())? {
+        let unit = dwarf.unit(header).map_err(|e| e.to_string())?;
+        collect(&dwarf, &unit, &mut found).map_err(|e| e.to_string())?;
+    }
+    Ok(found
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect())
+}
+
+fn collect(
+    dwarf: &gimli::Dwarf<Slice<'_>>,
+    unit: &gimli::Unit<Slice<'_>>,
+    found: &mut BTreeMap<String, Option<Layout>>,
+) -> Result<(), gimli::Error> {
+    let name_of = |e: &gimli::DebuggingInformationEntry<Slice<'_>>| -> Option<String> {
+        let v = e.attr_value(gimli::DW_AT_name)?;
+        dwarf
+            .attr_string(unit, v)
+            .ok()
+            .map(|s| s.to_string_lossy().into_owned())
+    };
+    let mut entries = unit.entries();
+    // The type being read: (name, its depth, layout so far).
+    let mut current: Option<(String, isize, Layout)> = None;
+    while let Some(e) = entries.next_dfs()? {
+        let depth = e.depth();
+        if let Some((_, d, _)) = &current {
+            if depth <= *d {
+                let (name, _, layout) = current.take().expect("checked");
+                record(found, name, layout);
+            }
+        }
+        match (&mut current, e.tag()) {
+            (Some((_, d, layout)), gimli::DW_TAG_member) if depth == *d + 1 => {
+                let bits = match e.attr_value(gimli::DW_AT_data_bit_offset) {
+                    Some(v) => v.udata_value().unwrap_or(0),
+                    None => {
+                        e.attr_value(gimli::DW_AT_data_member_location)
+                            .and_then(|v| v.udata_value())
+                            .unwrap_or(0)
+                            * 8
+                    }
+                };
+                let name = name_of(e).unwrap_or_else(|| "(anonymous)".into());
+                layout.members.push((name, bits));
+            }
+            (None, gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type) => {
+                if e.has_attr(gimli::DW_AT_declaration) {
+                    continue;
+                }
+                let (Some(name), Some(size)) = (
+                    name_of(e),
+                    e.attr_value(gimli::DW_AT_byte_size)
+                        .and_then(|v| v.udata_value()),
+                ) else {
+                    continue;
+                };
+                let kind = if e.tag() == gimli::DW_TAG_union_type {
+                    "union"
+                } else {
+                    "struct"
+                };
+                current = Some((
+                    format!("{kind} {name}"),
+                    depth,
+                    Layout {
+                        size,
+                        members: Vec::new(),
+                    },
+                ));
+            }
+            _ => {}
+        }
+    }
+    if let Some((name, _, layout)) = current {
+        record(found, name, layout);
+    }
+    Ok(())
+}
+
+/// A type defined twice differently (function-local types of one name) is ambiguous and
+/// left out; `None` marks it.
+fn record(found: &mut BTreeMap<String, Option<Layout>>, name: String, layout: Layout) {
+    match found.get(&name) {
+        None => {
+            found.insert(name, Some(layout));
+        }
+        Some(Some(l)) if *l == layout => {}
+        Some(_) => {
+            found.insert(name, None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(size: u64, m: &[(&str, u64)]) -> Layout {
+        Layout {
+            size,
+            members: m.iter().map(|(n, o)| (n.to_string(), *o)).collect(),
+        }
+    }
+
+    #[test]
+    fn differences_name_the_member() {
+        let old = l(16, &[("a", 0), ("b", 64)]);
+        assert_eq!(first_difference(&old, &old), None);
+        let mid = l(24, &[("a", 0), ("x", 64), ("b", 128)]);
+        assert_eq!(
+            first_difference(&old, &mid).unwrap(),
+            "member `x` takes the place of `b`"
+        );
+        let end = l(24, &[("a", 0), ("b", 64), ("c", 128)]);
+        assert_eq!(
+            first_difference(&old, &end).unwrap(),
+            "member `c` is added at the end"
+        );
+        let moved = l(24, &[("a", 0), ("b", 128)]);
+        assert_eq!(
+            first_difference(&old, &moved).unwrap(),
+            "member `b` moves from byte 8 to 16"
+        );
+        let grown = l(32, &[("a", 0), ("b", 64)]);
+        assert!(first_difference(&old, &grown).unwrap().contains("16 to 32"));
+    }
+}
