@@ -327,3 +327,64 @@ fn a_tree_that_does_not_compile_the_running_kernel_fails_run_pre() {
         "names the first differing instruction: {text}"
     );
 }
+
+#[test]
+fn struct_member_inserted_is_refused_naming_type_and_member() {
+    let Some(r) = run("09-struct-member-inserted.patch") else {
+        return;
+    };
+    let text = match r {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a struct layout change must be refused"),
+    };
+    eprintln!("{text}");
+    assert!(text.contains("`struct fd_data` changes layout"), "{text}");
+    assert!(
+        text.contains("member `lucos_cookie` takes the place of `fd`"),
+        "{text}"
+    );
+    // Once, not once per function that uses the type.
+    assert_eq!(text.matches("struct fd_data").count(), 1, "{text}");
+}
+
+/// The files the sample diffs touch, and a BPF object whose `bpf_func_proto` tables refer
+/// to BTF-ID lists.
+const COMMENT_ONLY_FILES: &[&str] = &[
+    "fs/proc/cmdline.c",
+    "fs/proc/uptime.c",
+    "kernel/irq/proc.c",
+    "fs/proc/version.c",
+    "fs/proc/fd.h",
+    "fs/proc/fd.c",
+    "kernel/params.c",
+    "drivers/acpi/utils.c",
+    "kernel/sys.c",
+    "net/core/filter.c",
+];
+
+#[test]
+fn comment_only_changes_change_nothing() {
+    let Some(tree) = tree() else { return };
+    // One diff appending a comment to each file: no line moves, nothing compiles differently.
+    let mut diff = String::new();
+    for f in COMMENT_ONLY_FILES {
+        let text = std::fs::read_to_string(tree.join("build").join(f)).unwrap();
+        let n = text.lines().count();
+        let last = text.lines().last().unwrap();
+        diff.push_str(&format!(
+            "--- a/{f}\n+++ b/{f}\n@@ -{n},1 +{n},2 @@\n {last}\n+/* lucos: a comment only */\n"
+        ));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("comments.patch");
+    std::fs::write(&path, diff).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    match build(&tree, &path, &options(cache.path()), &NoProgress) {
+        Ok(BuildOutcome::NoChange { report, .. }) => {
+            let objects: Vec<&str> = report.objects.iter().map(|o| o.object.as_str()).collect();
+            assert!(objects.contains(&"net/core/filter.o"), "{objects:?}");
+        }
+        Ok(BuildOutcome::Bundle(b)) => panic!("comments produced a bundle: {:?}", b.replaced),
+        Err(e) => panic!("comments were refused: {e}"),
+    }
+}
