@@ -109,20 +109,29 @@ pub fn run(
             package: "dash",
             source,
         })?;
-    if !output.status.success() {
-        return Err(DiffError::Compile {
-            which: side.name(),
-            object: obj.object.clone(),
-            status: output
-                .status
-                .code()
-                .map_or("signal".to_string(), |c| c.to_string()),
-            stderr: String::from_utf8_lossy(&output.stderr)
-                .trim_end()
-                .to_string(),
-        });
+    check(&output, side.name(), &obj.object)
+}
+
+/// A failed compile as an error naming `object`, with the compiler's diagnostics.
+fn check(
+    output: &std::process::Output,
+    which: &'static str,
+    object: &str,
+) -> Result<(), DiffError> {
+    if output.status.success() {
+        return Ok(());
     }
-    Ok(())
+    Err(DiffError::Compile {
+        which,
+        object: object.to_string(),
+        status: output
+            .status
+            .code()
+            .map_or("signal".to_string(), |c| c.to_string()),
+        stderr: String::from_utf8_lossy(&output.stderr)
+            .trim_end()
+            .to_string(),
+    })
 }
 
 /// Builds `targets` (object paths) in the kernel tree `root` with Kbuild, so that their
@@ -149,20 +158,7 @@ pub fn make_targets(root: &Path, targets: &[&str], jobs: usize) -> Result<(), Di
             package: "make",
             source,
         })?;
-    if !output.status.success() {
-        return Err(DiffError::Compile {
-            which: "original",
-            object: targets.join(" "),
-            status: output
-                .status
-                .code()
-                .map_or("signal".to_string(), |c| c.to_string()),
-            stderr: String::from_utf8_lossy(&output.stderr)
-                .trim_end()
-                .to_string(),
-        });
-    }
-    Ok(())
+    check(&output, "original", &targets.join(" "))
 }
 
 /// Cache key of an original object: its command and everything it read.

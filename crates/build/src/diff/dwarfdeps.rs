@@ -9,10 +9,9 @@
 //!
 //! The index is built once per vmlinux (about two seconds) and cached next to it as JSON.
 
-use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
-use object::{Object, ObjectSection};
+use object::Object;
 use serde::{Deserialize, Serialize};
 
 use super::error::DiffError;
@@ -113,32 +112,15 @@ fn source_root(names: &[(PathBuf, PathBuf)]) -> Option<PathBuf> {
     })
 }
 
-type Slice<'a> = gimli::EndianSlice<'a, gimli::RunTimeEndian>;
+use super::layout::Slice;
 
 fn read_units(data: &[u8]) -> Result<Vec<Unit>, String> {
     let file = object::File::parse(data).map_err(|e| e.to_string())?;
-    let mut sections = BTreeMap::new();
-    for id in [
-        gimli::SectionId::DebugAbbrev,
-        gimli::SectionId::DebugInfo,
-        gimli::SectionId::DebugLine,
-        gimli::SectionId::DebugLineStr,
-        gimli::SectionId::DebugStr,
-        gimli::SectionId::DebugStrOffsets,
-    ] {
-        if let Some(s) = file.section_by_name(id.name()) {
-            let bytes = s.uncompressed_data().map_err(|e| e.to_string())?;
-            sections.insert(id, bytes);
-        }
-    }
-    if !sections.contains_key(&gimli::SectionId::DebugInfo) {
+    if file.section_by_name(".debug_info").is_none() {
         return Err("it has no .debug_info (use the -dbg package's vmlinux)".into());
     }
-    let dwarf = gimli::Dwarf::load(|id| -> Result<Slice<'_>, gimli::Error> {
-        let bytes = sections.get(&id).map(|c| &c[..]).unwrap_or(&[]);
-        Ok(gimli::EndianSlice::new(bytes, gimli::RunTimeEndian::Little))
-    })
-    .map_err(|e| e.to_string())?;
+    let sections = super::layout::dwarf_sections(&file)?;
+    let dwarf = super::layout::dwarf(&sections)?;
 
     // First pass: each unit's name, compilation directory and raw file list.
     let mut raw: Vec<(PathBuf, PathBuf, Vec<PathBuf>)> = Vec::new();

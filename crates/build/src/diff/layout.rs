@@ -7,6 +7,7 @@
 //! (bit offset for bit-fields); any difference is refused until lucos can transfer data.
 //! A type only the patched object has is new and cannot be in use yet.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
@@ -45,18 +46,16 @@ pub(crate) fn first_difference(old: &Layout, new: &Layout) -> Option<String> {
         .then(|| format!("its size changes from {} to {} bytes", old.size, new.size))
 }
 
-type Slice<'a> = gimli::EndianSlice<'a, gimli::RunTimeEndian>;
+pub(crate) type Slice<'a> = gimli::EndianSlice<'a, gimli::RunTimeEndian>;
 
-/// A debug section's bytes with the object's absolute relocations applied (in a `.o`,
-/// string and line offsets are relocations against the string sections).
-fn relocated(file: &object::File<'_>, name: &str) -> Result<Vec<u8>, String> {
+/// A debug section's bytes, with the object's absolute relocations applied when it has any
+/// (in a `.o`, string and line offsets are relocations against the string sections; a
+/// linked vmlinux has none, and its sections are borrowed as they are).
+fn relocated<'d>(file: &object::File<'d>, name: &str) -> Result<Cow<'d, [u8]>, String> {
     let Some(sec) = file.section_by_name(name) else {
-        return Ok(Vec::new());
+        return Ok(Cow::Borrowed(&[]));
     };
-    let mut data = sec
-        .uncompressed_data()
-        .map_err(|e| e.to_string())?
-        .into_owned();
+    let mut data = sec.uncompressed_data().map_err(|e| e.to_string())?;
     for (offset, rel) in sec.relocations() {
         let base = match rel.target() {
             RelocationTarget::Symbol(i) => {
@@ -66,14 +65,15 @@ fn relocated(file: &object::File<'_>, name: &str) -> Result<Vec<u8>, String> {
         };
         let value = base.wrapping_add(rel.addend() as u64);
         let at = offset as usize;
+        let bytes = data.to_mut();
         match rel.size() {
             32 => {
-                if let Some(w) = data.get_mut(at..at + 4) {
+                if let Some(w) = bytes.get_mut(at..at + 4) {
                     w.copy_from_slice(&(value as u32).to_le_bytes());
                 }
             }
             64 => {
-                if let Some(w) = data.get_mut(at..at + 8) {
+                if let Some(w) = bytes.get_mut(at..at + 8) {
                     w.copy_from_slice(&value.to_le_bytes());
                 }
             }
@@ -83,10 +83,10 @@ fn relocated(file: &object::File<'_>, name: &str) -> Result<Vec<u8>, String> {
     Ok(data)
 }
 
-/// Every named struct and union defined once in the object's DWARF. Empty when the object
-/// has no debug info (then nothing can be checked; the caller says so).
-pub(crate) fn layouts(data: &[u8]) -> Result<BTreeMap<String, Layout>, String> {
-    let file = object::File::parse(data).map_err(|e| e.to_string())?;
+/// The DWARF sections of `file` that unit headers, DIEs and line tables need.
+pub(crate) fn dwarf_sections<'d>(
+    file: &object::File<'d>,
+) -> Result<BTreeMap<gimli::SectionId, Cow<'d, [u8]>>, String> {
     let mut sections = BTreeMap::new();
     for id in [
         gimli::SectionId::DebugAbbrev,
@@ -98,13 +98,28 @@ pub(crate) fn layouts(data: &[u8]) -> Result<BTreeMap<String, Layout>, String> {
         gimli::SectionId::DebugLineStr,
         gimli::SectionId::DebugStrOffsets,
     ] {
-        sections.insert(id, relocated(&file, id.name())?);
+        sections.insert(id, relocated(file, id.name())?);
     }
-    let dwarf = gimli::Dwarf::load(|id| -> Result<Slice<'_>, gimli::Error> {
-        let bytes = sections.get(&id).map(|v| &v[..]).unwrap_or(&[]);
+    Ok(sections)
+}
+
+/// gimli's view of sections from [`dwarf_sections`].
+pub(crate) fn dwarf<'a>(
+    sections: &'a BTreeMap<gimli::SectionId, Cow<'_, [u8]>>,
+) -> Result<gimli::Dwarf<Slice<'a>>, String> {
+    gimli::Dwarf::load(|id| -> Result<Slice<'a>, gimli::Error> {
+        let bytes = sections.get(&id).map(|c| &c[..]).unwrap_or(&[]);
         Ok(gimli::EndianSlice::new(bytes, gimli::RunTimeEndian::Little))
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string())
+}
+
+/// Every named struct and union defined once in the object's DWARF. Empty when the object
+/// has no debug info (then nothing can be checked; the caller says so).
+pub(crate) fn layouts(data: &[u8]) -> Result<BTreeMap<String, Layout>, String> {
+    let file = object::File::parse(data).map_err(|e| e.to_string())?;
+    let sections = dwarf_sections(&file)?;
+    let dwarf = dwarf(&sections)?;
     let mut found: BTreeMap<String, Option<Layout>> = BTreeMap::new();
     let mut units = dwarf.units();
     while let Some(header) = units.next().map_err(|e| e.to_string())? {
