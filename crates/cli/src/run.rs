@@ -1,10 +1,11 @@
 //! `lucos run`: the foreground owner of one VM.
 
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use lucos_backend::{Accel, LaunchConfig, RunningVm, SerialMode};
 
@@ -79,6 +80,51 @@ pub struct RunArgs {
     /// Also log the serial console to this file (kept after the VM stops).
     #[arg(long)]
     pub log: Option<std::path::PathBuf>,
+    /// Boot your own kernel (a bzImage) instead of the flavour's; needs --vmlinux.
+    #[arg(long, requires = "vmlinux")]
+    pub kernel: Option<PathBuf>,
+    /// The vmlinux (ELF with symbols) of --kernel: lucos reads symbols and the build id
+    /// from it.
+    #[arg(long, requires = "kernel")]
+    pub vmlinux: Option<PathBuf>,
+    /// Initramfs to boot instead of lucos's busybox one.
+    #[arg(long)]
+    pub initrd: Option<PathBuf>,
+}
+
+impl RunArgs {
+    /// The flavour's guest with the user's own kernel or initramfs put in, checked to exist.
+    fn guest(&self) -> Result<Guest> {
+        let mut g = if self.kernel.is_some() && self.initrd.is_some() {
+            Guest {
+                kernel_dir: PathBuf::new(),
+                bzimage: PathBuf::new(),
+                vmlinux: PathBuf::new(),
+                initrd: PathBuf::new(),
+                meta: serde_json::Value::Null,
+            }
+        } else {
+            self.vm.guest.ensure()?
+        };
+        if let (Some(k), Some(v)) = (&self.kernel, &self.vmlinux) {
+            g.bzimage = k.clone();
+            g.vmlinux = v.clone();
+            g.kernel_dir = v.parent().map(PathBuf::from).unwrap_or_default();
+        }
+        if let Some(i) = &self.initrd {
+            g.initrd = i.clone();
+        }
+        for (what, p) in [
+            ("--kernel", &g.bzimage),
+            ("--vmlinux", &g.vmlinux),
+            ("--initrd", &g.initrd),
+        ] {
+            if !p.is_file() {
+                bail!("{what} {} is not a file", p.display());
+            }
+        }
+        Ok(g)
+    }
 }
 
 /// SIGINT/SIGTERM set a flag that the wait loops poll.
@@ -96,7 +142,7 @@ pub fn stop_flag() -> Result<Arc<AtomicBool>> {
 
 pub fn run(args: RunArgs) -> Result<()> {
     let stop = stop_flag()?;
-    let guest = args.vm.guest.ensure()?;
+    let guest = args.guest()?;
     let serial = if args.headless {
         SerialMode::Socket
     } else {

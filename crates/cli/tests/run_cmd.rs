@@ -80,3 +80,76 @@ fn commands_owning_a_vm_clean_up_on_sigint() {
     let desc = wait_for_vm(&mut child, &name);
     assert_eq!(stop_and_check_cleanup(child, &desc, "-INT"), Some(130));
 }
+
+#[test]
+fn run_boots_a_kernel_the_user_names() {
+    // The flavour's files under other names, as a user's own build would be.
+    let g = lucos::guest::GuestSel::default().ensure().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (kernel, vmlinux, initrd) = (
+        dir.path().join("my-bzImage"),
+        dir.path().join("my-vmlinux"),
+        dir.path().join("my-initrd"),
+    );
+    for (from, to) in [
+        (&g.bzimage, &kernel),
+        (&g.vmlinux, &vmlinux),
+        (&g.initrd, &initrd),
+    ] {
+        std::os::unix::fs::symlink(from, to).unwrap();
+    }
+    let name = format!("test-{}-own", std::process::id());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lucos"))
+        .args([
+            "run",
+            "--headless",
+            "--vcpus",
+            "1",
+            "--mem",
+            "256",
+            "--name",
+            &name,
+        ])
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--vmlinux")
+        .arg(&vmlinux)
+        .arg("--initrd")
+        .arg(&initrd)
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let desc = wait_for_vm(&mut child, &name);
+    assert_eq!(desc.kernel.vmlinux, vmlinux);
+    // Attaching proves lucos uses that vmlinux: the live build id must equal its build id.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let info = loop {
+        let out = Command::new(env!("CARGO_BIN_EXE_lucos"))
+            .args(["info", &name])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("linux_banner    Linux version") {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lucos info never succeeded: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert!(info.contains("(live == vmlinux)"), "{info}");
+    assert_eq!(stop_and_check_cleanup(child, &desc, "-TERM"), Some(0));
+
+    let out = Command::new(env!("CARGO_BIN_EXE_lucos"))
+        .args(["run", "--headless", "--name", "x"])
+        .arg("--kernel")
+        .arg(dir.path().join("missing"))
+        .arg("--vmlinux")
+        .arg(&vmlinux)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("missing is not a file"), "{err}");
+}
