@@ -14,6 +14,8 @@
 # Layout of ${LUCOS_CACHE:-~/.cache/lucos}/kernel/debian-<V>-<key>/:
 #   bzImage vmlinux System.map .config release meta.json done
 #   modules/<release>/...   the image's modules tree
+#   modules.cpio.gz         a few of those modules as an initramfs overlay
+#                           (appended to lucos's initramfs, so tests can load them)
 #   build/                  the prepared source tree
 # A second run with the same version and recipe is a cache hit.
 set -euo pipefail
@@ -34,14 +36,14 @@ done
 cache=${LUCOS_CACHE:-$HOME/.cache/lucos}
 # The key covers the version and the recipe: bump `recipe` when a change to
 # this script changes what it produces.
-recipe=1
+recipe=2
 key=$( { echo "$version"; echo "debian-recipe-$recipe"; } | sha256sum | cut -c1-12)
 out="$cache/kernel/debian-$version-$key"
 if [ "$print_dir" = 1 ]; then echo "$out"; exit 0; fi
 if [ -f "$out/done" ]; then echo "cache hit: $out"; exit 0; fi
 if [ "$check" = 1 ]; then echo "not fetched: $out" >&2; exit 1; fi
 
-need=(make gcc flex bison bc dpkg-deb apt-get xz)
+need=(make gcc flex bison bc dpkg-deb apt-get xz cpio depmod)
 missing=()
 for t in "${need[@]}"; do command -v "$t" >/dev/null || missing+=("$t"); done
 [ -e /usr/include/libelf.h ] || missing+=(libelf-dev)
@@ -119,6 +121,23 @@ wait "$dbg_pid"
 rm -rf image usr ./*.deb
 echo "$release" > release
 t_unpack=$(elapsed)
+
+# Modules a busybox guest can load without other modules: one overlay archive,
+# which the kernel unpacks over the base initramfs it is appended to.
+echo "stage: modules overlay"
+overlay_modules=(fs/binfmt_misc.ko fs/isofs/isofs.ko drivers/block/loop.ko)
+mkdir -p overlay/lib/modules/"$release"/kernel
+for m in "${overlay_modules[@]}"; do
+  [ -f "modules/$release/kernel/$m" ] || { echo "debian.sh: the image has no module $m" >&2; exit 1; }
+  mkdir -p "overlay/lib/modules/$release/kernel/$(dirname "$m")"
+  cp "modules/$release/kernel/$m" "overlay/lib/modules/$release/kernel/$m"
+done
+cp modules/"$release"/modules.builtin* overlay/lib/modules/"$release"/
+# The package ships no modules.dep (its postinst runs depmod): make the overlay's own.
+depmod -b overlay "$release"
+(cd overlay && find . -print0 | LC_ALL=C sort -z |
+   cpio --null -o -H newc --owner=0:0 --reproducible 2>/dev/null | gzip -n -9) > modules.cpio.gz
+rm -rf overlay
 
 echo "stage: configure (olddefconfig with Debian's config)"
 cp .config build/.config

@@ -131,6 +131,7 @@ pub fn find(flavour: Flavour, version: &str) -> Result<Option<Guest>> {
         .ok()
         .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
         .unwrap_or_default();
+    let initrd = with_modules(&initrd, &kernel_dir)?;
     Ok(Some(Guest {
         bzimage: kernel_dir.join("bzImage"),
         vmlinux: kernel_dir.join("vmlinux"),
@@ -138,6 +139,28 @@ pub fn find(flavour: Flavour, version: &str) -> Result<Option<Guest>> {
         initrd,
         meta,
     }))
+}
+
+/// The initramfs with the kernel's module overlay (`modules.cpio.gz`, if the flavour has
+/// one) appended: the kernel unpacks concatenated archives in order, so the guest gets
+/// lucos's busybox userland plus `/lib/modules/<release>`. Made once, next to the base.
+fn with_modules(base: &Path, kernel_dir: &Path) -> Result<PathBuf> {
+    let overlay = kernel_dir.join("modules.cpio.gz");
+    if !overlay.is_file() {
+        return Ok(base.to_owned());
+    }
+    let dir_name = kernel_dir.file_name().unwrap_or_default().to_string_lossy();
+    let combined = base.with_file_name(format!("initramfs+{dir_name}.cpio.gz"));
+    if combined.is_file() {
+        return Ok(combined);
+    }
+    let mut bytes = std::fs::read(base).with_context(|| format!("reading {}", base.display()))?;
+    bytes
+        .extend(std::fs::read(&overlay).with_context(|| format!("reading {}", overlay.display()))?);
+    let tmp = combined.with_extension(format!("partial.{}", std::process::id()));
+    std::fs::write(&tmp, &bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &combined).with_context(|| format!("writing {}", combined.display()))?;
+    Ok(combined)
 }
 
 /// Builds whatever is missing (a cache hit takes well under a second).

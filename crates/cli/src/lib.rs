@@ -5,5 +5,6 @@ pub mod demo;
 pub mod guest;
 pub mod harness;
 pub mod info;
+pub mod modules;
 pub mod patchcmd;
 pub mod run;

@@ -31,6 +31,8 @@ enum Cmd {
     List,
     /// Attach to a VM and print what lucos reads from outside.
     Info(info::InfoArgs),
+    /// List the guest's loaded modules, read from outside (BTF layouts, no agent).
+    Modules(lucos::modules::ModulesArgs),
     /// Apply a patch bundle to a running VM.
     Apply(patchcmd::ApplyArgs),
     /// Revert an applied bundle (newest first per function).
@@ -235,6 +237,7 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Info(args) => info::info(args),
+        Cmd::Modules(args) => lucos::modules::modules(args),
         Cmd::Apply(args) => patchcmd::apply(args),
         Cmd::Revert(args) => patchcmd::revert(args),
         Cmd::Status(args) => patchcmd::status(args),

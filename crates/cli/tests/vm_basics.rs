@@ -220,3 +220,35 @@ fn adopts_a_qemu_it_did_not_start() {
     );
     drop(qemu);
 }
+
+#[test]
+fn loaded_modules_are_read_from_outside() {
+    let mut s = shared();
+    // Load a module of Debian's from the guest's /lib/modules (the flavour's overlay).
+    let _ = s.booted.console.run("rmmod binfmt_misc", CMD_TIMEOUT);
+    s.sh("modprobe binfmt_misc");
+    let proc_line = s.sh("grep '^binfmt_misc ' /proc/modules");
+    let kallsyms = s.sh("grep -w bm_status_read /proc/kallsyms");
+    let mods = lucos::modules::loaded_modules(&mut s.a).unwrap();
+    let m = mods
+        .iter()
+        .find(|m| m.name == "binfmt_misc")
+        .unwrap_or_else(|| panic!("binfmt_misc not found from outside: {mods:?}"));
+    // /proc/modules: name size refcount deps state address.
+    let f: Vec<&str> = proc_line.split_whitespace().collect();
+    assert_eq!(f[1].parse::<u64>().unwrap(), m.size, "{proc_line}");
+    assert_eq!(f[4], "Live");
+    assert_eq!(m.state, lucos_introspect::ModuleState::Live);
+    let addr = u64::from_str_radix(f[5].trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(addr, m.base, "{proc_line}");
+    let k = u64::from_str_radix(kallsyms.split_whitespace().next().unwrap(), 16).unwrap();
+    let f = m
+        .function("bm_status_read")
+        .expect("bm_status_read in its symbols");
+    assert_eq!(f.addr, k, "{kallsyms}");
+    assert!(f.addr >= m.base && f.addr < m.base + m.text_size);
+    // Unloaded, it is gone from the list.
+    s.sh("rmmod binfmt_misc");
+    let mods = lucos::modules::loaded_modules(&mut s.a).unwrap();
+    assert!(!mods.iter().any(|m| m.name == "binfmt_misc"), "{mods:?}");
+}

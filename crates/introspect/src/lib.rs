@@ -4,15 +4,21 @@
 //! against a live QEMU (the `lucos-backend` crate) and against synthetic
 //! memory in unit tests.
 
+pub mod btf;
 pub mod fake;
 pub mod kaslr;
 pub mod machine;
+pub mod modules;
 pub mod paging;
 pub mod regs;
 pub mod symbols;
 
+pub use btf::{Btf, BtfError};
 pub use kaslr::{decode_idt_gate, detect_layout, verify_build_id, KaslrError, KernelLayout};
 pub use machine::{Machine, MachineError, PhysMem};
+pub use modules::{
+    list_modules, LoadedModule, ModuleError, ModuleOffsets, ModuleState, ModuleSymbol,
+};
 pub use paging::{
     check_paging_mode, read_virt, read_virt_u64, translate, virt_to_phys_ranges, walk, write_virt,
     Level, PageSize, PagingError, PhysChunk, Translation, Walk, WalkEntry,
