@@ -5,6 +5,7 @@ pub mod diff;
 pub mod error;
 pub mod kbuild;
 pub mod make;
+pub mod module;
 pub mod target;
 pub mod tree;
 

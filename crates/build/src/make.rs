@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::error::BuildError;
 use crate::kbuild;
-use crate::target::{check_undefined, replacement_for, target_for};
+use crate::target::{check_undefined_except, replacement_for, target_for};
 use crate::tree::KernelTree;
 
 /// What a bundle is called and which functions it replaces.
@@ -71,8 +71,16 @@ pub fn make_bundle_with(
     let tree = KernelTree::open(tree)?;
     let release = tree.release()?;
     let mut replacements = Vec::with_capacity(spec.replacements.len());
+    let mut provided = std::collections::BTreeSet::new();
     for (old, new) in &spec.replacements {
-        replacements.push(replacement_for(syms, old, new)?);
+        match crate::module::parse_spec(old) {
+            Some((name, module)) => {
+                let m = crate::module::ModuleObject::find(&tree.modules_dir(), module)?;
+                replacements.push(m.replacement(name, new)?);
+                provided.extend(m.defined());
+            }
+            None => replacements.push(replacement_for(syms, old, new)?),
+        }
     }
     let manifest = Manifest {
         format: FORMAT_VERSION,
@@ -85,7 +93,7 @@ pub fn make_bundle_with(
     manifest.validate()?;
 
     let object = kbuild::compile(&tree.root, sources)?;
-    check_undefined(syms, &object, &spec.resolve)?;
+    check_undefined_except(syms, &object, &spec.resolve, &provided)?;
     let bundle = lucos_patch::pack(&object, &manifest)?;
     let parsed = Bundle::parse(&bundle)?;
     // Refused sections are only an error when applying; a bundle may be built on purpose

@@ -197,6 +197,7 @@ pub fn replacement_for(
         "fentry site found"
     );
     Ok(Replacement {
+        module: None,
         old: sym.name.clone(),
         old_file,
         new: new.to_string(),
@@ -214,6 +215,17 @@ pub fn check_undefined(
     object: &[u8],
     resolve: &BTreeMap<String, String>,
 ) -> Result<(), BuildError> {
+    check_undefined_except(syms, object, resolve, &Default::default())
+}
+
+/// [`check_undefined`], where the names in `provided` (symbols of the modules a bundle
+/// patches) count as defined.
+pub fn check_undefined_except(
+    syms: &KernelSymbols,
+    object: &[u8],
+    resolve: &BTreeMap<String, String>,
+    provided: &std::collections::BTreeSet<String>,
+) -> Result<(), BuildError> {
     for (name, file) in resolve {
         syms.lookup_in_file(file, name)
             .map_err(|e| BuildError::BadResolve {
@@ -230,7 +242,7 @@ pub fn check_undefined(
             continue;
         }
         let Ok(name) = s.name() else { continue };
-        if name.is_empty() || name == FENTRY {
+        if name.is_empty() || name == FENTRY || provided.contains(name) {
             continue;
         }
         let found = match resolve.get(name) {

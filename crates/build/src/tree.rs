@@ -94,6 +94,11 @@ impl KernelTree {
             })
     }
 
+    /// The kernel's modules (`modules/<release>/kernel/...`, from its image package).
+    pub fn modules_dir(&self) -> PathBuf {
+        self.dir.join("modules")
+    }
+
     /// Where per-tree indexes are cached (next to vmlinux, which they are derived from).
     pub fn index_file(&self, name: &str) -> PathBuf {
         self.dir.join(name)

@@ -93,6 +93,7 @@ fn check_bundle(object: &[u8], d: &ObjectDiff) {
             .map(|f| Replacement {
                 old: f.clone(),
                 old_file: None,
+                module: None,
                 new: f.clone(),
                 site_offset: 0,
                 expect: NOP5.to_vec(),

@@ -451,3 +451,42 @@ fn two_hundred_cycles_under_syscall_load() {
     assert_eq!(s.sh("uname -r").trim(), release);
     eprintln!("{last}");
 }
+
+#[test]
+fn a_function_of_a_loaded_module_is_replaced_and_restored() {
+    let mut s = shared();
+    let b = bundle("binfmt");
+    let dir = "/proc/sys/fs/binfmt_misc";
+    let status = format!("cat {dir}/status");
+    let _ = s
+        .booted
+        .console
+        .run(&format!("umount {dir}; rmmod binfmt_misc"), CMD_TIMEOUT);
+    // Not loaded: refused by name, nothing changed.
+    expect_refusal(&mut s, &b, "module binfmt_misc, which is not loaded");
+    s.sh(&format!(
+        "modprobe binfmt_misc && mount -t binfmt_misc none {dir}"
+    ));
+    assert_eq!(s.sh(&status).trim(), "enabled");
+    apply_bundle(&mut s.a, &b).unwrap();
+    assert_eq!(s.sh(&status).trim(), "lucos-enabled");
+    // The new code reads the module's own static, resolved in the live module.
+    s.sh(&format!("echo 0 > {dir}/status"));
+    assert_eq!(s.sh(&status).trim(), "lucos-disabled");
+    s.sh(&format!("echo 1 > {dir}/status"));
+    revert_bundle(&mut s.a, "binfmt").unwrap();
+    assert_eq!(s.sh(&status).trim(), "enabled");
+
+    // Unloaded while patched: its code is gone, so revert writes nothing there and only
+    // retires the record; a fresh load of the module is unpatched.
+    apply_bundle(&mut s.a, &b).unwrap();
+    s.sh(&format!("umount {dir} && rmmod binfmt_misc"));
+    revert_bundle(&mut s.a, "binfmt").unwrap();
+    let reg = session(&mut s.a).unwrap().registry().unwrap();
+    assert_eq!(reg.applied().count(), 0);
+    s.sh(&format!(
+        "modprobe binfmt_misc && mount -t binfmt_misc none {dir}"
+    ));
+    assert_eq!(s.sh(&status).trim(), "enabled");
+    s.sh(&format!("umount {dir} && rmmod binfmt_misc"));
+}

@@ -6,8 +6,10 @@
 //! length-limited.
 
 use crate::btf::{Btf, BtfError};
+use crate::kaslr::KernelLayout;
 use crate::machine::PhysMem;
 use crate::paging::{read_virt, read_virt_u64, PagingError};
+use crate::symbols::KernelSymbols;
 
 /// More modules than any kernel loads: a longer list is corrupt or changing under us.
 const MAX_MODULES: usize = 4096;
@@ -31,6 +33,8 @@ pub enum ModuleError {
     TooMany,
     #[error("module {name}: {reason}")]
     Corrupt { name: String, reason: String },
+    #[error("{0}")]
+    Kernel(String),
 }
 
 /// Offsets in `struct module` and `struct mod_kallsyms` (Linux 6.1 names).
@@ -118,12 +122,12 @@ impl LoadedModule {
     }
 }
 
-struct Reader<'a> {
-    mem: &'a dyn PhysMem,
+struct Reader<'a, P: PhysMem + ?Sized> {
+    mem: &'a P,
     cr3: u64,
 }
 
-impl Reader<'_> {
+impl<P: PhysMem + ?Sized> Reader<'_, P> {
     fn u64(&self, va: u64) -> Result<u64, ModuleError> {
         read_virt_u64(self.mem, self.cr3, va).map_err(|source| ModuleError::Read { va, source })
     }
@@ -155,10 +159,47 @@ impl Reader<'_> {
     }
 }
 
+/// The running kernel's own BTF (`__start_BTF`..`__stop_BTF` in its memory), so layouts
+/// are those of the kernel that runs, whatever vmlinux lucos was given.
+pub fn live_btf(
+    mem: &(impl PhysMem + ?Sized),
+    syms: &KernelSymbols,
+    layout: &KernelLayout,
+) -> Result<Btf, ModuleError> {
+    let (Ok(start), Ok(stop)) = (syms.lookup("__start_BTF"), syms.lookup("__stop_BTF")) else {
+        return Err(BtfError::Missing { what: "modules" }.into());
+    };
+    let len = stop.addr.saturating_sub(start.addr);
+    if len == 0 || len > 64 << 20 {
+        return Err(ModuleError::Kernel(format!(
+            "a BTF of {len} bytes is implausible"
+        )));
+    }
+    let mut buf = vec![0u8; len as usize];
+    let va = layout.live(start.addr);
+    read_virt(mem, layout.cr3, va, &mut buf).map_err(|source| ModuleError::Read { va, source })?;
+    Ok(Btf::parse(&buf)?)
+}
+
+/// Every loaded module of the running kernel (pause the VM around it for a consistent
+/// list).
+pub fn loaded(
+    mem: &(impl PhysMem + ?Sized),
+    syms: &KernelSymbols,
+    layout: &KernelLayout,
+) -> Result<Vec<LoadedModule>, ModuleError> {
+    let off = ModuleOffsets::from_btf(&live_btf(mem, syms, layout)?)?;
+    let head = syms
+        .lookup_in_file("kernel/module/main.c", "modules")
+        .or_else(|_| syms.lookup("modules"))
+        .map_err(|e| ModuleError::Kernel(format!("vmlinux has no `modules` list head ({e})")))?;
+    list_modules(mem, layout.cr3, layout.live(head.addr), &off)
+}
+
 /// Every module on the list headed at `head` (the live address of vmlinux's `modules`).
 /// Read with the VM paused for a consistent list.
 pub fn list_modules(
-    mem: &dyn PhysMem,
+    mem: &(impl PhysMem + ?Sized),
     cr3: u64,
     head: u64,
     off: &ModuleOffsets,
@@ -177,7 +218,11 @@ pub fn list_modules(
     Ok(out)
 }
 
-fn read_module(r: &Reader<'_>, m: u64, off: &ModuleOffsets) -> Result<LoadedModule, ModuleError> {
+fn read_module<P: PhysMem + ?Sized>(
+    r: &Reader<'_, P>,
+    m: u64,
+    off: &ModuleOffsets,
+) -> Result<LoadedModule, ModuleError> {
     let name = r.string(m + off.name, NAME_LEN)?;
     let state = ModuleState::from(r.u32(m + off.state)?);
     let base = r.u64(m + off.base)?;

@@ -9,11 +9,11 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lucos_introspect::{paging, KernelLayout, KernelSymbols, Machine, SymbolKind};
+use lucos_introspect::{paging, KernelLayout, KernelSymbols, LoadedModule, Machine, SymbolKind};
 
 use crate::memory::{self, PatchMem, PatchMemLayout, PAGE};
 use crate::registry::{
-    BundleRecord, BundleState, Header, RangeRecord, Registry, SiteRecord, HEADER_LEN,
+    BundleRecord, BundleState, Header, ModuleSite, RangeRecord, Registry, SiteRecord, HEADER_LEN,
 };
 use crate::{
     check_fentry_site, jmp_rel32, link, plan, Bundle, Linked, Manifest, RegionKind, Regions,
@@ -21,6 +21,7 @@ use crate::{
 };
 
 mod error;
+mod module;
 mod reset;
 mod switch;
 
@@ -64,6 +65,7 @@ struct Site {
     site_addr: u64,
     site_pa: u64,
     current: [u8; 5],
+    module: Option<ModuleSite>,
 }
 
 /// A failed switch, and whether every site is back to its old bytes (only
@@ -172,8 +174,12 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         Ok(())
     }
 
-    /// Resolves an undefined bundle symbol in the running kernel.
-    fn resolve(&self, man: &Manifest, name: &str) -> Result<u64, String> {
+    /// Resolves an undefined bundle symbol in the running kernel: in the modules the bundle
+    /// patches first (their own statics), then in vmlinux.
+    fn resolve(&self, man: &Manifest, modules: &[LoadedModule], name: &str) -> Result<u64, String> {
+        if let Some(found) = Self::resolve_in_modules(man, modules, name) {
+            return found;
+        }
         let sym = match man.resolve.get(name) {
             Some(file) => self.syms.lookup_in_file(file, name),
             None => self.syms.lookup(name),
@@ -188,20 +194,33 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
     }
 
     /// Checks one target function against the live kernel and the registry.
-    fn inspect(&self, reg: &Registry, rep: &Replacement) -> Result<Site, EngineError> {
+    fn inspect(
+        &self,
+        reg: &Registry,
+        rep: &Replacement,
+        modules: &[LoadedModule],
+    ) -> Result<Site, EngineError> {
         let function = rep.label();
-        let sym = match &rep.old_file {
-            Some(f) => self.syms.lookup_in_file(f, &rep.old),
-            None => self.syms.lookup(&rep.old),
-        }
-        .map_err(|source| EngineError::Symbol {
-            function: function.clone(),
-            source,
-        })?;
-        if sym.kind != SymbolKind::Func {
-            return Err(EngineError::NotAFunction { function });
-        }
-        let func_addr = self.layout.live(sym.addr);
+        let (module, func_addr) = match &rep.module {
+            Some(name) => {
+                let (m, addr) = Self::module_function(rep, name, modules)?;
+                (Some(m), addr)
+            }
+            None => {
+                let sym = match &rep.old_file {
+                    Some(f) => self.syms.lookup_in_file(f, &rep.old),
+                    None => self.syms.lookup(&rep.old),
+                }
+                .map_err(|source| EngineError::Symbol {
+                    function: function.clone(),
+                    source,
+                })?;
+                if sym.kind != SymbolKind::Func {
+                    return Err(EngineError::NotAFunction { function });
+                }
+                (None, self.layout.live(sym.addr))
+            }
+        };
         let site_addr = func_addr + u64::from(rep.site_offset);
         let mut live = vec![0u8; rep.expect.len()];
         paging::read_virt(&*self.m, self.layout.cr3, func_addr, &mut live)?;
@@ -240,6 +259,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             site_addr,
             site_pa,
             current,
+            module,
         })
     }
 
@@ -259,10 +279,11 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 live: live_id,
             });
         }
+        let modules = self.modules_for(man)?;
         let sites = man
             .replacements
             .iter()
-            .map(|r| self.inspect(&reg, r))
+            .map(|r| self.inspect(&reg, r, &modules))
             .collect::<Result<Vec<_>, _>>()?;
         for (i, a) in sites.iter().enumerate() {
             if let Some(b) = sites[..i].iter().find(|b| b.site_addr == a.site_addr) {
@@ -305,7 +326,9 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             rodata: va_base + offs[1],
             data: va_base + offs[2],
         };
-        let linked = link(bundle, &plan, bases, &|name| self.resolve(man, name))?;
+        let linked = link(bundle, &plan, bases, &|name| {
+            self.resolve(man, &modules, name)
+        })?;
         let mut records = Vec::new();
         let mut jmps = Vec::new();
         for (site, rep) in sites.iter().zip(&man.replacements) {
@@ -323,6 +346,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 written: jmp.to_vec(),
                 new_addr: target,
                 new_symbol: rep.new.clone(),
+                module: site.module.clone(),
             });
         }
         let kinds = [RegionKind::Text, RegionKind::Rodata, RegionKind::Data];
@@ -482,9 +506,20 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 }
             }
         }
-        // Revert switches each site from this bundle's jmp back to what it replaced.
-        let sites: Vec<Site> = rec
+        // Revert switches each site from this bundle's jmp back to what it replaced, except
+        // in a module unloaded since: its code is gone and the memory may be another's.
+        let gone = self.gone_sites(&rec.sites)?;
+        for (s, _) in rec.sites.iter().zip(&gone).filter(|(_, g)| **g) {
+            tracing::warn!(function = %s.function, "its module was unloaded; nothing to restore");
+        }
+        let live: Vec<&SiteRecord> = rec
             .sites
+            .iter()
+            .zip(&gone)
+            .filter(|(_, g)| !**g)
+            .map(|(s, _)| s)
+            .collect();
+        let sites: Vec<Site> = live
             .iter()
             .map(|s| Site {
                 function: s.function.clone(),
@@ -492,10 +527,10 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 site_addr: s.site_addr,
                 site_pa: s.site_pa,
                 current: s.written.clone().try_into().unwrap_or([0; 5]),
+                module: s.module.clone(),
             })
             .collect();
-        let originals = rec
-            .sites
+        let originals = live
             .iter()
             .map(|s| s.original.clone().try_into().unwrap_or(NOP5));
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(originals).collect();

@@ -47,6 +47,9 @@ pub struct Replacement {
     /// Source file of `old`, to pick one of several statics with the same name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub old_file: Option<String>,
+    /// The loaded module `old` is in; `None` for vmlinux.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
     /// Function in the bundle that replaces it.
     pub new: String,
     /// Offset of the 5-byte fentry NOP in `old`: 0, or 4 after `endbr64`.
@@ -100,9 +103,13 @@ impl Replacement {
 
     /// A label for messages: `old` or `old@file`.
     pub fn label(&self) -> String {
-        match &self.old_file {
+        let base = match &self.old_file {
             Some(f) => format!("{}@{f}", self.old),
             None => self.old.clone(),
+        };
+        match &self.module {
+            Some(m) => format!("{base} [{m}]"),
+            None => base,
         }
     }
 }
@@ -211,6 +218,17 @@ impl Manifest {
         let f = |name: &str| format!("replacements[{i}].{name}");
         check_symbol_name(&f("old"), &r.old)?;
         check_symbol_name(&f("new"), &r.new)?;
+        if let Some(m) = &r.module {
+            let ok = (1..56).contains(&m.len())
+                && m.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"_-".contains(&b));
+            if !ok {
+                return Err(invalid(
+                    f("module"),
+                    format!("`{m}` is not a module name (1..55 characters of [A-Za-z0-9_-])"),
+                ));
+            }
+        }
         if let Some(file) = &r.old_file {
             if file.trim().is_empty() {
                 return Err(invalid(f("old_file"), "is empty; omit it or give a path"));

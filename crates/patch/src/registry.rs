@@ -40,6 +40,17 @@ pub struct SiteRecord {
     pub written: Vec<u8>,
     pub new_addr: u64,
     pub new_symbol: String,
+    /// The module the function is in, as it was loaded when patched; `None` for vmlinux.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<ModuleSite>,
+}
+
+/// A loaded module by name and core base: a reload of the same module lands elsewhere, or
+/// at least is a different load that lucos never patched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleSite {
+    pub name: String,
+    pub base: u64,
 }
 
 /// A piece of patch memory owned by a bundle.

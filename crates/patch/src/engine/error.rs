@@ -29,8 +29,21 @@ pub enum EngineError {
         function: String,
         source: SymbolError,
     },
-    #[error("`{function}` is not a function in vmlinux; only functions can be replaced")]
+    #[error("`{function}` is not a function of the running kernel (vmlinux, or the module named); only functions can be replaced")]
     NotAFunction { function: String },
+    #[error(
+        "`{function}` is in module {module}, which is not loaded; load it first (`modprobe \
+         {module}` in the guest) and apply again"
+    )]
+    ModuleNotLoaded { function: String, module: String },
+    #[error("`{function}`: module {module} is {state}, not live; wait until it has loaded")]
+    ModuleNotLive {
+        function: String,
+        module: String,
+        state: String,
+    },
+    #[error("reading the guest's modules: {0}")]
+    Modules(#[from] lucos_introspect::ModuleError),
     #[error("`{function}`: {source}")]
     Site { function: String, source: SiteError },
     #[error("`{function}` at {site:#x} already jumps to {target:#x}, which no applied lucos bundle wrote; another tool owns this function, refusing")]

@@ -72,6 +72,7 @@ pub fn manifest(news: &[&str]) -> Manifest {
             .map(|n| Replacement {
                 old: format!("old_{n}"),
                 old_file: None,
+                module: None,
                 new: n.to_string(),
                 site_offset: 0,
                 expect: expect.clone(),
