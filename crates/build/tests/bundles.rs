@@ -144,6 +144,10 @@ fn spec_bundles_build_and_leave_the_tree_alone() {
 
         for r in &m.replacements {
             new_fns.push(r.new.clone());
+            if let Some(module) = &r.module {
+                check_module_replacement(&tree, module, r);
+                continue;
+            }
             let addrs = &map[&r.old];
             let sym = match &r.old_file {
                 Some(f) => syms.lookup_in_file(f, &r.old).unwrap(),
@@ -395,4 +399,54 @@ fn undefined_symbols_are_checked_like_the_engine_resolves_them() {
     let resolve = BTreeMap::from([("override_release".to_string(), "fs/nope.c".to_string())]);
     let e = check_undefined(syms, &object_needing(&[]), &resolve).unwrap_err();
     assert!(matches!(e, BuildError::BadResolve { .. }), "{e}");
+}
+
+/// A module function's replacement: its `expect` is the `.ko`'s bytes of the function with
+/// the `call __fentry__` as the NOP, cut before the first relocated field.
+fn check_module_replacement(tree: &Path, module: &str, r: &lucos_patch::Replacement) {
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let ko = walk_files(&tree.join("modules"))
+        .into_iter()
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n == format!("{module}.ko").as_str())
+        })
+        .unwrap_or_else(|| panic!("{module}.ko not in the kernel's modules"));
+    let data = std::fs::read(&ko).unwrap();
+    let f = object::File::parse(&*data).unwrap();
+    let sym = f
+        .symbols()
+        .find(|s| s.name() == Ok(r.old.as_str()))
+        .unwrap();
+    let sec = f.section_by_index(sym.section_index().unwrap()).unwrap();
+    let start = sym.address() as usize;
+    let code = &sec.data().unwrap()[start..start + r.expect.len()];
+    let site = r.site_offset as usize;
+    assert_eq!(code[site], 0xe8, "{}: no call at the site", r.old);
+    assert_eq!(&r.expect[site..site + 5], &NOP5);
+    assert_eq!(&r.expect[site + 5..], &code[site + 5..]);
+    assert!(r.expect_abs.is_empty());
+    // No relocated field inside what `expect` compares.
+    for (off, _) in sec.relocations() {
+        let off = off as usize;
+        assert!(
+            off < start + site + 5 || off >= start + r.expect.len(),
+            "{}: expect covers a relocated field at +{:#x}",
+            r.old,
+            off - start
+        );
+    }
+}
+
+fn walk_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
