@@ -89,6 +89,7 @@ pub fn make_bundle_with(
         target: target_for(syms, &release)?,
         replacements,
         resolve: spec.resolve.clone(),
+        aliases: Default::default(),
     };
     manifest.validate()?;
 

@@ -101,6 +101,7 @@ fn check_bundle(object: &[u8], d: &ObjectDiff) {
             })
             .collect(),
         resolve: Default::default(),
+        aliases: Default::default(),
     };
     let bundle = lucos_patch::pack(object, &manifest).expect("pack");
     let parsed = Bundle::parse(&bundle).expect("bundle parses");
@@ -394,4 +395,25 @@ fn fentry_less_static_with_its_address_taken_is_refused() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn function_scope_statics_that_cannot_be_told_apart_are_refused() {
+    // Both users of a `calls` static are renamed, so no user matches them: the patched
+    // statics could be either live one. Taking them as new would silently reset the counts.
+    let body = |f: &str, g: &str| {
+        format!(
+            "{PRELUDE}int __attribute__((noinline)) {f}(int x) {{ static int calls; calls += x; return calls; }}\n\
+             int __attribute__((noinline)) {g}(int x) {{ static int calls; calls++; return calls; }}\n\
+             int h(int x) {{ return {f}(x) + {g}(x); }}\n"
+        )
+    };
+    let d = diff(&body("f", "g"), &body("f_new", "g_new"));
+    let text: Vec<String> = d.refusals.iter().map(|r| r.to_string()).collect();
+    assert!(
+        text.iter()
+            .any(|t| t.contains("cannot tell apart") && t.contains("calls")),
+        "{text:?}"
+    );
+    assert!(d.object.is_none());
 }

@@ -1,4 +1,4 @@
-//! Issue 4: `lucos build` turns the sample diffs in guest/patches into
+//! `lucos build` turns the sample diffs in guest/patches into
 //! bundles that change a running guest's behaviour (and revert cleanly).
 
 mod common;
@@ -145,4 +145,52 @@ fn syscall_body_inlined_into_its_wrapper() {
     assert_eq!(before.trim(), "x86_64");
     assert_eq!(during.trim(), "lucos");
     assert_eq!(after, before);
+}
+
+#[test]
+fn two_statics_of_one_name_from_two_files_each_link_to_their_own() {
+    // kernel/power/poweroff.c and kernel/reboot.c both have a static `poweroff_work`; the
+    // changed handle_poweroff and orderly_poweroff each use their own file's.
+    let (b, bundle) = bundle_of("10-two-statics-one-name.patch");
+    let m = bundle.manifest();
+    assert_eq!(m.aliases.len(), 1, "{:?}", m.aliases);
+    assert!(b.replaced.iter().any(|r| r.starts_with("handle_poweroff")));
+    assert!(b.replaced.iter().any(|r| r == "orderly_poweroff"));
+    let mut s = shared();
+    let live = |file: &str| {
+        let k = s.a.syms.lookup_in_file(file, "poweroff_work").unwrap();
+        s.a.layout.live(k.addr)
+    };
+    let (sysrq_work, reboot_work) = (live("kernel/power/poweroff.c"), live("kernel/reboot.c"));
+    assert_ne!(sysrq_work, reboot_work);
+    apply_bundle(&mut s.a, &bundle).unwrap();
+    let reg = lucos::patchcmd::session(&mut s.a)
+        .unwrap()
+        .registry()
+        .unwrap();
+    let rec = reg.find_applied(&m.id).unwrap().clone();
+    // The linked new code holds the address of the right `poweroff_work` (as an imm32 or
+    // a PC-relative field), never the other file's.
+    let code_of = |func: &str| {
+        let site = rec
+            .sites
+            .iter()
+            .find(|x| x.function.starts_with(func))
+            .unwrap();
+        let mut code = vec![0u8; 96];
+        lucos_introspect::read_virt(&s.a.vm, s.a.layout.cr3, site.new_addr, &mut code).unwrap();
+        (site.new_addr, code)
+    };
+    let refers_to = |(at, code): &(u64, Vec<u8>), target: u64| {
+        (0..code.len() - 4).any(|i| {
+            let f = u32::from_le_bytes(code[i..i + 4].try_into().unwrap());
+            let pc_rel = (at + i as u64 + 4).wrapping_add(f as i32 as i64 as u64);
+            f == target as u32 || (4..=8).any(|tail| pc_rel.wrapping_add(tail - 4) == target)
+        })
+    };
+    let sysrq = code_of("handle_poweroff");
+    let orderly = code_of("orderly_poweroff");
+    assert!(refers_to(&sysrq, sysrq_work) && !refers_to(&sysrq, reboot_work));
+    assert!(refers_to(&orderly, reboot_work) && !refers_to(&orderly, sysrq_work));
+    revert_bundle(&mut s.a, &m.id).unwrap();
 }

@@ -180,9 +180,13 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         if let Some(found) = Self::resolve_in_modules(man, modules, name) {
             return found;
         }
-        let sym = match man.resolve.get(name) {
-            Some(file) => self.syms.lookup_in_file(file, name),
-            None => self.syms.lookup(name),
+        let sym = match (man.aliases.get(name), man.resolve.get(name)) {
+            (Some(a), _) => match &a.file {
+                Some(file) => self.syms.lookup_in_file(file, &a.symbol),
+                None => self.syms.lookup(&a.symbol),
+            },
+            (None, Some(file)) => self.syms.lookup_in_file(file, name),
+            (None, None) => self.syms.lookup(name),
         }
         .map_err(|e| e.to_string())?;
         // Per-CPU symbols are offsets from %gs and do not move with KASLR.

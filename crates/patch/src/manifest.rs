@@ -28,6 +28,9 @@ pub struct Manifest {
     /// Ambiguous undefined symbol -> source file whose static to use.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub resolve: BTreeMap<String, String>,
+    /// Undefined symbols of the object that stand for kernel symbols of other names.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub aliases: BTreeMap<String, Alias>,
 }
 
 /// Which kernel build the bundle was made for.
@@ -61,6 +64,17 @@ pub struct Replacement {
     /// Absolute-address fields inside `expect` that move with the KASLR slide.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub expect_abs: Vec<AbsField>,
+}
+
+/// A name the bundle's object uses for a kernel symbol of another name: two statics of one
+/// name from two files cannot both keep it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Alias {
+    pub symbol: String,
+    /// Source file of the static; `None` for a global.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<String>,
 }
 
 /// A little-endian absolute address inside `expect`.
@@ -201,6 +215,13 @@ impl Manifest {
                 return Err(BundleError::DuplicateOld { old: r.label() });
             }
             files.push(r.old_file.as_deref());
+        }
+        for (alias, a) in &self.aliases {
+            check_symbol_name("aliases", alias)?;
+            check_symbol_name(&format!("aliases.{alias}.symbol"), &a.symbol)?;
+            if a.file.as_ref().is_some_and(|f| f.trim().is_empty()) {
+                return Err(invalid(format!("aliases.{alias}.file"), "is empty"));
+            }
         }
         for (sym, file) in &self.resolve {
             check_symbol_name("resolve", sym)?;

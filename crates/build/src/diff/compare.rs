@@ -12,7 +12,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use iced_x86::{Code, Register};
 use object::elf;
 
-use super::correlate::{correlate, patched_name};
+use super::correlate::{correlate, patched_name, Correlation};
 use super::elf::{insn_at, is_item, Obj, Target};
 use super::error::Refusal;
 use super::keys::{Key, Keyer};
@@ -59,6 +59,9 @@ pub(crate) struct Diff<'a> {
     pub file: String,
     /// Patched symbol -> original symbol.
     pub twin: Vec<Option<usize>>,
+    /// Patched function-scope statics that match one of several original ones, unknown
+    /// which: new code must not use them.
+    pub ambiguous: HashSet<usize>,
     /// Per patched symbol; meaningful for functions and data items.
     pub status: Vec<Status>,
     /// Patched function -> special tables with entries pointing into it.
@@ -229,7 +232,7 @@ pub(crate) fn compare<'a>(
     file: &str,
     moved: LineMoved<'_>,
 ) -> Diff<'a> {
-    let twin = correlate(orig, patched);
+    let Correlation { twin, ambiguous } = correlate(orig, patched);
     let name_o = |i: usize| orig.symbols[i].name.clone();
     let name_p = |i: usize| patched_name(orig, patched, &twin, i);
     let ko = Keyer {
@@ -381,6 +384,7 @@ pub(crate) fn compare<'a>(
         patched,
         file: file.to_string(),
         twin,
+        ambiguous: ambiguous.into_iter().collect(),
         status,
         tables,
         via_callers: HashSet::new(),

@@ -40,8 +40,15 @@ fn candidates(o: &Obj) -> Vec<usize> {
         .collect()
 }
 
+/// Patched symbol -> original symbol, and the patched function-scope statics that match
+/// one of several original ones without telling which (see [`correlate`]).
+pub(crate) struct Correlation {
+    pub twin: Vec<Option<usize>>,
+    pub ambiguous: Vec<usize>,
+}
+
 /// Patched symbol -> original symbol.
-pub(crate) fn correlate(orig: &Obj, patched: &Obj) -> Vec<Option<usize>> {
+pub(crate) fn correlate(orig: &Obj, patched: &Obj) -> Correlation {
     let mut twin: Vec<Option<usize>> = vec![None; patched.symbols.len()];
     let mut taken: HashSet<usize> = HashSet::new();
     let oc = candidates(orig);
@@ -197,20 +204,23 @@ pub(crate) fn correlate(orig: &Obj, patched: &Obj) -> Vec<Option<usize>> {
             .1
             .push(p);
     }
+    // Left over: statics that no user function matched. One on each side is the same
+    // static; several on both sides cannot be told apart, and guessing would either lose
+    // the live state (taken as new) or give a function another's state.
+    let mut ambiguous = Vec::new();
     for (name, (os, ps)) in left {
         match (os.as_slice(), ps.as_slice()) {
             ([o], [p]) => {
                 twin[*p] = Some(*o);
             }
             (_, []) | ([], _) => {}
-            _ => tracing::warn!(
-                object = %patched.label,
-                %name,
-                "cannot tell function-scope statics apart; treating the patched ones as new"
-            ),
+            _ => {
+                tracing::debug!(object = %patched.label, %name, "ambiguous function-scope statics");
+                ambiguous.extend(ps.iter().copied());
+            }
         }
     }
-    twin
+    Correlation { twin, ambiguous }
 }
 
 /// The name a patched symbol is compared by: its original's, or a marked new name (so

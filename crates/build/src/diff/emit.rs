@@ -116,6 +116,12 @@ pub(crate) fn write_object(diffs: &[Diff<'_>], plan: &Plan) -> Result<Vec<u8>, D
                     (sections[ti].1, addend)
                 }
                 Resolved::External { name, addend, weak } => {
+                    let file = super::include::external_file(&diffs[unit.obj], sec, r);
+                    let name = plan
+                        .bundle_names
+                        .get(&(name, file))
+                        .cloned()
+                        .ok_or_else(|| emit_err("an external reference that was not planned"))?;
                     let id = *externals.entry(name.clone()).or_insert_with(|| {
                         w.add_symbol(write::Symbol {
                             name: name.into_bytes(),

@@ -53,6 +53,8 @@ pub(crate) enum Resolved {
 /// A kernel symbol the bundle links against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct External {
+    /// Its name in the running kernel (the bundle's name for it may be an alias).
+    pub symbol: String,
     /// Source file of the static it names (None for globals).
     pub file: Option<String>,
     /// The first unit referring to it, for messages.
@@ -75,8 +77,11 @@ pub(crate) struct Redirect {
 pub(crate) struct Plan {
     pub units: Vec<Unit>,
     pub index: HashMap<(usize, UnitKind), usize>,
-    /// Kernel symbols the new code uses.
+    /// Kernel symbols the new code uses, by the name the bundle's object gives them.
     pub externals: BTreeMap<String, External>,
+    /// (kernel name, file of a static) → the bundle's name for it: the kernel name, or an
+    /// alias when statics of one name from two files are both used.
+    pub bundle_names: HashMap<(String, Option<String>), String>,
     pub redirects: Vec<Redirect>,
     pub refusals: Vec<Refusal>,
 }
@@ -185,27 +190,27 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
                 Ok(Resolved::Unit { obj, kind, .. }) => queue.push_back((obj, kind)),
                 Ok(Resolved::External { name, weak, .. }) => {
                     let file = external_file(d, sec, r);
-                    match plan.externals.get(&name) {
-                        Some(prev) if prev.file != file => refuse(
-                            Refusal::Reference {
-                                from: from.clone(),
-                                file: d.file.clone(),
-                                symbol: name.clone(),
-                                reason: format!(
-                                    "names two different kernel symbols ({} and {}); a bundle \
-                                     resolves undefined symbols by name, so split the change \
-                                     into two patches",
-                                    prev.file.as_deref().unwrap_or("a global"),
-                                    file.as_deref().unwrap_or("a global")
-                                ),
-                            },
-                            &mut plan,
-                        ),
-                        Some(_) => {}
-                        None => {
-                            let from = from.clone();
-                            plan.externals.insert(name, External { file, from, weak });
+                    let key = (name.clone(), file.clone());
+                    if !plan.bundle_names.contains_key(&key) {
+                        // A second static of the same name gets an alias, which the
+                        // manifest maps back to the kernel symbol and its file.
+                        let mut alias = name.clone();
+                        let mut n = 1;
+                        while plan.externals.contains_key(&alias) {
+                            alias = format!("{name}.lucos_alias{n}");
+                            n += 1;
                         }
+                        plan.bundle_names.insert(key, alias.clone());
+                        let from = from.clone();
+                        plan.externals.insert(
+                            alias,
+                            External {
+                                symbol: name,
+                                file,
+                                from,
+                                weak,
+                            },
+                        );
                     }
                 }
                 Ok(Resolved::Null(_)) => {}
@@ -217,7 +222,7 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
 }
 
 /// The source file that qualifies an external static, if it is one.
-fn external_file(d: &Diff<'_>, sec: usize, r: &Rel) -> Option<String> {
+pub(crate) fn external_file(d: &Diff<'_>, sec: usize, r: &Rel) -> Option<String> {
     match d.patched.target(sec, r) {
         Target::Sym { sym, .. } => {
             let s = &d.patched.symbols[sym];
@@ -308,6 +313,15 @@ pub(crate) fn resolve(
             }
             if s.is_local() && is_special_static(&s.name, tname) {
                 return include;
+            }
+            if d.ambiguous.contains(&sym) {
+                return Err(refuse(
+                    &s.name,
+                    "is one of several function-scope statics of that name in this file that \
+                     lucos cannot tell apart, so it cannot know which live copy the new code \
+                     must use (a fresh copy would lose its state); give the static a unique \
+                     name or move it to file scope",
+                ));
             }
             match d.status[sym] {
                 Status::New => match special::needs_registration(tname) {

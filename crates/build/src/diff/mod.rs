@@ -443,15 +443,26 @@ fn emit_bundle(
         }
     }
     let mut resolve = BTreeMap::new();
+    let mut aliases = BTreeMap::new();
     for (name, ext) in &plan.externals {
         if name == "__fentry__" {
             continue;
         }
+        let symbol = &ext.symbol;
         let found = match &ext.file {
-            Some(f) => syms.lookup_in_file(f, name),
-            None => syms.lookup(name),
+            Some(f) => syms.lookup_in_file(f, symbol),
+            None => syms.lookup(symbol),
         };
         match found {
+            Ok(_) if name != symbol => {
+                aliases.insert(
+                    name.clone(),
+                    lucos_patch::Alias {
+                        symbol: symbol.clone(),
+                        file: ext.file.clone(),
+                    },
+                );
+            }
             Ok(_) => {
                 if let Some(f) = &ext.file {
                     if syms.all_named(name).nth(1).is_some() {
@@ -471,8 +482,11 @@ fn emit_bundle(
     if !refusals.is_empty() {
         return Err(DiffError::Refused { refusals });
     }
-    crate::target::check_undefined(syms, &object, &resolve).map_err(|e| DiffError::SelfCheck {
-        reason: e.to_string(),
+    let aliased = aliases.keys().cloned().collect();
+    crate::target::check_undefined_except(syms, &object, &resolve, &aliased).map_err(|e| {
+        DiffError::SelfCheck {
+            reason: e.to_string(),
+        }
     })?;
     let target = crate::target::target_for(syms, release).map_err(|e| DiffError::Target {
         reason: e.to_string(),
@@ -487,6 +501,7 @@ fn emit_bundle(
         target,
         replacements,
         resolve,
+        aliases,
     };
     let bundle = lucos_patch::pack(&object, &manifest)?;
     let parsed = Bundle::parse(&bundle)?;

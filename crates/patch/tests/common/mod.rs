@@ -80,6 +80,7 @@ pub fn manifest(news: &[&str]) -> Manifest {
             })
             .collect(),
         resolve: Default::default(),
+        aliases: Default::default(),
     }
 }
 
