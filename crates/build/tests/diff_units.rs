@@ -417,3 +417,25 @@ fn function_scope_statics_that_cannot_be_told_apart_are_refused() {
     );
     assert!(d.object.is_none());
 }
+
+#[test]
+fn a_new_export_is_refused() {
+    // What EXPORT_SYMBOL(f) leaves in an object: an entry in section `___ksymtab+f`.
+    let orig = format!("{PRELUDE}int f(int x) {{ return ext(x) + 1; }}\n");
+    let patched = format!(
+        "{PRELUDE}int f(int x) {{ return ext(x) + 2; }}\n\
+         static const void *__ksymtab_f __attribute__((section(\"___ksymtab+f\"), used)) = f;\n"
+    );
+    let d = diff(&orig, &patched);
+    assert!(
+        d.refusals
+            .iter()
+            .any(|r| matches!(r, Refusal::NewExport { symbol, .. } if symbol == "f")),
+        "{:?}",
+        d.refusals
+    );
+    assert!(d.object.is_none());
+    // An export that was there before is no change of its own.
+    let d = diff(&patched, &patched.replace("+ 2", "+ 3"));
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+}

@@ -122,6 +122,12 @@ pub enum Refusal {
          lucos does not do yet; use an ordinary variable"
     )]
     NewPercpu { symbol: String, file: String },
+    #[error(
+        "{file} newly exports `{symbol}` (EXPORT_SYMBOL): modules look exports up in the \
+         running kernel's symbol tables, which a patch cannot extend; keep the export list \
+         as it is"
+    )]
+    NewExport { symbol: String, file: String },
 }
 
 #[derive(Debug, Error)]

@@ -148,9 +148,15 @@ pub fn build(
         for (obj, b) in affected.iter().zip(&built) {
             let read = |p: &Path| std::fs::read(p).map_err(DiffError::io("read", p));
             let (orig_bytes, patched_bytes) = (read(&b.original)?, read(&b.patched)?);
-            refusals.extend(layout_refusals(obj, &orig_bytes, &patched_bytes)?);
+            refusals.extend(layout_refusals(
+                &obj.object,
+                &obj.source,
+                &orig_bytes,
+                &patched_bytes,
+            )?);
             let orig = Obj::parse(&obj.object, &orig_bytes)?;
             let patched = Obj::parse(&obj.object, &patched_bytes)?;
+            refusals.extend(verify::new_exports(&orig, &patched, &obj.source));
             if obj.is_assembly() {
                 if elf::same_allocated_contents(&orig, &patched) {
                     report.unchanged_assembly.push(obj.object.clone());
@@ -235,21 +241,22 @@ pub fn build(
 
 /// Refusals for every struct or union the original object knew whose layout the patched
 /// one changes.
-fn layout_refusals(
-    obj: &KbuildObject,
+pub(crate) fn layout_refusals(
+    object: &str,
+    source: &str,
     orig: &[u8],
     patched: &[u8],
 ) -> Result<Vec<Refusal>, DiffError> {
     let read = |bytes: &[u8]| {
         layout::layouts(bytes).map_err(|reason| DiffError::BadObject {
-            object: obj.object.clone(),
+            object: object.to_string(),
             reason: format!("its DWARF cannot be read: {reason}"),
         })
     };
     let (old, new) = (read(orig)?, read(patched)?);
     if old.is_empty() {
         tracing::warn!(
-            object = %obj.object,
+            %object,
             "no debug info: struct layout changes cannot be checked (build the kernel with \
              CONFIG_DEBUG_INFO)"
         );
@@ -260,7 +267,7 @@ fn layout_refusals(
             let what = layout::first_difference(o, new.get(name)?)?;
             Some(Refusal::TypeLayout {
                 type_name: name.clone(),
-                file: obj.source.clone(),
+                file: source.to_string(),
                 what,
             })
         })

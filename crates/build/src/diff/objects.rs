@@ -64,7 +64,11 @@ pub fn compare_objects(
     out.redirected = plan.redirects.iter().map(|r| r.old.clone()).collect();
     out.included = plan.units.iter().map(|u| u.name.clone()).collect();
     out.external = plan.externals.keys().cloned().collect();
-    out.refusals = plan.refusals.clone();
+    // The same object-level checks as a build: type layouts and exports.
+    out.refusals = super::layout_refusals(file, file, orig, patched)?;
+    out.refusals
+        .extend(super::verify::new_exports(&o, &p, file));
+    out.refusals.extend(plan.refusals.iter().cloned());
     if out.refusals.is_empty() && !plan.redirects.is_empty() {
         out.object = Some(emit::write_object(&diffs, &plan)?);
     }

@@ -130,6 +130,30 @@ pub(crate) fn run_pre(
     first.map(at).and_then(refuse)
 }
 
+/// Exports (`___ksymtab+name` / `___ksymtab_gpl+name` sections) the patched object has and
+/// the original had not. The comparison ignores export tables, since existing exports do
+/// not change with a fix; a new one would be lost without a word.
+pub(crate) fn new_exports(orig: &Obj, patched: &Obj, file: &str) -> Vec<Refusal> {
+    let exports = |o: &Obj| -> std::collections::BTreeSet<String> {
+        o.sections
+            .iter()
+            .filter_map(|s| {
+                let (_, name) = s.name.strip_prefix("___ksymtab")?.split_once('+')?;
+                Some(name.to_string())
+            })
+            .collect()
+    };
+    let old = exports(orig);
+    exports(patched)
+        .into_iter()
+        .filter(|n| !old.contains(n))
+        .map(|symbol| Refusal::NewExport {
+            symbol,
+            file: file.to_string(),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
