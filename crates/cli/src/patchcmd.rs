@@ -49,9 +49,15 @@ pub fn session(a: &mut Attached) -> Result<Session<'_, lucos_backend::Vm>> {
 
 pub fn apply_bundle(a: &mut Attached, bundle: &Bundle) -> Result<ApplyReport> {
     let id = bundle.manifest().id.clone();
-    session(a)?
-        .apply(bundle)
-        .with_context(|| format!("applying bundle '{id}' (the guest was left unchanged)"))
+    session(a)?.apply(bundle).map_err(|e| {
+        // Only a failed resume comes after the change; every other error undid it.
+        let note = if matches!(e, lucos_patch::EngineError::ResumeFailed(_)) {
+            ""
+        } else {
+            " (the guest was left unchanged)"
+        };
+        anyhow::Error::new(e).context(format!("applying bundle '{id}'{note}"))
+    })
 }
 
 pub fn revert_bundle(a: &mut Attached, id: &str) -> Result<RevertReport> {

@@ -1,5 +1,5 @@
-//! Issue 2: the guest boots under TCG, lucos controls it and reads and
-//! writes its memory from outside.
+//! The guest boots under TCG, lucos controls it and reads and writes its
+//! memory, registers and module list from outside.
 
 mod common;
 

@@ -1,4 +1,5 @@
-//! Issue 3: live function replacement from outside the guest.
+//! Live function replacement from outside the guest: apply, revert,
+//! stacking, refusals that leave memory byte-identical, module functions, load.
 
 mod common;
 

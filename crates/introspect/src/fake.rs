@@ -12,7 +12,7 @@ const PAGE: u64 = 4096;
 
 /// Sparse guest physical memory, backed 4 KiB at a time. Reads of pages
 /// never written or allocated fail like unbacked guest memory.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FakeMem {
     pages: HashMap<u64, Box<[u8]>>,
     next_table: u64,

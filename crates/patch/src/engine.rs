@@ -523,20 +523,26 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             .filter(|(_, g)| !**g)
             .map(|(s, _)| s)
             .collect();
-        let sites: Vec<Site> = live
-            .iter()
-            .map(|s| Site {
+        // A record whose bytes are not 5 long is corrupt: never guess what to write.
+        let five = |s: &SiteRecord, b: &[u8]| -> Result<[u8; 5], EngineError> {
+            b.try_into().map_err(|_| EngineError::MalformedRecord {
+                id: id.to_owned(),
+                function: s.function.clone(),
+            })
+        };
+        let mut sites = Vec::with_capacity(live.len());
+        let mut originals = Vec::with_capacity(live.len());
+        for s in &live {
+            sites.push(Site {
                 function: s.function.clone(),
                 func_addr: s.func_addr,
                 site_addr: s.site_addr,
                 site_pa: s.site_pa,
-                current: s.written.clone().try_into().unwrap_or([0; 5]),
+                current: five(s, &s.written)?,
                 module: s.module.clone(),
-            })
-            .collect();
-        let originals = live
-            .iter()
-            .map(|s| s.original.clone().try_into().unwrap_or(NOP5));
+            });
+            originals.push(five(s, &s.original)?);
+        }
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(originals).collect();
         let pause = self
             .switch(&switch, &header, &mut reg, false, |reg| {

@@ -113,3 +113,42 @@ fn reset_refuses_records_that_match_the_kernel() {
         Err(EngineError::NotStale)
     ));
 }
+
+#[test]
+fn a_malformed_record_is_not_reverted_by_guessing() {
+    use lucos_patch::registry::{BundleRecord, BundleState, SiteRecord};
+    let syms = symbols();
+    let mut reg = mapped_registry();
+    reg.bundles.push(BundleRecord {
+        id: "broken".into(),
+        description: String::new(),
+        sha256: String::new(),
+        state: BundleState::Applied,
+        applied_unix_ms: 0,
+        reverted_unix_ms: None,
+        sites: vec![SiteRecord {
+            function: "f".into(),
+            func_addr: 0xffff_ffff_8100_1000,
+            site_addr: 0xffff_ffff_8100_1000,
+            site_pa: 0x100_1000,
+            original: vec![0x0f, 0x1f, 0x44],
+            written: vec![0xe9, 0, 0, 0, 0],
+            new_addr: 0xffff_ffff_a000_0000,
+            new_symbol: "g".into(),
+            module: None,
+        }],
+        ranges: Vec::new(),
+        apply_pause_us: 0,
+        revert_pause_us: None,
+    });
+    let mut m = guest_with(&reg, GPA);
+    m.mem.write_u64(PD_ENTRY, reg.pd_entries[0].1);
+    let before = m.mem.clone();
+    let mut s = Session::new(&mut m, &syms, layout(), GPA, SIZE).unwrap();
+    let err = s.revert("broken").unwrap_err();
+    assert!(
+        matches!(&err, EngineError::MalformedRecord { id, function } if id == "broken" && function == "f"),
+        "{err}"
+    );
+    assert!(m.mem == before, "a refused revert changed guest memory");
+}

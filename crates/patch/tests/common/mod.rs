@@ -6,7 +6,7 @@ use std::process::Command;
 
 use lucos_patch::{pack, Bundle, Manifest, Replacement, Target, NOP5};
 
-/// The flags from the brief: kernel code model, fentry with mcount records, one section per
+/// The flags that matter for kernel code: kernel code model, fentry with mcount records, one section per
 /// function and object.
 pub const KERNEL_CFLAGS: &[&str] = &[
     "-c",
