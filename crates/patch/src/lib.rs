@@ -16,6 +16,7 @@ mod layout;
 mod link;
 mod manifest;
 pub mod memory;
+pub mod policy;
 pub mod registry;
 mod reloc;
 mod sections;

@@ -1,4 +1,5 @@
-//! Which sections of a bundle are loaded, which are refused and which are safely dropped.
+//! Which sections of a bundle are loaded, which are refused and which are safely dropped
+//! (the linker's side of [`crate::policy`]).
 //!
 //! The kernel's module loader gives many special sections meaning at load time (exception
 //! tables, alternatives, static keys ...). lucos does not yet register any of them with the
@@ -6,6 +7,8 @@
 //! refused. Hint sections whose absence only costs optimisation or diagnostics are dropped.
 
 use object::elf;
+
+use crate::policy::{section_rule, Link};
 
 const LATER: &str = "a later lucos version will register it with the running kernel";
 
@@ -26,63 +29,12 @@ pub(crate) enum Class {
     Refuse(&'static str),
 }
 
-/// (pattern, what it is). A trailing `*` matches any suffix.
-const REFUSED: &[(&str, &str)] = &[
-    ("__ex_table", "the exception table: fixups for instructions allowed to fault (user copies, rdmsr_safe ...); the kernel would not find them, so such a fault in new code would oops"),
-    ("__jump_table", "static-key (jump label) entries; the kernel would never flip the new code's branches, so they would stay at their compile-time default"),
-    (".altinstructions", "CPU-feature alternatives; the new code would run the unpatched sequence, which may be wrong for this CPU"),
-    (".altinstr_replacement", "replacement code for CPU-feature alternatives"),
-    (".altinstr_aux", "auxiliary code for static_cpu_has() alternatives"),
-    (".static_call_sites", "static-call sites; the new code's calls would not follow static_call_update()"),
-    (".static_call.text", "static-call trampolines"),
-    ("__bug_table", "BUG()/WARN() records; a WARN in new code would be reported as an invalid-opcode oops"),
-    (".parainstructions", "paravirt patch sites; the new code would keep the slow indirect paravirt calls with the wrong clobbers"),
-    (".init.*", "init code or data: it only runs at boot or module load, and the kernel frees it; a patch cannot run it"),
-    (".initcall*", "an initcall table entry: initcalls run only at boot; a patch cannot run them"),
-    (".exit.*", "exit code or data: it only runs at module unload; a patch cannot run it"),
-    ("__ksymtab*", "symbol exports; a patch cannot add exports to the running kernel"),
-    ("__kcrctab*", "symbol-version CRCs of exports; a patch cannot add exports"),
-    (".gnu.linkonce.this_module", "a `struct module`: this is a kernel module, not a lucos bundle"),
-    ("__param", "module parameters; a patch has no parameters"),
-    (".modinfo", "module metadata: this looks like a kernel module, not a lucos bundle"),
-    (".data..percpu*", "per-CPU variables, which need per-CPU allocation"),
-    ("__tracepoints*", "tracepoint definitions, which must be registered with the tracing core"),
-    ("_ftrace_events", "trace event definitions, which must be registered with the tracing core"),
-    ("__dyndbg*", "dynamic-debug descriptors, which must be registered with dynamic debug"),
-];
-
-/// (pattern, why dropping it is safe).
-const DROPPED: &[(&str, &str)] = &[
-    (".smp_locks", "LOCK-prefix records: the kernel only uses them to turn LOCK prefixes into NOPs on a single CPU, so new code keeps its LOCK prefixes, which is correct either way"),
-    ("__mcount_loc", "lists fentry call sites for ftrace; the linker turns those calls into NOPs and new code is deliberately not traceable"),
-    ("__patchable_function_entries", "lists -fpatchable-function-entry sites for ftrace; new code is deliberately not traceable"),
-    (".retpoline_sites", "lets alternatives inline retpoline thunk calls; the calls keep going through the kernel's thunks, which are correct for the active mitigation"),
-    (".return_sites", "lets alternatives rewrite `jmp __x86_return_thunk`; returns keep using the kernel's return thunk, which is correct for the active mitigation"),
-    (".call_sites", "call-depth-tracking sites; only an accounting optimisation"),
-    (".ibt_endbr_seal", "ENDBR instructions objtool found unneeded; sealing them is hardening only"),
-    (".orc_unwind", "ORC unwind data, which the kernel only looks up for vmlinux and modules; limitation: stack traces through new code are unreliable"),
-    (".orc_unwind_ip", "ORC unwind addresses (see .orc_unwind); limitation: stack traces through new code are unreliable"),
-    (".discard.*", "objtool annotations; the kernel's own link discards them too"),
-    (".note.*", "ELF notes (GNU-stack, build properties); neither code nor data"),
-    (".comment", "the compiler's version string"),
-    (".eh_frame", "DWARF call-frame info; the kernel never reads it (kernel builds use -fno-asynchronous-unwind-tables)"),
-    (".printk_index", "the debugfs printk format index; the new formats are just not listed there"),
-];
-
-fn matches(pattern: &str, name: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => name.starts_with(prefix),
-        None => name == pattern,
-    }
-}
-
-/// Why the linker refuses a section of this name, if it does: the one list
-/// that `lucos build` also consults, so the two never disagree.
+/// Why the linker refuses a section of this name, if it does: read from the one section
+/// policy that `lucos build` also follows, so the two never disagree.
 pub fn refused_by_name(name: &str) -> Option<&'static str> {
-    REFUSED
-        .iter()
-        .find(|(p, _)| matches(p, name))
-        .map(|(_, why)| *why)
+    section_rule(name)
+        .filter(|r| r.link == Link::Refuse)
+        .map(|r| r.reason)
 }
 
 /// Reason text for refusing `name`, ending in the note that support is planned.
@@ -92,11 +44,10 @@ pub(crate) fn refusal(what: &str) -> String {
 
 /// Classifies a non-relocation section by name, type and flags.
 pub(crate) fn classify(name: &str, sh_type: u32, flags: u64) -> Class {
-    if let Some(why) = refused_by_name(name) {
-        return Class::Refuse(why);
-    }
-    if let Some((_, why)) = DROPPED.iter().find(|(p, _)| matches(p, name)) {
-        return Class::Drop(why);
+    match section_rule(name) {
+        Some(r) if r.link == Link::Refuse => return Class::Refuse(r.reason),
+        Some(r) if r.link == Link::Drop => return Class::Drop(r.reason),
+        _ => {}
     }
     if flags & u64::from(elf::SHF_ALLOC) == 0 {
         return Class::Ignore;

@@ -7,7 +7,9 @@
 //! bundle cannot carry is refused — the lucos linker would refuse the section anyway, and
 //! leaving the entries out would make the new code silently misbehave.
 
-/// A table of fixed-size entries pointing into code.
+use lucos_patch::policy::{section_rule, Link, Role};
+
+/// A table of fixed-size entries pointing into code ([`Role::Table`] of the section policy).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Table {
     pub name: &'static str,
@@ -19,6 +21,7 @@ pub(crate) struct Table {
     pub what: &'static str,
     /// (offset of a relocation to anonymous data, offset of a `u8` with its length).
     pub data_len: Option<(u64, u64)>,
+    link: Link,
 }
 
 impl Table {
@@ -26,63 +29,9 @@ impl Table {
     /// section (the entries are needed for the code to behave). Otherwise the entries
     /// are an optimisation the new code can do without, and the linker drops them.
     pub fn required(&self) -> bool {
-        lucos_patch::section_refusal(self.name).is_some()
+        self.link == Link::Refuse
     }
 }
-
-/// Tables the bundle format cannot carry yet.
-pub(crate) const TABLES: &[Table] = &[
-    Table {
-        name: "__ex_table",
-        entry: 12,
-        line: None,
-        data_len: None,
-        what: "exception-table fixups for instructions allowed to fault, e.g. user copies",
-    },
-    Table {
-        name: "__jump_table",
-        entry: 16,
-        line: None,
-        data_len: None,
-        what: "static-key (jump label) sites",
-    },
-    Table {
-        name: ".altinstructions",
-        entry: 12,
-        line: None,
-        // struct alt_instr: s32 instr, s32 repl, u16 cpuid, u8 instrlen, u8 replacementlen
-        data_len: Some((4, 11)),
-        what: "CPU-feature alternatives",
-    },
-    Table {
-        name: ".static_call_sites",
-        entry: 8,
-        line: None,
-        data_len: None,
-        what: "static-call sites",
-    },
-    Table {
-        name: "__bug_table",
-        entry: 12,
-        line: Some(8),
-        data_len: None,
-        what: "BUG()/WARN() records",
-    },
-    Table {
-        name: ".parainstructions",
-        entry: 16,
-        line: None,
-        data_len: None,
-        what: "paravirt patch sites, e.g. from local_irq_save()",
-    },
-    Table {
-        name: ".smp_locks",
-        entry: 4,
-        line: None,
-        data_len: None,
-        what: "LOCK-prefix records",
-    },
-];
 
 /// Offset of `lineno:18` (the low bits of a `u32`) in `struct _ddebug` (Linux 6.1: four
 /// pointers first).
@@ -114,78 +63,37 @@ pub(crate) fn dyndbg_line_only(
         && moved(u64::from(la & MASK), u64::from(lb & MASK))
 }
 
-/// Sections with no meaning for a live patch: ftrace/objtool hints the linker drops,
-/// notes, debug info, and tables only read at boot.
-const IGNORED: &[&str] = &[
-    "__mcount_loc",
-    "__patchable_function_entries",
-    ".retpoline_sites",
-    ".return_sites",
-    ".call_sites",
-    ".ibt_endbr_seal",
-    ".orc_unwind",
-    ".orc_unwind_ip",
-    ".discard.*",
-    ".note.*",
-    ".comment",
-    ".eh_frame",
-    ".printk_index",
-    ".initcall*",
-    ".con_initcall*",
-    "__param",
-    "__modver",
-    "__ksymtab*",
-    "___ksymtab*",
-    "__kcrctab*",
-    ".modinfo",
-    ".BTF*",
-    ".debug_*",
-    ".gnu.linkonce.this_module",
-];
-
-/// Sections holding data that needs registration with the running kernel: new items there
-/// cannot be added by a patch.
-pub(crate) const NEEDS_REGISTRATION: &[(&str, &str)] = &[
-    (".data..percpu*", "per-CPU data"),
-    ("__tracepoints*", "a tracepoint definition"),
-    ("_ftrace_events", "a trace event definition"),
-    ("__dyndbg*", "a dynamic-debug descriptor"),
-    (".altinstr_replacement", "alternative replacement code"),
-    (".altinstr_aux", "alternative auxiliary code"),
-];
-
-fn matches(pattern: &str, name: &str) -> bool {
-    match pattern.strip_suffix('*') {
-        Some(prefix) => name.starts_with(prefix),
-        None => name == pattern,
+pub(crate) fn table(name: &str) -> Option<Table> {
+    let r = section_rule(name)?;
+    match r.role {
+        Role::Table(t) => Some(Table {
+            name: r.pattern,
+            entry: t.entry,
+            line: t.line,
+            what: r.what,
+            data_len: t.data_len,
+            link: r.link,
+        }),
+        _ => None,
     }
-}
-
-pub(crate) fn table(name: &str) -> Option<&'static Table> {
-    TABLES.iter().find(|t| t.name == name)
 }
 
 /// Sections left out of comparison and bundles entirely.
 pub(crate) fn is_ignored(name: &str) -> bool {
-    IGNORED.iter().any(|p| matches(p, name))
+    section_rule(name).is_some_and(|r| r.role == Role::Ignored)
 }
 
 /// `__init`/`__exit` code and data (and their variants such as `.init.rodata`, `.meminit.text`
 /// in kernels that still have them).
 pub(crate) fn is_init(name: &str) -> bool {
-    name.starts_with(".init.")
-        || name.starts_with(".exit.")
-        || name.starts_with(".meminit.")
-        || name.starts_with(".head.text")
-        || name == ".x86_cpu_dev.init"
+    section_rule(name).is_some_and(|r| r.role == Role::Init)
 }
 
 /// Why a new item in this section cannot be added by a patch, if it cannot.
 pub(crate) fn needs_registration(name: &str) -> Option<&'static str> {
-    NEEDS_REGISTRATION
-        .iter()
-        .find(|(p, _)| matches(p, name))
-        .map(|(_, what)| *what)
+    section_rule(name)
+        .filter(|r| r.role == Role::Registered)
+        .map(|r| r.what)
 }
 
 #[cfg(test)]

@@ -1,0 +1,206 @@
+//! The one section policy: what every special section is to lucos, read by both the
+//! builder (`lucos build`: what it compares, which tables belong to functions, what new
+//! code must not add) and the linker (what it loads, drops or refuses). One row per
+//! section, with the reason users see.
+
+/// The builder's view of a section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Compared like any code or data.
+    Compare,
+    /// A table of fixed-size entries, each pointing into some function, which is compared
+    /// together with its entries.
+    Table(TableSpec),
+    /// Data the running kernel only knows once registered: new items cannot be added.
+    Registered,
+    /// Code or data that ran at boot and was freed (`__init`, `__exit`).
+    Init,
+    /// Not compared and never carried: hints, metadata, debug information.
+    Ignored,
+}
+
+/// Layout of one table entry (x86-64, Linux 6.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSpec {
+    /// Entry size in bytes; the last entry may be shorter (padding).
+    pub entry: u64,
+    /// Offset of a `u16` line number inside an entry, ignored when comparing.
+    pub line: Option<u64>,
+    /// (offset of a relocation to anonymous data, offset of a `u8` with its length).
+    pub data_len: Option<(u64, u64)>,
+}
+
+/// The linker's view of a section.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Link {
+    /// A bundle with this section cannot be loaded yet (the reason says why).
+    Refuse,
+    /// Left out, with the reason why that is safe.
+    Drop,
+    /// Classified by its flags (code, rodata, data, or not allocated).
+    ByFlags,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SectionRule {
+    /// Section name; a trailing `*` matches any suffix.
+    pub pattern: &'static str,
+    pub role: Role,
+    pub link: Link,
+    /// What the section is, for builder messages ("CPU-feature alternatives").
+    pub what: &'static str,
+    /// Why the linker refuses or drops it.
+    pub reason: &'static str,
+}
+
+const fn table(entry: u64, line: Option<u64>, data_len: Option<(u64, u64)>) -> Role {
+    Role::Table(TableSpec {
+        entry,
+        line,
+        data_len,
+    })
+}
+
+const fn rule(
+    pattern: &'static str,
+    role: Role,
+    link: Link,
+    what: &'static str,
+    reason: &'static str,
+) -> SectionRule {
+    SectionRule {
+        pattern,
+        role,
+        link,
+        what,
+        reason,
+    }
+}
+
+use Link::{ByFlags, Drop, Refuse};
+use Role::{Compare, Ignored, Init, Registered};
+
+/// Every section with a meaning beyond plain code or data. First match wins.
+pub const RULES: &[SectionRule] = &[
+    // Tables whose entries belong to functions.
+    rule("__ex_table", table(12, None, None), Refuse, "exception-table fixups for instructions allowed to fault, e.g. user copies",
+        "the exception table: fixups for instructions allowed to fault (user copies, rdmsr_safe ...); the kernel would not find them, so such a fault in new code would oops"),
+    rule("__jump_table", table(16, None, None), Refuse, "static-key (jump label) sites",
+        "static-key (jump label) entries; the kernel would never flip the new code's branches, so they would stay at their compile-time default"),
+    // struct alt_instr: s32 instr, s32 repl, u16 cpuid, u8 instrlen, u8 replacementlen
+    rule(".altinstructions", table(12, None, Some((4, 11))), Refuse, "CPU-feature alternatives",
+        "CPU-feature alternatives; the new code would run the unpatched sequence, which may be wrong for this CPU"),
+    rule(".static_call_sites", table(8, None, None), Refuse, "static-call sites",
+        "static-call sites; the new code's calls would not follow static_call_update()"),
+    rule("__bug_table", table(12, Some(8), None), Refuse, "BUG()/WARN() records",
+        "BUG()/WARN() records; a WARN in new code would be reported as an invalid-opcode oops"),
+    rule(".parainstructions", table(16, None, None), Refuse, "paravirt patch sites, e.g. from local_irq_save()",
+        "paravirt patch sites; the new code would keep the slow indirect paravirt calls with the wrong clobbers"),
+    rule(".smp_locks", table(4, None, None), Drop, "LOCK-prefix records",
+        "LOCK-prefix records: the kernel only uses them to turn LOCK prefixes into NOPs on a single CPU, so new code keeps its LOCK prefixes, which is correct either way"),
+    // Data the kernel must register.
+    rule(".data..percpu*", Registered, Refuse, "per-CPU data", "per-CPU variables, which need per-CPU allocation"),
+    rule("__tracepoints*", Registered, Refuse, "a tracepoint definition",
+        "tracepoint definitions, which must be registered with the tracing core"),
+    rule("_ftrace_events", Registered, Refuse, "a trace event definition",
+        "trace event definitions, which must be registered with the tracing core"),
+    rule("__dyndbg*", Registered, Refuse, "a dynamic-debug descriptor",
+        "dynamic-debug descriptors, which must be registered with dynamic debug"),
+    rule(".altinstr_replacement", Registered, Refuse, "alternative replacement code",
+        "replacement code for CPU-feature alternatives"),
+    rule(".altinstr_aux", Registered, Refuse, "alternative auxiliary code",
+        "auxiliary code for static_cpu_has() alternatives"),
+    rule(".static_call.text", Compare, Refuse, "static-call trampolines", "static-call trampolines"),
+    // Boot-time code and data.
+    rule(".init.*", Init, Refuse, "__init code or data",
+        "init code or data: it only runs at boot or module load, and the kernel frees it; a patch cannot run it"),
+    rule(".exit.*", Init, Refuse, "__exit code or data",
+        "exit code or data: it only runs at module unload; a patch cannot run it"),
+    rule(".meminit.*", Init, Refuse, "__meminit code or data",
+        "memory-hotplug init code or data, freed after boot in this kernel; a patch cannot run it"),
+    rule(".head.text*", Init, Refuse, "early boot code", "early boot code, which only runs before the kernel is up"),
+    rule(".x86_cpu_dev.init", Init, Refuse, "CPU vendor init records", "CPU vendor records read once at boot"),
+    // Metadata a patch cannot change: refused if a bundle has it, not compared by the builder
+    // (which checks exports on its own).
+    rule(".initcall*", Ignored, Refuse, "an initcall", "an initcall table entry: initcalls run only at boot; a patch cannot run them"),
+    rule(".con_initcall*", Ignored, Refuse, "a console initcall", "a console initcall table entry, run only at boot"),
+    rule("__ksymtab*", Ignored, Refuse, "symbol exports", "symbol exports; a patch cannot add exports to the running kernel"),
+    rule("___ksymtab*", Ignored, Refuse, "symbol exports", "symbol exports; a patch cannot add exports to the running kernel"),
+    rule("__kcrctab*", Ignored, Refuse, "export CRCs", "symbol-version CRCs of exports; a patch cannot add exports"),
+    rule(".gnu.linkonce.this_module", Ignored, Refuse, "a struct module",
+        "a `struct module`: this is a kernel module, not a lucos bundle"),
+    rule("__param", Ignored, Refuse, "module parameters", "module parameters; a patch has no parameters"),
+    rule("__modver", Ignored, Refuse, "module version records", "module version records: this looks like a kernel module, not a lucos bundle"),
+    rule(".modinfo", Ignored, Refuse, "module metadata", "module metadata: this looks like a kernel module, not a lucos bundle"),
+    // Hints and notes the new code can do without.
+    rule("__mcount_loc", Ignored, Drop, "ftrace call sites",
+        "lists fentry call sites for ftrace; the linker turns those calls into NOPs and new code is deliberately not traceable"),
+    rule("__patchable_function_entries", Ignored, Drop, "ftrace call sites",
+        "lists -fpatchable-function-entry sites for ftrace; new code is deliberately not traceable"),
+    rule(".retpoline_sites", Ignored, Drop, "retpoline call sites",
+        "lets alternatives inline retpoline thunk calls; the calls keep going through the kernel's thunks, which are correct for the active mitigation"),
+    rule(".return_sites", Ignored, Drop, "return-thunk sites",
+        "lets alternatives rewrite `jmp __x86_return_thunk`; returns keep using the kernel's return thunk, which is correct for the active mitigation"),
+    rule(".call_sites", Ignored, Drop, "call-depth-tracking sites", "call-depth-tracking sites; only an accounting optimisation"),
+    rule(".ibt_endbr_seal", Ignored, Drop, "ENDBR seal list", "ENDBR instructions objtool found unneeded; sealing them is hardening only"),
+    rule(".orc_unwind", Ignored, Drop, "ORC unwind data",
+        "ORC unwind data, which the kernel only looks up for vmlinux and modules; limitation: stack traces through new code are unreliable"),
+    rule(".orc_unwind_ip", Ignored, Drop, "ORC unwind addresses",
+        "ORC unwind addresses (see .orc_unwind); limitation: stack traces through new code are unreliable"),
+    rule(".discard.*", Ignored, Drop, "objtool annotations", "objtool annotations; the kernel's own link discards them too"),
+    rule(".note.*", Ignored, Drop, "ELF notes", "ELF notes (GNU-stack, build properties); neither code nor data"),
+    rule(".comment", Ignored, Drop, "the compiler version", "the compiler's version string"),
+    rule(".eh_frame", Ignored, Drop, "call-frame info",
+        "DWARF call-frame info; the kernel never reads it (kernel builds use -fno-asynchronous-unwind-tables)"),
+    rule(".printk_index", Ignored, Drop, "the printk format index", "the debugfs printk format index; the new formats are just not listed there"),
+    rule(".BTF*", Ignored, Drop, "BTF ID lists",
+        "BTF ID lists, filled in when vmlinux is linked; new code refers to the running kernel's lists"),
+    rule(".debug_*", Ignored, ByFlags, "debug information", "debug information"),
+];
+
+fn matches(pattern: &str, name: &str) -> bool {
+    match pattern.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == pattern,
+    }
+}
+
+/// The rule for section `name`, if it is special.
+pub fn section_rule(name: &str) -> Option<&'static SectionRule> {
+    RULES.iter().find(|r| matches(r.pattern, name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_rule_is_reachable_and_consistent() {
+        for (i, r) in RULES.iter().enumerate() {
+            // No earlier pattern hides this one.
+            let probe = r.pattern.trim_end_matches('*');
+            assert_eq!(
+                section_rule(probe).map(|x| x.pattern),
+                Some(r.pattern),
+                "rule {i} ({}) is shadowed",
+                r.pattern
+            );
+            // What the builder compares must be loadable; what it ignores is never loaded
+            // as code or data unless the flags say it is not allocated.
+            if r.role == Role::Compare {
+                assert_ne!(r.link, Link::Drop, "{}", r.pattern);
+            }
+            assert!(!r.what.is_empty() && !r.reason.is_empty());
+        }
+    }
+
+    #[test]
+    fn look_alikes_are_not_special() {
+        assert!(section_rule(".inits").is_none());
+        assert!(section_rule(".text.init.x").is_none());
+        assert_eq!(section_rule("___ksymtab+f").unwrap().link, Link::Refuse);
+        assert!(
+            matches!(section_rule("__bug_table").unwrap().role, Role::Table(t) if t.line == Some(8))
+        );
+    }
+}
