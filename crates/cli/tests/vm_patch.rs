@@ -491,3 +491,21 @@ fn a_function_of_a_loaded_module_is_replaced_and_restored() {
     assert_eq!(s.sh(&status).trim(), "enabled");
     s.sh(&format!("umount {dir} && rmmod binfmt_misc"));
 }
+
+#[test]
+fn alternatives_in_new_code_follow_the_live_cpu() {
+    let mut s = shared();
+    let flags = s.sh("grep -m1 '^flags' /proc/cpuinfo");
+    let has = |f: &str| flags.split_whitespace().any(|w| w == f);
+    let want = format!(
+        "lucos-alt always=2 sse2={} avx2={} not_always=1 call=20",
+        if has("sse2") { 2 } else { 1 },
+        if has("avx2") { 2 } else { 1 }
+    );
+    let b = bundle("alt");
+    apply_bundle(&mut s.a, &b).unwrap();
+    let got = s.sh("cat /proc/cmdline");
+    revert_bundle(&mut s.a, "alt").unwrap();
+    assert_eq!(got.trim(), want, "cpu flags: {flags}");
+    assert!(!s.sh("cat /proc/cmdline").starts_with("lucos-alt"));
+}

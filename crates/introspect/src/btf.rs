@@ -33,6 +33,7 @@ pub enum BtfError {
     NoMember { ty: String, member: String },
 }
 
+const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 const KIND_TYPEDEF: u32 = 8;
@@ -55,6 +56,8 @@ struct Type {
     /// Size for structs and unions, the referenced type for modifiers.
     size_or_type: u32,
     members: Vec<Member>,
+    /// Element count, for arrays.
+    nelems: u32,
 }
 
 /// Decoded BTF: types by id (id 0 is `void`).
@@ -111,6 +114,7 @@ impl Btf {
             name: String::new(),
             size_or_type: 0,
             members: Vec::new(),
+            nelems: 0,
         }];
         let mut at = start;
         while at < end {
@@ -121,11 +125,15 @@ impl Btf {
                 name: name(u32_at(b, at)?),
                 size_or_type: u32_at(b, at + 8)?,
                 members: Vec::new(),
+                nelems: 0,
             };
             at += 12;
             let extra = match kind {
                 1 | 14 | 17 => 4,
-                3 => 12,
+                KIND_ARRAY => {
+                    t.nelems = u32_at(b, at + 8)?;
+                    12
+                }
                 KIND_STRUCT | KIND_UNION => {
                     let bitfields = info >> 31 == 1;
                     for i in 0..vlen {
@@ -203,6 +211,23 @@ impl Btf {
         None
     }
 
+    /// Element count of the array member `path` of `ty`.
+    pub fn array_len(&self, ty: &str, path: &str) -> Result<u64, BtfError> {
+        let no = || BtfError::NoMember {
+            ty: ty.to_string(),
+            member: path.to_string(),
+        };
+        let mut id = self.struct_id(ty)?;
+        for part in path.split('.') {
+            id = self.find(id, part).ok_or_else(no)?.1;
+        }
+        let t = &self.types[self.resolve(id) as usize];
+        if t.kind != KIND_ARRAY {
+            return Err(no());
+        }
+        Ok(u64::from(t.nelems))
+    }
+
     /// Byte offset of `path` (members separated by `.`, e.g. `core_layout.base`) in struct
     /// or union `ty`.
     pub fn offset_of(&self, ty: &str, path: &str) -> Result<u64, BtfError> {
@@ -227,7 +252,7 @@ mod tests {
     /// A BTF blob: int, struct inner { int a; int b; }, struct outer { int x; union { struct
     /// inner in; }; } — the anonymous union exercises the search.
     fn sample() -> Vec<u8> {
-        let strings = b"\0int\0inner\0a\0b\0outer\0x\0in\0".to_vec();
+        let strings = b"\0int\0inner\0a\0b\0outer\0x\0in\0caps\0".to_vec();
         let s = |n: &str| {
             let pos = strings
                 .windows(n.len() + 2)
@@ -244,9 +269,11 @@ mod tests {
         // 3: anonymous union { struct inner in; }
         t.extend([0, (KIND_UNION << 24) | 1, 8]);
         t.extend([s("in"), 2, 0]);
-        // 4: struct outer { int x; union; }
-        t.extend([s("outer"), (KIND_STRUCT << 24) | 2, 16]);
-        t.extend([s("x"), 1, 0, 0, 3, 64]);
+        // 4: struct outer { int x; union; int caps[3]; }
+        t.extend([s("outer"), (KIND_STRUCT << 24) | 3, 28]);
+        t.extend([s("x"), 1, 0, 0, 3, 64, s("caps"), 5, 128]);
+        // 5: int[3]
+        t.extend([0, KIND_ARRAY << 24, 0, 1, 1, 3]);
         let types: Vec<u8> = t.iter().flat_map(|w| w.to_le_bytes()).collect();
         let mut b = vec![0x9f, 0xeb, 1, 0];
         for w in [
@@ -266,7 +293,10 @@ mod tests {
     #[test]
     fn offsets_follow_paths_and_anonymous_members() {
         let btf = Btf::parse(&sample()).unwrap();
-        assert_eq!(btf.struct_size("outer").unwrap(), 16);
+        assert_eq!(btf.struct_size("outer").unwrap(), 28);
+        assert_eq!(btf.offset_of("outer", "caps").unwrap(), 16);
+        assert_eq!(btf.array_len("outer", "caps").unwrap(), 3);
+        assert!(btf.array_len("outer", "x").is_err());
         assert_eq!(btf.offset_of("outer", "x").unwrap(), 0);
         assert_eq!(btf.offset_of("outer", "in").unwrap(), 8);
         assert_eq!(btf.offset_of("outer", "in.b").unwrap(), 12);

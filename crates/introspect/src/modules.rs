@@ -181,6 +181,31 @@ pub fn live_btf(
     Ok(Btf::parse(&buf)?)
 }
 
+/// The boot CPU's feature words (`boot_cpu_data.x86_capability`, the bug words
+/// included), which decide the kernel's alternatives; layout from the live BTF.
+pub fn cpu_feature_words(
+    mem: &(impl PhysMem + ?Sized),
+    syms: &KernelSymbols,
+    layout: &KernelLayout,
+) -> Result<Vec<u32>, ModuleError> {
+    let btf = live_btf(mem, syms, layout)?;
+    let off = btf.offset_of("cpuinfo_x86", "x86_capability")?;
+    let n = btf.array_len("cpuinfo_x86", "x86_capability")?;
+    if n == 0 || n > 64 {
+        return Err(ModuleError::Kernel(format!("x86_capability has {n} words")));
+    }
+    let bcd = syms
+        .lookup("boot_cpu_data")
+        .map_err(|e| ModuleError::Kernel(format!("vmlinux has no boot_cpu_data ({e})")))?;
+    let va = layout.live(bcd.addr) + off;
+    let mut buf = vec![0u8; (n * 4) as usize];
+    read_virt(mem, layout.cr3, va, &mut buf).map_err(|source| ModuleError::Read { va, source })?;
+    Ok(buf
+        .chunks_exact(4)
+        .map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes")))
+        .collect())
+}
+
 /// Every loaded module of the running kernel (pause the VM around it for a consistent
 /// list).
 pub fn loaded(

@@ -16,8 +16,8 @@ use crate::registry::{
     BundleRecord, BundleState, Header, ModuleSite, RangeRecord, Registry, SiteRecord, HEADER_LEN,
 };
 use crate::{
-    check_fentry_site, jmp_rel32, link, plan, Bundle, Linked, Manifest, RegionKind, Regions,
-    Replacement, SiteKind, NOP5,
+    apply_alternatives, check_fentry_site, jmp_rel32, link, plan, Bundle, CpuFeatures, Linked,
+    Manifest, RegionKind, Regions, Replacement, SiteKind, NOP5,
 };
 
 mod error;
@@ -330,9 +330,19 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             rodata: va_base + offs[1],
             data: va_base + offs[2],
         };
-        let linked = link(bundle, &plan, bases, &|name| {
+        let mut linked = link(bundle, &plan, bases, &|name| {
             self.resolve(man, &modules, name)
         })?;
+        if bundle
+            .object
+            .sections
+            .iter()
+            .any(|s| s.name == ".altinstructions")
+        {
+            let words =
+                lucos_introspect::modules::cpu_feature_words(&*self.m, self.syms, &self.layout)?;
+            apply_alternatives(bundle, &plan, &mut linked, &CpuFeatures { words })?;
+        }
         let mut records = Vec::new();
         let mut jmps = Vec::new();
         for (site, rep) in sites.iter().zip(&man.replacements) {

@@ -9,6 +9,7 @@
 //!    [`check_fentry_site`] and overwrite it with [`jmp_rel32`] to
 //!    [`Linked::new_fn_addr`].
 
+mod alternatives;
 mod bundle;
 mod elf;
 pub mod engine;
@@ -22,6 +23,7 @@ mod reloc;
 mod sections;
 mod site;
 
+pub use alternatives::{apply_alternatives, CpuFeatures};
 pub use bundle::{pack, Bundle, BundleError, MANIFEST_SECTION};
 pub use engine::{reset_stale_registry, ApplyReport, EngineError, RevertReport, Session};
 pub use layout::{

@@ -94,6 +94,8 @@ pub enum LinkError {
          must be within ±2 GiB of kernel text"
     )]
     JumpOutOfRange { site: u64, target: u64 },
+    #[error("cannot apply the bundle's CPU-feature alternatives: {reason}")]
+    Alternative { reason: String },
 }
 
 /// Everything the engine needs to allocate memory before linking.
@@ -116,6 +118,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Where section `index` of the bundle's object is placed, if it is loaded.
+    pub fn placement_of(&self, index: usize) -> Option<(RegionKind, u64)> {
+        self.placement.get(index).copied().flatten()
+    }
+
     pub fn region(&self, kind: RegionKind) -> &RegionPlan {
         match kind {
             RegionKind::Text => &self.text,

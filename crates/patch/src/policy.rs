@@ -39,6 +39,9 @@ pub enum Link {
     Drop,
     /// Classified by its flags (code, rodata, data, or not allocated).
     ByFlags,
+    /// Loaded (by its flags) and applied by lucos at link time for the live CPU: the
+    /// builder must carry the entries for the functions it includes.
+    Apply,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +80,7 @@ const fn rule(
     }
 }
 
-use Link::{ByFlags, Drop, Refuse};
+use Link::{Apply, ByFlags, Drop, Refuse};
 use Role::{Compare, Ignored, Init, Registered};
 
 /// Every section with a meaning beyond plain code or data. First match wins.
@@ -88,8 +91,8 @@ pub const RULES: &[SectionRule] = &[
     rule("__jump_table", table(16, None, None), Refuse, "static-key (jump label) sites",
         "static-key (jump label) entries; the kernel would never flip the new code's branches, so they would stay at their compile-time default"),
     // struct alt_instr: s32 instr, s32 repl, u16 cpuid, u8 instrlen, u8 replacementlen
-    rule(".altinstructions", table(12, None, Some((4, 11))), Refuse, "CPU-feature alternatives",
-        "CPU-feature alternatives; the new code would run the unpatched sequence, which may be wrong for this CPU"),
+    rule(".altinstructions", table(12, None, Some((4, 11))), Apply, "CPU-feature alternatives",
+        "CPU-feature alternatives, applied at link time for the live CPU's features as the kernel's apply_alternatives() would"),
     rule(".static_call_sites", table(8, None, None), Refuse, "static-call sites",
         "static-call sites; the new code's calls would not follow static_call_update()"),
     rule("__bug_table", table(12, Some(8), None), Refuse, "BUG()/WARN() records",
@@ -106,8 +109,8 @@ pub const RULES: &[SectionRule] = &[
         "trace event definitions, which must be registered with the tracing core"),
     rule("__dyndbg*", Registered, Refuse, "a dynamic-debug descriptor",
         "dynamic-debug descriptors, which must be registered with dynamic debug"),
-    rule(".altinstr_replacement", Registered, Refuse, "alternative replacement code",
-        "replacement code for CPU-feature alternatives"),
+    rule(".altinstr_replacement", Registered, Apply, "alternative replacement code",
+        "replacement code for CPU-feature alternatives (loaded; copied over the originals the live CPU selects)"),
     rule(".altinstr_aux", Registered, Refuse, "alternative auxiliary code",
         "auxiliary code for static_cpu_has() alternatives"),
     rule(".static_call.text", Compare, Refuse, "static-call trampolines", "static-call trampolines"),

@@ -328,9 +328,9 @@ fn refused_sections() {
                 return x; l: return 0; }"#,
         ),
         (
-            ".altinstructions",
+            ".static_call_sites",
             r#"int lucos_new(int x) {
-                asm volatile("nop\n.pushsection .altinstructions,\"a\"\n.long 0\n.popsection");
+                asm volatile("nop\n.pushsection .static_call_sites,\"a\"\n.long 0\n.popsection");
                 return x; }"#,
         ),
     ];

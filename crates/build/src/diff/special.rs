@@ -29,7 +29,9 @@ impl Table {
     /// section (the entries are needed for the code to behave). Otherwise the entries
     /// are an optimisation the new code can do without, and the linker drops them.
     pub fn required(&self) -> bool {
-        self.link == Link::Refuse
+        // Entries the linker applies are needed too, and the builder does not carry table
+        // entries yet: either way new code with them cannot be emitted.
+        self.link != Link::Drop
     }
 }
 
