@@ -509,3 +509,26 @@ fn alternatives_in_new_code_follow_the_live_cpu() {
     assert_eq!(got.trim(), want, "cpu flags: {flags}");
     assert!(!s.sh("cat /proc/cmdline").starts_with("lucos-alt"));
 }
+
+#[test]
+fn paravirt_sites_and_static_calls_in_new_code_run_unpatched() {
+    let mut s = shared();
+    let before = s.sh("cat /proc/cmdline");
+    let b = bundle("pvcall");
+    apply_bundle(&mut s.a, &b).unwrap();
+    // Each read runs local_irq_save/restore (paravirt, with alternatives) and
+    // preempt_enable (a static call through its trampoline) in the new code.
+    let mut reads = Vec::new();
+    for _ in 0..20 {
+        reads.push(s.sh("cat /proc/cmdline"));
+    }
+    revert_bundle(&mut s.a, "pvcall").unwrap();
+    let want = format!("lucos-pv irqs-were-on=1 irqs-off-inside=1 {before}");
+    assert!(reads.iter().all(|r| *r == want), "{reads:?}");
+    assert_eq!(s.sh("cat /proc/cmdline"), before);
+    let log = s.sh("dmesg");
+    assert!(
+        !log.contains("BUG") && !log.contains("Oops") && !log.contains("WARNING"),
+        "{log}"
+    );
+}

@@ -93,12 +93,12 @@ pub const RULES: &[SectionRule] = &[
     // struct alt_instr: s32 instr, s32 repl, u16 cpuid, u8 instrlen, u8 replacementlen
     rule(".altinstructions", table(12, None, Some((4, 11))), Apply, "CPU-feature alternatives",
         "CPU-feature alternatives, applied at link time for the live CPU's features as the kernel's apply_alternatives() would"),
-    rule(".static_call_sites", table(8, None, None), Refuse, "static-call sites",
-        "static-call sites; the new code's calls would not follow static_call_update()"),
+    rule(".static_call_sites", table(8, None, None), Drop, "static-call sites",
+        "static-call sites: unpatched, each call goes through its trampoline (__SCT__*), which static_call_update() retargets too, so the call always reaches the current function; cost: one extra jmp per call"),
     rule("__bug_table", table(12, Some(8), None), Refuse, "BUG()/WARN() records",
         "BUG()/WARN() records; a WARN in new code would be reported as an invalid-opcode oops"),
-    rule(".parainstructions", table(16, None, None), Refuse, "paravirt patch sites, e.g. from local_irq_save()",
-        "paravirt patch sites; the new code would keep the slow indirect paravirt calls with the wrong clobbers"),
+    rule(".parainstructions", table(16, None, None), Drop, "paravirt patch sites, e.g. from local_irq_save()",
+        "paravirt patch sites: unpatched, each keeps its indirect call through pv_ops, which holds the very (callee-save) function the kernel's patching would call directly, compiled for those clobbers; where an alternative covers the site (native irq ops), lucos applies it; cost: one indirect call per site"),
     rule(".smp_locks", table(4, None, None), Drop, "LOCK-prefix records",
         "LOCK-prefix records: the kernel only uses them to turn LOCK prefixes into NOPs on a single CPU, so new code keeps its LOCK prefixes, which is correct either way"),
     // Data the kernel must register.
