@@ -498,9 +498,11 @@ fn alternatives_in_new_code_follow_the_live_cpu() {
     let flags = s.sh("grep -m1 '^flags' /proc/cpuinfo");
     let has = |f: &str| flags.split_whitespace().any(|w| w == f);
     let want = format!(
-        "lucos-alt always=2 sse2={} avx2={} not_always=1 call=20",
+        "lucos-alt always=2 sse2={} avx2={} not_always=1 call=20 cpu_has_sse2={} cpu_has_avx2={}",
         if has("sse2") { 2 } else { 1 },
-        if has("avx2") { 2 } else { 1 }
+        if has("avx2") { 2 } else { 1 },
+        u8::from(has("sse2")),
+        u8::from(has("avx2"))
     );
     let b = bundle("alt");
     apply_bundle(&mut s.a, &b).unwrap();

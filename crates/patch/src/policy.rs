@@ -111,8 +111,8 @@ pub const RULES: &[SectionRule] = &[
         "dynamic-debug descriptors, which must be registered with dynamic debug"),
     rule(".altinstr_replacement", Registered, Apply, "alternative replacement code",
         "replacement code for CPU-feature alternatives (loaded; copied over the originals the live CPU selects)"),
-    rule(".altinstr_aux", Registered, Refuse, "alternative auxiliary code",
-        "auxiliary code for static_cpu_has() alternatives"),
+    rule(".altinstr_aux", Registered, Apply, "alternative auxiliary code",
+        "static_cpu_has() run-time test code (loaded: an unpatched static_cpu_has() jumps there and tests boot_cpu_data, which is correct on any CPU)"),
     rule(".static_call.text", Compare, Refuse, "static-call trampolines", "static-call trampolines"),
     // Boot-time code and data.
     rule(".init.*", Init, Refuse, "__init code or data",
