@@ -21,19 +21,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-version=${LUCOS_KERNEL_VERSION:-6.1.187-1}
-print_dir=0
-check=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --version) version=$2; shift 2 ;;
-    --print-dir) print_dir=1; shift ;;
-    --check) check=1; shift ;;
-    *) echo "debian.sh: unknown argument '$1'" >&2; exit 2 ;;
-  esac
-done
-
-cache=${LUCOS_CACHE:-$HOME/.cache/lucos}
+# shellcheck source=kernel-args.sh
+. "$here/kernel-args.sh"
 # The key covers the version and the recipe: bump `recipe` when a change to
 # this script changes what it produces.
 recipe=2

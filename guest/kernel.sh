@@ -12,19 +12,8 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
-version=${LUCOS_KERNEL_VERSION:-6.1.187-1}
-print_dir=0
-check=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --version) version=$2; shift 2 ;;
-    --print-dir) print_dir=1; shift ;;
-    --check) check=1; shift ;;
-    *) echo "kernel.sh: unknown argument '$1'" >&2; exit 2 ;;
-  esac
-done
-
-cache=${LUCOS_CACHE:-$HOME/.cache/lucos}
+# shellcheck source=kernel-args.sh
+. "$here/kernel-args.sh"
 # The key covers everything that decides the output: version, fragment, recipe.
 key=$( { echo "$version"; cat "$here/config/lucos.config"; echo recipe-1; } | sha256sum | cut -c1-12)
 out="$cache/kernel/$version-$key"
