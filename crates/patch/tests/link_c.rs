@@ -328,9 +328,9 @@ fn refused_sections() {
                 return x; l: return 0; }"#,
         ),
         (
-            ".static_call_sites",
+            "__bug_table",
             r#"int lucos_new(int x) {
-                asm volatile("nop\n.pushsection .static_call_sites,\"a\"\n.long 0\n.popsection");
+                asm volatile("1: ud2\n.pushsection __bug_table,\"aw\"\n.long 1b - .\n.long 0\n.short 0\n.short 0\n.popsection");
                 return x; }"#,
         ),
     ];
