@@ -164,7 +164,26 @@ enum GuestCmd {
     },
 }
 
+/// Like Unix tools, lucos stops quietly, with success, when the reader of its output goes
+/// away (`lucos status vm | head -1`): the command's work is done by the time it prints.
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> Result<()> {
+    quiet_on_closed_stdout();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LUCOS_LOG")
@@ -266,10 +285,8 @@ fn main() -> Result<()> {
                 manifest,
                 output,
             } => {
-                let obj = std::fs::read(&object)
-                    .with_context(|| format!("reading {}", object.display()))?;
-                let text = std::fs::read(&manifest)
-                    .with_context(|| format!("reading {}", manifest.display()))?;
+                let obj = patchcmd::read_input(&object)?;
+                let text = patchcmd::read_input(&manifest)?;
                 let m = lucos_patch::Manifest::from_json(&text)?;
                 let packed = lucos_patch::pack(&obj, &m)?;
                 std::fs::write(&output, packed)

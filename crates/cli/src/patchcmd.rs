@@ -30,8 +30,49 @@ pub struct StatusArgs {
     pub json: bool,
 }
 
-pub fn load_bundle(path: &PathBuf) -> Result<Bundle> {
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+/// Largest input file lucos reads (bundles, objects, manifests): far above any real bundle,
+/// far below what would exhaust memory.
+pub const MAX_INPUT: u64 = 256 << 20;
+
+/// Reads a regular file of at most [`MAX_INPUT`] bytes: a device, FIFO or directory given by
+/// mistake (`/dev/zero`) is refused at once instead of read forever.
+pub fn read_input(path: &std::path::Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let meta = f
+        .metadata()
+        .with_context(|| format!("reading {}", path.display()))?;
+    if !meta.is_file() {
+        anyhow::bail!(
+            "{} is not a regular file; give a bundle file",
+            path.display()
+        );
+    }
+    if meta.len() > MAX_INPUT {
+        anyhow::bail!(
+            "{} is {} bytes, more than the {} MiB lucos reads; it is not a bundle",
+            path.display(),
+            meta.len(),
+            MAX_INPUT >> 20
+        );
+    }
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    // The file may grow while read: never take more than the limit.
+    f.take(MAX_INPUT + 1)
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if bytes.len() as u64 > MAX_INPUT {
+        anyhow::bail!(
+            "{} grew past {} MiB while being read",
+            path.display(),
+            MAX_INPUT >> 20
+        );
+    }
+    Ok(bytes)
+}
+
+pub fn load_bundle(path: &std::path::Path) -> Result<Bundle> {
+    let bytes = read_input(path)?;
     Bundle::parse(&bytes).with_context(|| format!("{} is not a valid lucos bundle", path.display()))
 }
 

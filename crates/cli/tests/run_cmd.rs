@@ -153,3 +153,34 @@ fn run_boots_a_kernel_the_user_names() {
     assert!(!out.status.success());
     assert!(err.contains("missing is not a file"), "{err}");
 }
+
+#[test]
+fn a_closed_stdout_ends_lucos_quietly_with_success() {
+    // The reader is gone before lucos prints anything: every print hits a broken pipe.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_lucos"))
+        .args(["guest", "build"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn inputs_that_are_not_regular_files_are_refused_at_once() {
+    let started = Instant::now();
+    let out = Command::new(env!("CARGO_BIN_EXE_lucos"))
+        .args(["bundle", "show", "/dev/zero"])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("/dev/zero is not a regular file"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
