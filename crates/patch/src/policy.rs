@@ -17,6 +17,10 @@ pub enum Role {
     Init,
     /// Not compared and never carried: hints, metadata, debug information.
     Ignored,
+    /// Filled in when vmlinux is linked (BTF-ID lists): never compared or carried, but its
+    /// symbols are matched, so references to them name the running kernel's copy on both
+    /// sides of a diff.
+    LinkTime,
 }
 
 /// Layout of one table entry (x86-64, Linux 6.1).
@@ -81,7 +85,7 @@ const fn rule(
 }
 
 use Link::{Apply, ByFlags, Drop, Refuse};
-use Role::{Compare, Ignored, Init, Registered};
+use Role::{Compare, Ignored, Init, LinkTime, Registered};
 
 /// Every section with a meaning beyond plain code or data. First match wins.
 pub const RULES: &[SectionRule] = &[
@@ -156,7 +160,9 @@ pub const RULES: &[SectionRule] = &[
     rule(".eh_frame", Ignored, Drop, "call-frame info",
         "DWARF call-frame info; the kernel never reads it (kernel builds use -fno-asynchronous-unwind-tables)"),
     rule(".printk_index", Ignored, Drop, "the printk format index", "the debugfs printk format index; the new formats are just not listed there"),
-    rule(".BTF*", Ignored, Drop, "BTF ID lists",
+    rule(".BTF_ids", LinkTime, Drop, "BTF ID lists",
+        "BTF ID lists, filled in when vmlinux is linked; new code refers to the running kernel's lists"),
+    rule(".BTF*", Ignored, Drop, "BTF type information",
         "BTF ID lists, filled in when vmlinux is linked; new code refers to the running kernel's lists"),
     rule(".debug_*", Ignored, ByFlags, "debug information", "debug information"),
 ];

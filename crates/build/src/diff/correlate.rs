@@ -20,11 +20,9 @@ use super::keys::Keyer;
 use super::names::{canonical, is_numbered, is_special_static, is_static_local};
 use super::special;
 
-/// Symbols that take part in correlation: named, defined, in a section we compare, or
-/// in `.BTF_ids`. BTF-ID lists are filled in when vmlinux is linked, so they are never
-/// compared or carried, but code and `bpf_func_proto` tables refer to them (`btf_sock_ids`,
-/// `bpf_skb_output_btf_ids`): those references must name the running kernel's list on
-/// both sides, or every table using one looks changed.
+/// Symbols that take part in correlation: named, defined, allocated, in a section the
+/// policy correlates ([`special::is_correlated`]: BTF-ID lists too, so that references to
+/// `btf_sock_ids` name the running kernel's list on both sides).
 fn candidates(o: &Obj) -> Vec<usize> {
     (0..o.symbols.len())
         .filter(|&i| {
@@ -34,7 +32,7 @@ fn candidates(o: &Obj) -> Vec<usize> {
             }
             let sec = o.sec_of(i).expect("items are defined");
             sec.is_alloc()
-                && (!special::is_ignored(&sec.name) || sec.name == ".BTF_ids")
+                && special::is_correlated(&sec.name)
                 && !is_special_static(&s.name, &sec.name)
         })
         .collect()

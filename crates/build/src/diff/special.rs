@@ -82,7 +82,13 @@ pub(crate) fn table(name: &str) -> Option<Table> {
 
 /// Sections left out of comparison and bundles entirely.
 pub(crate) fn is_ignored(name: &str) -> bool {
-    section_rule(name).is_some_and(|r| r.role == Role::Ignored)
+    section_rule(name).is_some_and(|r| matches!(r.role, Role::Ignored | Role::LinkTime))
+}
+
+/// Whether symbols in this section take part in correlation: those of compared sections,
+/// and of link-time tables that code refers to (see [`Role::LinkTime`]).
+pub(crate) fn is_correlated(name: &str) -> bool {
+    section_rule(name).is_none_or(|r| r.role != Role::Ignored)
 }
 
 /// `__init`/`__exit` code and data (and their variants such as `.init.rodata`, `.meminit.text`
