@@ -148,7 +148,7 @@ pub fn build(
         for (obj, b) in affected.iter().zip(&built) {
             let read = |p: &Path| std::fs::read(p).map_err(DiffError::io("read", p));
             let (orig_bytes, patched_bytes) = (read(&b.original)?, read(&b.patched)?);
-            refusals.extend(layout_refusals(
+            refusals.extend(verify::layout_refusals(
                 &obj.object,
                 &obj.source,
                 &orig_bytes,
@@ -237,41 +237,6 @@ pub fn build(
         );
         Ok(BuildOutcome::Bundle(Box::new(Built { report, ..built })))
     })
-}
-
-/// Refusals for every struct or union the original object knew whose layout the patched
-/// one changes.
-pub(crate) fn layout_refusals(
-    object: &str,
-    source: &str,
-    orig: &[u8],
-    patched: &[u8],
-) -> Result<Vec<Refusal>, DiffError> {
-    let read = |bytes: &[u8]| {
-        layout::layouts(bytes).map_err(|reason| DiffError::BadObject {
-            object: object.to_string(),
-            reason: format!("its DWARF cannot be read: {reason}"),
-        })
-    };
-    let (old, new) = (read(orig)?, read(patched)?);
-    if old.is_empty() {
-        tracing::warn!(
-            %object,
-            "no debug info: struct layout changes cannot be checked (build the kernel with \
-             CONFIG_DEBUG_INFO)"
-        );
-    }
-    Ok(old
-        .iter()
-        .filter_map(|(name, o)| {
-            let what = layout::first_difference(o, new.get(name)?)?;
-            Some(Refusal::TypeLayout {
-                type_name: name.clone(),
-                file: source.to_string(),
-                what,
-            })
-        })
-        .collect())
 }
 
 /// Objects to recompile, and refusals for changed files that cannot be handled.

@@ -65,7 +65,7 @@ pub fn compare_objects(
     out.included = plan.units.iter().map(|u| u.name.clone()).collect();
     out.external = plan.externals.keys().cloned().collect();
     // The same object-level checks as a build: type layouts and exports.
-    out.refusals = super::layout_refusals(file, file, orig, patched)?;
+    out.refusals = super::verify::layout_refusals(file, file, orig, patched)?;
     out.refusals
         .extend(super::verify::new_exports(&o, &p, file));
     out.refusals.extend(plan.refusals.iter().cloned());

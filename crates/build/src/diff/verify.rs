@@ -1,4 +1,5 @@
-//! Verify, before emitting: proof that the tree compiles the running kernel.
+//! Verify, before emitting: object-level checks (type layouts, new exports) and proof that
+//! the tree compiles the running kernel.
 //!
 //! **Run-pre** (after Ksplice): the original compile of every function a bundle redirects
 //! must be byte for byte the function in vmlinux, except where the linker or the boot
@@ -15,7 +16,7 @@ use object::elf;
 
 use super::compare::Diff;
 use super::elf::{Obj, Target};
-use super::error::Refusal;
+use super::error::{DiffError, Refusal};
 use super::include::Redirect;
 
 /// Width of the field a relocation patches.
@@ -152,6 +153,41 @@ pub(crate) fn new_exports(orig: &Obj, patched: &Obj, file: &str) -> Vec<Refusal>
             file: file.to_string(),
         })
         .collect()
+}
+
+/// Refusals for every struct or union the original object knew whose layout the patched
+/// one changes.
+pub(crate) fn layout_refusals(
+    object: &str,
+    source: &str,
+    orig: &[u8],
+    patched: &[u8],
+) -> Result<Vec<Refusal>, DiffError> {
+    let read = |bytes: &[u8]| {
+        super::layout::layouts(bytes).map_err(|reason| DiffError::BadObject {
+            object: object.to_string(),
+            reason: format!("its DWARF cannot be read: {reason}"),
+        })
+    };
+    let (old, new) = (read(orig)?, read(patched)?);
+    if old.is_empty() {
+        tracing::warn!(
+            %object,
+            "no debug info: struct layout changes cannot be checked (build the kernel with \
+             CONFIG_DEBUG_INFO)"
+        );
+    }
+    Ok(old
+        .iter()
+        .filter_map(|(name, o)| {
+            let what = super::layout::first_difference(o, new.get(name)?)?;
+            Some(Refusal::TypeLayout {
+                type_name: name.clone(),
+                file: source.to_string(),
+                what,
+            })
+        })
+        .collect())
 }
 
 #[cfg(test)]
