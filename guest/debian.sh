@@ -31,6 +31,12 @@ out="$cache/kernel/debian-$version-$key"
 if [ "$print_dir" = 1 ]; then echo "$out"; exit 0; fi
 if [ -f "$out/done" ]; then echo "cache hit: $out"; exit 0; fi
 if [ "$check" = 1 ]; then echo "not fetched: $out" >&2; exit 1; fi
+# Two runs at once (two test suites, two users' tools) would unpack into the
+# same directory: the second waits for the first, then finds its result.
+mkdir -p "$cache/kernel"
+exec 9>"$cache/kernel/.debian-$version-$key.lock"
+flock 9
+if [ -f "$out/done" ]; then echo "cache hit: $out"; exit 0; fi
 
 need=(make gcc flex bison bc dpkg-deb apt-get xz cpio depmod)
 missing=()
