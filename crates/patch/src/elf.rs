@@ -50,6 +50,7 @@ pub(crate) struct Symbol {
     pub bind: u8,
     pub place: SymPlace,
     pub value: u64,
+    pub size: u64,
 }
 
 impl Symbol {
@@ -202,6 +203,7 @@ pub(crate) fn parse_object(data: &[u8]) -> Result<Object, BundleError> {
             bind: sym.st_bind(),
             place,
             value: sym.st_value(endian),
+            size: sym.st_size(endian),
         });
     }
 

@@ -13,6 +13,7 @@ mod alternatives;
 mod bundle;
 mod elf;
 pub mod engine;
+pub mod kmod;
 mod layout;
 mod link;
 mod manifest;

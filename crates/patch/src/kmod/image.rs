@@ -1,0 +1,256 @@
+//! The bytes of a bundle's kernel-facing region: its `struct module`, followed by the
+//! tables the kernel searches (exception fixups, bug records, ORC), merged from all of the
+//! bundle's objects and sorted the way the module loader sorts them, and a kallsyms symbol
+//! table. Entries are position-relative, so they are re-encoded for where they end up.
+
+use super::layout::KmodLayout;
+
+/// `struct exception_table_entry`: instruction, fixup, handler type and data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExEntry {
+    pub insn: u64,
+    pub fixup: u64,
+    pub data: i32,
+}
+
+/// `struct bug_entry` (with `CONFIG_DEBUG_BUGVERBOSE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BugEntry {
+    pub addr: u64,
+    /// The file name string, 0 if none.
+    pub file: u64,
+    pub line: u16,
+    pub flags: u16,
+}
+
+/// One ORC entry: the address it starts at and the 6 bytes of `struct orc_entry`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OrcEntry {
+    pub ip: u64,
+    pub orc: [u8; 6],
+}
+
+impl OrcEntry {
+    /// An "undefined" entry (`sp_reg` = `ORC_REG_UNDEFINED`, not `end`): objtool puts one
+    /// after each section. `sp_reg` is the low nibble of byte 4; `end` is bit 2 of byte 5.
+    fn is_terminator(&self) -> bool {
+        self.orc[4] & 0xf == 0 && self.orc[5] & 0x4 == 0
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KSym {
+    pub name: String,
+    pub addr: u64,
+    pub size: u64,
+    /// The `nm`-style type letter shown in `/proc/kallsyms` (`t`, `T`, `d`, `r` ...).
+    pub kind: u8,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tables {
+    pub ex: Vec<ExEntry>,
+    pub bugs: Vec<BugEntry>,
+    pub orc: Vec<OrcEntry>,
+    pub symbols: Vec<KSym>,
+}
+
+/// What the module covers: all of the bundle's regions, text first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Core {
+    pub base: u64,
+    pub size: u64,
+    pub text_size: u64,
+    pub ro_size: u64,
+}
+
+/// Offsets of the pieces inside the region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pieces {
+    ex: u64,
+    bugs: u64,
+    orc_ip: u64,
+    orc: u64,
+    symtab: u64,
+    strtab: u64,
+    typetab: u64,
+    end: u64,
+}
+
+const ELF64_SYM: u64 = 24;
+const TAINT_LIVEPATCH: u64 = 15;
+/// `MODULE_REF_BASE` plus the one reference lucos holds, so the guest cannot unload it.
+const REFCNT: u32 = 2;
+
+fn pieces(l: &KmodLayout, t: &Tables) -> Pieces {
+    let a = |x: u64| x.next_multiple_of(8);
+    let ex = a(l.size);
+    let bugs = ex + 12 * t.ex.len() as u64;
+    let orc_ip = a(bugs + 12 * t.bugs.len() as u64);
+    let orc = orc_ip + 4 * t.orc.len() as u64;
+    let symtab = a(orc + 6 * t.orc.len() as u64);
+    let nsyms = t.symbols.len() as u64 + 1;
+    let strtab = symtab + ELF64_SYM * nsyms;
+    let strings: u64 = 1 + t
+        .symbols
+        .iter()
+        .map(|s| s.name.len() as u64 + 1)
+        .sum::<u64>();
+    let typetab = strtab + strings;
+    Pieces {
+        ex,
+        bugs,
+        orc_ip,
+        orc,
+        symtab,
+        strtab,
+        typetab,
+        end: typetab + nsyms,
+    }
+}
+
+/// Upper bound of [`region_size`] from counts alone (before linking, names unknown).
+pub fn region_size_bound(
+    l: &KmodLayout,
+    ex: u64,
+    bugs: u64,
+    orcs: u64,
+    syms: u64,
+    names: u64,
+) -> u64 {
+    l.size + 64 + 12 * ex + 12 * bugs + 10 * orcs + (ELF64_SYM + 2) * (syms + 1) + names + 1
+}
+
+fn put(buf: &mut [u8], at: u64, bytes: &[u8]) {
+    buf[at as usize..at as usize + bytes.len()].copy_from_slice(bytes);
+}
+
+fn rel32(target: u64, at: u64) -> [u8; 4] {
+    (target.wrapping_sub(at) as i64 as i32).to_le_bytes()
+}
+
+/// The module name the kernel shows (`[lucos_<id>]` in backtraces, `lsmod`).
+pub fn module_name(id: &str, max: u64) -> String {
+    let clean: String = id
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    let mut name = format!("lucos_{clean}");
+    name.truncate(max.saturating_sub(1) as usize);
+    name
+}
+
+/// Builds the region at virtual address `va`. Tables are sorted here.
+pub fn build(
+    l: &KmodLayout,
+    va: u64,
+    name: &str,
+    build_id: &[u8],
+    core: Core,
+    t: &Tables,
+) -> Vec<u8> {
+    let p = pieces(l, t);
+    let mut b = vec![0u8; p.end as usize];
+    let m = va;
+    put(&mut b, l.state, &0u32.to_le_bytes());
+    for list in [l.list, l.source_list, l.target_list, l.bug_list] {
+        put(&mut b, list, &(m + list).to_le_bytes());
+        put(&mut b, list + 8, &(m + list).to_le_bytes());
+    }
+    let n = name.as_bytes();
+    put(&mut b, l.name, &n[..n.len().min(l.name_len as usize - 1)]);
+    put(&mut b, l.refcnt, &REFCNT.to_le_bytes());
+    put(&mut b, l.taints, &(1u64 << TAINT_LIVEPATCH).to_le_bytes());
+    put(&mut b, l.base, &core.base.to_le_bytes());
+    put(&mut b, l.core_size, &(core.size as u32).to_le_bytes());
+    put(&mut b, l.text_size, &(core.text_size as u32).to_le_bytes());
+    put(&mut b, l.ro_size, &(core.ro_size as u32).to_le_bytes());
+    put(
+        &mut b,
+        l.ro_after_init_size,
+        &(core.ro_size as u32).to_le_bytes(),
+    );
+    put(&mut b, l.mtn_mod, &m.to_le_bytes());
+    if let Some(off) = l.build_id {
+        put(&mut b, off, &build_id[..build_id.len().min(20)]);
+    }
+
+    let mut ex = t.ex.clone();
+    ex.sort_by_key(|e| e.insn);
+    for (i, e) in ex.iter().enumerate() {
+        let at = p.ex + 12 * i as u64;
+        put(&mut b, at, &rel32(e.insn, va + at));
+        put(&mut b, at + 4, &rel32(e.fixup, va + at + 4));
+        put(&mut b, at + 8, &e.data.to_le_bytes());
+    }
+    for (i, e) in t.bugs.iter().enumerate() {
+        let at = p.bugs + 12 * i as u64;
+        put(&mut b, at, &rel32(e.addr, va + at));
+        let file = if e.file == 0 {
+            [0; 4]
+        } else {
+            rel32(e.file, va + at + 4)
+        };
+        put(&mut b, at + 4, &file);
+        put(&mut b, at + 8, &e.line.to_le_bytes());
+        put(&mut b, at + 10, &e.flags.to_le_bytes());
+    }
+    let mut orc = t.orc.clone();
+    // As the kernel's orc_sort_cmp: at equal addresses the terminator goes first, so the
+    // real entry of the function starting there wins the search.
+    orc.sort_by_key(|e| (e.ip, !e.is_terminator()));
+    for (i, e) in orc.iter().enumerate() {
+        let at = p.orc_ip + 4 * i as u64;
+        put(&mut b, at, &rel32(e.ip, va + at));
+        put(&mut b, p.orc + 6 * i as u64, &e.orc);
+    }
+    write_kallsyms(&mut b, l, &p, va, t);
+
+    let mut ptr = |field: u64, piece: u64, count: usize, count_field: u64| {
+        put(
+            &mut b,
+            field,
+            &(if count > 0 { va + piece } else { 0 }).to_le_bytes(),
+        );
+        put(&mut b, count_field, &(count as u32).to_le_bytes());
+    };
+    ptr(l.extable, p.ex, ex.len(), l.num_exentries);
+    ptr(l.bug_table, p.bugs, t.bugs.len(), l.num_bugs);
+    ptr(l.orc_unwind_ip, p.orc_ip, orc.len(), l.num_orcs);
+    put(
+        &mut b,
+        l.orc_unwind,
+        &(if orc.is_empty() { 0 } else { va + p.orc }).to_le_bytes(),
+    );
+    b
+}
+
+/// `core_kallsyms`, which `kallsyms` points at: symbol 0 is the null symbol.
+fn write_kallsyms(b: &mut [u8], l: &KmodLayout, p: &Pieces, va: u64, t: &Tables) {
+    let mut str_at = 1u64;
+    for (i, s) in t.symbols.iter().enumerate() {
+        let at = p.symtab + ELF64_SYM * (i as u64 + 1);
+        let func = s.kind.eq_ignore_ascii_case(&b't');
+        let global = s.kind.is_ascii_uppercase();
+        let info = (if global { 1u8 } else { 0 }) << 4 | if func { 2 } else { 1 };
+        put(b, at, &(str_at as u32).to_le_bytes());
+        put(b, at + 4, &[info, 0]);
+        // Any defined section index: the kernel only tests for SHN_UNDEF.
+        put(b, at + 6, &1u16.to_le_bytes());
+        put(b, at + 8, &s.addr.to_le_bytes());
+        put(b, at + 16, &s.size.to_le_bytes());
+        put(b, p.strtab + str_at, s.name.as_bytes());
+        str_at += s.name.len() as u64 + 1;
+        put(b, p.typetab + i as u64 + 1, &[s.kind]);
+    }
+    let ks = l.core_kallsyms;
+    put(b, l.kallsyms, &(va + ks).to_le_bytes());
+    put(b, ks + l.ks_symtab, &(va + p.symtab).to_le_bytes());
+    put(
+        b,
+        ks + l.ks_num_symtab,
+        &(t.symbols.len() as u32 + 1).to_le_bytes(),
+    );
+    put(b, ks + l.ks_strtab, &(va + p.strtab).to_le_bytes());
+    put(b, ks + l.ks_typetab, &(va + p.typetab).to_le_bytes());
+}
