@@ -11,18 +11,22 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use lucos_introspect::{paging, KernelLayout, KernelSymbols, LoadedModule, Machine, SymbolKind};
 
-use crate::memory::{self, PatchMem, PatchMemLayout, PAGE};
+use crate::kmod;
+use crate::memory::{self, PatchMem, PatchMemLayout};
 use crate::registry::{
     BundleRecord, BundleState, Header, ModuleSite, RangeRecord, Registry, SiteRecord, HEADER_LEN,
 };
 use crate::{
-    apply_alternatives, check_fentry_site, jmp_rel32, link, plan, Bundle, CpuFeatures, Linked,
-    Manifest, RegionKind, Regions, Replacement, SiteKind, NOP5,
+    apply_alternatives, check_fentry_site, jmp_rel32, link, plan, Bundle, CpuFeatures, Manifest,
+    RegionKind, Regions, Replacement, SiteKind, NOP5,
 };
+use kernel::KernelEdit;
 
 mod error;
+mod kernel;
 mod module;
 mod reset;
+mod stage;
 mod switch;
 
 pub use error::EngineError;
@@ -73,6 +77,63 @@ struct Site {
 struct SwitchFailure {
     error: EngineError,
     sites_restored: bool,
+}
+
+/// The regions of an apply that have bytes, with their images: text, rodata, data and
+/// the bundle's module region.
+fn staged_ranges(
+    va_base: u64,
+    offs: [u64; 4],
+    sizes: [u64; 4],
+    images: [&[u8]; 4],
+) -> Vec<(RangeRecord, &[u8])> {
+    let kinds = [
+        RegionKind::Text,
+        RegionKind::Rodata,
+        RegionKind::Data,
+        RegionKind::Data,
+    ];
+    (0..4)
+        .filter(|&i| sizes[i] > 0)
+        .map(|i| {
+            let r = RangeRecord {
+                offset: offs[i],
+                len: sizes[i],
+                va: va_base + offs[i],
+                kind: kinds[i],
+            };
+            (r, images[i])
+        })
+        .collect()
+}
+
+/// The record and the `jmp` of each site, to the linked new functions.
+fn site_records(
+    sites: &[Site],
+    man: &Manifest,
+    linked: &crate::Linked,
+) -> Result<(Vec<SiteRecord>, Vec<[u8; 5]>), EngineError> {
+    let mut records = Vec::new();
+    let mut jmps = Vec::new();
+    for (site, rep) in sites.iter().zip(&man.replacements) {
+        let target = linked
+            .new_fn_addr(&rep.new)
+            .ok_or_else(|| EngineError::MissingNew(rep.new.clone()))?;
+        let jmp = jmp_rel32(site.site_addr, target)?;
+        jmps.push(jmp);
+        records.push(SiteRecord {
+            function: site.function.clone(),
+            func_addr: site.func_addr,
+            site_addr: site.site_addr,
+            site_pa: site.site_pa,
+            original: site.current.to_vec(),
+            written: jmp.to_vec(),
+            new_addr: target,
+            new_symbol: rep.new.clone(),
+            module: site.module.clone(),
+        });
+    }
+    Ok((records, jmps))
 }
 
 /// Bytes written while staging, for rollback.
@@ -267,14 +328,14 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         })
     }
 
-    /// Applies a bundle. See the module docs for the order of events.
-    pub fn apply(&mut self, bundle: &Bundle) -> Result<ApplyReport, EngineError> {
-        let start = Instant::now();
-        let man = bundle.manifest();
-        let (header, mut reg) = self.read_header()?;
-        if reg.find_applied(&man.id).is_some() {
-            return Err(EngineError::AlreadyApplied(man.id.clone()));
-        }
+    /// The bundle's sites in the running kernel, each checked patchable: the refusals
+    /// that need nothing but reading.
+    fn targets(
+        &self,
+        reg: &Registry,
+        man: &Manifest,
+        modules: &[LoadedModule],
+    ) -> Result<Vec<Site>, EngineError> {
         let live_id = self.syms.build_id_hex()?;
         if !man.target.build_id.eq_ignore_ascii_case(&live_id) {
             return Err(EngineError::WrongKernel {
@@ -283,11 +344,10 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 live: live_id,
             });
         }
-        let modules = self.modules_for(man)?;
         let sites = man
             .replacements
             .iter()
-            .map(|r| self.inspect(&reg, r, &modules))
+            .map(|r| self.inspect(reg, r, modules))
             .collect::<Result<Vec<_>, _>>()?;
         for (i, a) in sites.iter().enumerate() {
             if let Some(b) = sites[..i].iter().find(|b| b.site_addr == a.site_addr) {
@@ -297,20 +357,13 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 });
             }
         }
+        Ok(sites)
+    }
 
-        // Allocate (never reusing ranges) and pick the mapping.
-        let plan = plan(bundle)?;
-        let sizes = [
-            plan.text.page_size(),
-            plan.rodata.page_size(),
-            plan.data.page_size(),
-        ];
-        let need: u64 = sizes.iter().sum();
-        let free = self.pm.layout.size - reg.next_free;
-        if need > free {
-            return Err(memory::MemoryError::Full { need, free }.into());
-        }
-        let (va_base, new_pd) = match reg.va_base {
+    /// Where patch memory is (or will be) mapped, and the page-directory entries a first
+    /// apply must add.
+    fn mapping(&self, reg: &Registry) -> Result<(u64, Vec<(u64, u64)>), EngineError> {
+        Ok(match reg.va_base {
             Some(b) => (b, Vec::new()),
             None => memory::choose_va_base(
                 &*self.m,
@@ -319,11 +372,42 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 self.layout.text_start,
                 self.layout.image_end,
             )?,
-        };
+        })
+    }
+
+    /// Applies a bundle. See the module docs for the order of events.
+    pub fn apply(&mut self, bundle: &Bundle) -> Result<ApplyReport, EngineError> {
+        let start = Instant::now();
+        let man = bundle.manifest();
+        let (header, mut reg) = self.read_header()?;
+        if reg.find_applied(&man.id).is_some() {
+            return Err(EngineError::AlreadyApplied(man.id.clone()));
+        }
+        let modules = self.modules_for(man)?;
+        let sites = self.targets(&reg, man, &modules)?;
+
+        // Allocate (never reusing ranges) and pick the mapping.
+        let plan = plan(bundle)?;
+        let kmods = self.kernel_modules(bundle)?;
+        let sizes = [
+            plan.text.page_size(),
+            plan.rodata.page_size(),
+            plan.data.page_size(),
+            kmods
+                .as_ref()
+                .map_or(0, |k| kernel::region_pages(&k.layout, bundle)),
+        ];
+        let need: u64 = sizes.iter().sum();
+        let free = self.pm.layout.size - reg.next_free;
+        if need > free {
+            return Err(memory::MemoryError::Full { need, free }.into());
+        }
+        let (va_base, new_pd) = self.mapping(&reg)?;
         let offs = [
             reg.next_free,
             reg.next_free + sizes[0],
             reg.next_free + sizes[0] + sizes[1],
+            reg.next_free + sizes[0] + sizes[1] + sizes[2],
         ];
         let bases = Regions {
             text: va_base + offs[0],
@@ -343,42 +427,34 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 lucos_introspect::modules::cpu_feature_words(&*self.m, self.syms, &self.layout)?;
             apply_alternatives(bundle, &plan, &mut linked, &CpuFeatures { words })?;
         }
-        let mut records = Vec::new();
-        let mut jmps = Vec::new();
-        for (site, rep) in sites.iter().zip(&man.replacements) {
-            let target = linked
-                .new_fn_addr(&rep.new)
-                .ok_or_else(|| EngineError::MissingNew(rep.new.clone()))?;
-            let jmp = jmp_rel32(site.site_addr, target)?;
-            jmps.push(jmp);
-            records.push(SiteRecord {
-                function: site.function.clone(),
-                func_addr: site.func_addr,
-                site_addr: site.site_addr,
-                site_pa: site.site_pa,
-                original: site.current.to_vec(),
-                written: jmp.to_vec(),
-                new_addr: target,
-                new_symbol: rep.new.clone(),
-                module: site.module.clone(),
-            });
+        let module = match &kmods {
+            Some(k) => {
+                Some(self.module_region(k, &reg, bundle, &plan, &linked, (va_base, offs, sizes))?)
+            }
+            None => None,
+        };
+        let (records, jmps) = site_records(&sites, man, &linked)?;
+        let no_module = Vec::new();
+        let images: [&[u8]; 4] = [
+            &linked.text,
+            &linked.rodata,
+            &linked.data,
+            module.as_ref().map_or(&no_module, |m| &m.0),
+        ];
+        let staged = staged_ranges(va_base, offs, sizes, images);
+        let ranges: Vec<RangeRecord> = staged.iter().map(|(r, _)| *r).collect();
+        let module_record = module.as_ref().map(|m| m.1.clone());
+        if module_record.is_some() && reg.module_bounds.is_none() {
+            let k = kmods.as_ref().expect("a module record has a kernel");
+            reg.module_bounds = Some(
+                kmod::register::bounds(&*self.m, self.layout.cr3, &k.layout, &k.anchors)
+                    .map_err(kmod::KmodError::from)?,
+            );
         }
-        let kinds = [RegionKind::Text, RegionKind::Rodata, RegionKind::Data];
-        let ranges: Vec<RangeRecord> = kinds
-            .iter()
-            .zip(offs.iter().zip(sizes))
-            .filter(|(_, (_, len))| *len > 0)
-            .map(|(&kind, (&offset, len))| RangeRecord {
-                offset,
-                len,
-                va: va_base + offset,
-                kind,
-            })
-            .collect();
 
         // Nothing has been written yet: everything above may refuse.
         let mut undo = Undo::default();
-        if let Err(e) = self.stage(&new_pd, &ranges, &linked, &mut undo) {
+        if let Err(e) = self.stage(&new_pd, &staged, &mut undo) {
             self.rollback(undo);
             return Err(e);
         }
@@ -397,9 +473,14 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             ranges: ranges.clone(),
             apply_pause_us: 0,
             revert_pause_us: None,
+            module: module_record.clone(),
         };
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(jmps).collect();
-        let pause = match self.switch(&switch, &header, &mut reg, true, |reg| {
+        let edit = match (&kmods, &module_record) {
+            (Some(k), Some(m)) => KernelEdit::Link(k, m.clone()),
+            _ => KernelEdit::None,
+        };
+        let pause = match self.switch(&switch, &header, &mut reg, true, &edit, |reg| {
             reg.bundles.push(record);
         }) {
             Ok(p) => p,
@@ -420,83 +501,6 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             pause,
             total: start.elapsed(),
         })
-    }
-
-    fn write_undoable(&mut self, undo: &mut Undo, pa: u64, data: &[u8]) -> Result<(), EngineError> {
-        let mut old = vec![0u8; data.len()];
-        self.m.read_phys(pa, &mut old)?;
-        undo.writes.push((pa, old));
-        self.m.write_phys_data(pa, data)?;
-        Ok(())
-    }
-
-    /// Writes code, data and page tables; nothing in the guest reaches them
-    /// until the sites are switched.
-    fn stage(
-        &mut self,
-        new_pd: &[(u64, u64)],
-        ranges: &[RangeRecord],
-        linked: &Linked,
-        undo: &mut Undo,
-    ) -> Result<(), EngineError> {
-        for r in ranges {
-            let image = match r.kind {
-                RegionKind::Text => &linked.text,
-                RegionKind::Rodata => &linked.rodata,
-                RegionKind::Data => &linked.data,
-            };
-            let mut bytes = image.clone();
-            bytes.resize(r.len as usize, 0);
-            // Never-used pages: no vCPU has executed them, so no translation
-            // can be stale and the fast data path is coherent enough.
-            self.write_undoable(undo, self.pm.pa(r.offset), &bytes)?;
-            let mut ptes = Vec::new();
-            let mut off = r.offset;
-            while off < r.offset + r.len {
-                ptes.push(memory::pte(&self.pm, off, r.kind));
-                off += PAGE;
-            }
-            for (i, pte) in ptes.into_iter().enumerate() {
-                let pa = memory::pte_pa(&self.pm, r.offset + i as u64 * PAGE);
-                self.write_undoable(undo, pa, &pte.to_le_bytes())?;
-            }
-        }
-        for chunk in 0..new_pd.len() as u64 {
-            // Fresh page tables: only entries written above may be present.
-            let pt = self.pm.pa(self.pm.layout.pt_offset(chunk));
-            let mut table = vec![0u8; PAGE as usize];
-            self.m.read_phys(pt, &mut table)?;
-            let keep: Vec<u8> = table
-                .chunks(8)
-                .zip(0u64..)
-                .flat_map(|(e, i)| {
-                    let off = chunk * memory::HUGE + i * PAGE;
-                    let ours = ranges
-                        .iter()
-                        .any(|r| off >= r.offset && off < r.offset + r.len);
-                    if ours {
-                        e.to_vec()
-                    } else {
-                        vec![0; 8]
-                    }
-                })
-                .collect();
-            if keep != table {
-                self.write_undoable(undo, pt, &keep)?;
-            }
-        }
-        for &(pa, value) in new_pd {
-            self.write_undoable(undo, pa, &value.to_le_bytes())?;
-        }
-        Ok(())
-    }
-
-    fn rollback(&mut self, undo: Undo) {
-        for (pa, old) in undo.writes.into_iter().rev() {
-            if let Err(e) = self.m.write_phys_data(pa, &old) {
-                tracing::error!(pa, error = %e, "rollback write failed");
-            }
-        }
     }
 
     /// Reverts an applied bundle: the newest on each of its sites only.
@@ -554,8 +558,16 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             originals.push(five(s, &s.original)?);
         }
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(originals).collect();
+        let kmods = match &rec.module {
+            Some(_) => Some(kmod::probe(&*self.m, self.syms, &self.layout)?),
+            None => None,
+        };
+        let edit = match (&kmods, &rec.module) {
+            (Some(k), Some(m)) => KernelEdit::Unlink(k, m.clone()),
+            _ => KernelEdit::None,
+        };
         let pause = self
-            .switch(&switch, &header, &mut reg, false, |reg| {
+            .switch(&switch, &header, &mut reg, false, &edit, |reg| {
                 if let Some(b) = reg
                     .bundles
                     .iter_mut()

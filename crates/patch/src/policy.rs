@@ -32,6 +32,9 @@ pub struct TableSpec {
     pub line: Option<u64>,
     /// (offset of a relocation to anonymous data, offset of a `u8` with its length).
     pub data_len: Option<(u64, u64)>,
+    /// A parallel table without relocations whose entry `i` (of this many bytes) goes with
+    /// entry `i` here (`.orc_unwind` for `.orc_unwind_ip`).
+    pub pair: Option<(&'static str, u64)>,
 }
 
 /// The linker's view of a section.
@@ -46,6 +49,10 @@ pub enum Link {
     /// Loaded (by its flags) and applied by lucos at link time for the live CPU: the
     /// builder must carry the entries for the functions it includes.
     Apply,
+    /// Loaded, and handed to the running kernel through the bundle's `struct module`
+    /// (`crate::kmod`), where the kernel's own lookups find it: the builder carries the
+    /// entries of the functions it includes.
+    Register,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +72,7 @@ const fn table(entry: u64, line: Option<u64>, data_len: Option<(u64, u64)>) -> R
         entry,
         line,
         data_len,
+        pair: None,
     })
 }
 
@@ -84,14 +92,14 @@ const fn rule(
     }
 }
 
-use Link::{Apply, ByFlags, Drop, Refuse};
+use Link::{Apply, ByFlags, Drop, Refuse, Register};
 use Role::{Compare, Ignored, Init, LinkTime, Registered};
 
 /// Every section with a meaning beyond plain code or data. First match wins.
 pub const RULES: &[SectionRule] = &[
     // Tables whose entries belong to functions.
-    rule("__ex_table", table(12, None, None), Refuse, "exception-table fixups for instructions allowed to fault, e.g. user copies",
-        "the exception table: fixups for instructions allowed to fault (user copies, rdmsr_safe ...); the kernel would not find them, so such a fault in new code would oops"),
+    rule("__ex_table", table(12, None, None), Register, "exception-table fixups for instructions allowed to fault, e.g. user copies",
+        "the exception table (fixups for instructions allowed to fault: user copies, rdmsr_safe ...): merged, sorted and handed to the kernel as the bundle module's extable, which search_exception_tables() finds"),
     rule("__jump_table", table(16, None, None), Refuse, "static-key (jump label) sites",
         "static-key (jump label) entries; the kernel would never flip the new code's branches, so they would stay at their compile-time default"),
     // struct alt_instr: s32 instr, s32 repl, u16 cpuid, u8 instrlen, u8 replacementlen
@@ -99,8 +107,8 @@ pub const RULES: &[SectionRule] = &[
         "CPU-feature alternatives, applied at link time for the live CPU's features as the kernel's apply_alternatives() would"),
     rule(".static_call_sites", table(8, None, None), Drop, "static-call sites",
         "static-call sites: unpatched, each call goes through its trampoline (__SCT__*), which static_call_update() retargets too, so the call always reaches the current function; cost: one extra jmp per call"),
-    rule("__bug_table", table(12, Some(8), None), Refuse, "BUG()/WARN() records",
-        "BUG()/WARN() records; a WARN in new code would be reported as an invalid-opcode oops"),
+    rule("__bug_table", table(12, Some(8), None), Register, "BUG()/WARN() records",
+        "BUG()/WARN() records: handed to the kernel as the bundle module's bug table (on module_bug_list), so a WARN in new code reports its file and line and continues"),
     rule(".parainstructions", table(16, None, None), Drop, "paravirt patch sites, e.g. from local_irq_save()",
         "paravirt patch sites: unpatched, each keeps its indirect call through pv_ops, which holds the very (callee-save) function the kernel's patching would call directly, compiled for those clobbers; where an alternative covers the site (native irq ops), lucos applies it; cost: one indirect call per site"),
     rule(".smp_locks", table(4, None, None), Drop, "LOCK-prefix records",
@@ -150,10 +158,10 @@ pub const RULES: &[SectionRule] = &[
         "lets alternatives rewrite `jmp __x86_return_thunk`; returns keep using the kernel's return thunk, which is correct for the active mitigation"),
     rule(".call_sites", Ignored, Drop, "call-depth-tracking sites", "call-depth-tracking sites; only an accounting optimisation"),
     rule(".ibt_endbr_seal", Ignored, Drop, "ENDBR seal list", "ENDBR instructions objtool found unneeded; sealing them is hardening only"),
-    rule(".orc_unwind", Ignored, Drop, "ORC unwind data",
-        "ORC unwind data, which the kernel only looks up for vmlinux and modules; limitation: stack traces through new code are unreliable"),
-    rule(".orc_unwind_ip", Ignored, Drop, "ORC unwind addresses",
-        "ORC unwind addresses (see .orc_unwind); limitation: stack traces through new code are unreliable"),
+    rule(".orc_unwind_ip", Role::Table(TableSpec { entry: 4, line: None, data_len: None, pair: Some((".orc_unwind", 6)) }), Register, "ORC unwind addresses",
+        "ORC unwind addresses: merged and sorted with their .orc_unwind entries into the bundle module's ORC table, which the kernel's unwinder finds"),
+    rule(".orc_unwind", Ignored, Register, "ORC unwind data",
+        "ORC unwind data, carried with .orc_unwind_ip (entry i goes with address i)"),
     rule(".discard.*", Ignored, Drop, "objtool annotations", "objtool annotations; the kernel's own link discards them too"),
     rule(".note.*", Ignored, Drop, "ELF notes", "ELF notes (GNU-stack, build properties); neither code nor data"),
     rule(".comment", Ignored, Drop, "the compiler version", "the compiler's version string"),

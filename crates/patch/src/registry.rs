@@ -83,6 +83,19 @@ pub struct BundleRecord {
     pub ranges: Vec<RangeRecord>,
     pub apply_pause_us: u64,
     pub revert_pause_us: Option<u64>,
+    /// The `struct module` through which the kernel knows this bundle's code, if the
+    /// kernel has modules (see `crate::kmod`).
+    #[serde(default)]
+    pub module: Option<ModuleRecord>,
+}
+
+/// A bundle's `struct module`: its address, its name and the memory it covers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModuleRecord {
+    pub name: String,
+    pub va: u64,
+    pub base: u64,
+    pub size: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
@@ -106,6 +119,10 @@ pub struct Registry {
     /// (their memory stays allocated: `next_free` only grows).
     #[serde(default)]
     pub reverted_dropped: u64,
+    /// The module tree's address bounds before lucos first widened them, to narrow them
+    /// back on revert.
+    #[serde(default)]
+    pub module_bounds: Option<crate::kmod::Bounds>,
 }
 
 /// Reverted records kept for `lucos status`; older ones are dropped.
@@ -290,6 +307,7 @@ mod tests {
             ranges: vec![],
             apply_pause_us: 0,
             revert_pause_us: None,
+            module: None,
         };
         reg.bundles.push(rec("base".into(), BundleState::Applied));
         for i in 0..KEEP_REVERTED + 5 {

@@ -108,7 +108,7 @@ mod tests {
             ".init.text",
             ".exit.data",
             "__ksymtab_gpl",
-            "__ex_table",
+            "__jump_table",
             ".modinfo",
         ] {
             assert!(

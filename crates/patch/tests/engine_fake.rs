@@ -140,6 +140,7 @@ fn a_malformed_record_is_not_reverted_by_guessing() {
         ranges: Vec::new(),
         apply_pause_us: 0,
         revert_pause_us: None,
+        module: None,
     });
     let mut m = guest_with(&reg, GPA);
     m.mem.write_u64(PD_ENTRY, reg.pd_entries[0].1);

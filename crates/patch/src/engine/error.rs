@@ -44,6 +44,8 @@ pub enum EngineError {
     },
     #[error("reading the guest's modules: {0}")]
     Modules(#[from] lucos_introspect::ModuleError),
+    #[error("registering the bundle with the kernel: {0}")]
+    Kmod(#[from] crate::kmod::KmodError),
     #[error("`{function}`: {source}")]
     Site { function: String, source: SiteError },
     #[error("`{function}` at {site:#x} already jumps to {target:#x}, which no applied lucos bundle wrote; another tool owns this function, refusing")]

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use lucos_introspect::Machine;
 
+use super::kernel::{KernelEdit, KernelUndo};
 use super::{EngineError, Session, Site, SwitchFailure};
 use crate::registry::{BundleState, Header, Registry};
 
@@ -15,13 +16,16 @@ impl<M: Machine + ?Sized> Session<'_, M> {
     /// registry is committed before the sites are written (apply: a crash in
     /// between leaves a record that an idempotent revert clears, never a
     /// live `jmp` nobody knows about); otherwise after (revert). On failure
-    /// the sites and the registry are restored before resuming.
+    /// the sites, the kernel words of `edit` and the registry are restored before resuming.
+    /// `edit` (linking or unlinking the bundle's `struct module`) is computed inside the
+    /// pause, from the kernel's state at that instant.
     pub(super) fn switch(
         &mut self,
         sites: &[(&Site, [u8; 5])],
         header: &Header,
         reg: &mut Registry,
         record_first: bool,
+        edit: &KernelEdit<'_>,
         update: impl FnOnce(&mut Registry),
     ) -> Result<Duration, SwitchFailure> {
         let fail = |error: EngineError| SwitchFailure {
@@ -57,6 +61,10 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         if result.is_ok() && record_first {
             result = self.commit(header, reg);
         }
+        let mut kernel_undo = KernelUndo::new();
+        if result.is_ok() {
+            result = self.edit_kernel(edit, before.module_bounds, &mut kernel_undo);
+        }
         if result.is_ok() {
             for ((site, bytes), done) in sites.iter().zip(&done) {
                 if *done {
@@ -85,6 +93,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                     sites_restored = false;
                 }
             }
+            self.undo_kernel(kernel_undo);
             *reg = before;
             for (pa, bytes) in saved.into_iter().flatten() {
                 if let Err(e) = self.m.write_phys_data(pa, &bytes) {

@@ -1,0 +1,177 @@
+//! The engine's side of [`crate::kmod`]: building a bundle's `struct module` region at
+//! apply time, and linking or unlinking it inside the switch's pause.
+
+use lucos_introspect::{paging, Machine};
+
+use super::{EngineError, Session};
+use crate::kmod::image::{self, Core};
+use crate::kmod::{self, register, Bounds, KernelModules};
+use crate::registry::{ModuleRecord, Registry};
+use crate::{Bundle, Linked, Plan};
+
+/// What a switch does to the kernel's module bookkeeping, besides the sites.
+pub(super) enum KernelEdit<'k> {
+    None,
+    Link(&'k KernelModules, ModuleRecord),
+    Unlink(&'k KernelModules, ModuleRecord),
+}
+
+/// Kernel words changed inside a pause: (guest-physical address, old bytes).
+pub(super) type KernelUndo = Vec<(u64, [u8; 8])>;
+
+impl<M: Machine + ?Sized> Session<'_, M> {
+    /// The running kernel's module bookkeeping, if a bundle is to use it. A bundle whose
+    /// code needs it (exception fixups, bug records) is refused on a kernel without;
+    /// others are applied without a module (no symbols or unwind data in the kernel).
+    pub(super) fn kernel_modules(
+        &self,
+        bundle: &Bundle,
+    ) -> Result<Option<KernelModules>, EngineError> {
+        match kmod::probe(&*self.m, self.syms, &self.layout) {
+            Ok(k) => Ok(Some(k)),
+            Err(e) if !kmod::needs_module(bundle) => {
+                tracing::info!(error = %e, "applying without a kernel module record");
+                Ok(None)
+            }
+            Err(e) => Err(EngineError::Kmod(e)),
+        }
+    }
+
+    /// Bytes of the module region at `va`, and its record. `core` covers every region of
+    /// the bundle.
+    #[allow(clippy::too_many_arguments)]
+    fn module_image(
+        &self,
+        km: &KernelModules,
+        reg: &Registry,
+        bundle: &Bundle,
+        plan: &Plan,
+        linked: &Linked,
+        va: u64,
+        core: Core,
+    ) -> Result<(Vec<u8>, ModuleRecord), EngineError> {
+        let tables = kmod::tables(bundle, plan, linked)?;
+        let mut name = image::module_name(&bundle.manifest().id, km.layout.name_len);
+        // Two ids that differ only in punctuation would give two modules one name.
+        let taken = |n: &str| {
+            reg.applied()
+                .any(|b| b.module.as_ref().is_some_and(|m| m.name == n))
+        };
+        let stem = name.clone();
+        let mut n = 2;
+        while taken(&name) {
+            name = format!(
+                "{}_{n}",
+                &stem[..stem.len().min(km.layout.name_len as usize - 8)]
+            );
+            n += 1;
+        }
+        let bytes = image::build(&km.layout, va, &name, &bundle.sha256(), core, &tables);
+        Ok((
+            bytes,
+            ModuleRecord {
+                name,
+                va,
+                base: core.base,
+                size: core.size,
+            },
+        ))
+    }
+
+    /// The module region of an apply, at `offs[3]` (`sizes[3]` bytes reserved); the
+    /// module covers all four regions.
+    pub(super) fn module_region(
+        &self,
+        km: &KernelModules,
+        reg: &Registry,
+        bundle: &Bundle,
+        plan: &Plan,
+        linked: &Linked,
+        (va_base, offs, sizes): (u64, [u64; 4], [u64; 4]),
+    ) -> Result<(Vec<u8>, ModuleRecord), EngineError> {
+        let core = Core {
+            base: va_base + offs[0],
+            size: sizes.iter().sum(),
+            text_size: sizes[0],
+            ro_size: sizes[0] + sizes[1],
+        };
+        let (bytes, rec) =
+            self.module_image(km, reg, bundle, plan, linked, va_base + offs[3], core)?;
+        // The bound from counts covers the real size; a miss would be a lucos bug.
+        if bytes.len() as u64 > sizes[3] {
+            return Err(crate::memory::MemoryError::Full {
+                need: bytes.len() as u64,
+                free: sizes[3],
+            }
+            .into());
+        }
+        Ok((bytes, rec))
+    }
+
+    /// Inside the pause: makes the kernel words `edit` needs, recording the old ones.
+    pub(super) fn edit_kernel(
+        &mut self,
+        edit: &KernelEdit<'_>,
+        before: Option<Bounds>,
+        undo: &mut KernelUndo,
+    ) -> Result<(), EngineError> {
+        let cr3 = self.layout.cr3;
+        let writes = match edit {
+            KernelEdit::None => return Ok(()),
+            KernelEdit::Link(km, rec) => {
+                register::link(&*self.m, cr3, &km.layout, &km.anchors, span(rec))
+                    .map_err(kmod::KmodError::from)?
+            }
+            KernelEdit::Unlink(km, rec) => {
+                let others =
+                    register::other_modules(&*self.m, cr3, &km.layout, &km.anchors, rec.va)
+                        .map_err(kmod::KmodError::from)?;
+                let before = before.unwrap_or(Bounds {
+                    min: u64::MAX,
+                    max: 0,
+                });
+                register::unlink(
+                    &*self.m,
+                    cr3,
+                    &km.layout,
+                    &km.anchors,
+                    span(rec),
+                    before,
+                    &others,
+                )
+                .map_err(kmod::KmodError::from)?
+            }
+        };
+        for w in writes {
+            let pa = paging::translate(&*self.m, cr3, w.va)?.pa;
+            let mut old = [0u8; 8];
+            self.m.read_phys(pa, &mut old)?;
+            undo.push((pa, old));
+            self.m.write_phys_data(pa, &w.value.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Puts back the kernel words of a failed switch, newest first.
+    pub(super) fn undo_kernel(&mut self, undo: KernelUndo) {
+        for (pa, old) in undo.into_iter().rev() {
+            if let Err(e) = self.m.write_phys_data(pa, &old) {
+                tracing::error!(pa, error = %e, "restoring a kernel word failed");
+            }
+        }
+    }
+}
+
+fn span(rec: &ModuleRecord) -> register::Span {
+    register::Span {
+        module: rec.va,
+        base: rec.base,
+        size: rec.size,
+    }
+}
+
+/// Pages for a bundle's module region (sized from the bundle before linking).
+pub(super) fn region_pages(l: &kmod::KmodLayout, bundle: &Bundle) -> u64 {
+    let (ex, bugs, orcs, syms, names) = kmod::counts(bundle);
+    image::region_size_bound(l, ex, bugs, orcs, syms, names).next_multiple_of(crate::memory::PAGE)
+}

@@ -1,0 +1,82 @@
+//! Staging: code, data and page tables written while the guest runs, into memory nothing
+//! reaches until the switch; and their rollback.
+
+use lucos_introspect::Machine;
+
+use super::{EngineError, Session, Undo};
+use crate::memory::{self, PAGE};
+use crate::registry::RangeRecord;
+
+impl<M: Machine + ?Sized> Session<'_, M> {
+    fn write_undoable(&mut self, undo: &mut Undo, pa: u64, data: &[u8]) -> Result<(), EngineError> {
+        let mut old = vec![0u8; data.len()];
+        self.m.read_phys(pa, &mut old)?;
+        undo.writes.push((pa, old));
+        self.m.write_phys_data(pa, data)?;
+        Ok(())
+    }
+
+    /// Writes code, data and page tables; nothing in the guest reaches them
+    /// until the sites are switched.
+    pub(super) fn stage(
+        &mut self,
+        new_pd: &[(u64, u64)],
+        staged: &[(RangeRecord, &[u8])],
+        undo: &mut Undo,
+    ) -> Result<(), EngineError> {
+        let ranges: Vec<&RangeRecord> = staged.iter().map(|(r, _)| r).collect();
+        for (r, image) in staged {
+            let mut bytes = image.to_vec();
+            bytes.resize(r.len as usize, 0);
+            // Never-used pages: no vCPU has executed them, so no translation
+            // can be stale and the fast data path is coherent enough.
+            self.write_undoable(undo, self.pm.pa(r.offset), &bytes)?;
+            let mut ptes = Vec::new();
+            let mut off = r.offset;
+            while off < r.offset + r.len {
+                ptes.push(memory::pte(&self.pm, off, r.kind));
+                off += PAGE;
+            }
+            for (i, pte) in ptes.into_iter().enumerate() {
+                let pa = memory::pte_pa(&self.pm, r.offset + i as u64 * PAGE);
+                self.write_undoable(undo, pa, &pte.to_le_bytes())?;
+            }
+        }
+        for chunk in 0..new_pd.len() as u64 {
+            // Fresh page tables: only entries written above may be present.
+            let pt = self.pm.pa(self.pm.layout.pt_offset(chunk));
+            let mut table = vec![0u8; PAGE as usize];
+            self.m.read_phys(pt, &mut table)?;
+            let keep: Vec<u8> = table
+                .chunks(8)
+                .zip(0u64..)
+                .flat_map(|(e, i)| {
+                    let off = chunk * memory::HUGE + i * PAGE;
+                    let ours = ranges
+                        .iter()
+                        .any(|r| off >= r.offset && off < r.offset + r.len);
+                    if ours {
+                        e.to_vec()
+                    } else {
+                        vec![0; 8]
+                    }
+                })
+                .collect();
+            if keep != table {
+                self.write_undoable(undo, pt, &keep)?;
+            }
+        }
+        for &(pa, value) in new_pd {
+            self.write_undoable(undo, pa, &value.to_le_bytes())?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn rollback(&mut self, undo: Undo) {
+        for (pa, old) in undo.writes.into_iter().rev() {
+            if let Err(e) = self.m.write_phys_data(pa, &old) {
+                tracing::error!(pa, error = %e, "rollback write failed");
+            }
+        }
+    }
+}
