@@ -324,15 +324,46 @@ fn notrace_functions_are_refused() {
 }
 
 #[test]
-fn new_code_needing_the_exception_table_is_refused() {
+fn exception_table_entries_travel_with_their_function_only() {
+    use object::{Object, ObjectSection, ObjectSymbol};
     let fixup = "asm volatile(\"1: nop\\n.pushsection __ex_table,\\\"a\\\"\\n\
                  .long 1b - .\\n.long 1b - .\\n.long 0\\n.popsection\");";
-    let orig = format!("{PRELUDE}int f(int x) {{ {fixup} return ext(x); }}\n");
+    // g has an entry too, but is unchanged: its entry stays in the kernel's table.
+    let orig = format!(
+        "{PRELUDE}int g(int x) {{ {fixup} return ext_a(x); }}\n\
+         int f(int x) {{ {fixup} return ext(x); }}\n"
+    );
+    let patched = orig.replace("ext(x)", "ext(x + 1)");
+    let d = diff(&orig, &patched);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.changed, vec!["f"]);
+    let obj = object::File::parse(&d.object.as_ref().unwrap()[..]).unwrap();
+    let ex = obj
+        .section_by_name("__ex_table")
+        .expect("an __ex_table section");
+    assert_eq!(ex.size(), 12, "exactly f's entry");
+    let targets: Vec<String> = ex
+        .relocations()
+        .map(|(_, r)| match r.target() {
+            object::RelocationTarget::Symbol(i) => {
+                obj.symbol_by_index(i).unwrap().name().unwrap().to_string()
+            }
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(targets, ["f", "f"], "both fields point into f");
+}
+
+#[test]
+fn new_code_needing_jump_labels_is_refused() {
+    let site = "asm goto(\"1: jmp %l[l]\\n.pushsection __jump_table,\\\"aw\\\"\\n\
+                .long 1b - .\\n.long %l[l] - .\\n.quad 0\\n.popsection\" : : : : l);";
+    let orig = format!("{PRELUDE}int f(int x) {{ {site} return ext(x); l: return 0; }}\n");
     let patched = orig.replace("ext(x)", "ext(x + 1)");
     let d = diff(&orig, &patched);
     assert!(
         matches!(&d.refusals[..], [Refusal::SpecialSection { function, section, .. }]
-            if function == "f" && section == "__ex_table"),
+            if function == "f" && section == "__jump_table"),
         "{:?}",
         d.refusals
     );

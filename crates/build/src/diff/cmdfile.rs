@@ -23,8 +23,10 @@ pub struct KbuildObject {
     pub object: String,
     /// Source path relative to the tree root, e.g. `fs/proc/cmdline.c`.
     pub source: String,
-    /// The compile command (only the compiler invocation; objtool and the like are cut off).
+    /// The compile command (only the compiler invocation; what follows is cut off).
     pub command: String,
+    /// The objtool run Kbuild did after the compile (its last word is the object), if any.
+    pub objtool: Option<String>,
     /// Files the compile read, relative to the tree root (absolute for system headers).
     pub deps: Vec<String>,
 }
@@ -51,6 +53,7 @@ pub fn objects(tree: &KernelTree) -> Result<Vec<KbuildObject>, DiffError> {
                     object: format!("{}.o", u.source.trim_end_matches(".c")),
                     source: u.source,
                     command: String::new(),
+                    objtool: None,
                     deps: u.files,
                 })
                 .collect())
@@ -223,6 +226,7 @@ fn thin_members(bytes: &[u8]) -> Result<Vec<String>, String> {
 /// Parses one `.cmd` file; `None` when it does not describe a compiled source file.
 pub fn parse_cmd(object: &str, text: &str) -> Result<Option<KbuildObject>, String> {
     let mut command = None;
+    let mut objtool = None;
     let mut source = None;
     let mut deps = Vec::new();
     let mut lines = text.lines();
@@ -230,6 +234,14 @@ pub fn parse_cmd(object: &str, text: &str) -> Result<Option<KbuildObject>, Strin
         if let Some(rest) = line.strip_prefix("cmd_") {
             if let Some((_, c)) = rest.split_once(" := ") {
                 command = Some(first_command(c).trim().to_string());
+                objtool = later_commands(c)
+                    .into_iter()
+                    .find(|x| {
+                        x.split_whitespace()
+                            .next()
+                            .is_some_and(|w| w.ends_with("objtool/objtool"))
+                    })
+                    .map(|x| x.trim().to_string());
             }
         } else if let Some(rest) = line.strip_prefix("source_") {
             if let Some((_, s)) = rest.split_once(" := ") {
@@ -261,8 +273,21 @@ pub fn parse_cmd(object: &str, text: &str) -> Result<Option<KbuildObject>, Strin
         object: normalize(object),
         source,
         command,
+        objtool,
         deps,
     }))
+}
+
+/// The parts of a shell command line after the first unquoted `;`, split at each `;`.
+fn later_commands(c: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let mut rest = &c[first_command(c).len()..];
+    while let Some(r) = rest.strip_prefix(';') {
+        let one = first_command(r);
+        out.push(one);
+        rest = &r[one.len()..];
+    }
+    out
 }
 
 /// The part of a shell command line before the first unquoted `;`.

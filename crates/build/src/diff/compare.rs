@@ -118,15 +118,10 @@ fn table_entries(o: &Obj, name_of: &dyn Fn(usize) -> String) -> HashMap<usize, V
         let Some(t) = special::table(&sec.name) else {
             continue;
         };
-        let mut start = 0;
-        while start < sec.size {
-            let end = (start + t.entry).min(sec.size);
+        for e in special::entries(o, si, &t) {
+            let (start, end) = (e.start, e.end);
             let rels = sec.relocs_in(start, end);
-            let owner = rels.iter().find_map(|r| match o.target(si, r) {
-                Target::Sym { sym, .. } if o.sec_of(sym).is_some_and(|s| s.is_exec()) => Some(sym),
-                _ => None,
-            });
-            if let Some(owner) = owner {
+            if let Some(owner) = e.owner {
                 let k = Keyer {
                     obj: o,
                     name_of,
@@ -158,7 +153,6 @@ fn table_entries(o: &Obj, name_of: &dyn Fn(usize) -> String) -> HashMap<usize, V
                     .collect();
                 out.entry(owner).or_default().push((t.name, bytes, keys));
             }
-            start = end;
         }
     }
     for v in out.values_mut() {

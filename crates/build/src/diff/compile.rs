@@ -3,10 +3,10 @@
 //! The command is the one Kbuild ran, with three edits: the dependency-file option is
 //! dropped (it would write into the tree), the output goes to a temporary path, and
 //! `-ffunction-sections -fdata-sections` are added so each function and variable gets its
-//! own section. Everything after the compiler (objtool) is cut off: objtool only adds
-//! sections the bundle drops (`.retpoline_sites`, ORC ...) or refuses, and rewrites static
-//! branches, which are compared and refused in their own right; the new code's
-//! `call __fentry__` are turned into NOPs by the lucos linker, so no mcount pass is needed.
+//! own section. Kbuild's objtool pass runs after the compiler, as in the kernel's own build:
+//! it writes the ORC unwind data the bundle hands to the kernel and puts static-branch
+//! sites in their final form; the new code's `call __fentry__` are turned into NOPs by the
+//! lucos linker, so no mcount pass is needed.
 //!
 //! Original objects are cached, keyed by the command line and the contents of the source
 //! and every dependency, so a second build against the same kernel skips them.
@@ -88,11 +88,12 @@ pub fn command_line(obj: &KbuildObject, out: &Path, remap: Option<(&str, &str)>)
     result.join(" ")
 }
 
-/// Runs one compile in `cwd`.
+/// Runs one compile in `cwd`, then Kbuild's objtool pass on the result (from the tree
+/// `root`, where objtool was built).
 pub fn run(
     obj: &KbuildObject,
     side: Side,
-    cwd: &Path,
+    (root, cwd): (&Path, &Path),
     out: &Path,
     remap: Option<(&str, &str)>,
 ) -> Result<(), DiffError> {
@@ -102,6 +103,26 @@ pub fn run(
         .arg("-c")
         .arg(&cmd)
         .current_dir(cwd)
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|source| DiffError::Tool {
+            tool: "sh",
+            package: "dash",
+            source,
+        })?;
+    check(&output, side.name(), &obj.object)?;
+    let Some(objtool) = &obj.objtool else {
+        return Ok(());
+    };
+    // objtool writes what the kernel's own build has: ORC unwind data for the new code,
+    // and static-branch sites in their final (NOP) form.
+    let mut w = words(objtool);
+    w.pop();
+    w.push(format!("'{}'", out.display()));
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(w.join(" "))
+        .current_dir(root)
         .env("LC_ALL", "C")
         .output()
         .map_err(|source| DiffError::Tool {
@@ -167,6 +188,8 @@ pub fn cache_key(tree: &Path, obj: &KbuildObject) -> Result<String, DiffError> {
     h.update(b"lucos-diffobj-v1\0");
     h.update(command_line(obj, Path::new("OUT"), None).as_bytes());
     h.update(b"\0");
+    h.update(obj.objtool.as_deref().unwrap_or("").as_bytes());
+    h.update(b"\0");
     let mut files: Vec<&str> = vec![obj.source.as_str()];
     files.extend(obj.deps.iter().map(String::as_str));
     for f in files {
@@ -221,6 +244,7 @@ mod tests {
             command:
                 "gcc -Wp,-MMD,fs/.a.o.d -nostdinc -DKBUILD_MODFILE='\"fs/a b\"' -c -o fs/a.o fs/a.c"
                     .into(),
+            objtool: None,
             deps: vec![],
         };
         let c = command_line(&obj, Path::new("/tmp/x.o"), None);

@@ -91,7 +91,12 @@ pub(crate) fn write_object(diffs: &[Diff<'_>], plan: &Plan) -> Result<Vec<u8>, D
     }
 
     let globals = global_defs(diffs);
-    let mut externals: HashMap<String, SymbolId> = HashMap::new();
+    let mut out = Out {
+        w,
+        plan,
+        sections,
+        externals: HashMap::new(),
+    };
     for (ui, unit) in plan.units.iter().enumerate() {
         let o = diffs[unit.obj].patched;
         let (sec, start, end) = match unit.kind {
@@ -101,61 +106,205 @@ pub(crate) fn write_object(diffs: &[Diff<'_>], plan: &Plan) -> Result<Vec<u8>, D
             }
             UnitKind::Section(s) => (s, 0, o.sections[s].size),
         };
-        let (id, _, _) = sections[ui];
+        let id = out.sections[ui].0;
         for r in o.sections[sec].relocs_in(start, end) {
-            if r.r_type == elf::R_X86_64_NONE {
-                continue;
+            out.relocate(diffs, &globals, (unit.obj, sec), id, r, r.offset - start)?;
+        }
+    }
+    write_tables(&mut out, diffs, &globals)?;
+    let w = out.w;
+    w.write().map_err(emit_err)
+}
+
+/// The object being written, with the symbols relocations can name.
+struct Out<'p> {
+    w: write::Object<'static>,
+    plan: &'p Plan,
+    /// Per unit: its section, its symbol, and its start in the source section.
+    sections: Vec<(SectionId, SymbolId, u64)>,
+    externals: HashMap<String, SymbolId>,
+}
+
+impl Out<'_> {
+    /// Adds to section `id`, at `offset`, relocation `r` of source section `src`
+    /// (object, section), pointed at the bundle's unit or kernel symbol it means.
+    fn relocate(
+        &mut self,
+        diffs: &[Diff<'_>],
+        globals: &HashMap<&str, (usize, usize)>,
+        src: (usize, usize),
+        id: SectionId,
+        r: &super::elf::Rel,
+        offset: u64,
+    ) -> Result<(), DiffError> {
+        if r.r_type == elf::R_X86_64_NONE {
+            return Ok(());
+        }
+        let (oi, sec) = src;
+        let o = diffs[oi].patched;
+        let resolved = resolve(diffs, globals, oi, sec, r)
+            .map_err(|e| emit_err(format!("unplanned refusal: {e}")))?;
+        let (symbol, addend) = match resolved {
+            Resolved::Unit { obj, kind, addend } => {
+                let ti = *self.plan.index.get(&(obj, kind)).ok_or_else(|| {
+                    emit_err("a relocation points at a unit that was not planned")
+                })?;
+                (self.sections[ti].1, addend)
             }
-            let resolved = resolve(diffs, &globals, unit.obj, sec, r)
-                .map_err(|e| emit_err(format!("unplanned refusal: {e}")))?;
-            let (symbol, addend) = match resolved {
-                Resolved::Unit { obj, kind, addend } => {
-                    let ti = *plan.index.get(&(obj, kind)).ok_or_else(|| {
-                        emit_err("a relocation points at a unit that was not planned")
-                    })?;
-                    (sections[ti].1, addend)
-                }
-                Resolved::External { name, addend, weak } => {
-                    let file = super::include::external_file(&diffs[unit.obj], sec, r);
-                    let name = plan
-                        .bundle_names
-                        .get(&(name, file))
-                        .cloned()
-                        .ok_or_else(|| emit_err("an external reference that was not planned"))?;
-                    let id = *externals.entry(name.clone()).or_insert_with(|| {
-                        w.add_symbol(write::Symbol {
-                            name: name.into_bytes(),
-                            value: 0,
-                            size: 0,
-                            kind: SymbolKind::Unknown,
-                            scope: SymbolScope::Dynamic,
-                            weak,
-                            section: SymbolSection::Undefined,
-                            flags: SymbolFlags::None,
-                        })
-                    });
-                    (id, addend)
-                }
-                Resolved::Null(_) => {
-                    return Err(emit_err(format!(
-                        "{}+{:#x}: an absolute relocation without a symbol is not supported",
-                        o.sections[sec].name, r.offset
-                    )))
-                }
-            };
-            w.add_relocation(
+            Resolved::External { name, addend, weak } => {
+                let file = super::include::external_file(&diffs[oi], sec, r);
+                let name = self
+                    .plan
+                    .bundle_names
+                    .get(&(name, file))
+                    .cloned()
+                    .ok_or_else(|| emit_err("an external reference that was not planned"))?;
+                let w = &mut self.w;
+                let id = *self.externals.entry(name.clone()).or_insert_with(|| {
+                    w.add_symbol(write::Symbol {
+                        name: name.into_bytes(),
+                        value: 0,
+                        size: 0,
+                        kind: SymbolKind::Unknown,
+                        scope: SymbolScope::Dynamic,
+                        weak,
+                        section: SymbolSection::Undefined,
+                        flags: SymbolFlags::None,
+                    })
+                });
+                (id, addend)
+            }
+            Resolved::Null(_) => {
+                return Err(emit_err(format!(
+                    "{}+{:#x}: an absolute relocation without a symbol is not supported",
+                    o.sections[sec].name, r.offset
+                )))
+            }
+        };
+        self.w
+            .add_relocation(
                 id,
                 write::Relocation {
-                    offset: r.offset - start,
+                    offset,
                     symbol,
                     addend,
                     flags: RelocationFlags::Elf { r_type: r.r_type },
                 },
             )
-            .map_err(emit_err)?;
+            .map_err(emit_err)
+    }
+
+    fn add_like(&mut self, src: &super::elf::Sec, name: &str) -> SectionId {
+        let kind = if src.is_exec() {
+            SectionKind::Text
+        } else if src.is_write() {
+            SectionKind::Data
+        } else {
+            SectionKind::ReadOnlyData
+        };
+        let id = self
+            .w
+            .add_section(Vec::new(), name.as_bytes().to_vec(), kind);
+        let keep = u64::from(elf::SHF_ALLOC | elf::SHF_WRITE | elf::SHF_EXECINSTR);
+        self.w.section_mut(id).flags = SectionFlags::Elf {
+            sh_flags: src.flags & keep,
+        };
+        id
+    }
+}
+
+/// The entries of carried tables (exception fixups, bug records, ORC) that belong to
+/// included functions: one section per table and object, with the entries in their
+/// original order (the lucos linker merges and sorts them for the kernel).
+fn write_tables(
+    out: &mut Out<'_>,
+    diffs: &[Diff<'_>],
+    globals: &HashMap<&str, (usize, usize)>,
+) -> Result<(), DiffError> {
+    let objs: std::collections::BTreeSet<usize> = out.plan.units.iter().map(|u| u.obj).collect();
+    for oi in objs {
+        let o = diffs[oi].patched;
+        for (si, sec) in o.sections.iter().enumerate() {
+            let Some(t) = super::special::table(&sec.name).filter(|t| t.carried()) else {
+                continue;
+            };
+            let mine: Vec<_> = super::special::entries(o, si, &t)
+                .into_iter()
+                .filter(|e| {
+                    e.owner
+                        .is_some_and(|p| out.plan.index.contains_key(&(oi, UnitKind::Item(p))))
+                })
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let id = out.add_like(sec, &sec.name);
+            let mut bytes = Vec::new();
+            // Windows (replacement code) go to one section per object, next to the table.
+            let mut windows: Option<(SectionId, Vec<u8>, u64)> = None;
+            for e in &mine {
+                let at = bytes.len() as u64;
+                bytes.extend_from_slice(sec.bytes(e.start, e.end));
+                let win = super::special::window(o, si, &t, e);
+                for r in sec.relocs_in(e.start, e.end) {
+                    let offset = at + r.offset - e.start;
+                    match win.filter(|w| r.offset == e.start + w.field) {
+                        Some(w) => {
+                            let ws = &o.sections[w.sec];
+                            let (wid, wbytes, _) = windows.get_or_insert_with(|| {
+                                (out.add_like(ws, &ws.name), Vec::new(), ws.align.max(1))
+                            });
+                            let (wid, off) = (*wid, wbytes.len() as u64);
+                            wbytes.extend_from_slice(ws.bytes(w.start, w.start + w.len));
+                            for rr in ws.relocs_in(w.start, w.start + w.len) {
+                                out.relocate(
+                                    diffs,
+                                    globals,
+                                    (oi, w.sec),
+                                    wid,
+                                    rr,
+                                    off + rr.offset - w.start,
+                                )?;
+                            }
+                            let symbol = out.w.section_symbol(wid);
+                            out.w
+                                .add_relocation(
+                                    id,
+                                    write::Relocation {
+                                        offset,
+                                        symbol,
+                                        addend: off as i64 - w.bias,
+                                        flags: RelocationFlags::Elf { r_type: r.r_type },
+                                    },
+                                )
+                                .map_err(emit_err)?;
+                        }
+                        None => out.relocate(diffs, globals, (oi, si), id, r, offset)?,
+                    }
+                }
+            }
+            out.w.set_section_data(id, bytes, sec.align.max(1));
+            if let Some((wid, wbytes, align)) = windows {
+                out.w.set_section_data(wid, wbytes, align);
+            }
+            if let Some((pair, size)) = t.pair {
+                let Some(ps) = o.sections.iter().find(|s| s.name == pair) else {
+                    return Err(emit_err(format!("{} without {pair}", sec.name)));
+                };
+                let pid = out.add_like(ps, pair);
+                let mut pbytes = Vec::new();
+                for e in &mine {
+                    let from = e.index * size;
+                    if from + size > ps.size {
+                        return Err(emit_err(format!("{pair} is shorter than {}", sec.name)));
+                    }
+                    pbytes.extend_from_slice(ps.bytes(from, from + size));
+                }
+                out.w.set_section_data(pid, pbytes, ps.align.max(1));
+            }
         }
     }
-    w.write().map_err(emit_err)
+    Ok(())
 }
 
 /// Same map as the planner's: global definitions added or changed by the diff.

@@ -156,6 +156,31 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
                         let Some(table) = special::table(t).filter(|x| x.required()) else {
                             continue;
                         };
+                        if table.carried() {
+                            // The entries go with the function: so does what they point at.
+                            for r in entry_relocs(d, p, &table) {
+                                match resolve(diffs, &globals, oi, r.0, &r.1) {
+                                    Ok(Resolved::Unit { obj, kind, .. }) => {
+                                        queue.push_back((obj, kind))
+                                    }
+                                    Ok(Resolved::Null(_)) => {}
+                                    Ok(Resolved::External { name, .. }) => refuse(
+                                        Refusal::Reference {
+                                            from: d.kernel_name(p).to_string(),
+                                            file: d.file.clone(),
+                                            symbol: name,
+                                            reason: format!(
+                                                "an entry of {} points at it, outside the function",
+                                                table.name
+                                            ),
+                                        },
+                                        &mut plan,
+                                    ),
+                                    Err(r) => refuse(r, &mut plan),
+                                }
+                            }
+                            continue;
+                        }
                         let what = table.what;
                         refuse(
                             Refusal::SpecialSection {
@@ -219,6 +244,23 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
         }
     }
     plan
+}
+
+/// The relocations (section, relocation) of the entries of `table` that belong to item `p`.
+pub(crate) fn entry_relocs(d: &Diff<'_>, p: usize, table: &special::Table) -> Vec<(usize, Rel)> {
+    let o = d.patched;
+    let mut out = Vec::new();
+    for (si, sec) in o.sections.iter().enumerate() {
+        if sec.name != table.name {
+            continue;
+        }
+        for e in special::entries(o, si, table) {
+            if e.owner == Some(p) {
+                out.extend(special::entry_needs(o, si, table, &e));
+            }
+        }
+    }
+    out
 }
 
 /// The source file that qualifies an external static, if it is one.

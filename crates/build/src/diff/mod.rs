@@ -348,11 +348,13 @@ fn compile_all(
                     Side::Patched => compile::run(
                         o,
                         side,
-                        overlay,
+                        (root, overlay),
                         &results[i].patched,
                         Some((&remap_from, &remap_to)),
                     ),
-                    Side::Original => compile::run(o, side, root, &results[i].original, None),
+                    Side::Original => {
+                        compile::run(o, side, (root, root), &results[i].original, None)
+                    }
                 };
                 match result {
                     Ok(()) => progress.step(Stage::Rebuild, &o.object),

@@ -9,6 +9,8 @@
 
 use lucos_patch::policy::{section_rule, Link, Role};
 
+use super::elf::{Obj, Target};
+
 /// A table of fixed-size entries pointing into code ([`Role::Table`] of the section policy).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Table {
@@ -21,6 +23,8 @@ pub(crate) struct Table {
     pub what: &'static str,
     /// (offset of a relocation to anonymous data, offset of a `u8` with its length).
     pub data_len: Option<(u64, u64)>,
+    /// A parallel table (name, entry size) whose entry `i` goes with entry `i` here.
+    pub pair: Option<(&'static str, u64)>,
     link: Link,
 }
 
@@ -29,10 +33,120 @@ impl Table {
     /// section (the entries are needed for the code to behave). Otherwise the entries
     /// are an optimisation the new code can do without, and the linker drops them.
     pub fn required(&self) -> bool {
-        // Entries the linker applies are needed too, and the builder does not carry table
-        // entries yet: either way new code with them cannot be emitted.
         self.link != Link::Drop
     }
+
+    /// Whether the builder copies the entries of the functions it includes into the
+    /// bundle (the linker applies them, or hands them to the kernel). An entry that covers
+    /// a window of another section (an alternative's replacement code) takes just that
+    /// window along, not the whole section, which holds every function's replacements.
+    pub fn carried(&self) -> bool {
+        matches!(self.link, Link::Register | Link::Apply)
+    }
+}
+
+/// One entry of a table section: its byte range and the function it belongs to (the
+/// first code its relocations point into).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub start: u64,
+    pub end: u64,
+    pub owner: Option<usize>,
+    /// Index of the entry in its section (for a paired table).
+    pub index: u64,
+}
+
+/// The bytes of another section that an entry of a [`Table::data_len`] table covers (an
+/// alternative's replacement code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Window {
+    /// Offset in the entry of the relocation that points there.
+    pub field: u64,
+    pub sec: usize,
+    pub start: u64,
+    pub len: u64,
+    /// The relocation means `start`; its addend, relative to the window, is `-bias`.
+    pub bias: i64,
+}
+
+/// The window entry `e` covers, if its table has windows.
+pub(crate) fn window(o: &Obj, si: usize, t: &Table, e: &Entry) -> Option<Window> {
+    let (field, len_at) = t.data_len?;
+    let sec = &o.sections[si];
+    let r = sec
+        .relocs_in(e.start, e.end)
+        .iter()
+        .find(|r| r.offset == e.start + field)?;
+    let Target::Anon {
+        sec: ws,
+        addend,
+        bias,
+    } = o.target(si, r)
+    else {
+        return None;
+    };
+    let len = sec
+        .bytes(e.start + len_at, e.start + len_at + 1)
+        .first()
+        .copied()?;
+    Some(Window {
+        field,
+        sec: ws,
+        start: u64::try_from(addend + bias).ok()?,
+        len: u64::from(len),
+        bias,
+    })
+}
+
+/// The relocations an included entry needs resolved, as (section, relocation): its own,
+/// except the one pointing at its window, and those inside its window.
+pub(crate) fn entry_needs(
+    o: &Obj,
+    si: usize,
+    t: &Table,
+    e: &Entry,
+) -> Vec<(usize, super::elf::Rel)> {
+    let w = window(o, si, t, e);
+    let mut out: Vec<(usize, super::elf::Rel)> = o.sections[si]
+        .relocs_in(e.start, e.end)
+        .iter()
+        .filter(|r| w.is_none_or(|w| r.offset != e.start + w.field))
+        .map(|r| (si, *r))
+        .collect();
+    if let Some(w) = w {
+        out.extend(
+            o.sections[w.sec]
+                .relocs_in(w.start, w.start + w.len)
+                .iter()
+                .map(|r| (w.sec, *r)),
+        );
+    }
+    out
+}
+
+/// The entries of table section `si` of `o`.
+pub(crate) fn entries(o: &Obj, si: usize, t: &Table) -> Vec<Entry> {
+    let sec = &o.sections[si];
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < sec.size {
+        let end = (start + t.entry).min(sec.size);
+        let owner = sec
+            .relocs_in(start, end)
+            .iter()
+            .find_map(|r| match o.target(si, r) {
+                Target::Sym { sym, .. } if o.sec_of(sym).is_some_and(|s| s.is_exec()) => Some(sym),
+                _ => None,
+            });
+        out.push(Entry {
+            start,
+            end,
+            owner,
+            index: start / t.entry,
+        });
+        start = end;
+    }
+    out
 }
 
 /// Offset of `lineno:18` (the low bits of a `u32`) in `struct _ddebug` (Linux 6.1: four
@@ -74,6 +188,7 @@ pub(crate) fn table(name: &str) -> Option<Table> {
             line: t.line,
             what: r.what,
             data_len: t.data_len,
+            pair: t.pair,
             link: r.link,
         }),
         _ => None,
@@ -126,6 +241,12 @@ mod tests {
     fn required_tables_are_exactly_those_the_linker_refuses() {
         assert!(table("__ex_table").unwrap().required());
         assert!(table("__bug_table").unwrap().required());
+        // The builder carries what the kernel is told about, and not alternatives yet.
+        assert!(table("__bug_table").unwrap().carried());
+        assert!(table("__ex_table").unwrap().carried());
+        assert!(table(".orc_unwind_ip").unwrap().carried());
+        assert!(table(".altinstructions").unwrap().carried());
+        assert!(!table(".smp_locks").unwrap().carried());
         // The linker drops LOCK-prefix records, so new code may have them.
         assert!(!table(".smp_locks").unwrap().required());
     }
