@@ -128,7 +128,6 @@ fn refusals_leave_the_guest_byte_identical() {
         &with_manifest(&good, |m| m.replacements[0].expect[6] ^= 0xff),
         "does not hold the bytes",
     );
-    expect_refusal(&mut s, &bundle("bad-extable"), "__ex_table");
     expect_refusal(
         &mut s,
         &snippet_bundle("unknown-sym", UNKNOWN_SYMBOL),
