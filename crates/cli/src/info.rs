@@ -28,6 +28,8 @@ pub struct Attached {
 }
 
 pub fn attach(name: &str) -> Result<Attached> {
+    // Checked before it is quoted in the context below.
+    lucos_backend::descriptor::validate_name(name)?;
     let vm = Vm::attach(name).with_context(|| format!("attaching to VM '{name}'"))?;
     attach_vm(vm)
 }

@@ -226,9 +226,9 @@ fn lucos_main() -> Result<()> {
         Cmd::Demo(args) => demo::demo(args),
         Cmd::Adopt(args) => adopt(args),
         Cmd::Forget { vm } => {
-            lucos_backend::descriptor::validate_name(&vm)?;
-            let dir = lucos_backend::descriptor::vm_dir(&vm);
             let desc = lucos_backend::VmDescriptor::load(&vm)?;
+            let dir = lucos_backend::rundir::existing_vm_dir(&vm)?
+                .with_context(|| format!("VM '{vm}' has no directory any more"))?;
             if desc.ram.path.starts_with(&desc.dir) {
                 anyhow::bail!(
                     "'{vm}' was started by `lucos run`, which owns it: stop it there (Ctrl-C)"
@@ -260,7 +260,7 @@ fn lucos_main() -> Result<()> {
         Cmd::Build(args) => buildcmd::build(args),
         Cmd::BuildBench(args) => buildcmd::bench(args),
         Cmd::List => {
-            for d in lucos_backend::VmDescriptor::list() {
+            for d in lucos_backend::VmDescriptor::list()? {
                 println!(
                     "{}\tpid {}\t{} vCPU\t{} MiB\t{}",
                     esc(&d.name),
