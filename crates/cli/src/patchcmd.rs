@@ -235,17 +235,47 @@ pub fn status(args: StatusArgs) -> Result<()> {
         );
     }
     for (id, function, live) in &odd {
+        let original = reg
+            .find_applied(id)
+            .and_then(|b| b.sites.iter().find(|s| &s.function == function))
+            .map(|s| s.original.as_slice());
         eprintln!(
-            "warning: '{}' is recorded as applied but `{}` holds {} instead of its jmp \
-             (a lucos process died while applying?); `lucos revert {} {}` clears the record",
-            esc(id),
-            esc(function),
-            hex::encode(live),
-            args.vm,
-            esc(id)
+            "warning: {}",
+            inconsistency_warning(&args.vm, id, function, live, original)
         );
     }
     Ok(())
+}
+
+/// What `lucos status` says about an applied record whose site does not hold
+/// its jmp. Apply records before it switches and revert switches before it
+/// records, so a lucos killed inside either leaves the same state: the
+/// record says applied, the site holds the bytes from before the bundle.
+/// Other bytes mean something else rewrote the site.
+pub fn inconsistency_warning(
+    vm: &str,
+    id: &str,
+    function: &str,
+    live: &[u8],
+    original: Option<&[u8]>,
+) -> String {
+    let (id, function) = (esc(id), esc(function));
+    if original == Some(live) {
+        format!(
+            "'{id}' is recorded as applied but `{function}` holds its original bytes {}: an \
+             apply or a revert of '{id}' was interrupted (lucos stopped between recording and \
+             switching the site, or between restoring it and recording that), so the bundle is \
+             not in effect there; `lucos revert {vm} {id}` clears the record",
+            hex::encode(live)
+        )
+    } else {
+        format!(
+            "'{id}' is recorded as applied but `{function}` holds {}, neither its jmp nor the \
+             bytes it replaced: something other than lucos rewrote the site after the apply; \
+             find out what before `lucos revert {vm} {id}`",
+            hex::encode(live)
+        )
+    }
 }
 
 #[derive(Debug, Args)]

@@ -1,6 +1,7 @@
 //! Who can reach a VM: another user can read none of its files nor connect
 //! to its sockets; lucos refuses run and VM directories it does not own
-//! (another user's descriptor must not redirect it). The tests run `lucos` as a
+//! (another user's descriptor must not redirect it); and what `lucos
+//! status` prints from a bundle is escaped. The tests run `lucos` as a
 //! real second user (created here when missing).
 
 mod common;
@@ -237,4 +238,65 @@ fn run_and_vm_directories_not_owned_by_the_caller_are_refused() {
     std::os::unix::fs::chown(&vm_dir, Some(0), Some(0)).unwrap();
     std::fs::set_permissions(&vm_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
     assert_refused(d, mixed.path(), "writable by group or others");
+}
+
+/// ESC sequences, an OSC window title, BEL, CR, DEL and the C1 CSI.
+const HOSTILE: &str = "ok\x1b[2J\x1b]0;pwned\x07\rFAKE\x7f\u{9b}31m";
+
+/// Raw terminal controls: C0 except LF, DEL, and C1 (UTF-8 c2 80..9f).
+fn has_raw_controls(out: &[u8]) -> bool {
+    out.iter().enumerate().any(|(i, &b)| {
+        (b < 0x20 && b != b'\n')
+            || b == 0x7f
+            || (b == 0xc2 && out.get(i + 1).is_some_and(|n| (0x80..=0x9f).contains(n)))
+    })
+}
+
+#[test]
+fn status_escapes_bundle_text_and_names_an_interrupted_apply_or_revert() {
+    let b = vm();
+    let d = &b.desc;
+    let cmdline = bundle("cmdline");
+    let mut m = cmdline.manifest().clone();
+    m.id = "hostile".into();
+    m.description = HOSTILE.into();
+    let obj = std::fs::read(bundle_path(&cmdline.manifest().id)).unwrap();
+    let path = bundle_path("hostile");
+    std::fs::write(&path, lucos_patch::pack(&obj, &m).unwrap()).unwrap();
+    let out = lucos(&["apply", &d.name, path.to_str().unwrap()], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    for args in [&["status", &d.name][..], &["status", &d.name, "--json"]] {
+        let out = lucos(args, None);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert!(
+            !has_raw_controls(&out.stdout),
+            "`lucos {args:?}`: {:?}",
+            text(&out.stdout)
+        );
+        assert!(text(&out.stdout).contains("pwned"), "{}", text(&out.stdout));
+    }
+
+    // A lucos killed between recording and switching (apply), or between
+    // switching back and recording (revert): the site holds its NOP again.
+    {
+        let mut a = lucos::info::attach_vm(Vm::attach_desc(d.clone()).unwrap()).unwrap();
+        let live = a
+            .layout
+            .live(a.syms.lookup("cmdline_proc_show").unwrap().addr);
+        let pa = lucos_introspect::translate(&a.vm, a.layout.cr3, live)
+            .unwrap()
+            .pa;
+        a.vm.write_phys(pa, &lucos_patch::NOP5).unwrap();
+    }
+    let out = lucos(&["status", &d.name], None);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("an apply or a revert of 'hostile' was interrupted"),
+        "{err}"
+    );
+    assert!(!err.contains("died while applying"), "{err}");
+    let out = lucos(&["revert", &d.name, "hostile"], None);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(lucos(&["status", &d.name], None).stderr.is_empty());
 }
