@@ -22,6 +22,8 @@ fn raw_controls(out: &[u8]) -> Vec<usize> {
 fn lucos(args: &[&std::ffi::OsStr]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_lucos"))
         .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .env("RUST_LIB_BACKTRACE", "0")
         .output()
         .unwrap()
 }
@@ -87,4 +89,19 @@ fn bundle_show_escapes_what_the_bundle_says() {
     // Shown, not dropped: the operator can still see what the bundle holds.
     assert!(text.contains(r"evil\x1b]0;title\x07\rx"), "{text}");
     assert!(text.contains(r"\u007f"), "{text}");
+}
+
+#[test]
+fn a_huge_vm_name_is_refused_without_being_echoed() {
+    let name = "n".repeat(5000);
+    for cmd in ["info", "pause", "status"] {
+        let out = lucos(&[cmd.as_ref(), name.as_ref()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(err.len() < 400, "`lucos {cmd}` said {} bytes", err.len());
+        assert!(
+            err.contains("VM name of 5000 bytes must be 1-48 characters"),
+            "{err}"
+        );
+    }
 }
