@@ -68,11 +68,7 @@ pub fn adopt(f: &Foreign) -> Result<VmDescriptor, BackendError> {
         )));
     }
     let patch_size = file_size(&f.patch, "patch memory file")?;
-    let dir = descriptor::vm_dir(&f.name);
-    std::fs::create_dir_all(&dir).map_err(|source| BackendError::Io {
-        what: "VM directory",
-        source,
-    })?;
+    let dir = crate::rundir::create_vm_dir(&f.name)?;
     let desc = VmDescriptor {
         format: descriptor::FORMAT,
         name: f.name.clone(),

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::BackendError;
-use crate::sys;
+use crate::{rundir, sys};
 
 pub const FORMAT: u32 = 1;
 pub const FILE_NAME: &str = "vm.json";
@@ -77,37 +77,30 @@ pub fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Where descriptors live: `$LUCOS_RUN_DIR`, else /dev/shm/lucos (RAM files
-/// belong on tmpfs), else the temp dir.
-pub fn run_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("LUCOS_RUN_DIR") {
-        return PathBuf::from(d);
-    }
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        shm.join("lucos")
-    } else {
-        std::env::temp_dir().join("lucos")
-    }
-}
+pub use crate::rundir::run_dir;
 
-pub fn vm_dir(name: &str) -> PathBuf {
-    run_dir().join(name)
-}
+/// Longest VM name: it names a directory and appears in socket paths.
+pub const MAX_NAME: usize = 48;
 
+/// VM names are path components: no '/', '.' or '..', nothing to escape.
 pub fn validate_name(name: &str) -> Result<(), BackendError> {
     let ok = !name.is_empty()
-        && name.len() <= 48
+        && name.len() <= MAX_NAME
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if ok {
-        Ok(())
-    } else {
-        Err(BackendError::Config(format!(
-            "VM name '{name}' must be 1-48 characters of letters, digits, '-' or '_'"
-        )))
+        return Ok(());
     }
+    // A name given by mistake can be a whole file: do not echo it back.
+    let shown = if name.len() <= MAX_NAME {
+        format!("'{name}'")
+    } else {
+        format!("of {} bytes", name.len())
+    };
+    Err(BackendError::Config(format!(
+        "VM name {shown} must be 1-{MAX_NAME} characters of letters, digits, '-' or '_'"
+    )))
 }
 
 impl VmDescriptor {
@@ -138,15 +131,16 @@ impl VmDescriptor {
     }
 
     /// Loads the descriptor of a live VM; a descriptor whose QEMU is gone is
-    /// removed (with its files) and reported as stale.
+    /// removed (with its files) and reported as stale. The run and VM
+    /// directories must be the caller's own (rundir.rs).
     pub fn load(name: &str) -> Result<Self, BackendError> {
-        validate_name(name)?;
-        let dir = vm_dir(name);
-        let path = dir.join(FILE_NAME);
-        let text = std::fs::read_to_string(&path).map_err(|_| BackendError::NoSuchVm {
+        let no_vm = || BackendError::NoSuchVm {
             name: name.to_owned(),
-            path: path.clone(),
-        })?;
+            path: run_dir().join(name).join(FILE_NAME),
+        };
+        let dir = rundir::existing_vm_dir(name)?.ok_or_else(no_vm)?;
+        let path = dir.join(FILE_NAME);
+        let text = rundir::read_private(&path, "VM descriptor")?.ok_or_else(no_vm)?;
         let d = Self::parse(&path, &text)?;
         if !sys::process_alive(d.qemu_pid) {
             let _ = std::fs::remove_dir_all(&dir);
@@ -158,29 +152,28 @@ impl VmDescriptor {
         Ok(d)
     }
 
+    /// Writes `vm.json` (0600) into the VM directory.
     pub fn store(&self) -> Result<(), BackendError> {
-        let path = self.dir.join(FILE_NAME);
-        let tmp = self.dir.join(".vm.json.tmp");
         let text = serde_json::to_string_pretty(self).expect("descriptor serializes");
-        let io = |source| BackendError::Io {
-            what: "VM descriptor",
-            source,
-        };
-        std::fs::write(&tmp, text).map_err(io)?;
-        std::fs::rename(&tmp, &path).map_err(io)
+        rundir::write_private(&self.dir.join(FILE_NAME), text.as_bytes(), "VM descriptor")
     }
 
-    /// All live VMs; stale descriptors are cleaned up on the way.
-    pub fn list() -> Vec<VmDescriptor> {
-        let Ok(entries) = std::fs::read_dir(run_dir()) else {
-            return Vec::new();
+    /// All live VMs; stale descriptors are cleaned up on the way, and
+    /// directories that fail the checks are skipped. An unsafe run
+    /// directory is an error.
+    pub fn list() -> Result<Vec<VmDescriptor>, BackendError> {
+        let Some(run) = rundir::checked_run_dir(false)? else {
+            return Ok(Vec::new());
+        };
+        let Ok(entries) = std::fs::read_dir(run) else {
+            return Ok(Vec::new());
         };
         let mut out: Vec<_> = entries
             .flatten()
             .filter_map(|e| Self::load(&e.file_name().to_string_lossy()).ok())
             .collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
-        out
+        Ok(out)
     }
 
     /// Maps a guest-physical range to an offset in the RAM file.
@@ -286,5 +279,8 @@ mod tests {
         for bad in ["", "a/b", "..", "x y", &"n".repeat(49)] {
             assert!(validate_name(bad).is_err(), "{bad}");
         }
+        let long = validate_name(&"n".repeat(5000)).unwrap_err().to_string();
+        assert!(long.len() < 200, "{long}");
+        assert!(long.contains("of 5000 bytes"), "{long}");
     }
 }

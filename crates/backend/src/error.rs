@@ -9,6 +9,19 @@ pub enum BackendError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("permission denied {what} {path}: {source}; it belongs to another user: run lucos as the user who started the VM (or as root)")]
+    PermissionDenied {
+        what: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("refusing the {what} {path}: it {reason}. lucos keeps guest RAM, the VM's sockets and its descriptor there and trusts what it finds, so it must be a real directory (not a symlink) owned by you (uid {uid}) and writable only by you: fix it (chown, chmod 700) or remove it, or set LUCOS_RUN_DIR to a directory of your own")]
+    UnsafeDir {
+        what: &'static str,
+        path: PathBuf,
+        reason: String,
+        uid: u32,
+    },
     #[error("{what} connection failed: {source}")]
     Io {
         what: &'static str,
@@ -70,6 +83,13 @@ pub(crate) fn connect_unix(
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
+            Err(source) if source.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(BackendError::PermissionDenied {
+                    what: format!("connecting to the {what} at"),
+                    path: path.to_owned(),
+                    source,
+                })
+            }
             Err(source) => {
                 return Err(BackendError::Connect {
                     what,
@@ -84,5 +104,29 @@ pub(crate) fn connect_unix(
 impl From<BackendError> for lucos_introspect::MachineError {
     fn from(e: BackendError) -> Self {
         lucos_introspect::MachineError::Engine(e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permission_errors_say_permission_not_vm_gone() {
+        // Root ignores file modes, so the refusal is made by hand: what
+        // connect_unix returns for EACCES.
+        let e = BackendError::PermissionDenied {
+            what: "connecting to the QMP socket at".into(),
+            path: "/dev/shm/lucos/vm1/qmp.sock".into(),
+            source: std::io::ErrorKind::PermissionDenied.into(),
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains(
+                "permission denied connecting to the QMP socket at /dev/shm/lucos/vm1/qmp.sock"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("still running"), "{text}");
     }
 }

@@ -131,33 +131,74 @@ impl Gdb {
         Ok(())
     }
 
-    /// Receives one packet, acknowledging it unless no-ack mode is on.
+    /// Takes one complete packet out of the buffer, acknowledging it unless
+    /// no-ack mode is on; `None` until a whole packet has arrived.
+    fn take_packet(&mut self) -> Result<Option<Vec<u8>>, BackendError> {
+        // Drop acks/noise before '$'.
+        let Some(start) = self.buf.iter().position(|&b| b == b'$') else {
+            self.buf.clear();
+            return Ok(None);
+        };
+        self.buf.drain(..start);
+        let Some(hash) = self.buf.iter().position(|&b| b == b'#') else {
+            return Ok(None);
+        };
+        if self.buf.len() < hash + 3 {
+            return Ok(None);
+        }
+        let body = self.buf[1..hash].to_vec();
+        let sum = std::str::from_utf8(&self.buf[hash + 1..hash + 3])
+            .ok()
+            .and_then(|s| u8::from_str_radix(s, 16).ok());
+        self.buf.drain(..hash + 3);
+        if sum != Some(checksum(&body)) {
+            return Err(BackendError::Gdb("packet checksum mismatch".into()));
+        }
+        if self.ack {
+            self.stream.write_all(b"+").map_err(io)?;
+        }
+        Ok(Some(unescape(&body)))
+    }
+
+    /// Receives one packet.
     fn recv(&mut self) -> Result<Vec<u8>, BackendError> {
         loop {
-            // Drop acks/noise before '$'.
-            if let Some(start) = self.buf.iter().position(|&b| b == b'$') {
-                self.buf.drain(..start);
-                if let Some(hash) = self.buf.iter().position(|&b| b == b'#') {
-                    if self.buf.len() >= hash + 3 {
-                        let body = self.buf[1..hash].to_vec();
-                        let sum = std::str::from_utf8(&self.buf[hash + 1..hash + 3])
-                            .ok()
-                            .and_then(|s| u8::from_str_radix(s, 16).ok());
-                        self.buf.drain(..hash + 3);
-                        if sum != Some(checksum(&body)) {
-                            return Err(BackendError::Gdb("packet checksum mismatch".into()));
-                        }
-                        if self.ack {
-                            self.stream.write_all(b"+").map_err(io)?;
-                        }
-                        return Ok(unescape(&body));
-                    }
-                }
-            } else {
-                self.buf.clear();
+            if let Some(p) = self.take_packet()? {
+                return Ok(p);
             }
             self.fill()?;
         }
+    }
+
+    /// Reads and discards what QEMU sent without being asked: the stop
+    /// notification it writes to the gdb client on every QMP `stop`. Nobody
+    /// reads them between requests, so without this they pile up in the
+    /// socket until QEMU's main loop blocks writing one, and QMP stops
+    /// answering with the VM paused (measured: at the 288th `stop` of
+    /// `lucos bench`). Called with no request in flight, so everything
+    /// buffered is unsolicited; a partial packet stays for the next read.
+    pub fn drain_notifications(&mut self) -> Result<(), BackendError> {
+        self.stream.set_nonblocking(true).map_err(io)?;
+        let mut tmp = [0u8; 4096];
+        let read = loop {
+            match self.stream.read(&mut tmp) {
+                Ok(0) => {
+                    break Err(BackendError::Gdb(
+                        "QEMU closed the gdbstub connection".into(),
+                    ))
+                }
+                Ok(n) => self.buf.extend_from_slice(&tmp[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(io(e)),
+            }
+        };
+        self.stream.set_nonblocking(false).map_err(io)?;
+        read?;
+        while let Some(p) = self.take_packet()? {
+            tracing::trace!(packet = %String::from_utf8_lossy(&p), "gdbstub notification discarded");
+        }
+        Ok(())
     }
 
     /// Sends a packet and returns the first reply that is not an

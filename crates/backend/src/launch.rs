@@ -2,7 +2,6 @@
 //! memory in shared files, QMP and gdbstub sockets, serial console on a
 //! terminal or a socket.
 
-use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -95,6 +94,8 @@ impl LaunchConfig {
     /// The QEMU command line; only standard devices and interfaces.
     pub fn command(&self, dir: &std::path::Path) -> Command {
         let mut c = Command::new(&self.qemu);
+        // RAM, patch memory, sockets and console log: owner-only from birth.
+        sys::owner_only_files(&mut c);
         let ram = dir.join("ram");
         let patch = dir.join("patch");
         c.arg("-name").arg(format!("lucos-{}", self.name));
@@ -163,20 +164,7 @@ pub struct RunningVm {
 impl RunningVm {
     pub fn start(cfg: &LaunchConfig) -> Result<Self, BackendError> {
         cfg.validate()?;
-        let dir = descriptor::vm_dir(&cfg.name);
-        if dir.exists() {
-            match VmDescriptor::load(&cfg.name) {
-                Ok(_) => return Err(BackendError::NameTaken(cfg.name.clone())),
-                Err(_) => {
-                    let _ = std::fs::remove_dir_all(&dir);
-                }
-            }
-        }
-        let io = |source| BackendError::Io {
-            what: "VM directory",
-            source,
-        };
-        std::fs::create_dir_all(&dir).map_err(io)?;
+        let dir = crate::rundir::create_vm_dir(&cfg.name)?;
         let mut vm = RunningVm {
             child: None,
             desc: VmDescriptor {
@@ -211,7 +199,7 @@ impl RunningVm {
             owned: true,
         };
         let stderr_path = dir.join("qemu.stderr");
-        let stderr = File::create(&stderr_path).map_err(io)?;
+        let stderr = crate::rundir::create_private(&stderr_path, "QEMU's stderr log")?;
         let mut cmd = cfg.command(&dir);
         cmd.stderr(stderr);
         match cfg.serial {

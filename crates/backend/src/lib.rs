@@ -9,6 +9,7 @@ pub mod error;
 pub mod gdb;
 pub mod launch;
 pub mod qmp;
+pub mod rundir;
 mod sys;
 pub mod vm;
 

@@ -1,5 +1,5 @@
 //! The only `unsafe` code in lucos: shared memory mappings of guest RAM and
-//! patch memory, and two process-control syscalls.
+//! patch memory, and a few process-control syscalls.
 
 use std::fs::OpenOptions;
 use std::os::unix::process::CommandExt;
@@ -88,6 +88,27 @@ pub fn kill_with_parent(cmd: &mut Command) {
             Ok(())
         });
     }
+}
+
+/// Makes the child create its files for its owner only (umask 077): QEMU
+/// creates the guest RAM and patch memory files, the sockets and the
+/// console log itself, and with this they are never accessible to anyone
+/// else, not even for a moment (see rundir.rs).
+pub fn owner_only_files(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only calls
+    // umask(2), which is async-signal-safe and cannot fail.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o077);
+            Ok(())
+        });
+    }
+}
+
+/// The effective uid: who must own the directories lucos trusts.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
 }
 
 /// Whether a process with this pid exists (signal 0 probes without sending).

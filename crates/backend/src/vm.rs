@@ -142,6 +142,9 @@ impl Machine for Vm {
     fn pause(&mut self) -> Result<(), MachineError> {
         self.qmp.stop()?;
         self.paused_by_us = true;
+        // QEMU has just written a stop notification to the gdb socket
+        // (before answering `stop`); read it now so they cannot pile up.
+        self.gdb.drain_notifications()?;
         Ok(())
     }
 

@@ -106,14 +106,18 @@ pub fn build(args: BuildArgs) -> Result<()> {
                     o.object, o.changed, o.new_functions, o.new_data, o.line_only
                 );
             }
-            println!("replaces: {}", b.replaced.join(", "));
+            println!("replaces: {}", crate::show::esc(&b.replaced.join(", ")));
             let out = args
                 .output
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(format!("{}.lcb", b.manifest.id)));
             std::fs::write(&out, &b.bundle)
                 .with_context(|| format!("writing {}", out.display()))?;
-            println!("wrote {} (bundle id '{}')", out.display(), b.manifest.id);
+            println!(
+                "wrote {} (bundle id '{}')",
+                out.display(),
+                crate::show::esc(&b.manifest.id)
+            );
         }
     }
     print_times(&outcome.report().times);

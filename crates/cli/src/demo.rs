@@ -15,6 +15,7 @@ use crate::harness;
 use crate::info::{attach_vm, facts, print_facts, read_kernel_string};
 use crate::patchcmd::{apply_bundle, print_apply, print_revert, revert_bundle};
 use crate::run::VmOpts;
+use crate::show::{esc, esc_lines};
 
 #[derive(Debug, Args)]
 pub struct DemoArgs {
@@ -32,7 +33,7 @@ fn step(n: u32, text: &str) {
 fn watch(console: &Console, label: &str) -> Result<String> {
     let line = console.next_line_with("probe uname_release=", LINE_TIMEOUT)?;
     let line = line[line.find("probe ").unwrap_or(0)..].to_owned();
-    println!("  guest| {line}   <- {label}");
+    println!("  guest| {}   <- {label}", esc(&line));
     Ok(line)
 }
 
@@ -81,7 +82,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         let out = booted.console.run(cmd, LINE_TIMEOUT)?;
         println!(
             "  guest$ {cmd}\n  guest| {}",
-            out.output.trim_end().replace('\n', "\n  guest| ")
+            esc_lines(out.output.trim_end()).replace('\n', "\n  guest| ")
         );
     }
 
@@ -129,7 +130,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             println!(
                 "  lucos build {}: replaces {} (rebuild {:.2} s, compare {:.2} s, emit {:.3} s)",
                 diff.file_name().unwrap_or_default().to_string_lossy(),
-                b.replaced.join(", "),
+                esc(&b.replaced.join(", ")),
                 t.rebuild.as_secs_f64(),
                 t.compare.as_secs_f64(),
                 t.emit.as_secs_f64()

@@ -10,6 +10,8 @@ use lucos_introspect::{
 };
 use serde::Serialize;
 
+use crate::show::{esc, json};
+
 #[derive(Debug, Args)]
 pub struct InfoArgs {
     /// VM name (see `lucos list`).
@@ -26,6 +28,8 @@ pub struct Attached {
 }
 
 pub fn attach(name: &str) -> Result<Attached> {
+    // Checked before it is quoted in the context below.
+    lucos_backend::descriptor::validate_name(name)?;
     let vm = Vm::attach(name).with_context(|| format!("attaching to VM '{name}'"))?;
     attach_vm(vm)
 }
@@ -142,18 +146,25 @@ pub fn read_kernel_string(a: &Attached, symbol: &str, max: usize) -> Result<Stri
 }
 
 pub fn print_facts(f: &Facts) {
-    println!("lucos read from outside VM '{}':", f.vm);
+    println!("lucos read from outside VM '{}':", esc(&f.vm));
     for v in &f.vcpus {
         println!(
             "  vCPU {}: rip {} ({}), cpl {}, cr0 {}, cr3 {}, cr4 {}, efer {}",
-            v.index, v.rip, v.where_, v.cpl, v.cr0, v.cr3, v.cr4, v.efer
+            v.index,
+            v.rip,
+            esc(&v.where_),
+            v.cpl,
+            v.cr0,
+            v.cr3,
+            v.cr4,
+            v.efer
         );
     }
     println!("  KASLR slide     {} (from the IDT gates)", f.kaslr_slide);
     println!("  kernel text     {}", f.text);
     println!("  _text physical  {}", f.phys_text);
     println!("  build id        {} (live == vmlinux)", f.build_id);
-    println!("  linux_banner    {}", f.linux_banner);
+    println!("  linux_banner    {}", esc(&f.linux_banner));
     println!("  patch memory    {}", f.patch_memory);
     println!("  register pause  {} us", f.pause_us);
 }
@@ -162,7 +173,7 @@ pub fn info(args: InfoArgs) -> Result<()> {
     let mut a = attach(&args.vm)?;
     let f = facts(&mut a)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&f)?);
+        println!("{}", json(serde_json::to_string_pretty(&f)?));
     } else {
         print_facts(&f);
     }

@@ -8,3 +8,4 @@ pub mod info;
 pub mod modules;
 pub mod patchcmd;
 pub mod run;
+pub mod show;

@@ -1,5 +1,6 @@
 //! `lucos`: live-update a running Linux kernel from outside its VM.
 
+use lucos::show::{esc, esc_lines, json};
 use lucos::{buildcmd, demo, guest, info, patchcmd, run};
 
 use anyhow::{Context, Result};
@@ -150,7 +151,11 @@ fn adopt(args: AdoptArgs) -> Result<()> {
     }
     println!(
         "adopted QEMU pid {} as '{}' ({} vCPUs, {}); try `lucos info {}`",
-        desc.qemu_pid, desc.name, desc.vcpus, desc.accel, desc.name
+        desc.qemu_pid,
+        esc(&desc.name),
+        desc.vcpus,
+        esc(&desc.accel),
+        esc(&desc.name)
     );
     Ok(())
 }
@@ -182,7 +187,19 @@ fn quiet_on_closed_stdout() {
     }));
 }
 
-fn main() -> Result<()> {
+/// Errors are printed like anyhow's own `main` does, but escaped: they can
+/// quote bundle ids, symbol names or guest text.
+fn main() -> std::process::ExitCode {
+    match lucos_main() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {}", esc_lines(&format!("{e:?}")));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn lucos_main() -> Result<()> {
     quiet_on_closed_stdout();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -209,9 +226,9 @@ fn main() -> Result<()> {
         Cmd::Demo(args) => demo::demo(args),
         Cmd::Adopt(args) => adopt(args),
         Cmd::Forget { vm } => {
-            lucos_backend::descriptor::validate_name(&vm)?;
-            let dir = lucos_backend::descriptor::vm_dir(&vm);
             let desc = lucos_backend::VmDescriptor::load(&vm)?;
+            let dir = lucos_backend::rundir::existing_vm_dir(&vm)?
+                .with_context(|| format!("VM '{vm}' has no directory any more"))?;
             if desc.ram.path.starts_with(&desc.dir) {
                 anyhow::bail!(
                     "'{vm}' was started by `lucos run`, which owns it: stop it there (Ctrl-C)"
@@ -243,14 +260,14 @@ fn main() -> Result<()> {
         Cmd::Build(args) => buildcmd::build(args),
         Cmd::BuildBench(args) => buildcmd::bench(args),
         Cmd::List => {
-            for d in lucos_backend::VmDescriptor::list() {
+            for d in lucos_backend::VmDescriptor::list()? {
                 println!(
                     "{}\tpid {}\t{} vCPU\t{} MiB\t{}",
-                    d.name,
+                    esc(&d.name),
                     d.qemu_pid,
                     d.vcpus,
                     d.ram.size >> 20,
-                    d.accel
+                    esc(&d.accel)
                 );
             }
             Ok(())
@@ -296,7 +313,10 @@ fn main() -> Result<()> {
             }
             BundleCmd::Show { bundle } => {
                 let b = patchcmd::load_bundle(&bundle)?;
-                println!("{}", String::from_utf8_lossy(&b.manifest().to_json()?));
+                println!(
+                    "{}",
+                    json(String::from_utf8_lossy(&b.manifest().to_json()?).into_owned())
+                );
                 let plan = lucos_patch::plan(&b)?;
                 for r in [&plan.text, &plan.rodata, &plan.data] {
                     println!(
@@ -307,9 +327,9 @@ fn main() -> Result<()> {
                     );
                 }
                 for d in &plan.dropped {
-                    println!("dropped {}: {}", d.name, d.reason);
+                    println!("dropped {}: {}", esc(&d.name), esc(d.reason));
                 }
-                println!("needs from the kernel: {}", plan.undefined.join(", "));
+                println!("needs from the kernel: {}", esc(&plan.undefined.join(", ")));
                 Ok(())
             }
         },

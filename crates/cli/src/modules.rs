@@ -5,6 +5,7 @@ use clap::Args;
 use lucos_introspect::LoadedModule;
 
 use crate::info::{attach, with_pause, Attached};
+use crate::show::{esc, json};
 
 #[derive(Debug, Args)]
 pub struct ModulesArgs {
@@ -28,18 +29,18 @@ pub fn modules(args: ModulesArgs) -> Result<()> {
     let mut a = attach(&args.vm)?;
     let mods = loaded_modules(&mut a)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&mods)?);
+        println!("{}", json(serde_json::to_string_pretty(&mods)?));
         return Ok(());
     }
     println!(
         "{} module(s) loaded in '{}' (read from outside):",
         mods.len(),
-        args.vm
+        esc(&args.vm)
     );
     for m in &mods {
         println!(
             "  {:<24} {:?}  core {:#x}..{:#x} (text {} bytes)  {} symbols",
-            m.name,
+            esc(&m.name),
             m.state,
             m.base,
             m.base + m.size,
@@ -49,7 +50,12 @@ pub fn modules(args: ModulesArgs) -> Result<()> {
         if args.symbols {
             for s in &m.symbols {
                 let kind = if s.is_func { 't' } else { 'd' };
-                println!("      {:#x} {kind} {} ({} bytes)", s.addr, s.name, s.size);
+                println!(
+                    "      {:#x} {kind} {} ({} bytes)",
+                    s.addr,
+                    esc(&s.name),
+                    s.size
+                );
             }
         }
     }

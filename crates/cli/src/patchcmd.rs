@@ -9,6 +9,7 @@ use lucos_patch::registry::{BundleState, Registry};
 use lucos_patch::{ApplyReport, Bundle, RevertReport, Session};
 
 use crate::info::{attach, Attached};
+use crate::show::{esc, json};
 use lucos_introspect::Machine;
 
 #[derive(Debug, Args)]
@@ -110,7 +111,7 @@ pub fn revert_bundle(a: &mut Attached, id: &str) -> Result<RevertReport> {
 pub fn print_apply(r: &ApplyReport) {
     println!(
         "applied '{}' in {:.1} ms; guest paused {} us",
-        r.id,
+        esc(&r.id),
         ms(r.total),
         r.pause.as_micros()
     );
@@ -120,11 +121,11 @@ pub fn print_apply(r: &ApplyReport) {
     for s in &r.sites {
         println!(
             "  {} @ {:#x}: {} -> jmp {:#x} ({})",
-            s.function,
+            esc(&s.function),
             s.site_addr,
             hex::encode(&s.original),
             s.new_addr,
-            s.new_symbol
+            esc(&s.new_symbol)
         );
     }
 }
@@ -132,14 +133,14 @@ pub fn print_apply(r: &ApplyReport) {
 pub fn print_revert(r: &RevertReport) {
     println!(
         "reverted '{}' in {:.1} ms; guest paused {} us",
-        r.id,
+        esc(&r.id),
         ms(r.total),
         r.pause.as_micros()
     );
     for s in &r.sites {
         println!(
             "  {} @ {:#x}: restored {}",
-            s.function,
+            esc(&s.function),
             s.site_addr,
             hex::encode(&s.original)
         );
@@ -194,19 +195,24 @@ pub fn print_status(reg: &Registry) {
         let size: u64 = b.ranges.iter().map(|r| r.len).sum();
         print!(
             "{} [{state}] {} bytes, apply pause {} us",
-            b.id, size, b.apply_pause_us
+            esc(&b.id),
+            size,
+            b.apply_pause_us
         );
         if let Some(p) = b.revert_pause_us {
             print!(", revert pause {p} us");
         }
         println!();
         if !b.description.is_empty() {
-            println!("  {}", b.description);
+            println!("  {}", esc(&b.description));
         }
         for s in &b.sites {
             println!(
                 "  {} @ {:#x} -> {} @ {:#x}",
-                s.function, s.site_addr, s.new_symbol, s.new_addr
+                esc(&s.function),
+                s.site_addr,
+                esc(&s.new_symbol),
+                s.new_addr
             );
         }
     }
@@ -218,7 +224,7 @@ pub fn status(args: StatusArgs) -> Result<()> {
     let reg = sess.registry()?;
     let odd = sess.inconsistencies()?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&reg)?);
+        println!("{}", json(serde_json::to_string_pretty(&reg)?));
     } else {
         print_status(&reg);
     }
@@ -229,14 +235,47 @@ pub fn status(args: StatusArgs) -> Result<()> {
         );
     }
     for (id, function, live) in &odd {
+        let original = reg
+            .find_applied(id)
+            .and_then(|b| b.sites.iter().find(|s| &s.function == function))
+            .map(|s| s.original.as_slice());
         eprintln!(
-            "warning: '{id}' is recorded as applied but `{function}` holds {} instead of its jmp \
-             (a lucos process died while applying?); `lucos revert {} {id}` clears the record",
-            hex::encode(live),
-            args.vm
+            "warning: {}",
+            inconsistency_warning(&args.vm, id, function, live, original)
         );
     }
     Ok(())
+}
+
+/// What `lucos status` says about an applied record whose site does not hold
+/// its jmp. Apply records before it switches and revert switches before it
+/// records, so a lucos killed inside either leaves the same state: the
+/// record says applied, the site holds the bytes from before the bundle.
+/// Other bytes mean something else rewrote the site.
+pub fn inconsistency_warning(
+    vm: &str,
+    id: &str,
+    function: &str,
+    live: &[u8],
+    original: Option<&[u8]>,
+) -> String {
+    let (id, function) = (esc(id), esc(function));
+    if original == Some(live) {
+        format!(
+            "'{id}' is recorded as applied but `{function}` holds its original bytes {}: an \
+             apply or a revert of '{id}' was interrupted (lucos stopped between recording and \
+             switching the site, or between restoring it and recording that), so the bundle is \
+             not in effect there; `lucos revert {vm} {id}` clears the record",
+            hex::encode(live)
+        )
+    } else {
+        format!(
+            "'{id}' is recorded as applied but `{function}` holds {}, neither its jmp nor the \
+             bytes it replaced: something other than lucos rewrote the site after the apply; \
+             find out what before `lucos revert {vm} {id}`",
+            hex::encode(live)
+        )
+    }
 }
 
 #[derive(Debug, Args)]
@@ -309,8 +348,9 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     let wall = t.elapsed();
     println!(
-        "{} apply/revert cycles of '{id}' in {:.2} s ({}{})",
+        "{} apply/revert cycles of '{}' in {:.2} s ({}{})",
         args.cycles,
+        esc(&id),
         wall.as_secs_f64(),
         a.vm.desc.accel,
         if args.load {

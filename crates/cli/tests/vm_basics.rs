@@ -252,3 +252,27 @@ fn loaded_modules_are_read_from_outside() {
     let mods = lucos::modules::loaded_modules(&mut s.a).unwrap();
     assert!(!mods.iter().any(|m| m.name == "binfmt_misc"), "{mods:?}");
 }
+
+#[test]
+fn thousands_of_stop_cont_cycles_leave_qmp_answering_and_the_vm_running() {
+    // QEMU writes a stop notification to the gdb client on every `stop`;
+    // unread, they once filled the socket and wedged QMP near cycle 288.
+    let mut s = shared();
+    let t = Instant::now();
+    for i in 0..2000 {
+        s.a.vm
+            .pause()
+            .unwrap_or_else(|e| panic!("stop of cycle {i}: {e}"));
+        s.a.vm
+            .resume()
+            .unwrap_or_else(|e| panic!("cont of cycle {i}: {e}"));
+    }
+    let took = t.elapsed();
+    eprintln!("2000 stop/cont cycles in {:.1} s", took.as_secs_f64());
+    assert!(took < Duration::from_secs(240), "took {took:?}");
+    assert!(!s.a.vm.is_paused().unwrap(), "VM left paused");
+    // The gdbstub still answers (a coherent write needs it) and the guest runs.
+    let rip = with_pause(&mut s.a.vm, |vm| Ok(vm.vcpu_rip(0)?)).unwrap();
+    assert_ne!(rip, 0);
+    assert_eq!(s.sh("echo alive").trim(), "alive");
+}

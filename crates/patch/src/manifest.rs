@@ -148,6 +148,21 @@ fn check_symbol_name(field: &str, name: &str) -> Result<(), BundleError> {
     Ok(())
 }
 
+/// Source paths in a manifest are relative to the kernel tree and name a
+/// file in it: no absolute paths, no `..` climbing out of it.
+fn check_source_path(field: &str, path: &str) -> Result<(), BundleError> {
+    if path.trim().is_empty() {
+        return Err(invalid(field, "is empty; omit it or give a path"));
+    }
+    if path.starts_with('/') || path.split('/').any(|c| c == "..") {
+        return Err(invalid(
+            field,
+            "must be a path relative to the kernel tree (e.g. fs/proc/cmdline.c), without `..`",
+        ));
+    }
+    Ok(())
+}
+
 impl Manifest {
     /// Parses and validates manifest JSON.
     pub fn from_json(bytes: &[u8]) -> Result<Manifest, BundleError> {
@@ -171,12 +186,16 @@ impl Manifest {
             && self
                 .id
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            // It names files and is passed on command lines.
+            && !matches!(self.id.as_str(), "." | "..")
+            && !self.id.starts_with('-');
         if !id_ok {
             return Err(invalid(
                 "id",
                 format!(
-                    "`{}` must be 1..64 characters from [A-Za-z0-9._-] (it names files and logs)",
+                    "`{}` must be 1..64 characters from [A-Za-z0-9._-], not `.` or `..` and \
+                     not starting with `-` (it names files and logs)",
                     self.id
                 ),
             ));
@@ -251,9 +270,7 @@ impl Manifest {
             }
         }
         if let Some(file) = &r.old_file {
-            if file.trim().is_empty() {
-                return Err(invalid(f("old_file"), "is empty; omit it or give a path"));
-            }
+            check_source_path(&f("old_file"), file)?;
         }
         let site = match r.site_offset {
             0 => 0usize,

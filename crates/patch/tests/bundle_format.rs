@@ -153,6 +153,23 @@ fn manifest_validation() {
     assert_eq!(field_of(f(|m| m.id = "has space".into())), "id");
     assert_eq!(field_of(f(|m| m.id = String::new())), "id");
     assert_eq!(field_of(f(|m| m.id = "x".repeat(65))), "id");
+    for id in [".", "..", "-", "-rf", "--help"] {
+        let e = packs_with(&obj, |m| m.id = id.into()).unwrap_err();
+        assert_eq!(field_of(e), "id", "{id}");
+    }
+    for path in [
+        "../../etc/passwd",
+        "/etc/passwd",
+        "fs/../../x.c",
+        "fs/proc/..",
+    ] {
+        let e = packs_with(&obj, |m| m.replacements[0].old_file = Some(path.into())).unwrap_err();
+        assert_eq!(field_of(e), "replacements[0].old_file", "{path}");
+    }
+    packs_with(&obj, |m| {
+        m.replacements[0].old_file = Some("fs/proc/cmdline.c".into())
+    })
+    .unwrap();
     assert_eq!(
         field_of(f(|m| m.target.build_id = "xyz".into())),
         "target.build_id"
