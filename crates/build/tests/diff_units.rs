@@ -355,17 +355,40 @@ fn exception_table_entries_travel_with_their_function_only() {
 }
 
 #[test]
-fn new_code_needing_jump_labels_is_refused() {
+fn jump_label_entries_travel_with_their_key_as_a_kernel_symbol() {
+    use object::{Object, ObjectSection, ObjectSymbol};
     let site = "asm goto(\"1: jmp %l[l]\\n.pushsection __jump_table,\\\"aw\\\"\\n\
-                .long 1b - .\\n.long %l[l] - .\\n.quad 0\\n.popsection\" : : : : l);";
-    let orig = format!("{PRELUDE}int f(int x) {{ {site} return ext(x); l: return 0; }}\n");
+                .long 1b - .\\n.long %l[l] - .\\n.quad some_key + 1 - .\\n.popsection\" : : : : l);";
+    let orig = format!(
+        "{PRELUDE}extern int some_key;\nint f(int x) {{ {site} return ext(x); l: return 0; }}\n"
+    );
     let patched = orig.replace("ext(x)", "ext(x + 1)");
     let d = diff(&orig, &patched);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
     assert!(
-        matches!(&d.refusals[..], [Refusal::SpecialSection { function, section, .. }]
-            if function == "f" && section == "__jump_table"),
+        d.external.iter().any(|e| e == "some_key"),
         "{:?}",
-        d.refusals
+        d.external
+    );
+    let obj = object::File::parse(&d.object.as_ref().unwrap()[..]).unwrap();
+    let jt = obj
+        .section_by_name("__jump_table")
+        .expect("a __jump_table section");
+    assert_eq!(jt.size(), 16);
+    let key = jt
+        .relocations()
+        .find(|(off, _)| *off == 8)
+        .map(|(_, r)| match r.target() {
+            object::RelocationTarget::Symbol(i) => (
+                obj.symbol_by_index(i).unwrap().name().unwrap().to_string(),
+                r.addend(),
+            ),
+            other => (format!("{other:?}"), 0),
+        });
+    assert_eq!(
+        key,
+        Some(("some_key".to_string(), 1)),
+        "the key and its branch bit"
     );
 }
 

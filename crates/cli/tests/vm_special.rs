@@ -201,3 +201,34 @@ fn a_task_asleep_in_new_code_has_a_complete_stack() {
         );
     }
 }
+
+#[test]
+fn a_static_branch_in_new_code_starts_live_and_follows_its_key() {
+    let mut s = shared();
+    let b = diff_bundle("14-static-key-follows-sysctl.patch");
+    let stats = |s: &Shared| {
+        let out = s.sh("cat /proc/self/sched");
+        (
+            out.lines().next().unwrap_or("").ends_with(" lucos"),
+            out.contains("wait_start"),
+        )
+    };
+    // The key is on before the apply: the new code's site (compiled off) must start on.
+    s.sh("echo 1 > /proc/sys/kernel/sched_schedstats");
+    let seen = with_bundle(&mut s, &b, |s, _| {
+        let on = stats(s);
+        s.sh("echo 0 > /proc/sys/kernel/sched_schedstats");
+        let off = stats(s);
+        s.sh("echo 1 > /proc/sys/kernel/sched_schedstats");
+        let on_again = stats(s);
+        s.sh("echo 0 > /proc/sys/kernel/sched_schedstats");
+        (on, off, on_again)
+    });
+    assert_eq!(seen, ((true, true), (true, false), (true, true)));
+    // After the revert the key still works for the kernel's own sites.
+    s.sh("echo 1 > /proc/sys/kernel/sched_schedstats");
+    assert!(s.sh("cat /proc/self/sched").contains("wait_start"));
+    s.sh("echo 0 > /proc/sys/kernel/sched_schedstats");
+    let log = s.sh("dmesg");
+    assert_no_oops(&log);
+}

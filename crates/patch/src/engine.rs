@@ -360,21 +360,6 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         Ok(sites)
     }
 
-    /// Where patch memory is (or will be) mapped, and the page-directory entries a first
-    /// apply must add.
-    fn mapping(&self, reg: &Registry) -> Result<(u64, Vec<(u64, u64)>), EngineError> {
-        Ok(match reg.va_base {
-            Some(b) => (b, Vec::new()),
-            None => memory::choose_va_base(
-                &*self.m,
-                self.layout.cr3,
-                &self.pm,
-                self.layout.text_start,
-                self.layout.image_end,
-            )?,
-        })
-    }
-
     /// Applies a bundle. See the module docs for the order of events.
     pub fn apply(&mut self, bundle: &Bundle) -> Result<ApplyReport, EngineError> {
         let start = Instant::now();
@@ -444,6 +429,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         let staged = staged_ranges(va_base, offs, sizes, images);
         let ranges: Vec<RangeRecord> = staged.iter().map(|(r, _)| *r).collect();
         let module_record = module.as_ref().map(|m| m.1.clone());
+        let jump_sites = module.as_ref().map(|m| m.2.clone()).unwrap_or_default();
         if module_record.is_some() && reg.module_bounds.is_none() {
             let k = kmods.as_ref().expect("a module record has a kernel");
             reg.module_bounds = Some(
@@ -454,7 +440,8 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
 
         // Nothing has been written yet: everything above may refuse.
         let mut undo = Undo::default();
-        if let Err(e) = self.stage(&new_pd, &staged, &mut undo) {
+        let first = reg.va_base.is_none();
+        if let Err(e) = self.stage((&new_pd, first), &staged, &mut undo) {
             self.rollback(undo);
             return Err(e);
         }
@@ -477,7 +464,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         };
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(jmps).collect();
         let edit = match (&kmods, &module_record) {
-            (Some(k), Some(m)) => KernelEdit::Link(k, m.clone()),
+            (Some(k), Some(m)) => KernelEdit::Link(k, m.clone(), jump_sites),
             _ => KernelEdit::None,
         };
         let pause = match self.switch(&switch, &header, &mut reg, true, &edit, |reg| {

@@ -17,7 +17,7 @@ use lucos_introspect::PhysMem;
 
 use crate::elf::SymPlace;
 use crate::{Bundle, Linked, Plan, RegionKind};
-use image::{BugEntry, ExEntry, KSym, OrcEntry, Tables};
+use image::{BugEntry, Counts, ExEntry, JumpSite, KSym, OrcEntry, Tables};
 pub use layout::KmodLayout;
 pub use register::{Anchors, Bounds, RegisterError};
 
@@ -26,6 +26,7 @@ pub const EXTABLE: &str = "__ex_table";
 pub const BUG_TABLE: &str = "__bug_table";
 pub const ORC_IP: &str = ".orc_unwind_ip";
 pub const ORC: &str = ".orc_unwind";
+pub const JUMP_TABLE: &str = "__jump_table";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KmodError {
@@ -66,6 +67,7 @@ pub fn probe(
         module_bug_list: find("lib/bug.c", "module_bug_list")?,
         mod_tree: find("kernel/module/main.c", "mod_tree")?,
         module_mutex: find("kernel/module/main.c", "module_mutex")?,
+        jump_label_mutex: find("kernel/jump_label.c", "jump_label_mutex")?,
     };
     let layout = KmodLayout::from_btf(&live_btf(mem, syms, kl)?)?;
     Ok(KernelModules { layout, anchors })
@@ -77,7 +79,7 @@ pub fn needs_module(bundle: &Bundle) -> bool {
         .object
         .sections
         .iter()
-        .any(|s| [EXTABLE, BUG_TABLE].contains(&s.name.as_str()) && s.size > 0)
+        .any(|s| [EXTABLE, BUG_TABLE, JUMP_TABLE].contains(&s.name.as_str()) && s.size > 0)
 }
 
 fn err(section: &str, reason: impl Into<String>) -> KmodError {
@@ -181,6 +183,25 @@ pub fn tables(bundle: &Bundle, plan: &Plan, linked: &Linked) -> Result<Tables, K
             });
         }
     }
+    for (va, b) in placed(bundle, plan, linked, JUMP_TABLE) {
+        if b.len() % 16 != 0 {
+            let n = b.len();
+            return Err(err(
+                JUMP_TABLE,
+                format!("{n} bytes is not a whole number of entries"),
+            ));
+        }
+        for at in (0..b.len()).step_by(16) {
+            let disp = i64::from_le_bytes(b[at + 8..at + 16].try_into().expect("8 bytes"));
+            let key = (va + at as u64 + 8).wrapping_add(disp as u64);
+            t.jumps.push(JumpSite {
+                code: rel(b, at, va),
+                target: rel(b, at + 4, va),
+                key: key & !3,
+                branch: key & 1 != 0,
+            });
+        }
+    }
     t.symbols = symbols(bundle, plan, linked);
     Ok(t)
 }
@@ -218,9 +239,8 @@ fn symbols(bundle: &Bundle, plan: &Plan, linked: &Linked) -> Vec<KSym> {
     out
 }
 
-/// Counts for sizing the region before linking: (exception entries, bug entries, ORC
-/// entries, symbols, bytes of symbol names).
-pub fn counts(bundle: &Bundle) -> (u64, u64, u64, u64, u64) {
+/// Counts for sizing the region before linking.
+pub fn counts(bundle: &Bundle) -> Counts {
     let size = |n: &str, e: u64| -> u64 {
         let s = bundle.object.sections.iter().filter(|s| s.name == n);
         s.map(|s| s.size / e).sum()
@@ -229,13 +249,14 @@ pub fn counts(bundle: &Bundle) -> (u64, u64, u64, u64, u64) {
     let (n, names) = syms.fold((0, 0), |(n, b), s| {
         (n + 1, b + s.name.len().min(255) as u64 + 1)
     });
-    (
-        size(EXTABLE, 12),
-        size(BUG_TABLE, 12),
-        size(ORC_IP, 4),
-        n,
+    Counts {
+        ex: size(EXTABLE, 12),
+        bugs: size(BUG_TABLE, 12),
+        orcs: size(ORC_IP, 4),
+        jumps: size(JUMP_TABLE, 16),
+        syms: n,
         names,
-    )
+    }
 }
 
 /// The kernel words a bundle's module is linked through (list heads, tree roots, bounds),

@@ -14,7 +14,7 @@
 //! in it later, and it lies within ±2 GiB of kernel text, so `jmp rel32`
 //! and `-mcmodel=kernel` code reach both ways. See docs/design.md.
 
-use lucos_introspect::paging::{self, Level, ACCESSED, DIRTY, GLOBAL, NX, PRESENT, RW};
+use lucos_introspect::paging::{self, Level, ACCESSED, DIRTY, GLOBAL, NX, PRESENT, PS, RW};
 use lucos_introspect::{MachineError, PhysMem};
 
 use crate::registry::HEADER_LEN;
@@ -41,6 +41,8 @@ pub enum MemoryError {
     NoVirtualRange { size_mib: u64, text: u64, end: u64 },
     #[error("the page-directory entry for {va:#x} is already in use by the guest; lucos will not map patch memory over it")]
     PdEntryInUse { va: u64 },
+    #[error("patch memory at {gpa:#x} is not 2 MiB aligned in guest-physical memory")]
+    Unaligned { gpa: u64 },
     #[error("page tables: {0}")]
     Paging(#[from] paging::PagingError),
     #[error(transparent)]
@@ -61,7 +63,9 @@ impl PatchMemLayout {
             return Err(MemoryError::BadSize(size));
         }
         let pt_pages = size / HUGE;
-        let alloc_start = (PT_OFFSET + pt_pages * PAGE).next_multiple_of(64 * 1024);
+        // One more page after the page tables: a page-middle directory for the direct-map
+        // alias of the page tables (see `direct_map_entries`).
+        let alloc_start = (PT_OFFSET + (pt_pages + 1) * PAGE).next_multiple_of(64 * 1024);
         Ok(PatchMemLayout {
             size,
             pt_pages,
@@ -79,6 +83,11 @@ impl PatchMemLayout {
 
     pub fn pt_offset(&self, chunk: u64) -> u64 {
         PT_OFFSET + chunk * PAGE
+    }
+
+    /// The page for a direct-map page-middle directory, after the page tables.
+    pub fn dm_offset(&self) -> u64 {
+        PT_OFFSET + self.pt_pages * PAGE
     }
 }
 
@@ -120,10 +129,48 @@ pub fn pd_entries_for(
             return Err(MemoryError::PdEntryInUse { va });
         }
         let pd = walk.entry(Level::Pd).expect("walk reached the PD");
-        let value = pm.pa(pm.layout.pt_offset(chunk)) | PRESENT | RW | ACCESSED;
+        // The kernel's own flags for a page-table entry (_KERNPG_TABLE): with any other,
+        // pmd_bad() holds and vmalloc_to_page() (text_poke(), e.g. for static keys) fails.
+        let value = pm.pa(pm.layout.pt_offset(chunk)) | PRESENT | RW | ACCESSED | DIRTY;
         out.push((pd.entry_pa, value));
     }
     Ok(out)
+}
+
+/// Entries that make lucos's page tables readable through the kernel's direct map
+/// (`page_offset_base` + physical address), where the kernel's own page-table walkers
+/// read page tables: `vmalloc_to_page()`, which `text_poke()` uses to rewrite code in
+/// patch memory (static keys), reads each PTE there. Patch memory is a PCI BAR, which the
+/// direct map leaves out; this maps the BAR's first 2 MiB (registry and page tables, no
+/// code), read-write and not executable, as a 2 MiB page. Empty when already mapped.
+pub fn direct_map_entries(
+    mem: &(impl PhysMem + ?Sized),
+    cr3: u64,
+    pm: &PatchMem,
+    page_offset_base: u64,
+) -> Result<Vec<(u64, u64)>, MemoryError> {
+    let phys = pm.gpa;
+    if !phys.is_multiple_of(HUGE) {
+        return Err(MemoryError::Unaligned { gpa: phys });
+    }
+    let va = page_offset_base.wrapping_add(phys);
+    let walk = paging::walk(mem, cr3, va)?;
+    let large = phys | PRESENT | RW | ACCESSED | DIRTY | PS | GLOBAL | NX;
+    let table = PRESENT | RW | ACCESSED | DIRTY;
+    match walk.stopped_at() {
+        None => Ok(Vec::new()),
+        Some(Level::Pd) => {
+            let pd = walk.entry(Level::Pd).expect("walk reached the PD");
+            Ok(vec![(pd.entry_pa, large)])
+        }
+        Some(Level::Pdpt) => {
+            let pud = walk.entry(Level::Pdpt).expect("walk reached the PDPT");
+            let pmd = pm.pa(pm.layout.dm_offset());
+            let idx = (va >> 21) & 511;
+            Ok(vec![(pmd + 8 * idx, large), (pud.entry_pa, pmd | table)])
+        }
+        _ => Err(MemoryError::PdEntryInUse { va }),
+    }
 }
 
 /// Picks a 2 MiB-aligned virtual range for patch memory in the kernel-image

@@ -100,8 +100,8 @@ pub const RULES: &[SectionRule] = &[
     // Tables whose entries belong to functions.
     rule("__ex_table", table(12, None, None), Register, "exception-table fixups for instructions allowed to fault, e.g. user copies",
         "the exception table (fixups for instructions allowed to fault: user copies, rdmsr_safe ...): merged, sorted and handed to the kernel as the bundle module's extable, which search_exception_tables() finds"),
-    rule("__jump_table", table(16, None, None), Refuse, "static-key (jump label) sites",
-        "static-key (jump label) entries; the kernel would never flip the new code's branches, so they would stay at their compile-time default"),
+    rule("__jump_table", table(16, None, None), Register, "static-key (jump label) sites",
+        "static-key (jump label) entries: set to each key's live state at the switch and linked into the key's list of module users (static_key_mod), so the kernel's own static_branch_enable()/disable() later rewrites them too"),
     // struct alt_instr: s32 instr, s32 repl, u16 cpuid, u8 instrlen, u8 replacementlen
     rule(".altinstructions", table(12, None, Some((4, 11))), Apply, "CPU-feature alternatives",
         "CPU-feature alternatives, applied at link time for the live CPU's features as the kernel's apply_alternatives() would"),

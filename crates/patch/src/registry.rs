@@ -96,6 +96,9 @@ pub struct ModuleRecord {
     pub va: u64,
     pub base: u64,
     pub size: u64,
+    /// Static keys the new code's jump-label sites are linked to.
+    #[serde(default)]
+    pub jump_keys: Vec<crate::kmod::image::JumpKey>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

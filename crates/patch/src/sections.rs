@@ -108,7 +108,7 @@ mod tests {
             ".init.text",
             ".exit.data",
             "__ksymtab_gpl",
-            "__jump_table",
+            ".data..percpu",
             ".modinfo",
         ] {
             assert!(

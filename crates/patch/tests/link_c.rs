@@ -309,19 +309,11 @@ fn bad_regions_and_plan_mismatch() {
 
 #[test]
 fn refused_sections() {
-    let cases = [
-        (
-            ".init.text",
-            r#"__attribute__((section(".init.text"))) int setup_x(void) { return 1; }
+    let cases = [(
+        ".init.text",
+        r#"__attribute__((section(".init.text"))) int setup_x(void) { return 1; }
             int lucos_new(int x) { return x + setup_x(); }"#,
-        ),
-        (
-            "__jump_table",
-            r#"int lucos_new(int x) {
-                asm goto("1: jmp %l[l]\n.pushsection __jump_table,\"aw\"\n.long 1b - .\n.long %l[l] - .\n.quad 0\n.popsection" : : : : l);
-                return x; l: return 0; }"#,
-        ),
-    ];
+    )];
     for (section, src) in cases {
         let b = bundle(&compile_c(src, &[]), &["lucos_new"]);
         match plan(&b).unwrap_err() {
@@ -340,11 +332,13 @@ fn registered_tables_are_loaded() {
     let src = r#"int lucos_new(int x) {
         asm volatile("1: nop\n.pushsection __ex_table,\"a\"\n.long 1b - .\n.long 1b - .\n.long 0\n.popsection");
         asm volatile("2: ud2\n.pushsection __bug_table,\"aw\"\n.long 2b - .\n.long 0\n.short 0\n.short 0\n.popsection");
-        return x; }"#;
+        asm goto("3: jmp %l[l]\n.pushsection __jump_table,\"aw\"\n.long 3b - .\n.long %l[l] - .\n.quad 0\n.popsection" : : : : l);
+        return x; l: return 0; }"#;
     let b = bundle(&compile_c(src, &[]), &["lucos_new"]);
     let p = plan(&b).unwrap();
     assert!(p.rodata.sections.iter().any(|s| s.name == "__ex_table"));
     assert!(p.data.sections.iter().any(|s| s.name == "__bug_table"));
+    assert!(p.data.sections.iter().any(|s| s.name == "__jump_table"));
 }
 
 #[test]

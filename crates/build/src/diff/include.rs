@@ -148,6 +148,7 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
                 plan.refusals.push(r);
             }
         };
+        let mut extra: Vec<(usize, Rel)> = Vec::new();
         let (sec, relocs): (usize, &[Rel]) = match kind {
             UnitKind::Item(p) => {
                 let sec = d.patched.symbols[p].section().expect("items are defined");
@@ -158,27 +159,7 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
                         };
                         if table.carried() {
                             // The entries go with the function: so does what they point at.
-                            for r in entry_relocs(d, p, &table) {
-                                match resolve(diffs, &globals, oi, r.0, &r.1) {
-                                    Ok(Resolved::Unit { obj, kind, .. }) => {
-                                        queue.push_back((obj, kind))
-                                    }
-                                    Ok(Resolved::Null(_)) => {}
-                                    Ok(Resolved::External { name, .. }) => refuse(
-                                        Refusal::Reference {
-                                            from: d.kernel_name(p).to_string(),
-                                            file: d.file.clone(),
-                                            symbol: name,
-                                            reason: format!(
-                                                "an entry of {} points at it, outside the function",
-                                                table.name
-                                            ),
-                                        },
-                                        &mut plan,
-                                    ),
-                                    Err(r) => refuse(r, &mut plan),
-                                }
-                            }
+                            extra.extend(entry_relocs(d, p, &table));
                             continue;
                         }
                         let what = table.what;
@@ -210,7 +191,9 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
             .last()
             .map(|u| u.name.clone())
             .unwrap_or_default();
-        for r in relocs.iter().filter(|r| r.r_type != elf::R_X86_64_NONE) {
+        let all = relocs.iter().map(|r| (sec, *r)).chain(extra);
+        for (sec, r) in all.filter(|(_, r)| r.r_type != elf::R_X86_64_NONE) {
+            let r = &r;
             match resolve(diffs, &globals, oi, sec, r) {
                 Ok(Resolved::Unit { obj, kind, .. }) => queue.push_back((obj, kind)),
                 Ok(Resolved::External { name, weak, .. }) => {

@@ -4,7 +4,7 @@
 use lucos_introspect::{paging, Machine};
 
 use super::{EngineError, Session};
-use crate::kmod::image::{self, Core};
+use crate::kmod::image::{self, Core, JumpSite};
 use crate::kmod::{self, register, Bounds, KernelModules};
 use crate::registry::{ModuleRecord, Registry};
 use crate::{Bundle, Linked, Plan};
@@ -12,7 +12,8 @@ use crate::{Bundle, Linked, Plan};
 /// What a switch does to the kernel's module bookkeeping, besides the sites.
 pub(super) enum KernelEdit<'k> {
     None,
-    Link(&'k KernelModules, ModuleRecord),
+    /// With the new code's static-branch sites, set to their keys' states in the pause.
+    Link(&'k KernelModules, ModuleRecord, Vec<JumpSite>),
     Unlink(&'k KernelModules, ModuleRecord),
 }
 
@@ -49,7 +50,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         linked: &Linked,
         va: u64,
         core: Core,
-    ) -> Result<(Vec<u8>, ModuleRecord), EngineError> {
+    ) -> Result<(Vec<u8>, ModuleRecord, Vec<JumpSite>), EngineError> {
         let tables = kmod::tables(bundle, plan, linked)?;
         let mut name = image::module_name(&bundle.manifest().id, km.layout.name_len);
         // Two ids that differ only in punctuation would give two modules one name.
@@ -66,16 +67,16 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             );
             n += 1;
         }
-        let bytes = image::build(&km.layout, va, &name, &bundle.sha256(), core, &tables);
-        Ok((
-            bytes,
-            ModuleRecord {
-                name,
-                va,
-                base: core.base,
-                size: core.size,
-            },
-        ))
+        let (bytes, jump_keys) =
+            image::build(&km.layout, va, &name, &bundle.sha256(), core, &tables);
+        let rec = ModuleRecord {
+            name,
+            va,
+            base: core.base,
+            size: core.size,
+            jump_keys,
+        };
+        Ok((bytes, rec, tables.jumps))
     }
 
     /// The module region of an apply, at `offs[3]` (`sizes[3]` bytes reserved); the
@@ -88,14 +89,14 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         plan: &Plan,
         linked: &Linked,
         (va_base, offs, sizes): (u64, [u64; 4], [u64; 4]),
-    ) -> Result<(Vec<u8>, ModuleRecord), EngineError> {
+    ) -> Result<(Vec<u8>, ModuleRecord, Vec<JumpSite>), EngineError> {
         let core = Core {
             base: va_base + offs[0],
             size: sizes.iter().sum(),
             text_size: sizes[0],
             ro_size: sizes[0] + sizes[1],
         };
-        let (bytes, rec) =
+        let (bytes, rec, jumps) =
             self.module_image(km, reg, bundle, plan, linked, va_base + offs[3], core)?;
         // The bound from counts covers the real size; a miss would be a lucos bug.
         if bytes.len() as u64 > sizes[3] {
@@ -105,7 +106,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             }
             .into());
         }
-        Ok((bytes, rec))
+        Ok((bytes, rec, jumps))
     }
 
     /// Inside the pause: makes the kernel words `edit` needs, recording the old ones.
@@ -118,10 +119,14 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         let cr3 = self.layout.cr3;
         let writes = match edit {
             KernelEdit::None => return Ok(()),
-            KernelEdit::Link(km, rec) => {
-                register::link(&*self.m, cr3, &km.layout, &km.anchors, span(rec))
-                    .map_err(kmod::KmodError::from)?
-            }
+            KernelEdit::Link(km, rec, jumps) => register::link(
+                &*self.m,
+                cr3,
+                &km.layout,
+                &km.anchors,
+                (span(rec), &rec.jump_keys, jumps),
+            )
+            .map_err(kmod::KmodError::from)?,
             KernelEdit::Unlink(km, rec) => {
                 let others =
                     register::other_modules(&*self.m, cr3, &km.layout, &km.anchors, rec.va)
@@ -135,7 +140,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                     cr3,
                     &km.layout,
                     &km.anchors,
-                    span(rec),
+                    (span(rec), &rec.jump_keys),
                     before,
                     &others,
                 )
@@ -172,6 +177,5 @@ fn span(rec: &ModuleRecord) -> register::Span {
 
 /// Pages for a bundle's module region (sized from the bundle before linking).
 pub(super) fn region_pages(l: &kmod::KmodLayout, bundle: &Bundle) -> u64 {
-    let (ex, bugs, orcs, syms, names) = kmod::counts(bundle);
-    image::region_size_bound(l, ex, bugs, orcs, syms, names).next_multiple_of(crate::memory::PAGE)
+    image::region_size_bound(l, kmod::counts(bundle)).next_multiple_of(crate::memory::PAGE)
 }

@@ -5,9 +5,40 @@ use lucos_introspect::Machine;
 
 use super::{EngineError, Session, Undo};
 use crate::memory::{self, PAGE};
-use crate::registry::RangeRecord;
+use crate::registry::{RangeRecord, Registry};
+use lucos_introspect::paging;
 
 impl<M: Machine + ?Sized> Session<'_, M> {
+    /// Where patch memory is (or will be) mapped, and the page-directory entries a first
+    /// apply must add.
+    pub(super) fn mapping(&self, reg: &Registry) -> Result<(u64, Vec<(u64, u64)>), EngineError> {
+        let (base, mut entries) = match reg.va_base {
+            Some(b) => (b, Vec::new()),
+            None => memory::choose_va_base(
+                &*self.m,
+                self.layout.cr3,
+                &self.pm,
+                self.layout.text_start,
+                self.layout.image_end,
+            )?,
+        };
+        let pob = self
+            .syms
+            .lookup("page_offset_base")
+            .map_err(|source| EngineError::Symbol {
+                function: "page_offset_base".into(),
+                source,
+            })?;
+        let pob = paging::read_virt_u64(&*self.m, self.layout.cr3, self.layout.live(pob.addr))?;
+        entries.extend(memory::direct_map_entries(
+            &*self.m,
+            self.layout.cr3,
+            &self.pm,
+            pob,
+        )?);
+        Ok((base, entries))
+    }
+
     fn write_undoable(&mut self, undo: &mut Undo, pa: u64, data: &[u8]) -> Result<(), EngineError> {
         let mut old = vec![0u8; data.len()];
         self.m.read_phys(pa, &mut old)?;
@@ -20,7 +51,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
     /// until the sites are switched.
     pub(super) fn stage(
         &mut self,
-        new_pd: &[(u64, u64)],
+        (new_pd, first): (&[(u64, u64)], bool),
         staged: &[(RangeRecord, &[u8])],
         undo: &mut Undo,
     ) -> Result<(), EngineError> {
@@ -42,7 +73,13 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                 self.write_undoable(undo, pa, &pte.to_le_bytes())?;
             }
         }
-        for chunk in 0..new_pd.len() as u64 {
+        // A first mapping starts the page tables afresh (later applies keep them).
+        let chunks = if first { self.pm.layout.pt_pages } else { 0 };
+        if first {
+            let dm = self.pm.pa(self.pm.layout.dm_offset());
+            self.write_undoable(undo, dm, &[0u8; PAGE as usize])?;
+        }
+        for chunk in 0..chunks {
             // Fresh page tables: only entries written above may be present.
             let pt = self.pm.pa(self.pm.layout.pt_offset(chunk));
             let mut table = vec![0u8; PAGE as usize];

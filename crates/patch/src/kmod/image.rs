@@ -38,6 +38,27 @@ impl OrcEntry {
     }
 }
 
+/// `struct jump_entry`: a static-branch site, where it jumps, its key and polarity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JumpSite {
+    pub code: u64,
+    pub target: u64,
+    pub key: u64,
+    /// The `branch` bit: the site jumps when the key is *disabled*.
+    pub branch: bool,
+}
+
+/// For one static key the new code uses: where its entries start in the module's sorted
+/// jump table, and two `struct static_key_mod` slots: the module's own, and a spare for the
+/// key's original entries in case the key has no module users yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JumpKey {
+    pub key: u64,
+    pub entries: u64,
+    pub ours: u64,
+    pub spare: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KSym {
     pub name: String,
@@ -52,7 +73,18 @@ pub struct Tables {
     pub ex: Vec<ExEntry>,
     pub bugs: Vec<BugEntry>,
     pub orc: Vec<OrcEntry>,
+    pub jumps: Vec<JumpSite>,
     pub symbols: Vec<KSym>,
+}
+
+impl Tables {
+    /// The distinct keys, in the order of the sorted jump table.
+    fn keys(&self) -> Vec<u64> {
+        let mut k: Vec<u64> = self.jumps.iter().map(|j| j.key).collect();
+        k.sort_unstable();
+        k.dedup();
+        k
+    }
 }
 
 /// What the module covers: all of the bundle's regions, text first.
@@ -71,6 +103,8 @@ struct Pieces {
     bugs: u64,
     orc_ip: u64,
     orc: u64,
+    jumps: u64,
+    skm: u64,
     symtab: u64,
     strtab: u64,
     typetab: u64,
@@ -88,7 +122,9 @@ fn pieces(l: &KmodLayout, t: &Tables) -> Pieces {
     let bugs = ex + 12 * t.ex.len() as u64;
     let orc_ip = a(bugs + 12 * t.bugs.len() as u64);
     let orc = orc_ip + 4 * t.orc.len() as u64;
-    let symtab = a(orc + 6 * t.orc.len() as u64);
+    let jumps = a(orc + 6 * t.orc.len() as u64);
+    let skm = jumps + 16 * t.jumps.len() as u64;
+    let symtab = a(skm + 2 * l.skm_size * t.keys().len() as u64);
     let nsyms = t.symbols.len() as u64 + 1;
     let strtab = symtab + ELF64_SYM * nsyms;
     let strings: u64 = 1 + t
@@ -102,6 +138,8 @@ fn pieces(l: &KmodLayout, t: &Tables) -> Pieces {
         bugs,
         orc_ip,
         orc,
+        jumps,
+        skm,
         symtab,
         strtab,
         typetab,
@@ -110,15 +148,27 @@ fn pieces(l: &KmodLayout, t: &Tables) -> Pieces {
 }
 
 /// Upper bound of [`region_size`] from counts alone (before linking, names unknown).
-pub fn region_size_bound(
-    l: &KmodLayout,
-    ex: u64,
-    bugs: u64,
-    orcs: u64,
-    syms: u64,
-    names: u64,
-) -> u64 {
-    l.size + 64 + 12 * ex + 12 * bugs + 10 * orcs + (ELF64_SYM + 2) * (syms + 1) + names + 1
+pub fn region_size_bound(l: &KmodLayout, c: Counts) -> u64 {
+    l.size
+        + 64
+        + 12 * c.ex
+        + 12 * c.bugs
+        + 10 * c.orcs
+        + (16 + 2 * l.skm_size) * c.jumps
+        + (ELF64_SYM + 2) * (c.syms + 1)
+        + c.names
+        + 1
+}
+
+/// Entry counts of a bundle's tables, known before linking.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub ex: u64,
+    pub bugs: u64,
+    pub orcs: u64,
+    pub jumps: u64,
+    pub syms: u64,
+    pub names: u64,
 }
 
 fn put(buf: &mut [u8], at: u64, bytes: &[u8]) {
@@ -140,7 +190,8 @@ pub fn module_name(id: &str, max: u64) -> String {
     name
 }
 
-/// Builds the region at virtual address `va`. Tables are sorted here.
+/// Builds the region at virtual address `va`, and says where each static key's entries
+/// and `static_key_mod` slots are. Tables are sorted here.
 pub fn build(
     l: &KmodLayout,
     va: u64,
@@ -148,7 +199,7 @@ pub fn build(
     build_id: &[u8],
     core: Core,
     t: &Tables,
-) -> Vec<u8> {
+) -> (Vec<u8>, Vec<JumpKey>) {
     let p = pieces(l, t);
     let mut b = vec![0u8; p.end as usize];
     let m = va;
@@ -205,6 +256,7 @@ pub fn build(
         put(&mut b, p.orc + 6 * i as u64, &e.orc);
     }
     write_kallsyms(&mut b, l, &p, va, t);
+    let keys = write_jumps(&mut b, l, &p, va, t);
 
     let mut ptr = |field: u64, piece: u64, count: usize, count_field: u64| {
         put(
@@ -222,7 +274,34 @@ pub fn build(
         l.orc_unwind,
         &(if orc.is_empty() { 0 } else { va + p.orc }).to_le_bytes(),
     );
-    b
+    (b, keys)
+}
+
+/// The jump table, sorted by key then address as `jump_label_sort_entries()` sorts it.
+fn write_jumps(b: &mut [u8], l: &KmodLayout, p: &Pieces, va: u64, t: &Tables) -> Vec<JumpKey> {
+    let mut jumps = t.jumps.clone();
+    jumps.sort_by_key(|j| (j.key, j.code));
+    let mut keys: Vec<JumpKey> = Vec::new();
+    for (i, j) in jumps.iter().enumerate() {
+        let at = p.jumps + 16 * i as u64;
+        put(b, at, &rel32(j.code, va + at));
+        put(b, at + 4, &rel32(j.target, va + at + 4));
+        let key = (j.key | u64::from(j.branch)).wrapping_sub(va + at + 8);
+        put(b, at + 8, &key.to_le_bytes());
+        if keys.last().is_none_or(|k| k.key != j.key) {
+            let slot = p.skm + 2 * l.skm_size * keys.len() as u64;
+            keys.push(JumpKey {
+                key: j.key,
+                entries: va + at,
+                ours: va + slot,
+                spare: va + slot + l.skm_size,
+            });
+        }
+    }
+    let table = if jumps.is_empty() { 0 } else { va + p.jumps };
+    put(b, l.jump_entries, &table.to_le_bytes());
+    put(b, l.num_jump_entries, &(jumps.len() as u32).to_le_bytes());
+    keys
 }
 
 /// `core_kallsyms`, which `kallsyms` points at: symbol 0 is the null symbol.

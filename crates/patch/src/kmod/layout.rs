@@ -34,6 +34,16 @@ pub struct KmodLayout {
     pub num_orcs: u64,
     pub orc_unwind_ip: u64,
     pub orc_unwind: u64,
+    pub jump_entries: u64,
+    pub num_jump_entries: u64,
+    /// `struct static_key`: `enabled` and the `type`/`entries`/`next` word.
+    pub key_enabled: u64,
+    pub key_type: u64,
+    /// `struct static_key_mod`: `next`, `entries`, `mod`; and its size.
+    pub skm_next: u64,
+    pub skm_entries: u64,
+    pub skm_mod: u64,
+    pub skm_size: u64,
     /// `build_id` (`CONFIG_STACKTRACE_BUILD_ID`): printed after the module name in traces.
     pub build_id: Option<u64>,
     /// `struct mod_kallsyms`.
@@ -87,6 +97,14 @@ impl KmodLayout {
             orc_unwind_ip: m("arch.orc_unwind_ip")?,
             orc_unwind: m("arch.orc_unwind")?,
             build_id: m("build_id").ok(),
+            jump_entries: m("jump_entries")?,
+            num_jump_entries: m("num_jump_entries")?,
+            key_enabled: btf.offset_of("static_key", "enabled")?,
+            key_type: btf.offset_of("static_key", "type")?,
+            skm_next: btf.offset_of("static_key_mod", "next")?,
+            skm_entries: btf.offset_of("static_key_mod", "entries")?,
+            skm_mod: btf.offset_of("static_key_mod", "mod")?,
+            skm_size: btf.struct_size("static_key_mod")?,
             ks_symtab: k("symtab")?,
             ks_num_symtab: k("num_symtab")?,
             ks_strtab: k("strtab")?,

@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use lucos_introspect::paging::{read_virt_u64, PagingError};
 use lucos_introspect::PhysMem;
 
+use super::image::{JumpKey, JumpSite};
 use super::layout::KmodLayout;
 use super::rbtree::{self, NodeMem};
 
@@ -26,8 +27,13 @@ pub enum RegisterError {
         #[source]
         source: PagingError,
     },
-    #[error("the kernel holds {lock} (a module is being loaded or unloaded); try again")]
-    Busy { lock: &'static str },
+    #[error("the kernel holds {lock} ({doing}); try again")]
+    Busy {
+        lock: &'static str,
+        doing: &'static str,
+    },
+    #[error("the static-branch site at {code:#x} holds {found}, neither a jump nor a NOP of 2 or 5 bytes")]
+    JumpSite { code: u64, found: String },
 }
 
 /// Live addresses of the kernel objects lucos links into.
@@ -37,6 +43,7 @@ pub struct Anchors {
     pub module_bug_list: u64,
     pub mod_tree: u64,
     pub module_mutex: u64,
+    pub jump_label_mutex: u64,
 }
 
 /// A bundle's `struct module` and the memory it covers.
@@ -110,10 +117,157 @@ impl<'a, P: PhysMem + ?Sized> Overlay<'a, P> {
     }
 
     fn check_unlocked(&mut self, l: &KmodLayout, a: &Anchors) -> Result<(), RegisterError> {
-        if self.get(a.module_mutex + l.mutex_owner)? != 0 {
-            return Err(RegisterError::Busy {
-                lock: "module_mutex",
-            });
+        let locks = [
+            (
+                a.module_mutex,
+                "module_mutex",
+                "a module is being loaded or unloaded",
+            ),
+            (
+                a.jump_label_mutex,
+                "jump_label_mutex",
+                "a static key is being switched",
+            ),
+        ];
+        for (at, lock, doing) in locks {
+            if self.get(at + l.mutex_owner)? != 0 {
+                return Err(RegisterError::Busy { lock, doing });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bytes at `va` (through the pending stores).
+    fn bytes(&mut self, va: u64, n: usize) -> Result<Vec<u8>, RegisterError> {
+        let mut out = Vec::with_capacity(n);
+        for b in va..va + n as u64 {
+            let w = self.get(b & !7)?;
+            out.push((w >> (8 * (b & 7))) as u8);
+        }
+        Ok(out)
+    }
+
+    /// Stores bytes at `va`, as stores of the aligned words they fall in.
+    fn set_bytes(&mut self, va: u64, bytes: &[u8]) -> Result<(), RegisterError> {
+        for (i, &byte) in bytes.iter().enumerate() {
+            let b = va + i as u64;
+            let w = self.get(b & !7)?;
+            let shift = 8 * (b & 7);
+            self.set(b & !7, (w & !(0xff << shift)) | (u64::from(byte) << shift))?;
+        }
+        Ok(())
+    }
+
+    /// The `struct module` whose core memory holds `addr` (0 for vmlinux): the owner the
+    /// kernel records for a key's own entries (`__module_address(key)`).
+    fn owner_of(&mut self, l: &KmodLayout, a: &Anchors, addr: u64) -> Result<u64, RegisterError> {
+        let mut node = self.get(a.modules)?;
+        for _ in 0..MAX_MODULES {
+            if node == a.modules {
+                break;
+            }
+            let m = node.wrapping_sub(l.list);
+            let base = self.get(m + l.base)?;
+            let size = self.get(m + l.core_size)? & 0xffff_ffff;
+            if addr >= base && addr < base + size {
+                return Ok(m);
+            }
+            node = self.get(node)?;
+        }
+        Ok(0)
+    }
+
+    /// Puts a static-branch site in the state its key has now (`jump_label_type()`), in
+    /// the instruction size objtool left it: the kernel's later updates expect exactly
+    /// the jump or the NOP of that size there.
+    fn set_site(&mut self, l: &KmodLayout, j: &JumpSite) -> Result<(), RegisterError> {
+        let enabled = self.get(j.key + l.key_enabled)? as u32 as i32 > 0;
+        let now = self.bytes(j.code, 5)?;
+        let size = match now.as_slice() {
+            [0x66, 0x90, ..] | [0xeb, ..] => 2,
+            [0x0f, 0x1f, 0x44, 0x00, 0x00] | [0xe9, ..] => 5,
+            _ => {
+                return Err(RegisterError::JumpSite {
+                    code: j.code,
+                    found: hex::encode(&now),
+                })
+            }
+        };
+        let rel = j.target.wrapping_sub(j.code + size) as i64;
+        let want: Vec<u8> = match (enabled != j.branch, size) {
+            (true, 2) => vec![0xeb, rel as i8 as u8],
+            (true, _) => [vec![0xe9], (rel as i32).to_le_bytes().to_vec()].concat(),
+            (false, 2) => vec![0x66, 0x90],
+            (false, _) => vec![0x0f, 0x1f, 0x44, 0x00, 0x00],
+        };
+        self.set_bytes(j.code, &want)
+    }
+
+    /// `jump_label_add_module()` for one key: the module's `static_key_mod` goes first on
+    /// the key's list; a key with no module users yet first gets one for its own entries
+    /// (in lucos's spare slot, where the kernel would kzalloc one).
+    fn link_key(
+        &mut self,
+        l: &KmodLayout,
+        a: &Anchors,
+        module: u64,
+        k: &JumpKey,
+    ) -> Result<(), RegisterError> {
+        let at = k.key + l.key_type;
+        let t = self.get(at)?;
+        let next = if t & 2 == 0 {
+            let owner = self.owner_of(l, a, k.key)?;
+            self.set(k.spare + l.skm_next, 0)?;
+            self.set(k.spare + l.skm_entries, t & !3)?;
+            self.set(k.spare + l.skm_mod, owner)?;
+            k.spare
+        } else {
+            t & !3
+        };
+        self.set(k.ours + l.skm_next, next)?;
+        self.set(k.ours + l.skm_entries, k.entries)?;
+        self.set(k.ours + l.skm_mod, module)?;
+        self.set(at, k.ours | (t & 1) | 2)
+    }
+
+    /// `jump_label_del_module()` for one key, without kfree: the module's entry leaves the
+    /// list, and a list left with one entry is folded back into the key. If lucos made the
+    /// key's own entry (the spare) and other modules have joined since, the kernel would
+    /// one day kfree that spare: then the module's entry stays as an empty tombstone (no
+    /// entries, so the kernel skips it) and keeps the list from folding.
+    fn unlink_key(&mut self, l: &KmodLayout, k: &JumpKey) -> Result<(), RegisterError> {
+        let at = k.key + l.key_type;
+        let t = self.get(at)?;
+        if t & 2 == 0 {
+            return Ok(());
+        }
+        let (mut prev, mut cur) = (at, t & !3);
+        let (mut found, mut spare_listed, mut len) = (None, false, 0);
+        while cur != 0 && len < MAX_MODULES {
+            if cur == k.ours {
+                found = Some(prev);
+            }
+            spare_listed |= cur == k.spare;
+            len += 1;
+            prev = cur + l.skm_next;
+            cur = self.get(prev)?;
+        }
+        let Some(prev) = found else {
+            return Ok(());
+        };
+        if spare_listed && len > 2 {
+            return self.set(k.ours + l.skm_entries, 0);
+        }
+        let next = self.get(k.ours + l.skm_next)?;
+        if prev == at {
+            self.set(at, next | (t & 3))?;
+        } else {
+            self.set(prev, next)?;
+        }
+        let head = self.get(at)? & !3;
+        if head != 0 && self.get(head + l.skm_next)? == 0 {
+            let entries = self.get(head + l.skm_entries)?;
+            self.set(at, entries | (t & 1))?;
         }
         Ok(())
     }
@@ -164,11 +318,17 @@ pub fn link<P: PhysMem + ?Sized>(
     cr3: u64,
     l: &KmodLayout,
     a: &Anchors,
-    span: Span,
+    (span, keys, jumps): (Span, &[JumpKey], &[JumpSite]),
 ) -> Result<Vec<WordWrite>, RegisterError> {
     let module = span.module;
     let mut o = Overlay::new(mem, cr3);
     o.check_unlocked(l, a)?;
+    for j in jumps {
+        o.set_site(l, j)?;
+    }
+    for k in keys {
+        o.link_key(l, a, module, k)?;
+    }
     o.list_add(module + l.list, a.modules)?;
     o.list_add(module + l.bug_list, a.module_bug_list)?;
     o.bump_latch(l, a)?;
@@ -210,13 +370,16 @@ pub fn unlink<P: PhysMem + ?Sized>(
     cr3: u64,
     l: &KmodLayout,
     a: &Anchors,
-    span: Span,
+    (span, keys): (Span, &[JumpKey]),
     before: Bounds,
     others: &[(u64, u64)],
 ) -> Result<Vec<WordWrite>, RegisterError> {
     let module = span.module;
     let mut o = Overlay::new(mem, cr3);
     o.check_unlocked(l, a)?;
+    for k in keys {
+        o.unlink_key(l, k)?;
+    }
     o.list_del(module + l.list)?;
     o.list_del(module + l.bug_list)?;
     let mut bumped = false;
