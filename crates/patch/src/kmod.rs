@@ -121,6 +121,18 @@ fn placed<'a>(
     out
 }
 
+/// A table section must hold whole entries of `size` bytes.
+fn whole(section: &str, b: &[u8], size: usize) -> Result<(), KmodError> {
+    if !b.len().is_multiple_of(size) {
+        let n = b.len();
+        return Err(err(
+            section,
+            format!("{n} bytes is not a whole number of entries"),
+        ));
+    }
+    Ok(())
+}
+
 fn rel(bytes: &[u8], at: usize, va: u64) -> u64 {
     let d = i32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
     va.wrapping_add(at as u64).wrapping_add(d as i64 as u64)
@@ -130,12 +142,7 @@ fn rel(bytes: &[u8], at: usize, va: u64) -> u64 {
 pub fn tables(bundle: &Bundle, plan: &Plan, linked: &Linked) -> Result<Tables, KmodError> {
     let mut t = Tables::default();
     for (va, b) in placed(bundle, plan, linked, EXTABLE) {
-        if b.len() % 12 != 0 {
-            return Err(err(
-                EXTABLE,
-                format!("{} bytes is not a whole number of entries", b.len()),
-            ));
-        }
+        whole(EXTABLE, b, 12)?;
         for at in (0..b.len()).step_by(12) {
             t.ex.push(ExEntry {
                 insn: rel(b, at, va),
@@ -145,12 +152,7 @@ pub fn tables(bundle: &Bundle, plan: &Plan, linked: &Linked) -> Result<Tables, K
         }
     }
     for (va, b) in placed(bundle, plan, linked, BUG_TABLE) {
-        if b.len() % 12 != 0 {
-            return Err(err(
-                BUG_TABLE,
-                format!("{} bytes is not a whole number of entries", b.len()),
-            ));
-        }
+        whole(BUG_TABLE, b, 12)?;
         for at in (0..b.len()).step_by(12) {
             let file = i32::from_le_bytes(b[at + 4..at + 8].try_into().expect("4 bytes"));
             t.bugs.push(BugEntry {
@@ -184,13 +186,7 @@ pub fn tables(bundle: &Bundle, plan: &Plan, linked: &Linked) -> Result<Tables, K
         }
     }
     for (va, b) in placed(bundle, plan, linked, JUMP_TABLE) {
-        if b.len() % 16 != 0 {
-            let n = b.len();
-            return Err(err(
-                JUMP_TABLE,
-                format!("{n} bytes is not a whole number of entries"),
-            ));
-        }
+        whole(JUMP_TABLE, b, 16)?;
         for at in (0..b.len()).step_by(16) {
             let disp = i64::from_le_bytes(b[at + 8..at + 16].try_into().expect("8 bytes"));
             let key = (va + at as u64 + 8).wrapping_add(disp as u64);

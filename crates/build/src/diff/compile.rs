@@ -99,18 +99,7 @@ pub fn run(
 ) -> Result<(), DiffError> {
     let cmd = command_line(obj, out, remap);
     tracing::debug!(object = %obj.object, side = side.name(), %cmd, "compiling");
-    let output = Command::new("sh")
-        .arg("-c")
-        .arg(&cmd)
-        .current_dir(cwd)
-        .env("LC_ALL", "C")
-        .output()
-        .map_err(|source| DiffError::Tool {
-            tool: "sh",
-            package: "dash",
-            source,
-        })?;
-    check(&output, side.name(), &obj.object)?;
+    check(&sh(&cmd, cwd)?, side.name(), &obj.object)?;
     let Some(objtool) = &obj.objtool else {
         return Ok(());
     };
@@ -119,18 +108,22 @@ pub fn run(
     let mut w = words(objtool);
     w.pop();
     w.push(format!("'{}'", out.display()));
-    let output = Command::new("sh")
+    check(&sh(&w.join(" "), root)?, side.name(), &obj.object)
+}
+
+/// Runs a Kbuild command line with the shell, in `cwd`, in the C locale.
+fn sh(cmd: &str, cwd: &Path) -> Result<std::process::Output, DiffError> {
+    Command::new("sh")
         .arg("-c")
-        .arg(w.join(" "))
-        .current_dir(root)
+        .arg(cmd)
+        .current_dir(cwd)
         .env("LC_ALL", "C")
         .output()
         .map_err(|source| DiffError::Tool {
             tool: "sh",
             package: "dash",
             source,
-        })?;
-    check(&output, side.name(), &obj.object)
+        })
 }
 
 /// A failed compile as an error naming `object`, with the compiler's diagnostics.

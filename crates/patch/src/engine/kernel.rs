@@ -38,47 +38,6 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         }
     }
 
-    /// Bytes of the module region at `va`, and its record. `core` covers every region of
-    /// the bundle.
-    #[allow(clippy::too_many_arguments)]
-    fn module_image(
-        &self,
-        km: &KernelModules,
-        reg: &Registry,
-        bundle: &Bundle,
-        plan: &Plan,
-        linked: &Linked,
-        va: u64,
-        core: Core,
-    ) -> Result<(Vec<u8>, ModuleRecord, Vec<JumpSite>), EngineError> {
-        let tables = kmod::tables(bundle, plan, linked)?;
-        let mut name = image::module_name(&bundle.manifest().id, km.layout.name_len);
-        // Two ids that differ only in punctuation would give two modules one name.
-        let taken = |n: &str| {
-            reg.applied()
-                .any(|b| b.module.as_ref().is_some_and(|m| m.name == n))
-        };
-        let stem = name.clone();
-        let mut n = 2;
-        while taken(&name) {
-            name = format!(
-                "{}_{n}",
-                &stem[..stem.len().min(km.layout.name_len as usize - 8)]
-            );
-            n += 1;
-        }
-        let (bytes, jump_keys) =
-            image::build(&km.layout, va, &name, &bundle.sha256(), core, &tables);
-        let rec = ModuleRecord {
-            name,
-            va,
-            base: core.base,
-            size: core.size,
-            jump_keys,
-        };
-        Ok((bytes, rec, tables.jumps))
-    }
-
     /// The module region of an apply, at `offs[3]` (`sizes[3]` bytes reserved); the
     /// module covers all four regions.
     pub(super) fn module_region(
@@ -96,8 +55,11 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             text_size: sizes[0],
             ro_size: sizes[0] + sizes[1],
         };
-        let (bytes, rec, jumps) =
-            self.module_image(km, reg, bundle, plan, linked, va_base + offs[3], core)?;
+        let va = va_base + offs[3];
+        let tables = kmod::tables(bundle, plan, linked)?;
+        let name = unique_name(reg, &bundle.manifest().id, km.layout.name_len);
+        let (bytes, jump_keys) =
+            image::build(&km.layout, va, &name, &bundle.sha256(), core, &tables);
         // The bound from counts covers the real size; a miss would be a lucos bug.
         if bytes.len() as u64 > sizes[3] {
             return Err(crate::memory::MemoryError::Full {
@@ -106,7 +68,14 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             }
             .into());
         }
-        Ok((bytes, rec, jumps))
+        let rec = ModuleRecord {
+            name,
+            va,
+            base: core.base,
+            size: core.size,
+            jump_keys,
+        };
+        Ok((bytes, rec, tables.jumps))
     }
 
     /// Inside the pause: makes the kernel words `edit` needs, recording the old ones.
@@ -165,6 +134,23 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             }
         }
     }
+}
+
+/// The module name for bundle `id`, made unique among applied bundles: two ids that
+/// differ only in punctuation would otherwise give two modules one name.
+fn unique_name(reg: &Registry, id: &str, max: u64) -> String {
+    let stem = image::module_name(id, max);
+    let taken = |n: &str| {
+        reg.applied()
+            .any(|b| b.module.as_ref().is_some_and(|m| m.name == n))
+    };
+    let mut name = stem.clone();
+    let mut n = 2;
+    while taken(&name) {
+        name = format!("{}_{n}", &stem[..stem.len().min(max as usize - 8)]);
+        n += 1;
+    }
+    name
 }
 
 fn span(rec: &ModuleRecord) -> register::Span {

@@ -161,20 +161,28 @@ impl<'a, P: PhysMem + ?Sized> Overlay<'a, P> {
     /// The `struct module` whose core memory holds `addr` (0 for vmlinux): the owner the
     /// kernel records for a key's own entries (`__module_address(key)`).
     fn owner_of(&mut self, l: &KmodLayout, a: &Anchors, addr: u64) -> Result<u64, RegisterError> {
+        let all = self.modules(l, a)?;
+        let owner = all
+            .into_iter()
+            .find(|&(_, base, size)| addr >= base && addr < base + size);
+        Ok(owner.map_or(0, |(m, ..)| m))
+    }
+
+    /// Every module on the list: (`struct module`, core base, core size); bounded.
+    fn modules(
+        &mut self,
+        l: &KmodLayout,
+        a: &Anchors,
+    ) -> Result<Vec<(u64, u64, u64)>, RegisterError> {
+        let mut out = Vec::new();
         let mut node = self.get(a.modules)?;
-        for _ in 0..MAX_MODULES {
-            if node == a.modules {
-                break;
-            }
+        while node != a.modules && out.len() < MAX_MODULES {
             let m = node.wrapping_sub(l.list);
-            let base = self.get(m + l.base)?;
             let size = self.get(m + l.core_size)? & 0xffff_ffff;
-            if addr >= base && addr < base + size {
-                return Ok(m);
-            }
+            out.push((m, self.get(m + l.base)?, size));
             node = self.get(node)?;
         }
-        Ok(0)
+        Ok(out)
     }
 
     /// Puts a static-branch site in the state its key has now (`jump_label_type()`), in
@@ -420,16 +428,10 @@ pub fn other_modules<P: PhysMem + ?Sized>(
     a: &Anchors,
     skip: u64,
 ) -> Result<Vec<(u64, u64)>, RegisterError> {
-    let mut o = Overlay::new(mem, cr3);
-    let mut out = Vec::new();
-    let mut node = o.get(a.modules)?;
-    while node != a.modules && out.len() < MAX_MODULES {
-        let m = node.wrapping_sub(l.list);
-        if m != skip {
-            let size = o.get(m + l.core_size)? & 0xffff_ffff;
-            out.push((o.get(m + l.base)?, size));
-        }
-        node = o.get(node)?;
-    }
-    Ok(out)
+    let all = Overlay::new(mem, cr3).modules(l, a)?;
+    Ok(all
+        .into_iter()
+        .filter(|&(m, ..)| m != skip)
+        .map(|(_, base, size)| (base, size))
+        .collect())
 }
