@@ -299,14 +299,25 @@ fn changed_static_rodata_is_copied_for_its_users() {
     assert!(d.included.iter().any(|s| s == "steps"), "{:?}", d.included);
 }
 
+/// `__init` code ran at boot and was freed: a change to it is reported as not applicable,
+/// and the rest of the change still builds.
 #[test]
-fn init_code_changes_are_refused() {
+fn init_changes_are_not_applicable_and_the_rest_builds() {
     let orig = format!(
-        "{PRELUDE}__attribute__((__section__(\".init.text\"))) int setup(int x) {{ return ext(x); }}\n"
+        "{PRELUDE}__attribute__((__section__(\".init.text\"))) int setup(int x) {{ return ext(x); }}\n\
+         __attribute__((__section__(\".init.data\"))) int boot_limit = 4;\n\
+         int f(int x) {{ return ext(x); }}\n"
     );
-    let patched = orig.replace("ext(x)", "ext(x + 1)");
+    let patched = orig
+        .replace("return ext(x); }", "return ext(x + 1); }")
+        .replace("boot_limit = 4", "boot_limit = 5");
     let d = diff(&orig, &patched);
-    assert!(matches!(&d.refusals[..], [Refusal::Init { symbol, .. }] if symbol == "setup"));
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    let mut na = d.not_applicable.clone();
+    na.sort();
+    assert_eq!(na, vec!["boot_limit", "setup"]);
+    assert_eq!(d.redirected, vec!["f"]);
+    assert!(!d.included.iter().any(|s| s == "setup"), "{:?}", d.included);
 }
 
 #[test]

@@ -95,6 +95,16 @@ pub fn build(args: BuildArgs) -> Result<()> {
     };
     let outcome = diff::build(&tree, &args.diff, &options, &Bars::default())
         .with_context(|| format!("building a bundle from {}", args.diff.display()))?;
+    for o in &outcome.report().objects {
+        if !o.not_applicable.is_empty() {
+            println!(
+                "{}: not applicable (__init, ran at boot): {}; check that the new code does \
+                 not depend on what they would now set up",
+                o.object,
+                crate::show::esc(&o.not_applicable.join(", "))
+            );
+        }
+    }
     match &outcome {
         BuildOutcome::NoChange { reason, .. } => {
             println!("no function changed: {reason}");

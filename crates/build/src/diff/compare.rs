@@ -71,6 +71,9 @@ pub(crate) struct Diff<'a> {
     /// Why a changed function without an fentry site could not be replaced through its
     /// callers, or which such function made a caller change.
     pub no_fentry: HashMap<usize, String>,
+    /// Changed `__init` code and data (kernel names): it ran at boot and was freed, so
+    /// there is nothing live to patch; reported, not refused.
+    pub not_applicable: Vec<String>,
     pub refusals: Vec<Refusal>,
 }
 
@@ -244,6 +247,7 @@ pub(crate) fn compare<'a>(
     let mut status = vec![Status::Same; patched.symbols.len()];
     let mut refusals = Vec::new();
     let mut rodata_changed = Vec::new();
+    let mut not_applicable = Vec::new();
 
     for p in 0..patched.symbols.len() {
         let s = &patched.symbols[p];
@@ -287,35 +291,25 @@ pub(crate) fn compare<'a>(
         }
         let so = &orig.symbols[o];
         let label = || (s.name.clone(), file.to_string());
-        if so.size != s.size {
+        let differs = so.size != s.size || bo != bp || keys_o != keys_p;
+        if init && differs {
+            // Boot-time data: it was used and freed (or is never used again).
+            not_applicable.push(s.name.clone());
+        } else if so.size != s.size {
             status[p] = Status::Changed;
             let (symbol, file) = label();
-            refusals.push(if init {
-                Refusal::Init {
-                    symbol,
-                    file,
-                    section: sec.name.clone(),
-                }
-            } else {
-                Refusal::DataLayout {
-                    symbol,
-                    file,
-                    old: so.size,
-                    new: s.size,
-                }
+            refusals.push(Refusal::DataLayout {
+                symbol,
+                file,
+                old: so.size,
+                new: s.size,
             });
         } else if keys_o == keys_p && special::dyndbg_line_only(&sec.name, bo, bp, moved) {
             status[p] = Status::LineOnly;
         } else if bo != bp || keys_o != keys_p {
             status[p] = Status::Changed;
             let (symbol, file) = label();
-            if init {
-                refusals.push(Refusal::Init {
-                    symbol,
-                    file,
-                    section: sec.name.clone(),
-                });
-            } else if sec.is_write() {
+            if sec.is_write() {
                 refusals.push(Refusal::DataInit { symbol, file });
             } else if !s.is_local() {
                 refusals.push(Refusal::Rodata {
@@ -383,6 +377,7 @@ pub(crate) fn compare<'a>(
         tables,
         via_callers: HashSet::new(),
         no_fentry: HashMap::new(),
+        not_applicable,
         refusals,
     };
     let mut diff = check_init(diff);
@@ -429,8 +424,9 @@ pub(crate) fn propagate_cold(patched: &Obj, status: &mut [Status]) {
     }
 }
 
-/// Changed `__init` functions cannot be patched; changed `__exit` code never runs in
-/// built-in code and is only logged.
+/// Changed `__init` functions ran at boot and were freed: nothing live runs them, so they
+/// are reported as not applicable and the rest of the change is built. Changed `__exit`
+/// code never runs in built-in code and is only logged.
 fn check_init(mut d: Diff<'_>) -> Diff<'_> {
     for p in 0..d.status.len() {
         if !d.is_func(p) || !matches!(d.status[p], Status::Changed | Status::New) {
@@ -445,11 +441,9 @@ fn check_init(mut d: Diff<'_>) -> Diff<'_> {
             d.status[p] = Status::Same;
             continue;
         }
-        d.refusals.push(Refusal::Init {
-            symbol: d.kernel_name(p).to_string(),
-            file: d.file.clone(),
-            section: sec.to_string(),
-        });
+        tracing::info!(function = %d.patched.symbols[p].name, "a changed __init function ran at boot and is not applied");
+        d.not_applicable.push(d.kernel_name(p).to_string());
+        d.status[p] = Status::Same;
     }
     d
 }

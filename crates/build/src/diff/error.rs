@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use thiserror::Error;
 
+use super::report::BuildReport;
+
 /// One change that a bundle cannot carry. All refusals of a build are reported together.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum Refusal {
@@ -47,16 +49,6 @@ pub enum Refusal {
         symbol: String,
         file: String,
         reason: String,
-    },
-    #[error(
-        "`{symbol}` ({file}) in {section} changed: __init/__exit code and data ran at boot (or \
-         never runs for built-in code) and was freed, so a live patch cannot change it; leave \
-         it unchanged"
-    )]
-    Init {
-        symbol: String,
-        file: String,
-        section: String,
     },
     #[error(
         "`{function}` ({file}) changed but has no `call __fentry__` at its entry (it is notrace, \
@@ -187,7 +179,12 @@ pub enum DiffError {
     #[error(transparent)]
     KernelTree(#[from] crate::tree::TreeError),
     #[error("cannot build a bundle:\n{}", list(.refusals))]
-    Refused { refusals: Vec<Refusal> },
+    Refused {
+        refusals: Vec<Refusal>,
+        /// What the build had found when it refused (files, objects, changed functions),
+        /// so that a report can still count what the diff changes.
+        report: Box<BuildReport>,
+    },
     #[error("cannot read the target kernel's identity from vmlinux: {reason}")]
     Target { reason: String },
     #[error(
@@ -227,7 +224,7 @@ impl DiffError {
     /// The refusals, when the build was refused.
     pub fn refusals(&self) -> &[Refusal] {
         match self {
-            DiffError::Refused { refusals } => refusals,
+            DiffError::Refused { refusals, .. } => refusals,
             _ => &[],
         }
     }

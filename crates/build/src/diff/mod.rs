@@ -112,7 +112,10 @@ pub fn build(
         let objects = cmdfile::objects(&tree)?;
         let (affected, refusals) = affected_objects(&objects, &changes);
         if !refusals.is_empty() {
-            return Err(DiffError::Refused { refusals });
+            return Err(DiffError::Refused {
+                refusals,
+                report: Box::new(report),
+            });
         }
         if affected.is_empty() {
             report.times.total = started.elapsed();
@@ -202,6 +205,7 @@ pub fn build(
                 new_functions: d.names_with(Status::New, true),
                 new_data: d.names_with(Status::New, false),
                 line_only: d.names_with(Status::LineOnly, true),
+                not_applicable: d.not_applicable.clone(),
             });
         }
         let mut plan = include::plan(&diffs);
@@ -209,12 +213,18 @@ pub fn build(
         report.times.compare = t.elapsed();
         progress.finish(Stage::Compare, report.times.compare);
         if !refusals.is_empty() {
-            return Err(DiffError::Refused { refusals });
+            return Err(DiffError::Refused {
+                refusals,
+                report: Box::new(report),
+            });
         }
         if plan.redirects.is_empty() {
             report.times.total = started.elapsed();
             let line_only: usize = report.objects.iter().map(|o| o.line_only.len()).sum();
-            let reason = if line_only > 0 {
+            let init: usize = report.objects.iter().map(|o| o.not_applicable.len()).sum();
+            let reason = if init > 0 {
+                format!("only __init code or data changed ({init} symbol(s)), which ran at boot")
+            } else if line_only > 0 {
                 format!("only __LINE__ values moved (in {line_only} function(s))")
             } else {
                 "the compiled code is the same".to_string()
@@ -224,7 +234,15 @@ pub fn build(
 
         let t = Instant::now();
         progress.start(Stage::Emit, plan.redirects.len() as u64);
-        let built = emit_bundle(&diffs, &plan, &syms, &release, diff, options, progress)?;
+        let built = match emit_bundle(&diffs, &plan, &syms, &release, diff, options, progress) {
+            Err(DiffError::Refused { refusals, .. }) => {
+                return Err(DiffError::Refused {
+                    refusals,
+                    report: Box::new(report),
+                })
+            }
+            other => other?,
+        };
         report.times.emit = t.elapsed();
         progress.finish(Stage::Emit, report.times.emit);
         report.times.total = started.elapsed();
@@ -454,7 +472,10 @@ fn emit_bundle(
         }
     }
     if !refusals.is_empty() {
-        return Err(DiffError::Refused { refusals });
+        return Err(DiffError::Refused {
+            refusals,
+            report: Box::default(),
+        });
     }
     let aliased = aliases.keys().cloned().collect();
     crate::target::check_undefined_except(syms, &object, &resolve, &aliased).map_err(|e| {

@@ -20,6 +20,8 @@ pub struct ObjectDiff {
     pub new_data: Vec<String>,
     /// Functions that differ only in `__LINE__` values.
     pub line_only: Vec<String>,
+    /// Changed `__init` code and data, which ran at boot: not applied.
+    pub not_applicable: Vec<String>,
     /// Matched (original, patched) symbols whose names differ (compiler renumbering).
     pub renamed: Vec<(String, String)>,
     /// Symbols copied into the bundle.
@@ -53,6 +55,7 @@ pub fn compare_objects(
         new_functions: d.names_with(Status::New, true),
         new_data: d.names_with(Status::New, false),
         line_only: d.names_with(Status::LineOnly, true),
+        not_applicable: d.not_applicable.clone(),
         renamed: pairs(&o, &p, &d.twin)
             .into_iter()
             .filter(|(a, b)| a != b)

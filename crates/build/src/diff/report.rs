@@ -95,6 +95,8 @@ pub struct ObjectReport {
     pub new_data: Vec<String>,
     /// Functions that differ only in `__LINE__` values: not changes.
     pub line_only: Vec<String>,
+    /// Changed `__init` code and data: it ran at boot, so it is not applied.
+    pub not_applicable: Vec<String>,
 }
 
 /// What a build did.
