@@ -5,7 +5,8 @@
 #
 # Contents: /init (guest/initramfs/init), /bin/busybox with a symlink per
 # applet (at the paths `busybox --list-full` gives), and the static test
-# programs built from guest/initramfs/src/*.c into /bin (sysloop, probe).
+# programs built from guest/initramfs/src/*.c into /bin (sysloop, probe), and
+# the scripts of guest/initramfs/bin (lucos-smoke).
 # The archive is byte-reproducible (sorted newc cpio with fixed mtimes and
 # owners, gzip -n) and cached at
 #   ${LUCOS_CACHE:-~/.cache/lucos}/initramfs/<key>/initramfs.cpio.gz
@@ -99,6 +100,10 @@ for c in "$src"/src/*.c; do
   strip "$root/bin/$name" 2>/dev/null || true
 done
 
+for s in "$src"/bin/*; do
+  [ -e "$s" ] || continue
+  install -m 0755 "$s" "$root/bin/$(basename "$s")"
+done
 install -m 0755 "$src/init" "$root/init"
 echo "root:x:0:0:root:/root:/bin/sh" > "$root/etc/passwd"
 echo "root:x:0:" > "$root/etc/group"
