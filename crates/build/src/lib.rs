@@ -16,3 +16,11 @@ pub use make::{
 };
 pub use target::{check_undefined, find_fentry_site, kernel_release, replacement_for, target_for};
 pub use tree::{KernelTree, TreeError, TreeKind};
+
+/// lucos's cache of downloads and builds: `$LUCOS_CACHE`, else `~/.cache/lucos` (the same
+/// place the guest scripts use). `None` when neither is set.
+pub fn cache_dir() -> Option<std::path::PathBuf> {
+    std::env::var_os("LUCOS_CACHE")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/lucos")))
+}

@@ -56,6 +56,9 @@ enum Cmd {
     Build(buildcmd::BuildArgs),
     /// Benchmark `lucos build`: cold vs warm comparison-object cache.
     BuildBench(buildcmd::BuildBenchArgs),
+    /// A whole Debian kernel update, unit by unit: built, applied live, smoke-tested,
+    /// reverted; prints the coverage (resumable).
+    Corpus(lucos::corpus::CorpusArgs),
     /// Make, pack or inspect bundles.
     Bundle {
         #[command(subcommand)]
@@ -259,6 +262,7 @@ fn lucos_main() -> Result<()> {
         }
         Cmd::Build(args) => buildcmd::build(args),
         Cmd::BuildBench(args) => buildcmd::bench(args),
+        Cmd::Corpus(args) => lucos::corpus::corpus(args),
         Cmd::List => {
             for d in lucos_backend::VmDescriptor::list()? {
                 println!(

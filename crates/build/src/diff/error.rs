@@ -208,6 +208,28 @@ fn list(refusals: &[Refusal]) -> String {
         .join("\n")
 }
 
+impl Refusal {
+    /// The refusal's cause, for grouping refusals of many builds (e.g. a corpus report):
+    /// short, stable, one per kind of limit.
+    pub fn cause(&self) -> String {
+        match self {
+            Refusal::DataLayout { .. } => "data size change".into(),
+            Refusal::TypeLayout { .. } => "struct layout change".into(),
+            Refusal::DataInit { .. } => "changed initial value of writable data".into(),
+            Refusal::Rodata { .. } => "changed read-only data".into(),
+            Refusal::NoFentry { .. } => "changed function without fentry site".into(),
+            Refusal::NotRedirectable { .. } => "function cannot be redirected".into(),
+            Refusal::RunPre { .. } => "run-pre mismatch".into(),
+            Refusal::Assembly { .. } | Refusal::AssemblyDependent { .. } => "assembly".into(),
+            Refusal::SpecialSection { section, .. } => format!("special section {section}"),
+            Refusal::File { .. } => "unsupported file".into(),
+            Refusal::Reference { .. } => "reference to a missing symbol".into(),
+            Refusal::NewPercpu { .. } => "new per-CPU variable".into(),
+            Refusal::NewExport { .. } => "new export".into(),
+        }
+    }
+}
+
 impl DiffError {
     pub(crate) fn io(
         action: &'static str,

@@ -79,12 +79,16 @@ fn cache_root(options: &BuildOptions) -> Option<PathBuf> {
     if !options.use_cache {
         return None;
     }
-    options.cache_dir.clone().or_else(|| {
-        let base = std::env::var_os("LUCOS_CACHE")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/lucos")))?;
-        Some(base.join("diffobj"))
-    })
+    options
+        .cache_dir
+        .clone()
+        .or_else(|| Some(crate::cache_dir()?.join("diffobj")))
+}
+
+/// Every object linked into the kernel of `tree` (a kernel cache directory or its Kbuild
+/// tree), with the files it depends on: what "in this kernel" means for a change.
+pub fn kernel_objects(tree: &Path) -> Result<Vec<KbuildObject>, DiffError> {
+    cmdfile::objects(&KernelTree::open(tree)?)
 }
 
 /// Builds a bundle for `diff` against the kernel cache directory `tree` (the directory of

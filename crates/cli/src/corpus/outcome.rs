@@ -1,0 +1,225 @@
+//! Building one unit: its diff, the bundle, and what became of it.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use lucos_build::diff::{self, BuildOptions, BuildOutcome, BuildReport, DiffError};
+use serde::{Deserialize, Serialize};
+
+use super::source;
+use super::units::{Unit, UnitKind};
+
+/// What building a unit gave.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Built {
+    /// A bundle, at `bundle`.
+    Bundle { bundle: PathBuf, replaced: Vec<String> },
+    /// Nothing to apply.
+    NoChange { reason: String },
+    /// The builder refused: (cause, message) per refusal.
+    Refused { refusals: Vec<(String, String)> },
+    /// The unit could not be built at all (it does not compile alone, the diff does not
+    /// apply, a tool failed): kind and message.
+    ToolError { kind: String, message: String },
+    /// A change lucos cannot build yet for a reason outside the builder's refusals.
+    Unsupported { cause: String },
+    /// Not built: the unit would recompile more objects than the run's budget.
+    NotMeasured { reason: String },
+}
+
+/// The functions a unit changes, as `source:function`, and whether they were read off
+/// compiled objects or estimated from the diff's hunk headers (when nothing compiled).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Functions {
+    pub changed: Vec<String>,
+    /// Changed `__init` code and data: ran at boot, not applied.
+    pub not_applicable: Vec<String>,
+    pub estimated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildResult {
+    pub built: Built,
+    pub functions: Functions,
+    /// The candidate headers were added because the source did not compile alone.
+    #[serde(default)]
+    pub with_headers: bool,
+    pub seconds: f64,
+}
+
+fn functions_of(report: &BuildReport) -> Functions {
+    let mut f = Functions::default();
+    for o in &report.objects {
+        let key = |n: &String| format!("{}:{n}", o.source);
+        f.changed.extend(o.changed.iter().chain(&o.new_functions).map(key));
+        f.not_applicable.extend(o.not_applicable.iter().map(key));
+    }
+    f.changed.sort();
+    f.changed.dedup();
+    f
+}
+
+/// Function names in the hunk headers of a C diff (`@@ -1,2 +1,3 @@ int foo(void)`): an
+/// estimate of what a unit changes when it cannot be compiled.
+pub fn hunk_functions(diff_text: &str) -> Functions {
+    let mut file = "";
+    let mut changed = Vec::new();
+    for line in diff_text.lines() {
+        if let Some(p) = line.strip_prefix("+++ b/") {
+            file = p;
+        } else if let Some(rest) = line.strip_prefix("@@ ") {
+            let ctx = rest.split_once(" @@").map_or("", |(_, c)| c).trim();
+            let Some((head, _)) = ctx.split_once('(') else { continue };
+            let name = head.rsplit(|c: char| !(c.is_alphanumeric() || c == '_')).next();
+            if let Some(n) = name.filter(|n| !n.is_empty() && file.ends_with(".c")) {
+                changed.push(format!("{file}:{n}"));
+            }
+        }
+    }
+    changed.sort();
+    changed.dedup();
+    Functions {
+        changed,
+        not_applicable: Vec::new(),
+        estimated: true,
+    }
+}
+
+/// The unit's diff: the file diffs of its files between the trees, concatenated.
+pub fn unit_diff(a: &Path, b: &Path, unit: &Unit) -> Result<String> {
+    let mut text = String::new();
+    for f in &unit.files {
+        text.push_str(&source::file_diff(a, b, f)?);
+    }
+    Ok(text)
+}
+
+fn tool_error(e: &DiffError) -> Built {
+    let kind = match e {
+        DiffError::Compile { which: "patched", .. } => "does not compile alone",
+        DiffError::Compile { .. } => "original does not compile",
+        DiffError::PatchApply { .. } => "diff does not apply",
+        DiffError::EmptyDiff { .. } => "empty diff",
+        _ => "tool error",
+    };
+    let mut message = e.to_string();
+    if message.len() > 2000 {
+        let mut cut = 2000;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str(" …");
+    }
+    Built::ToolError {
+        kind: kind.into(),
+        message,
+    }
+}
+
+/// Where a unit's files come from and where its results go.
+pub struct Paths<'a> {
+    pub from: &'a Path,
+    pub to: &'a Path,
+    pub kernel_dir: &'a Path,
+    pub diffs: &'a Path,
+    pub bundles: &'a Path,
+}
+
+/// Builds `unit`: alone first, then with its candidate headers if it does not compile
+/// alone.
+pub fn build(p: &Paths<'_>, unit: &Unit, jobs: usize) -> Result<BuildResult> {
+    let started = Instant::now();
+    let diff_path = p.diffs.join(format!("{}.patch", unit.id));
+    let text = unit_diff(p.from, p.to, unit)?;
+    std::fs::write(&diff_path, &text).with_context(|| format!("writing {}", diff_path.display()))?;
+    let early = match unit.kind {
+        UnitKind::Module => Some(Built::Unsupported {
+            cause: "module code (lucos build builds vmlinux code from diffs)".into(),
+        }),
+        _ if unit.files.is_empty() => Some(Built::NotMeasured {
+            reason: format!("{} is used by too many objects (over --max-objects)", unit.left_out.join(", ")),
+        }),
+        _ => None,
+    };
+    if let Some(built) = early {
+        return Ok(BuildResult {
+            built,
+            functions: hunk_functions(&text),
+            with_headers: false,
+            seconds: 0.0,
+        });
+    }
+    let mut r = build_once(p.kernel_dir, unit, &diff_path, &text, p.bundles, jobs)?;
+    if matches!(&r.built, Built::ToolError { kind, .. } if kind == "does not compile alone") && !unit.candidates.is_empty() {
+        let mut with = unit.clone();
+        with.files.extend(unit.candidates.iter().cloned());
+        let text = unit_diff(p.from, p.to, &with)?;
+        std::fs::write(&diff_path, &text)?;
+        r = build_once(p.kernel_dir, &with, &diff_path, &text, p.bundles, jobs)?;
+        r.with_headers = true;
+    }
+    r.seconds = started.elapsed().as_secs_f64();
+    Ok(r)
+}
+
+fn build_once(kernel_dir: &Path, unit: &Unit, diff_path: &Path, text: &str, bundle_dir: &Path, jobs: usize) -> Result<BuildResult> {
+    let options = BuildOptions {
+        id: Some(unit.id.clone()),
+        description: Some(format!("corpus unit {}: {}", unit.id, unit.files.join(" "))),
+        jobs,
+        ..BuildOptions::default()
+    };
+    let result = diff::build(kernel_dir, diff_path, &options, &diff::NoProgress);
+    let (built, functions) = match result {
+        Ok(BuildOutcome::Bundle(b)) => {
+            let path = bundle_dir.join(format!("{}.lcb", unit.id));
+            std::fs::write(&path, &b.bundle).with_context(|| format!("writing {}", path.display()))?;
+            let f = functions_of(&b.report);
+            (
+                Built::Bundle {
+                    bundle: path,
+                    replaced: b.replaced.clone(),
+                },
+                f,
+            )
+        }
+        Ok(BuildOutcome::NoChange { report, reason }) => (Built::NoChange { reason }, functions_of(&report)),
+        Err(DiffError::Refused { refusals, report }) => {
+            let mut f = functions_of(&report);
+            if report.objects.is_empty() {
+                f = hunk_functions(text);
+            }
+            (
+                Built::Refused {
+                    refusals: refusals.iter().map(|r| (r.cause(), r.to_string())).collect(),
+                },
+                f,
+            )
+        }
+        Err(e) => (tool_error(&e), hunk_functions(text)),
+    };
+    Ok(BuildResult {
+        built,
+        functions,
+        with_headers: false,
+        seconds: 0.0,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hunk_headers_estimate_changed_functions() {
+        let d = "--- a/fs/pipe.c\n+++ b/fs/pipe.c\n@@ -10,3 +10,4 @@ static ssize_t pipe_read(struct kiocb *iocb)\n \
+                 x\n@@ -40,2 +41,2 @@ struct pipe_buf_operations ops = {\n y\n\
+                 --- a/include/linux/fs.h\n+++ b/include/linux/fs.h\n@@ -1 +1 @@ static inline int f(void)\n";
+        let f = hunk_functions(d);
+        assert_eq!(f.changed, ["fs/pipe.c:pipe_read"]);
+        assert!(f.estimated);
+    }
+}
