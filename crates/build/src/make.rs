@@ -90,6 +90,7 @@ pub fn make_bundle_with(
         replacements,
         resolve: spec.resolve.clone(),
         aliases: Default::default(),
+        rewrites: Vec::new(),
     };
     manifest.validate()?;
 

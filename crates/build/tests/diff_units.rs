@@ -102,6 +102,17 @@ fn check_bundle(object: &[u8], d: &ObjectDiff) {
             .collect(),
         resolve: Default::default(),
         aliases: Default::default(),
+        rewrites: d
+            .rewritten
+            .iter()
+            .map(|o| lucos_patch::Rewrite {
+                old: o.clone(),
+                old_file: None,
+                new: format!("{o}.lucos_rewrite"),
+                expect: vec![0; 8],
+                skip: Vec::new(),
+            })
+            .collect(),
     };
     let bundle = lucos_patch::pack(object, &manifest).expect("pack");
     let parsed = Bundle::parse(&bundle).expect("bundle parses");
@@ -286,8 +297,10 @@ fn changed_initial_value_is_refused() {
     assert!(matches!(&d.refusals[..], [Refusal::DataInit { symbol, .. }] if symbol == "limit"));
 }
 
+/// Changed read-only data is rewritten in place, even when only code reads it: its readers
+/// then need not be replaced, and a pointer to it stored at boot sees the new content too.
 #[test]
-fn changed_static_rodata_is_copied_for_its_users() {
+fn changed_static_rodata_is_rewritten_for_its_readers() {
     let orig = format!(
         "{PRELUDE}static const int steps[4] = {{1, 2, 3, 4}};\n\
          int f(int i) {{ return steps[ext(i) & 3]; }}\n"
@@ -295,12 +308,47 @@ fn changed_static_rodata_is_copied_for_its_users() {
     let patched = orig.replace("{1, 2, 3, 4}", "{1, 2, 3, 5}");
     let d = diff(&orig, &patched);
     assert!(d.refusals.is_empty(), "{:?}", d.refusals);
-    assert_eq!(d.redirected, vec!["f"]);
-    assert!(d.included.iter().any(|s| s == "steps"), "{:?}", d.included);
+    assert_eq!(d.rewritten, vec!["steps"]);
+    assert!(d.redirected.is_empty(), "{:?}", d.redirected);
 }
 
-/// `__init` code ran at boot and was freed: a change to it is reported as not applicable,
-/// and the rest of the change still builds.
+/// A global ops table that now points to a new function: other files use the live table,
+/// so it is rewritten in place (its new content linked from the bundle), not refused.
+#[test]
+fn a_changed_global_ops_table_is_rewritten_in_place() {
+    let orig = format!(
+        "{PRELUDE}struct ops {{ int (*f)(int); int v; }};\n\
+         int a(int x) {{ return ext(x); }}\n\
+         const struct ops my_ops = {{ .f = a, .v = 1 }};\n"
+    );
+    let patched = orig.replace(
+        "const struct ops my_ops = { .f = a, .v = 1 };",
+        "int b(int x) { return ext(x + 1); }\nconst struct ops my_ops = { .f = b, .v = 1 };",
+    );
+    let d = diff(&orig, &patched);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.rewritten, vec!["my_ops"]);
+    assert!(d.included.iter().any(|s| s == "b"), "{:?}", d.included);
+    assert!(d.included.iter().any(|s| s == "my_ops.lucos_rewrite"), "{:?}", d.included);
+    assert!(d.object.is_some());
+}
+
+/// Local read-only data that other data points to: a copy would not reach the pointer, so
+/// it is rewritten in place too; the data pointing to it is left alone.
+#[test]
+fn changed_rodata_pointed_to_by_data_is_rewritten_in_place() {
+    let orig = format!(
+        "{PRELUDE}static const int steps[4] = {{1, 2, 3, 4}};\n\
+         const int *const table[1] = {{ steps }};\n\
+         int f(int i) {{ return table[0][ext(i) & 3]; }}\n"
+    );
+    let patched = orig.replace("{1, 2, 3, 4}", "{1, 2, 3, 5}");
+    let d = diff(&orig, &patched);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.rewritten, vec!["steps"]);
+    assert!(d.redirected.is_empty(), "no code changed: {:?}", d.redirected);
+}
+
 #[test]
 fn init_changes_are_not_applicable_and_the_rest_builds() {
     let orig = format!(

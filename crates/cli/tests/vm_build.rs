@@ -92,6 +92,39 @@ fn changed_string_literal() {
     assert_eq!(after, before);
 }
 
+/// A changed read-only table is rewritten in place inside the pause (no function changes:
+/// `get_task_state` keeps reading the live `task_state_array`), and the revert puts back
+/// its exact bytes.
+#[test]
+fn read_only_table_rewritten_in_place_and_restored() {
+    use lucos_introspect::{read_virt, Machine};
+    let (b, bundle) = bundle_of("15-rodata-task-states.patch");
+    assert!(b.replaced.is_empty(), "{:?}", b.replaced);
+    assert_eq!(bundle.manifest().rewrites.len(), 1);
+    let mut s = shared();
+    let sym = s.a.syms.lookup_in_file("fs/proc/array.c", "task_state_array").unwrap();
+    let (va, size) = (s.a.layout.live(sym.addr), sym.size as usize);
+    let table = |s: &mut Shared| {
+        let mut bytes = vec![0u8; size];
+        s.a.vm.pause().unwrap();
+        read_virt(&s.a.vm, s.a.layout.cr3, va, &mut bytes).unwrap();
+        s.a.vm.resume().unwrap();
+        bytes
+    };
+    // The shell reading its own status runs; init, waiting for the shell, sleeps.
+    let cmd = "grep State /proc/self/status /proc/1/status";
+    let (before_bytes, before) = (table(&mut s), s.sh(cmd));
+    assert!(before.contains("R (running)") && before.contains("S (sleeping)"), "{before}");
+    apply_bundle(&mut s.a, &bundle).unwrap();
+    let during = s.sh(cmd);
+    assert!(during.contains("R (running, lucos)"), "{during}");
+    assert!(during.contains("S (sleeping, lucos)"), "{during}");
+    assert_ne!(table(&mut s), before_bytes);
+    revert_bundle(&mut s.a, &bundle.manifest().id).unwrap();
+    assert_eq!(table(&mut s), before_bytes, "revert restores the table's exact bytes");
+    assert_eq!(s.sh(cmd), before);
+}
+
 #[test]
 fn static_inline_in_a_header_replaces_every_caller() {
     let (b, _) = bundle_of("05-fd-header-inline.patch");

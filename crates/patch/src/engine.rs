@@ -26,6 +26,7 @@ mod error;
 mod kernel;
 mod module;
 mod reset;
+mod rewrite;
 mod stage;
 mod switch;
 
@@ -419,6 +420,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             None => None,
         };
         let (records, jmps) = site_records(&sites, man, &linked)?;
+        let (rewrites, data_words) = self.rewrites(man, &modules, &linked)?;
         let no_module = Vec::new();
         let images: [&[u8]; 4] = [
             &linked.text,
@@ -461,13 +463,14 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             apply_pause_us: 0,
             revert_pause_us: None,
             module: module_record.clone(),
+            rewrites,
         };
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(jmps).collect();
         let edit = match (&kmods, &module_record) {
             (Some(k), Some(m)) => KernelEdit::Link(k, m.clone(), jump_sites),
             _ => KernelEdit::None,
         };
-        let pause = match self.switch(&switch, &header, &mut reg, true, &edit, |reg| {
+        let pause = match self.switch(&switch, &header, &mut reg, true, (&edit, &data_words), |reg| {
             reg.bundles.push(record);
         }) {
             Ok(p) => p,
@@ -553,8 +556,9 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             (Some(k), Some(m)) => KernelEdit::Unlink(k, m.clone()),
             _ => KernelEdit::None,
         };
+        let data_words = self.unrewrites(&rec)?;
         let pause = self
-            .switch(&switch, &header, &mut reg, false, &edit, |reg| {
+            .switch(&switch, &header, &mut reg, false, (&edit, &data_words), |reg| {
                 if let Some(b) = reg
                     .bundles
                     .iter_mut()

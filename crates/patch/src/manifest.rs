@@ -31,6 +31,55 @@ pub struct Manifest {
     /// Undefined symbols of the object that stand for kernel symbols of other names.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub aliases: BTreeMap<String, Alias>,
+    /// Read-only objects of the running kernel rewritten in place in the switch (e.g. an
+    /// ops table that now points to a new function), restored on revert.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rewrites: Vec<Rewrite>,
+}
+
+/// The largest read-only object a bundle may rewrite in place.
+pub const MAX_REWRITE: usize = 4096;
+
+/// One read-only object rewritten in place: every vCPU is stopped during the switch, so
+/// no reader sees it half-written, and every user (code and data that point to it) sees
+/// the new content without being replaced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rewrite {
+    pub old: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub old_file: Option<String>,
+    /// The bundle's object holding the new content, linked like any read-only data.
+    pub new: String,
+    /// The live object as the original compile has it, relocated fields zero: the run-pre
+    /// check, which also fixes the size.
+    #[serde(with = "hex_bytes")]
+    pub expect: Vec<u8>,
+    /// Relocated fields of `expect`, not compared (their live values are addresses).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skip: Vec<AbsField>,
+}
+
+impl Rewrite {
+    pub fn label(&self) -> String {
+        match &self.old_file {
+            Some(f) => format!("{}@{f}", self.old),
+            None => self.old.clone(),
+        }
+    }
+
+    /// Whether `live` is the object this rewrite expects.
+    pub fn matches(&self, live: &[u8]) -> Result<(), usize> {
+        let skipped = |i: usize| {
+            self.skip
+                .iter()
+                .any(|f| (f.offset as usize..f.offset as usize + usize::from(f.width)).contains(&i))
+        };
+        match (0..self.expect.len()).find(|&i| !skipped(i) && live.get(i) != Some(&self.expect[i])) {
+            Some(i) => Err(i),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Which kernel build the bundle was made for.
@@ -150,6 +199,27 @@ fn check_symbol_name(field: &str, name: &str) -> Result<(), BundleError> {
 
 /// Source paths in a manifest are relative to the kernel tree and name a
 /// file in it: no absolute paths, no `..` climbing out of it.
+fn validate_rewrite(i: usize, r: &Rewrite) -> Result<(), BundleError> {
+    let f = |name: &str| format!("rewrites[{i}].{name}");
+    check_symbol_name(&f("old"), &r.old)?;
+    check_symbol_name(&f("new"), &r.new)?;
+    if let Some(file) = &r.old_file {
+        check_source_path(&f("old_file"), file)?;
+    }
+    let n = r.expect.len();
+    if n == 0 || n > MAX_REWRITE {
+        return Err(invalid(f("expect"), format!("has {n} bytes; it must have 1..{MAX_REWRITE}")));
+    }
+    if r.skip.len() > n
+        || r.skip
+            .iter()
+            .any(|s| !matches!(s.width, 4 | 8) || s.offset as usize + usize::from(s.width) > n)
+    {
+        return Err(invalid(f("skip"), "has a field that is not 4 or 8 bytes inside `expect`"));
+    }
+    Ok(())
+}
+
 fn check_source_path(field: &str, path: &str) -> Result<(), BundleError> {
     if path.trim().is_empty() {
         return Err(invalid(field, "is empty; omit it or give a path"));
@@ -216,11 +286,17 @@ impl Manifest {
                 "is empty; give the kernel release, e.g. 6.1.0",
             ));
         }
-        if self.replacements.is_empty() {
+        if self.replacements.is_empty() && self.rewrites.is_empty() {
             return Err(invalid(
                 "replacements",
-                "is empty; a bundle must replace at least one function",
+                "is empty; a bundle must replace at least one function or rewrite an object",
             ));
+        }
+        for (i, r) in self.rewrites.iter().enumerate() {
+            validate_rewrite(i, r)?;
+            if self.rewrites[..i].iter().any(|o| o.label() == r.label()) {
+                return Err(invalid(format!("rewrites[{i}].old"), format!("`{}` is rewritten twice", r.label())));
+            }
         }
         let mut seen: HashMap<&str, Vec<Option<&str>>> = HashMap::new();
         for (i, r) in self.replacements.iter().enumerate() {

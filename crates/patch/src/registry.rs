@@ -87,6 +87,20 @@ pub struct BundleRecord {
     /// kernel has modules (see `crate::kmod`).
     #[serde(default)]
     pub module: Option<ModuleRecord>,
+    /// Read-only objects rewritten in place, with what they held.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rewrites: Vec<RewriteRecord>,
+}
+
+/// One object a bundle rewrote in place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RewriteRecord {
+    pub object: String,
+    pub va: u64,
+    #[serde(with = "crate::manifest::hex_bytes")]
+    pub original: Vec<u8>,
+    #[serde(with = "crate::manifest::hex_bytes")]
+    pub written: Vec<u8>,
 }
 
 /// A bundle's `struct module`: its address, its name and the memory it covers.
@@ -311,6 +325,7 @@ mod tests {
             apply_pause_us: 0,
             revert_pause_us: None,
             module: None,
+            rewrites: Vec::new(),
         };
         reg.bundles.push(rec("base".into(), BundleState::Applied));
         for i in 0..KEEP_REVERTED + 5 {

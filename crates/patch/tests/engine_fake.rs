@@ -141,6 +141,7 @@ fn a_malformed_record_is_not_reverted_by_guessing() {
         apply_pause_us: 0,
         revert_pause_us: None,
         module: None,
+        rewrites: Vec::new(),
     });
     let mut m = guest_with(&reg, GPA);
     m.mem.write_u64(PD_ENTRY, reg.pd_entries[0].1);

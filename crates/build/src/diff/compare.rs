@@ -3,9 +3,9 @@
 //! A function changed if its bytes, its relocations (compared symbolically, see
 //! [`super::keys`]) or its entries in special tables differ. A difference that is only the
 //! immediate of a `mov $N, %reg` feeding a `__LINE__`-taking call (printk, might_sleep,
-//! WARN) is a moved line, not a change. Data may not change size or initial value; a
-//! changed static read-only object is given to its users as a new copy, which makes those
-//! users changed.
+//! WARN) is a moved line, not a change. Data may not change size, and writable data may not
+//! change its initial value; a changed read-only object of the same size is rewritten in
+//! place in the running kernel (see `lucos_patch::Rewrite`).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -74,6 +74,9 @@ pub(crate) struct Diff<'a> {
     /// Changed `__init` code and data (kernel names): it ran at boot and was freed, so
     /// there is nothing live to patch; reported, not refused.
     pub not_applicable: Vec<String>,
+    /// Changed read-only data rewritten in place in the running kernel (same size; global,
+    /// or pointed to by other data).
+    pub rewrite: HashSet<usize>,
     pub refusals: Vec<Refusal>,
 }
 
@@ -246,7 +249,7 @@ pub(crate) fn compare<'a>(
     let tp = table_entries(patched, &name_p);
     let mut status = vec![Status::Same; patched.symbols.len()];
     let mut refusals = Vec::new();
-    let mut rodata_changed = Vec::new();
+    let mut rewrite = HashSet::new();
     let mut not_applicable = Vec::new();
 
     for p in 0..patched.symbols.len() {
@@ -308,51 +311,14 @@ pub(crate) fn compare<'a>(
             status[p] = Status::LineOnly;
         } else if bo != bp || keys_o != keys_p {
             status[p] = Status::Changed;
-            let (symbol, file) = label();
             if sec.is_write() {
+                let (symbol, file) = label();
                 refusals.push(Refusal::DataInit { symbol, file });
-            } else if !s.is_local() {
-                refusals.push(Refusal::Rodata {
-                    symbol,
-                    file,
-                    reason: "it is global, so code in other files would keep using the old copy"
-                        .into(),
-                });
             } else {
-                rodata_changed.push(p);
-            }
-        }
-    }
-
-    // Users of changed read-only data need the new copy.
-    let changed_set: HashSet<usize> = rodata_changed.iter().copied().collect();
-    if !changed_set.is_empty() {
-        for (u, us) in patched.symbols.iter().enumerate() {
-            let Some(usec) = us.section() else { continue };
-            if !is_item(us) || special::is_ignored(&patched.sections[usec].name) {
-                continue;
-            }
-            for r in patched.sym_relocs(u) {
-                let Target::Sym { sym, .. } = patched.target(usec, r) else {
-                    continue;
-                };
-                if !changed_set.contains(&sym) || sym == u {
-                    continue;
-                }
-                if patched.sections[usec].is_exec() {
-                    if matches!(status[u], Status::Same | Status::LineOnly) {
-                        status[u] = Status::Changed;
-                    }
-                } else {
-                    refusals.push(Refusal::Rodata {
-                        symbol: patched.symbols[sym].name.clone(),
-                        file: file.to_string(),
-                        reason: format!(
-                            "it is referenced from data `{}`, which a patch cannot update",
-                            us.name
-                        ),
-                    });
-                }
+                // Rewritten in place, not copied: a copy would not reach other files' users
+                // or a pointer to it stored at boot (`proc_create(..., &ops)` in __init
+                // code), and its readers need not be replaced.
+                rewrite.insert(p);
             }
         }
     }
@@ -378,6 +344,7 @@ pub(crate) fn compare<'a>(
         via_callers: HashSet::new(),
         no_fentry: HashMap::new(),
         not_applicable,
+        rewrite,
         refusals,
     };
     let mut diff = check_init(diff);

@@ -329,3 +329,40 @@ pub(crate) fn global_defs<'a>(diffs: &'a [Diff<'_>]) -> HashMap<&'a str, (usize,
     }
     globals
 }
+
+/// The manifest entries of the objects the plan rewrites in place: the original compile's
+/// bytes as the run-pre check, with its relocated fields (addresses) left unchecked.
+pub(crate) fn rewrites(diffs: &[Diff<'_>], plan: &Plan) -> Vec<lucos_patch::Rewrite> {
+    plan.rewrites
+        .iter()
+        .filter_map(|(unit, r)| {
+            let d = &diffs[r.obj];
+            let o = d.twin[r.sym]?;
+            let s = &d.orig.symbols[o];
+            let mut expect = d.orig.sym_bytes(o).to_vec();
+            let mut skip = Vec::new();
+            for rel in d.orig.sym_relocs(o) {
+                let width: u8 = match rel.r_type {
+                    object::elf::R_X86_64_64 | object::elf::R_X86_64_PC64 => 8,
+                    object::elf::R_X86_64_NONE => continue,
+                    _ => 4,
+                };
+                let at = (rel.offset - s.value) as usize;
+                if let Some(field) = expect.get_mut(at..at + usize::from(width)) {
+                    field.fill(0);
+                    skip.push(lucos_patch::AbsField {
+                        offset: at as u32,
+                        width,
+                    });
+                }
+            }
+            Some(lucos_patch::Rewrite {
+                old: r.old.clone(),
+                old_file: r.old_file.clone(),
+                new: plan.units[*unit].name.clone(),
+                expect,
+                skip,
+            })
+        })
+        .collect()
+}

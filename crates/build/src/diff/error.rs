@@ -42,15 +42,6 @@ pub enum Refusal {
     )]
     DataInit { symbol: String, file: String },
     #[error(
-        "read-only `{symbol}` ({file}) changed, but {reason}; lucos can only give new \
-         read-only data to the functions it replaces"
-    )]
-    Rodata {
-        symbol: String,
-        file: String,
-        reason: String,
-    },
-    #[error(
         "`{function}` ({file}) changed but has no `call __fentry__` at its entry (it is notrace, \
          noinstr or inline), so lucos has no safe site to redirect it{}; move the change into \
          a traceable function", if .detail.is_empty() { String::new() } else { format!(", and {}", .detail) }
@@ -216,7 +207,6 @@ impl Refusal {
             Refusal::DataLayout { .. } => "data size change".into(),
             Refusal::TypeLayout { .. } => "struct layout change".into(),
             Refusal::DataInit { .. } => "changed initial value of writable data".into(),
-            Refusal::Rodata { .. } => "changed read-only data".into(),
             Refusal::NoFentry { .. } => "changed function without fentry site".into(),
             Refusal::NotRedirectable { .. } => "function cannot be redirected".into(),
             Refusal::RunPre { .. } => "run-pre mismatch".into(),

@@ -83,6 +83,8 @@ pub(crate) struct Plan {
     /// alias when statics of one name from two files are both used.
     pub bundle_names: HashMap<(String, Option<String>), String>,
     pub redirects: Vec<Redirect>,
+    /// Read-only objects rewritten in place: (unit holding the new content, the object).
+    pub rewrites: Vec<(usize, Redirect)>,
     pub refusals: Vec<Refusal>,
 }
 
@@ -125,6 +127,20 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
                 sym: p,
                 old: os.name.clone(),
                 old_file: os.is_local().then_some(file),
+            });
+            queue.push_back((oi, UnitKind::Item(p)));
+        }
+    }
+    // The new content of objects rewritten in place is linked like new read-only data.
+    let mut rewrites = Vec::new();
+    for (oi, d) in diffs.iter().enumerate() {
+        for &p in &d.rewrite {
+            let s = &d.patched.symbols[p];
+            rewrites.push(Redirect {
+                obj: oi,
+                sym: p,
+                old: d.kernel_name(p).to_string(),
+                old_file: s.is_local().then(|| d.file.clone()),
             });
             queue.push_back((oi, UnitKind::Item(p)));
         }
@@ -226,6 +242,10 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
             }
         }
     }
+    for r in rewrites {
+        let unit = plan.index[&(r.obj, UnitKind::Item(r.sym))];
+        plan.rewrites.push((unit, r));
+    }
     plan
 }
 
@@ -259,6 +279,8 @@ pub(crate) fn external_file(d: &Diff<'_>, sec: usize, r: &Rel) -> Option<String>
 
 fn unit_name(d: &Diff<'_>, kind: UnitKind, taken: &mut BTreeSet<String>) -> String {
     let base = match kind {
+        // Not the kernel's name, which the new code uses for the live object.
+        UnitKind::Item(p) if d.rewrite.contains(&p) => format!("{}.lucos_rewrite", d.kernel_name(p)),
         UnitKind::Item(p) => d.kernel_name(p).to_string(),
         UnitKind::Section(s) => return d.patched.sections[s].name.clone(),
     };
@@ -360,8 +382,8 @@ pub(crate) fn resolve(
                     )),
                     None => include,
                 },
-                // Changed read-only data gets a new copy (other changes were refused).
-                Status::Changed if !o.sections[tsec].is_write() => include,
+                // Changed read-only data is rewritten in place (other changes were refused):
+                // the new code uses the live object, like everyone.
                 _ => external,
             }
         }

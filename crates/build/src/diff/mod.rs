@@ -222,7 +222,7 @@ pub fn build(
                 report: Box::new(report),
             });
         }
-        if plan.redirects.is_empty() {
+        if plan.redirects.is_empty() && plan.rewrites.is_empty() {
             report.times.total = started.elapsed();
             let line_only: usize = report.objects.iter().map(|o| o.line_only.len()).sum();
             let init: usize = report.objects.iter().map(|o| o.not_applicable.len()).sum();
@@ -501,6 +501,7 @@ fn emit_bundle(
         replacements,
         resolve,
         aliases,
+        rewrites: emit::rewrites(diffs, plan),
     };
     let bundle = lucos_patch::pack(&object, &manifest)?;
     let parsed = Bundle::parse(&bundle)?;

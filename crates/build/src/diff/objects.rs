@@ -24,6 +24,8 @@ pub struct ObjectDiff {
     pub not_applicable: Vec<String>,
     /// Matched (original, patched) symbols whose names differ (compiler renumbering).
     pub renamed: Vec<(String, String)>,
+    /// Read-only objects rewritten in place (kernel names).
+    pub rewritten: Vec<String>,
     /// Symbols copied into the bundle.
     pub included: Vec<String>,
     /// Kernel symbols the bundle would link against.
@@ -66,13 +68,14 @@ pub fn compare_objects(
     let plan = include::plan(&diffs);
     out.redirected = plan.redirects.iter().map(|r| r.old.clone()).collect();
     out.included = plan.units.iter().map(|u| u.name.clone()).collect();
+    out.rewritten = plan.rewrites.iter().map(|(_, r)| r.old.clone()).collect();
     out.external = plan.externals.keys().cloned().collect();
     // The same object-level checks as a build: type layouts and exports.
     out.refusals = super::verify::layout_refusals(file, file, orig, patched)?;
     out.refusals
         .extend(super::verify::new_exports(&o, &p, file));
     out.refusals.extend(plan.refusals.iter().cloned());
-    if out.refusals.is_empty() && !plan.redirects.is_empty() {
+    if out.refusals.is_empty() && !(plan.redirects.is_empty() && plan.rewrites.is_empty()) {
         out.object = Some(emit::write_object(&diffs, &plan)?);
     }
     Ok(out)

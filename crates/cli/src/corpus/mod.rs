@@ -47,6 +47,9 @@ pub struct CorpusArgs {
     /// Build only; do not boot a guest.
     #[arg(long)]
     pub no_live: bool,
+    /// Do not build; only apply what earlier runs built (and report).
+    #[arg(long, conflicts_with = "no_live")]
+    pub no_build: bool,
     /// Forget earlier results of this update and start again.
     #[arg(long)]
     pub fresh: bool,
@@ -57,8 +60,9 @@ pub struct CorpusArgs {
     #[arg(long)]
     pub markdown: Option<PathBuf>,
     /// Most objects a unit may make the builder recompile: headers used by more objects
-    /// are left out of combined units and not measured on their own.
-    #[arg(long, default_value_t = 300)]
+    /// are left out of combined units and not measured on their own. A later run with a
+    /// larger value redoes what the smaller one limited.
+    #[arg(long, default_value_t = 100)]
     pub max_objects: usize,
     /// Parallel compiles per build.
     #[arg(long, default_value_t = 2)]
@@ -138,7 +142,7 @@ fn scan(g: &Guest, cache: &Path, args: &CorpusArgs, kernel: &str) -> Result<Stat
         }
     }
     let scope = scope::classify(&changed, &objects, &modules);
-    let units = units::units(&scope, &objects, &a, units::Budget(args.max_objects));
+    let units = units::units(&scope, &objects, &a);
     println!(
         "scope: {} changed files, {} changed C files, {} in this kernel; {} relevant headers; {} units",
         scope.all,
@@ -163,12 +167,22 @@ fn short(b: &Built, n: usize) -> String {
 
 fn build_stage(args: &CorpusArgs, g: &Guest, cache: &Path, dir: &Path, st: &mut State, path: &Path) -> Result<()> {
     let (a, b) = (source::ensure(cache, &args.from)?, source::ensure(cache, &args.to)?);
+    // Not built yet, or limited by a smaller budget than this run's.
+    let redo = |u: &Unit| match st.results.get(&u.id).and_then(|r| r.build.as_ref()) {
+        None => true,
+        Some(b) => b.budget_limited() && b.budget < args.max_objects,
+    };
     let todo: Vec<Unit> = st
         .units
         .iter()
-        .filter(|u| selected(args, u) && st.results.get(&u.id).is_none_or(|r| r.build.is_none()))
+        .filter(|u| selected(args, u) && redo(u))
         .cloned()
         .collect();
+    let users: BTreeMap<String, usize> = st.scope.headers.iter().cloned().collect();
+    let budget = outcome::Budget {
+        max_objects: args.max_objects,
+        users: &users,
+    };
     let (diffs, bundles) = (dir.join("diffs"), dir.join("bundles"));
     let paths = outcome::Paths {
         from: &a,
@@ -179,9 +193,12 @@ fn build_stage(args: &CorpusArgs, g: &Guest, cache: &Path, dir: &Path, st: &mut 
     };
     let mut steps = Steps::new("build", todo.len());
     for u in &todo {
-        let r = outcome::build(&paths, u, args.jobs)?;
+        let r = outcome::build(&paths, u, &budget, args.jobs)?;
         steps.step(&u.id, &format!("{} in {:.1} s", short(&r.built, r.functions.changed.len()), r.seconds));
-        st.record(&u.id).build = Some(r);
+        let rec = st.record(&u.id);
+        rec.build = Some(r);
+        // A rebuilt bundle has not been tried live yet.
+        rec.live = None;
         st.save(path)?;
     }
     Ok(())
@@ -268,7 +285,9 @@ pub fn corpus(args: CorpusArgs) -> Result<()> {
         None => scan(&g, &cache, &args, &kernel)?,
     };
     st.save(&path)?;
-    build_stage(&args, &g, &cache, &dir, &mut st, &path)?;
+    if !args.no_build {
+        build_stage(&args, &g, &cache, &dir, &mut st, &path)?;
+    }
     if !args.no_live {
         live_stage(&args, &g, &mut st, &path)?;
     }

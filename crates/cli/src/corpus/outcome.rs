@@ -1,5 +1,6 @@
 //! Building one unit: its diff, the bundle, and what became of it.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -46,7 +47,42 @@ pub struct BuildResult {
     /// The candidate headers were added because the source did not compile alone.
     #[serde(default)]
     pub with_headers: bool,
+    /// Changed headers left out of the unit for the budget.
+    #[serde(default)]
+    pub left_out: Vec<String>,
+    /// The `--max-objects` of the build, so that a run with a larger one redoes it.
+    #[serde(default)]
+    pub budget: usize,
     pub seconds: f64,
+}
+
+impl BuildResult {
+    /// A larger budget could change this result.
+    pub fn budget_limited(&self) -> bool {
+        matches!(self.built, Built::NotMeasured { .. }) || !self.left_out.is_empty()
+    }
+}
+
+/// How many objects one unit may make the builder recompile. A header used by more
+/// objects is left out of combined units (a source's retry, the whole update) and its own
+/// unit is reported as not measured, instead of every unit that touches it recompiling
+/// half the kernel.
+pub struct Budget<'a> {
+    pub max_objects: usize,
+    /// Header -> objects of this kernel compiled with it.
+    pub users: &'a BTreeMap<String, usize>,
+}
+
+impl Budget<'_> {
+    fn fits(&self, file: &str) -> bool {
+        self.users.get(file).is_none_or(|&n| n <= self.max_objects)
+    }
+
+    /// `unit` without the headers over the budget, and those headers.
+    fn trim(&self, unit: &Unit) -> (Unit, Vec<String>) {
+        let (files, left_out) = unit.files.iter().cloned().partition(|f| self.fits(f));
+        (Unit { files, ..unit.clone() }, left_out)
+    }
 }
 
 fn functions_of(report: &BuildReport) -> Functions {
@@ -129,38 +165,50 @@ pub struct Paths<'a> {
 }
 
 /// Builds `unit`: alone first, then with its candidate headers if it does not compile
-/// alone.
-pub fn build(p: &Paths<'_>, unit: &Unit, jobs: usize) -> Result<BuildResult> {
+/// alone; headers over the budget are left out (and said so).
+pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Result<BuildResult> {
     let started = Instant::now();
     let diff_path = p.diffs.join(format!("{}.patch", unit.id));
-    let text = unit_diff(p.from, p.to, unit)?;
+    let (trimmed, left_out) = budget.trim(unit);
+    let text = unit_diff(p.from, p.to, &trimmed)?;
     std::fs::write(&diff_path, &text).with_context(|| format!("writing {}", diff_path.display()))?;
     let early = match unit.kind {
         UnitKind::Module => Some(Built::Unsupported {
             cause: "module code (lucos build builds vmlinux code from diffs)".into(),
         }),
-        _ if unit.files.is_empty() => Some(Built::NotMeasured {
-            reason: format!("{} is used by too many objects (over --max-objects)", unit.left_out.join(", ")),
+        _ if trimmed.files.is_empty() => Some(Built::NotMeasured {
+            reason: format!(
+                "{} is used by more than {} objects",
+                left_out.join(", "),
+                budget.max_objects
+            ),
         }),
         _ => None,
     };
-    if let Some(built) = early {
-        return Ok(BuildResult {
+    let mut r = match early {
+        Some(built) => BuildResult {
             built,
             functions: hunk_functions(&text),
             with_headers: false,
+            left_out: Vec::new(),
+            budget: 0,
             seconds: 0.0,
-        });
-    }
-    let mut r = build_once(p.kernel_dir, unit, &diff_path, &text, p.bundles, jobs)?;
-    if matches!(&r.built, Built::ToolError { kind, .. } if kind == "does not compile alone") && !unit.candidates.is_empty() {
-        let mut with = unit.clone();
+        },
+        None => build_once(p.kernel_dir, &trimmed, &diff_path, &text, p.bundles, jobs)?,
+    };
+    r.left_out = left_out;
+    let alone_failed = matches!(&r.built, Built::ToolError { kind, .. } if kind == "does not compile alone");
+    if alone_failed && !unit.candidates.is_empty() {
+        let mut with = trimmed.clone();
         with.files.extend(unit.candidates.iter().cloned());
+        let (with, left_out) = budget.trim(&with);
         let text = unit_diff(p.from, p.to, &with)?;
         std::fs::write(&diff_path, &text)?;
         r = build_once(p.kernel_dir, &with, &diff_path, &text, p.bundles, jobs)?;
         r.with_headers = true;
+        r.left_out = left_out;
     }
+    r.budget = budget.max_objects;
     r.seconds = started.elapsed().as_secs_f64();
     Ok(r)
 }
@@ -205,6 +253,8 @@ fn build_once(kernel_dir: &Path, unit: &Unit, diff_path: &Path, text: &str, bund
         built,
         functions,
         with_headers: false,
+        left_out: Vec::new(),
+        budget: 0,
         seconds: 0.0,
     })
 }

@@ -106,6 +106,14 @@ pub fn summarize(s: &State) -> Summary {
         let l = label(&b.built, r.live.as_ref());
         if u.kind == UnitKind::Whole {
             sum.whole_update = format!("{l} ({} functions)", b.functions.changed.len());
+            if !b.left_out.is_empty() {
+                sum.whole_update += &format!(
+                    ", without {} headers used by more than {} objects ({})",
+                    b.left_out.len(),
+                    b.budget,
+                    b.left_out.join(", ")
+                );
+            }
             continue;
         }
         let f = &b.functions;

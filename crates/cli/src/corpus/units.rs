@@ -9,8 +9,8 @@
 //! is first built alone (most fixes are one file) and with those headers only when it does
 //! not compile alone. Every changed header is also a unit of its own, for which the builder
 //! recompiles every object that uses it. The whole update is one more unit: what a user
-//! would install. Headers used by more objects than the [`Budget`] are left out of
-//! combined units and measured, if at all, on their own.
+//! would install. How many objects one unit may recompile is bounded at build time (see
+//! `outcome::Budget`).
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -45,16 +45,7 @@ pub struct Unit {
     /// Changed headers a source unit may need, added when it does not compile alone.
     #[serde(default)]
     pub candidates: Vec<String>,
-    /// Changed headers left out because too many objects use them (see [`Budget`]).
-    #[serde(default)]
-    pub left_out: Vec<String>,
 }
-
-/// How many objects a unit may make the builder recompile. A header used by more objects
-/// than this is built only in a unit of its own when it fits, and otherwise reported as
-/// not measured, instead of making every unit that touches it recompile half the kernel.
-#[derive(Debug, Clone, Copy)]
-pub struct Budget(pub usize);
 
 /// `#include` targets of `source` that are among `headers`: `"x.h"` beside the file, and
 /// `<x.h>` under the kernel's include directories.
@@ -107,14 +98,8 @@ fn unit_id(n: usize, path: &str) -> String {
 }
 
 /// The units of `scope`. `tree` is the original source tree (for `#include` lines).
-pub fn units(scope: &Scope, objects: &[KbuildObject], tree: &Path, budget: Budget) -> Vec<Unit> {
+pub fn units(scope: &Scope, objects: &[KbuildObject], tree: &Path) -> Vec<Unit> {
     let headers: BTreeSet<&str> = scope.headers.iter().map(|(h, _)| h.as_str()).collect();
-    let wide: BTreeSet<&str> = scope
-        .headers
-        .iter()
-        .filter(|(_, n)| *n > budget.0)
-        .map(|(h, _)| h.as_str())
-        .collect();
     let mut out = Vec::new();
     for source in &scope.builtin {
         let mut deps: BTreeSet<String> = objects
@@ -125,31 +110,21 @@ pub fn units(scope: &Scope, objects: &[KbuildObject], tree: &Path, budget: Budge
             .cloned()
             .collect();
         deps.extend(direct_includes(tree, source, &headers));
-        let (left_out, candidates): (Vec<String>, Vec<String>) =
-            deps.into_iter().partition(|h| wide.contains(h.as_str()));
         out.push(Unit {
             id: unit_id(out.len() + 1, source),
             kind: UnitKind::Source,
             main: source.clone(),
             files: vec![source.clone()],
-            candidates,
-            left_out,
+            candidates: deps.into_iter().collect(),
         });
     }
     for (header, _) in &scope.headers {
-        // Over the budget, the unit carries nothing and says what it left out.
-        let (files, left_out) = if wide.contains(header.as_str()) {
-            (Vec::new(), vec![header.clone()])
-        } else {
-            (vec![header.clone()], Vec::new())
-        };
         out.push(Unit {
             id: unit_id(out.len() + 1, header),
             kind: UnitKind::Header,
             main: header.clone(),
-            files,
+            files: vec![header.clone()],
             candidates: Vec::new(),
-            left_out,
         });
     }
     for (source, _) in &scope.module {
@@ -159,24 +134,16 @@ pub fn units(scope: &Scope, objects: &[KbuildObject], tree: &Path, budget: Budge
             main: source.clone(),
             files: vec![source.clone()],
             candidates: Vec::new(),
-            left_out: Vec::new(),
         });
     }
     let mut all: Vec<String> = scope.builtin.clone();
-    all.extend(
-        scope
-            .headers
-            .iter()
-            .map(|(h, _)| h.clone())
-            .filter(|h| !wide.contains(h.as_str())),
-    );
+    all.extend(scope.headers.iter().map(|(h, _)| h.clone()));
     out.push(Unit {
         id: "whole-update".into(),
         kind: UnitKind::Whole,
         main: String::new(),
         files: all,
         candidates: Vec::new(),
-        left_out: wide.iter().map(|h| h.to_string()).collect(),
     });
     out
 }
@@ -212,7 +179,7 @@ mod tests {
             module: vec![("fs/isofs/inode.c".into(), "isofs".into())],
             ..Scope::default()
         };
-        let u = units(&scope, &objects, t.path(), Budget(2));
+        let u = units(&scope, &objects, t.path());
         let kinds: Vec<UnitKind> = u.iter().map(|u| u.kind).collect();
         use UnitKind::*;
         assert_eq!(kinds, [Source, Header, Header, Header, Header, Module, Whole]);
@@ -221,10 +188,8 @@ mod tests {
             u[0].candidates,
             ["fs/internal.h", "include/linux/fs.h", "include/linux/macros.h"]
         );
-        assert!(u[4].files.is_empty() && u[4].left_out == ["include/linux/net.h"]);
-        // net.h is used by 3 objects, over the budget of 2: left out of the whole update.
-        assert_eq!(u[6].files.len(), 4, "{:?}", u[6].files);
-        assert_eq!(u[6].left_out, ["include/linux/net.h"]);
+        assert_eq!(u[4].files, ["include/linux/net.h"]);
+        assert_eq!(u[6].files.len(), 5, "every vmlinux change: {:?}", u[6].files);
         assert!(u.iter().all(|u| u.id.len() <= 48), "{u:?}");
         assert_eq!(u[0].id, "u001-fs-pipe.c");
     }

@@ -187,6 +187,7 @@ pub fn snippet_bundle(id: &str, source: &str) -> lucos_patch::Bundle {
         .unwrap()],
         resolve: Default::default(),
         aliases: Default::default(),
+        rewrites: Vec::new(),
     };
     let bytes = lucos_patch::pack(&obj, &manifest).unwrap();
     std::fs::write(bundle_path(id), &bytes).unwrap();

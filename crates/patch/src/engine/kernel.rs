@@ -116,12 +116,22 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                 .map_err(kmod::KmodError::from)?
             }
         };
-        for w in writes {
-            let pa = paging::translate(&*self.m, cr3, w.va)?.pa;
+        let words: Vec<(u64, u64)> = writes.iter().map(|w| (w.va, w.value)).collect();
+        self.write_words(&words, undo)
+    }
+
+    /// Inside the pause: writes kernel words computed before it, recording the old ones.
+    pub(super) fn write_words(
+        &mut self,
+        words: &[(u64, u64)],
+        undo: &mut KernelUndo,
+    ) -> Result<(), EngineError> {
+        for &(va, value) in words {
+            let pa = paging::translate(&*self.m, self.layout.cr3, va)?.pa;
             let mut old = [0u8; 8];
             self.m.read_phys(pa, &mut old)?;
             undo.push((pa, old));
-            self.m.write_phys_data(pa, &w.value.to_le_bytes())?;
+            self.m.write_phys_data(pa, &value.to_le_bytes())?;
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use lucos_introspect::Machine;
 
 use super::kernel::{KernelEdit, KernelUndo};
+use super::rewrite::WordWrite;
 use super::{EngineError, Session, Site, SwitchFailure};
 use crate::registry::{BundleState, Header, Registry};
 
@@ -18,14 +19,15 @@ impl<M: Machine + ?Sized> Session<'_, M> {
     /// live `jmp` nobody knows about); otherwise after (revert). On failure
     /// the sites, the kernel words of `edit` and the registry are restored before resuming.
     /// `edit` (linking or unlinking the bundle's `struct module`) is computed inside the
-    /// pause, from the kernel's state at that instant.
+    /// pause, from the kernel's state at that instant; `data` (objects rewritten in place)
+    /// is written after it, with the same undo.
     pub(super) fn switch(
         &mut self,
         sites: &[(&Site, [u8; 5])],
         header: &Header,
         reg: &mut Registry,
         record_first: bool,
-        edit: &KernelEdit<'_>,
+        (edit, data): (&KernelEdit<'_>, &[WordWrite]),
         update: impl FnOnce(&mut Registry),
     ) -> Result<Duration, SwitchFailure> {
         let fail = |error: EngineError| SwitchFailure {
@@ -64,6 +66,9 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         let mut kernel_undo = KernelUndo::new();
         if result.is_ok() {
             result = self.edit_kernel(edit, before.module_bounds, &mut kernel_undo);
+        }
+        if result.is_ok() {
+            result = self.write_words(data, &mut kernel_undo);
         }
         if result.is_ok() {
             for ((site, bytes), done) in sites.iter().zip(&done) {

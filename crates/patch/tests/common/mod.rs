@@ -81,6 +81,7 @@ pub fn manifest(news: &[&str]) -> Manifest {
             .collect(),
         resolve: Default::default(),
         aliases: Default::default(),
+        rewrites: Vec::new(),
     }
 }
 
