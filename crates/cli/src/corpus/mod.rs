@@ -2,12 +2,13 @@
 //! guest, smoke-tested and reverted, with the coverage it reaches.
 //!
 //! The pipeline: sources (fetch both versions) → scope (what this kernel contains) →
-//! units (a changed file with the headers it needs) → build → live (apply, smoke, revert)
-//! → report. Every step's result goes into a state file at once, so a run can be stopped
+//! units (a changed file with the headers it needs) → build, and beside it live (apply,
+//! smoke, revert) → report. Every step's result goes into a state file at once, so a run can be stopped
 //! and resumed, and the report can be printed from it at any time.
 
 mod live;
 mod outcome;
+mod pipeline;
 mod report;
 mod scope;
 mod source;
@@ -15,19 +16,13 @@ mod state;
 mod units;
 
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::guest::{Flavour, Guest, GuestSel};
-use crate::run::VmOpts;
-use live::LiveGuest;
-use outcome::Built;
 use state::State;
-use units::{Unit, UnitKind};
 
 #[derive(Debug, Args)]
 pub struct CorpusArgs {
@@ -50,6 +45,10 @@ pub struct CorpusArgs {
     /// Do not build; only apply what earlier runs built (and report).
     #[arg(long, conflicts_with = "no_live")]
     pub no_build: bool,
+    /// Build again the units whose outcome mentions one of these strings (e.g. a refusal
+    /// cause that a newer lucos removed).
+    #[arg(long)]
+    pub redo: Vec<String>,
     /// Forget earlier results of this update and start again.
     #[arg(long)]
     pub fresh: bool,
@@ -70,59 +69,6 @@ pub struct CorpusArgs {
     /// tcg everywhere; kvm only on hosts with a working /dev/kvm.
     #[arg(long, value_parser = ["tcg", "kvm"], default_value = "tcg")]
     pub accel: String,
-}
-
-/// A line per step when stdout is not a terminal, a bar when it is.
-struct Steps {
-    bar: Option<ProgressBar>,
-    stage: &'static str,
-    total: usize,
-    done: usize,
-}
-
-impl Steps {
-    fn new(stage: &'static str, total: usize) -> Self {
-        let bar = std::io::stdout().is_terminal().then(|| {
-            let b = ProgressBar::new(total as u64);
-            b.set_style(
-                ProgressStyle::with_template("{prefix:>6} [{bar:30}] {pos}/{len} {msg}")
-                    .expect("template")
-                    .progress_chars("=> "),
-            );
-            b.set_prefix(stage);
-            b
-        });
-        Steps { bar, stage, total, done: 0 }
-    }
-
-    fn step(&mut self, id: &str, what: &str) {
-        self.done += 1;
-        match &self.bar {
-            Some(b) => {
-                b.inc(1);
-                b.set_message(format!("{id}: {what}"));
-            }
-            None => println!("{} {}/{} {id}: {what}", self.stage, self.done, self.total),
-        }
-    }
-}
-
-impl Drop for Steps {
-    fn drop(&mut self) {
-        if let Some(b) = &self.bar {
-            b.finish_and_clear();
-        }
-    }
-}
-
-/// `--only` matches a unit's id or the file it is about (so a file's name selects its
-/// unit, not the whole update, which carries every file).
-fn selected(args: &CorpusArgs, u: &Unit) -> bool {
-    args.only.is_empty()
-        || args
-            .only
-            .iter()
-            .any(|s| u.id.contains(s.as_str()) || u.main.contains(s.as_str()))
 }
 
 /// Scope and units of the update, from both source trees and the guest kernel.
@@ -154,110 +100,6 @@ fn scan(g: &Guest, cache: &Path, args: &CorpusArgs, kernel: &str) -> Result<Stat
     Ok(State::new(&args.from, &args.to, kernel, scope, units))
 }
 
-fn short(b: &Built, n: usize) -> String {
-    match b {
-        Built::Bundle { replaced, .. } => format!("built ({} replaced, {n} functions)", replaced.len()),
-        Built::NoChange { reason } => format!("no change: {reason}"),
-        Built::Refused { refusals } => format!("refused: {}", refusals.first().map_or("", |r| r.0.as_str())),
-        Built::ToolError { kind, .. } => format!("tool error: {kind}"),
-        Built::Unsupported { cause } => format!("not supported: {cause}"),
-        Built::NotMeasured { reason } => format!("not measured: {reason}"),
-    }
-}
-
-fn build_stage(args: &CorpusArgs, g: &Guest, cache: &Path, dir: &Path, st: &mut State, path: &Path) -> Result<()> {
-    let (a, b) = (source::ensure(cache, &args.from)?, source::ensure(cache, &args.to)?);
-    // Not built yet, or limited by a smaller budget than this run's.
-    let redo = |u: &Unit| match st.results.get(&u.id).and_then(|r| r.build.as_ref()) {
-        None => true,
-        Some(b) => b.budget_limited() && b.budget < args.max_objects,
-    };
-    let todo: Vec<Unit> = st
-        .units
-        .iter()
-        .filter(|u| selected(args, u) && redo(u))
-        .cloned()
-        .collect();
-    let users: BTreeMap<String, usize> = st.scope.headers.iter().cloned().collect();
-    let budget = outcome::Budget {
-        max_objects: args.max_objects,
-        users: &users,
-    };
-    let (diffs, bundles) = (dir.join("diffs"), dir.join("bundles"));
-    let paths = outcome::Paths {
-        from: &a,
-        to: &b,
-        kernel_dir: &g.kernel_dir,
-        diffs: &diffs,
-        bundles: &bundles,
-    };
-    let mut steps = Steps::new("build", todo.len());
-    for u in &todo {
-        let r = outcome::build(&paths, u, &budget, args.jobs)?;
-        steps.step(&u.id, &format!("{} in {:.1} s", short(&r.built, r.functions.changed.len()), r.seconds));
-        let rec = st.record(&u.id);
-        rec.build = Some(r);
-        // A rebuilt bundle has not been tried live yet.
-        rec.live = None;
-        st.save(path)?;
-    }
-    Ok(())
-}
-
-fn live_stage(args: &CorpusArgs, g: &Guest, st: &mut State, path: &Path) -> Result<()> {
-    let todo: Vec<(Unit, PathBuf)> = st
-        .units
-        .iter()
-        .filter(|u| selected(args, u))
-        .filter_map(|u| {
-            let r = st.results.get(&u.id)?;
-            match (&r.build.as_ref()?.built, &r.live) {
-                (Built::Bundle { bundle, .. }, None) => Some((u.clone(), bundle.clone())),
-                _ => None,
-            }
-        })
-        .collect();
-    let opts = VmOpts {
-        name: format!("corpus-{}", std::process::id()),
-        vcpus: 2,
-        mem: 512,
-        patch_mem: 64,
-        accel: args.accel.clone(),
-        guest: GuestSel {
-            flavour: Flavour::Debian,
-            kernel_version: args.from.clone(),
-        },
-        append: String::new(),
-        qemu: "qemu-system-x86_64".into(),
-    };
-    let mut steps = Steps::new("live", todo.len());
-    let mut guest: Option<LiveGuest> = None;
-    for (u, bundle) in &todo {
-        // The whole update goes on a guest of its own, as a user would install it.
-        if u.kind == UnitKind::Whole {
-            guest = None;
-        }
-        let lg = match guest.as_mut() {
-            Some(lg) => lg,
-            None => guest.insert(LiveGuest::boot(&opts, g)?),
-        };
-        let mut live = lg.exercise(bundle);
-        if live.apply_error.is_some() {
-            // Out of patch memory or registry space on a long-used guest: once more, fresh.
-            guest = None;
-            live = guest.insert(LiveGuest::boot(&opts, g)?).exercise(bundle);
-        }
-        if live.broke_guest() {
-            guest = None;
-        }
-        let what = if live.passed() { "passed".to_string() } else { format!("FAILED {}", serde_json::to_string(&live)?) };
-        steps.step(&u.id, &what);
-        st.record(&u.id).live = Some(live);
-        st.save(path)?;
-    }
-    Ok(())
-}
-
 pub fn corpus(args: CorpusArgs) -> Result<()> {
     let g = GuestSel {
         flavour: Flavour::Debian,
@@ -285,12 +127,7 @@ pub fn corpus(args: CorpusArgs) -> Result<()> {
         None => scan(&g, &cache, &args, &kernel)?,
     };
     st.save(&path)?;
-    if !args.no_build {
-        build_stage(&args, &g, &cache, &dir, &mut st, &path)?;
-    }
-    if !args.no_live {
-        live_stage(&args, &g, &mut st, &path)?;
-    }
+    pipeline::run(&args, &g, &cache, &dir, &mut st, &path)?;
     let sum = report::summarize(&st);
     let md = report::markdown(&sum);
     if args.json {
