@@ -349,6 +349,27 @@ fn changed_rodata_pointed_to_by_data_is_rewritten_in_place() {
     assert!(d.redirected.is_empty(), "no code changed: {:?}", d.redirected);
 }
 
+/// BTF ID entries are named with `__COUNTER__` and `__LINE__` pasted in, so a diff that
+/// moves lines renames them; they match by their order, and a table pointing to one is
+/// unchanged.
+#[test]
+fn renamed_btf_id_entries_are_the_same_entries() {
+    let entry = |n: u32| {
+        format!(
+            "asm(\".pushsection .BTF_ids,\\\"a\\\"\\n.local __BTF_ID__struct__foo__{n}\\n\\
+             .type __BTF_ID__struct__foo__{n}, @object\\n.size __BTF_ID__struct__foo__{n}, 4\\n\\
+             __BTF_ID__struct__foo__{n}:\\n.zero 4\\n.popsection\");\n\
+             extern unsigned int __BTF_ID__struct__foo__{n};\n\
+             const struct {{ unsigned int *id; int (*f)(int); }} foo_ops = {{ &__BTF_ID__struct__foo__{n}, ext }};\n"
+        )
+    };
+    let orig = format!("{PRELUDE}{}", entry(1234));
+    let patched = format!("{PRELUDE}\n\n{}", entry(5678));
+    let d = diff(&orig, &patched);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert!(d.rewritten.is_empty(), "a renamed BTF ID is not a change: {:?}", d.rewritten);
+}
+
 #[test]
 fn init_changes_are_not_applicable_and_the_rest_builds() {
     let orig = format!(

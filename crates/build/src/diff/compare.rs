@@ -310,6 +310,9 @@ pub(crate) fn compare<'a>(
         } else if keys_o == keys_p && special::dyndbg_line_only(&sec.name, bo, bp, moved) {
             status[p] = Status::LineOnly;
         } else if bo != bp || keys_o != keys_p {
+            if tracing::enabled!(tracing::Level::DEBUG) {
+                explain(&s.name, &keys_o, &keys_p, bo == bp);
+            }
             status[p] = Status::Changed;
             if sec.is_write() {
                 let (symbol, file) = label();

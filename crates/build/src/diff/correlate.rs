@@ -38,6 +38,13 @@ fn candidates(o: &Obj) -> Vec<usize> {
         .collect()
 }
 
+/// `__BTF_ID__<kind>__<name>` of a BTF ID entry `__BTF_ID__<kind>__<name>__<n>`.
+fn btf_id_stem(name: &str) -> Option<&str> {
+    let (stem, n) = name.rsplit_once("__")?;
+    (stem.starts_with("__BTF_ID__") && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .then_some(stem)
+}
+
 /// Patched symbol -> original symbol, and the patched function-scope statics that match
 /// one of several original ones without telling which (see [`correlate`]).
 pub(crate) struct Correlation {
@@ -78,6 +85,39 @@ pub(crate) fn correlate(orig: &Obj, patched: &Obj) -> Correlation {
                 twin[p] = Some(o);
                 taken.insert(o);
             }
+        }
+    }
+
+    // 1b. BTF ID entries (`__BTF_ID__struct__bpf_htab__<n>`): `n` pastes `__COUNTER__` and
+    // `__LINE__`, so moved lines rename entries that are the same. Entries of one stem
+    // match in the order they have in their section, when both sides have as many.
+    let btf_entries = |o: &Obj, syms: &[usize]| {
+        let mut by_stem: BTreeMap<String, Vec<(usize, u64, usize)>> = BTreeMap::new();
+        for &i in syms {
+            if let Some(stem) = btf_id_stem(&o.symbols[i].name) {
+                let s = &o.symbols[i];
+                by_stem
+                    .entry(stem.to_owned())
+                    .or_default()
+                    .push((s.section().unwrap_or(0), s.value, i));
+            }
+        }
+        for v in by_stem.values_mut() {
+            v.sort();
+        }
+        by_stem
+    };
+    let ob = btf_entries(orig, &oc);
+    for (stem, ps) in btf_entries(patched, &pc) {
+        match ob.get(&stem) {
+            Some(os) if os.len() == ps.len() => {
+                for (&(_, _, o), &(_, _, p)) in os.iter().zip(&ps) {
+                    if twin[p].is_none() && taken.insert(o) {
+                        twin[p] = Some(o);
+                    }
+                }
+            }
+            _ => {}
         }
     }
 
