@@ -167,4 +167,46 @@ impl LiveGuest {
         live.after_revert = Some(self.check(true));
         live
     }
+
+    /// Several bundles at once: all applied, one smoke run, all reverted (newest first),
+    /// one check. The checks of a batch that passed hold for each of its bundles (each ran
+    /// the suite while applied); a batch that failed is run again bundle by bundle, so a
+    /// failure is always pinned on one bundle. Returns whether the guest is still good.
+    pub fn exercise_batch(&mut self, bundles: &[(String, std::path::PathBuf)]) -> (Vec<(String, Live)>, bool) {
+        if bundles.len() == 1 {
+            let live = self.exercise(&bundles[0].1);
+            let good = !live.broke_guest();
+            return (vec![(bundles[0].0.clone(), live)], good);
+        }
+        let mut applied = Vec::new();
+        let mut out: Vec<(String, Live)> = Vec::new();
+        for (id, path) in bundles {
+            let mut live = Live::default();
+            match load_bundle(path).and_then(|b| Ok((apply_bundle(&mut self.a, &b)?, b))) {
+                Ok((r, b)) => {
+                    live.pause_us = Some(r.pause.as_micros() as u64);
+                    applied.push((out.len(), b.manifest().id.clone()));
+                }
+                Err(e) => live.apply_error = Some(format!("{e:#}")),
+            }
+            out.push((id.clone(), live));
+        }
+        let after_apply = self.check(false);
+        let mut revert_failed = false;
+        for (i, id) in applied.iter().rev() {
+            if let Err(e) = revert_bundle(&mut self.a, id) {
+                out[*i].1.revert_error = Some(format!("{e:#}"));
+                revert_failed = true;
+            }
+        }
+        let after_revert = self.check(true);
+        if !after_apply.passed() || !after_revert.passed() || revert_failed {
+            return (out, false);
+        }
+        for (i, _) in &applied {
+            out[*i].1.after_apply = Some(after_apply.clone());
+            out[*i].1.after_revert = Some(after_revert.clone());
+        }
+        (out, true)
+    }
 }

@@ -148,8 +148,12 @@ fn vm_opts(args: &CorpusArgs) -> VmOpts {
     }
 }
 
-/// The live worker: one guest for unit after unit, a fresh one after a unit broke it and
-/// for the whole update.
+/// Bundles applied together before one smoke run (see [`LiveGuest::exercise_batch`]).
+const BATCH: usize = 8;
+
+/// The live worker: one guest for batch after batch of what is built, a fresh one after a
+/// batch broke it and for the whole update. A failed batch is retried bundle by bundle on
+/// fresh guests, so a failure is always one bundle's.
 fn live_worker(
     opts: &VmOpts,
     g: &Guest,
@@ -157,28 +161,72 @@ fn live_worker(
     done: mpsc::Sender<(String, Live)>,
 ) -> Result<()> {
     let mut guest: Option<LiveGuest> = None;
-    for (u, bundle) in todo {
-        if u.kind == UnitKind::Whole {
+    while let Ok(first) = todo.recv() {
+        let mut batch = vec![first];
+        while batch.len() < BATCH && batch[0].0.kind != UnitKind::Whole {
+            match todo.try_recv() {
+                Ok(next) if next.0.kind == UnitKind::Whole => {
+                    // Its own guest, after this batch.
+                    run_batch(opts, g, &mut guest, &batch, &done)?;
+                    batch = vec![next];
+                    break;
+                }
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        if batch[0].0.kind == UnitKind::Whole {
             guest = None;
         }
-        let lg = match guest.as_mut() {
-            Some(lg) => lg,
-            None => guest.insert(LiveGuest::boot(opts, g)?),
-        };
-        let mut live = lg.exercise(&bundle);
-        if live.apply_error.is_some() {
-            // Out of patch memory or registry space on a long-used guest: once more, fresh.
-            guest = None;
-            live = guest.insert(LiveGuest::boot(opts, g)?).exercise(&bundle);
-        }
-        if live.broke_guest() {
-            guest = None;
-        }
-        if done.send((u.id.clone(), live)).is_err() {
+        if !run_batch(opts, g, &mut guest, &batch, &done)? {
             break;
         }
     }
     Ok(())
+}
+
+/// One batch; false when nobody listens any more.
+fn run_batch(
+    opts: &VmOpts,
+    g: &Guest,
+    guest: &mut Option<LiveGuest>,
+    batch: &[(Unit, PathBuf)],
+    done: &mpsc::Sender<(String, Live)>,
+) -> Result<bool> {
+    let items: Vec<(String, PathBuf)> = batch.iter().map(|(u, p)| (u.id.clone(), p.clone())).collect();
+    let lg = match guest.as_mut() {
+        Some(lg) => lg,
+        None => guest.insert(LiveGuest::boot(opts, g)?),
+    };
+    let (mut results, good) = lg.exercise_batch(&items);
+    let retry = !good || results.iter().any(|(_, l)| l.apply_error.is_some());
+    if retry {
+        // One by one, each on a fresh guest after a failure (and once more fresh after an
+        // apply error: a long-used guest may be out of patch memory).
+        results.clear();
+        *guest = None;
+        for item in &items {
+            let lg = match guest.as_mut() {
+                Some(lg) => lg,
+                None => guest.insert(LiveGuest::boot(opts, g)?),
+            };
+            let mut live = lg.exercise(&item.1);
+            if live.apply_error.is_some() {
+                *guest = None;
+                live = guest.insert(LiveGuest::boot(opts, g)?).exercise(&item.1);
+            }
+            if live.broke_guest() {
+                *guest = None;
+            }
+            results.push((item.0.clone(), live));
+        }
+    }
+    for r in results {
+        if done.send(r).is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn record_live(st: &mut State, steps: &mut Steps, path: &Path, (id, live): (String, Live)) -> Result<()> {
