@@ -46,7 +46,8 @@ enum Cmd {
     Adopt(AdoptArgs),
     /// Drop the descriptor of an adopted VM (the VM keeps running).
     Forget { vm: String },
-    /// Clear patch records left by an earlier boot of the guest.
+    /// Clear patch records left by an earlier boot of the guest or by an interrupted first
+    /// apply, and every page-table entry lucos wrote for them.
     Reset { vm: String },
     /// Stop all vCPUs of a VM.
     Pause { vm: String },
@@ -241,8 +242,14 @@ fn lucos_main() -> Result<()> {
         Cmd::Reset { vm } => {
             let mut a = info::attach(&vm)?;
             let w = a.vm.patch_window()?;
-            let n = lucos_patch::reset_stale_registry(&mut a.vm, w.gpa, w.size)?;
-            println!("cleared {n} stale record(s)");
+            let pob = lucos_patch::page_offset_base(&a.vm, &a.syms, &a.layout)?;
+            let r = lucos_patch::reset_registry(&mut a.vm, (a.layout.cr3, pob), w.gpa, w.size)?;
+            println!(
+                "cleared {} stale record(s) and {} page-table entr{} into patch memory",
+                r.records,
+                r.entries,
+                if r.entries == 1 { "y" } else { "ies" }
+            );
             Ok(())
         }
         Cmd::Pause { vm } => {

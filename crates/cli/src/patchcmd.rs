@@ -178,6 +178,10 @@ pub fn revert(args: RevertArgs) -> Result<()> {
 
 pub fn print_status(reg: &Registry) {
     match reg.va_base {
+        Some(va) if reg.map_pending => println!(
+            "patch memory being mapped at {va:#x}: a first apply was interrupted; the next \
+             apply completes the mapping, `lucos reset` removes it"
+        ),
         Some(va) => println!(
             "patch memory mapped at {va:#x}; {} bytes allocated",
             reg.next_free

@@ -322,8 +322,9 @@ fn records_of_an_earlier_boot_are_detected_and_reset() {
         .expect("stale registry must be refused");
     assert!(format!("{err:#}").contains("earlier boot"), "{err:#}");
     let w = s.a.vm.patch_window().unwrap();
-    let cleared = lucos_patch::reset_stale_registry(&mut s.a.vm, w.gpa, w.size).unwrap();
-    assert!(cleared >= 1);
+    let cleared = reset(&mut s.a).unwrap();
+    assert!(cleared.records >= 1);
+    assert_eq!(cleared.entries, 1, "the surviving entry is cleared");
     let fresh = session(&mut s.a).unwrap().registry().unwrap();
     assert!(fresh.bundles.is_empty() && fresh.va_base.is_none());
     assert_eq!(fresh.next_free, reg.next_free, "pages are never reused");
@@ -338,8 +339,7 @@ fn records_of_an_earlier_boot_are_detected_and_reset() {
     );
     assert_eq!(again.pd_entries[0], (pa, value));
     // With live records that match the kernel, reset refuses.
-    let w = s.a.vm.patch_window().unwrap();
-    assert!(lucos_patch::reset_stale_registry(&mut s.a.vm, w.gpa, w.size).is_err());
+    assert!(reset(&mut s.a).is_err());
 }
 
 #[test]

@@ -30,7 +30,8 @@ mod stage;
 mod switch;
 
 pub use error::EngineError;
-pub use reset::reset_stale_registry;
+pub use reset::{reset_registry, ResetReport};
+pub use stage::page_offset_base;
 
 /// A guest as the engine sees it: machine, symbols, live layout, patch memory.
 pub struct Session<'a, M: Machine + ?Sized> {
@@ -179,8 +180,10 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         // Patch memory can outlive the kernel that mapped it (a guest
         // reboot, a reused memory file): then the kernel no longer has
         // lucos's page-directory entries, and every record is stale.
+        // (A pending mapping may lack entries: a lucos killed while writing them.)
         for &(pa, value) in &reg.pd_entries {
-            if s.m.read_u64(pa)? != value {
+            let now = s.m.read_u64(pa)?;
+            if now != value && !(reg.map_pending && now == 0) {
                 return Err(EngineError::StaleRegistry { pa, value });
             }
         }
@@ -440,14 +443,22 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
 
         // Nothing has been written yet: everything above may refuse.
         let mut undo = Undo::default();
-        let first = reg.va_base.is_none();
+        let first = reg.va_base.is_none() || reg.map_pending;
+        let mut header = header;
+        if !new_pd.is_empty() {
+            match self.record_mapping(&header, &mut reg, (va_base, &new_pd), &mut undo) {
+                Ok(h) => header = h,
+                Err(e) => {
+                    self.rollback(undo);
+                    return Err(e);
+                }
+            }
+        }
         if let Err(e) = self.stage((&new_pd, first), &staged, &mut undo) {
             self.rollback(undo);
             return Err(e);
         }
-        reg.va_base = Some(va_base);
-        reg.patch_gpa = Some(self.pm.gpa);
-        reg.pd_entries.extend(new_pd.iter().copied());
+        reg.map_pending = false;
         reg.next_free += need;
         let record = BundleRecord {
             id: man.id.clone(),

@@ -109,6 +109,11 @@ pub struct Registry {
     /// each page-directory entry lucos installed (all were zero before).
     pub va_base: Option<u64>,
     pub pd_entries: Vec<(u64, u64)>,
+    /// Set when the mapping above is recorded, before any entry is written, and cleared by
+    /// the commit of the apply that made it: while set, entries may be missing or written
+    /// (a lucos killed in between), and the next apply writes them all again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub map_pending: bool,
     /// Guest-physical address of patch memory when it was mapped: the page
     /// tables point there, so it must not move (a guest reassigning PCI BARs).
     #[serde(default)]

@@ -82,6 +82,13 @@ pub fn shared() -> MutexGuard<'static, Shared> {
     s
 }
 
+/// `lucos reset` on an attached VM.
+pub fn reset(a: &mut Attached) -> Result<lucos_patch::ResetReport, lucos_patch::EngineError> {
+    let w = a.vm.patch_window().unwrap();
+    let pob = lucos_patch::page_offset_base(&a.vm, &a.syms, &a.layout)?;
+    lucos_patch::reset_registry(&mut a.vm, (a.layout.cr3, pob), w.gpa, w.size)
+}
+
 /// The one slot for a VM besides the shared guest.
 pub fn private_slot() -> MutexGuard<'static, ()> {
     static SLOT: Mutex<()> = Mutex::new(());
