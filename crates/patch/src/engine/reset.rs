@@ -45,7 +45,8 @@ pub fn reset_registry<M: Machine + ?Sized>(
     for &(pa, value) in &old.pd_entries {
         stale |= m.read_u64(pa)? != value;
     }
-    if !stale && !old.bundles.is_empty() {
+    // A completed mapping that matches the kernel belongs to it (its bundles may run).
+    if !stale && old.va_base.is_some() && (!old.map_pending || !old.bundles.is_empty()) {
         return Err(EngineError::NotStale);
     }
     let pm = PatchMem {
