@@ -196,3 +196,43 @@ fn reset_clears_unrecorded_entries_into_patch_memory() {
     apply_bundle(&mut a, &b).unwrap();
     revert_bundle(&mut a, &b.manifest().id).unwrap();
 }
+
+/// Issue 13, defect 3: maximal manifests (every bounded field at its limit that a real
+/// bundle can fill) are applied until the registry refuses one, for lack of room to revert;
+/// then every applied one is reverted, newest first.
+#[test]
+fn every_applied_bundle_can_be_reverted_with_the_registry_full() {
+    let (_slot, _vm, booted) = private("registry-full", 1);
+    let mut a = attach_vm(lucos_backend::Vm::attach_desc(booted.desc.clone()).unwrap()).unwrap();
+    let base = bundle("cmdline");
+    let maximal = |i: usize| {
+        with_manifest(&base, |m| {
+            m.id = format!("{}-max-{i:04}", "x".repeat(50));
+            // Control characters are escaped in the registry's JSON: 6 bytes each.
+            m.description = "\u{1}".repeat(lucos_patch::MAX_DESCRIPTION);
+        })
+    };
+    let mut ids = Vec::new();
+    let refusal = loop {
+        let b = maximal(ids.len());
+        match apply_bundle(&mut a, &b) {
+            Ok(_) => ids.push(b.manifest().id.clone()),
+            Err(e) => break format!("{e:#}"),
+        }
+        assert!(ids.len() < 1000, "the registry never filled");
+    };
+    eprintln!("{} maximal bundles applied; then: {refusal}", ids.len());
+    assert!(refusal.contains("no room"), "{refusal}");
+    assert!(refusal.contains("left unchanged"), "{refusal}");
+    for id in ids.iter().rev() {
+        revert_bundle(&mut a, id).unwrap_or_else(|e| panic!("{id}: {e:#}"));
+    }
+    assert_eq!(
+        session(&mut a).unwrap().registry().unwrap().applied().count(),
+        0
+    );
+    // Reverted history makes room again.
+    let b = maximal(ids.len());
+    apply_bundle(&mut a, &b).unwrap();
+    revert_bundle(&mut a, &b.manifest().id).unwrap();
+}

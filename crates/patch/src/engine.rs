@@ -441,25 +441,6 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             );
         }
 
-        // Nothing has been written yet: everything above may refuse.
-        let mut undo = Undo::default();
-        let first = reg.va_base.is_none() || reg.map_pending;
-        let mut header = header;
-        if !new_pd.is_empty() {
-            match self.record_mapping(&header, &mut reg, (va_base, &new_pd), &mut undo) {
-                Ok(h) => header = h,
-                Err(e) => {
-                    self.rollback(undo);
-                    return Err(e);
-                }
-            }
-        }
-        if let Err(e) = self.stage((&new_pd, first), &staged, &mut undo) {
-            self.rollback(undo);
-            return Err(e);
-        }
-        reg.map_pending = false;
-        reg.next_free += need;
         let record = BundleRecord {
             id: man.id.clone(),
             description: man.description.clone(),
@@ -473,6 +454,30 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             revert_pause_us: None,
             module: module_record.clone(),
         };
+        let first = reg.va_base.is_none() || reg.map_pending;
+        if !new_pd.is_empty() {
+            reg.note_mapping(va_base, self.pm.gpa, &new_pd);
+        }
+        reg.reserve(&record)?;
+
+        // Nothing has been written yet: everything above may refuse.
+        let mut undo = Undo::default();
+        let mut header = header;
+        if !new_pd.is_empty() {
+            match self.record_mapping(&header, &mut reg, &mut undo) {
+                Ok(h) => header = h,
+                Err(e) => {
+                    self.rollback(undo);
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = self.stage((&new_pd, first), &staged, &mut undo) {
+            self.rollback(undo);
+            return Err(e);
+        }
+        reg.map_pending = false;
+        reg.next_free += need;
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(jmps).collect();
         let edit = match (&kmods, &module_record) {
             (Some(k), Some(m)) => KernelEdit::Link(k, m.clone(), jump_sites),

@@ -32,7 +32,10 @@ pub use layout::{
     MAX_REGION_SIZE, PAGE_SIZE,
 };
 pub use link::{link, plan, LinkError, Plan};
-pub use manifest::{AbsField, Alias, Manifest, Replacement, Target, FORMAT_VERSION, MAX_EXPECT};
+pub use manifest::{
+    AbsField, Alias, Manifest, Replacement, Target, FORMAT_VERSION, MAX_DESCRIPTION, MAX_EXPECT,
+    MAX_NAMES, MAX_PATH, MAX_RELEASE, MAX_REPLACEMENTS, MAX_SYMBOL,
+};
 pub use reloc::reloc_name;
 pub use sections::refused_by_name as section_refusal;
 pub use site::{check_fentry_site, jmp_rel32, SiteError, SiteKind, ENDBR64, NOP5};

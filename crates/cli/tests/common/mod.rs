@@ -200,6 +200,17 @@ pub fn snippet_bundle(id: &str, source: &str) -> lucos_patch::Bundle {
     lucos_patch::Bundle::parse(&bytes).unwrap()
 }
 
+/// Repacks a bundle (built by [`bundle`]) with an edited manifest.
+pub fn with_manifest(
+    b: &lucos_patch::Bundle,
+    edit: impl FnOnce(&mut lucos_patch::Manifest),
+) -> lucos_patch::Bundle {
+    let mut m = b.manifest().clone();
+    edit(&mut m);
+    let obj = std::fs::read(bundle_path(&b.manifest().id)).unwrap();
+    lucos_patch::Bundle::parse(&lucos_patch::pack(&obj, &m).unwrap()).unwrap()
+}
+
 /// Builds (once per process) a bundle from a sample diff in guest/patches.
 pub fn diff_bundle(patch: &str) -> lucos_patch::Bundle {
     static CACHE: Mutex<Vec<(String, Vec<u8>)>> = Mutex::new(Vec::new());

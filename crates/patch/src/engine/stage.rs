@@ -50,7 +50,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         Ok((base, entries))
     }
 
-    /// Records the mapping (pending) before any of its entries is written, so that a lucos
+    /// Commits the mapping noted in `reg` (pending) before any of its entries is written, so that a lucos
     /// killed while writing them leaves entries the registry knows: the next apply writes
     /// them again, `lucos reset` removes them. The old registry bytes go into `undo`, so a
     /// refused apply still leaves patch memory as it was. Returns the header now current.
@@ -58,17 +58,8 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         &mut self,
         header: &Header,
         reg: &mut Registry,
-        (va_base, new_pd): (u64, &[(u64, u64)]),
         undo: &mut Undo,
     ) -> Result<Header, EngineError> {
-        for e in new_pd {
-            if !reg.pd_entries.contains(e) {
-                reg.pd_entries.push(*e);
-            }
-        }
-        reg.va_base.get_or_insert(va_base);
-        reg.patch_gpa = Some(self.pm.gpa);
-        reg.map_pending = true;
         undo.writes.extend(self.snapshot_registry(header)?);
         self.commit(header, reg)?;
         let (h, now) = self.read_header()?;
