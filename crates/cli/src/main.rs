@@ -42,6 +42,9 @@ enum Cmd {
     Status(patchcmd::StatusArgs),
     /// Benchmark: pause-time percentiles over N apply/revert cycles.
     Bench(patchcmd::BenchArgs),
+    /// Soak: many apply/revert cycles on a private guest under a syscall loop per vCPU,
+    /// checking for oops, taint and lost operations; prints pause percentiles.
+    Soak(lucos::soak::SoakArgs),
     /// Describe a QEMU that lucos did not start, so lucos can attach to it.
     Adopt(AdoptArgs),
     /// Drop the descriptor of an adopted VM (the VM keeps running).
@@ -285,6 +288,7 @@ fn lucos_main() -> Result<()> {
         Cmd::Revert(args) => patchcmd::revert(args),
         Cmd::Status(args) => patchcmd::status(args),
         Cmd::Bench(args) => patchcmd::bench(args),
+        Cmd::Soak(args) => lucos::soak::soak(args),
         Cmd::Bundle { cmd } => match cmd {
             BundleCmd::Make {
                 spec,

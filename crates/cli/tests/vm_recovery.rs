@@ -236,3 +236,15 @@ fn every_applied_bundle_can_be_reverted_with_the_registry_full() {
     apply_bundle(&mut a, &b).unwrap();
     revert_bundle(&mut a, &b.manifest().id).unwrap();
 }
+
+/// The short soak CI runs (`lucos soak` runs 10,000 cycles): apply/revert under a syscall
+/// loop on each vCPU, no oops, no taint, no lost operation.
+#[test]
+fn short_soak_under_a_syscall_loop_per_vcpu() {
+    let (_slot, _vm, booted) = private("soak", 2);
+    let mut a = attach_vm(lucos_backend::Vm::attach_desc(booted.desc.clone()).unwrap()).unwrap();
+    let r = lucos::soak::soak_on(&booted, &mut a, &bundle("uname"), 100, 2, |_| {}).unwrap();
+    r.print();
+    r.check().unwrap();
+    assert_eq!((r.applies, r.reverts, r.recorded), (100, 100, 100));
+}
