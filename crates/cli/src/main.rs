@@ -56,6 +56,15 @@ enum Cmd {
     Pause { vm: String },
     /// Resume a paused VM (e.g. after a lucos process was killed mid-apply).
     Resume { vm: String },
+    /// (Internal) the pause guard lucos starts for each VM it attaches to.
+    #[command(hide = true)]
+    PauseGuard {
+        vm: String,
+        #[arg(long)]
+        parent: u32,
+        #[arg(long)]
+        deadline_ms: u64,
+    },
     /// Turn a kernel source diff into a bundle.
     Build(buildcmd::BuildArgs),
     /// Benchmark `lucos build`: cold vs warm comparison-object cache.
@@ -212,7 +221,24 @@ fn lucos_main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().cmd {
+    let cmd = Cli::parse().cmd;
+    // The guard itself attaches unguarded.
+    if !matches!(cmd, Cmd::PauseGuard { .. }) {
+        lucos_backend::guard::enable(
+            std::env::current_exe().context("locating the lucos binary for the pause guard")?,
+            lucos_backend::guard::deadline_from_env(),
+        );
+    }
+    match cmd {
+        Cmd::PauseGuard {
+            vm,
+            parent,
+            deadline_ms,
+        } => {
+            let d = std::time::Duration::from_millis(deadline_ms);
+            lucos_backend::guard::run(&vm, parent, d)?;
+            Ok(())
+        }
         Cmd::Guest {
             cmd: GuestCmd::Build { guest },
         } => {
@@ -258,6 +284,7 @@ fn lucos_main() -> Result<()> {
         Cmd::Pause { vm } => {
             let mut vm = lucos_backend::Vm::attach(&vm)?;
             lucos_introspect::Machine::pause(&mut vm)?;
+            vm.keep_paused()?;
             println!("paused");
             Ok(())
         }

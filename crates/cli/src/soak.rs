@@ -77,7 +77,11 @@ impl SoakReport {
             self.taint_before,
             self.taint_after
         );
-        ensure!(self.loops_died == 0, "{} syscall loop(s) died", self.loops_died);
+        ensure!(
+            self.loops_died == 0,
+            "{} syscall loop(s) died",
+            self.loops_died
+        );
         ensure!(self.lost() == 0, "{} operations lost", self.lost());
         for (i, (total, same, other)) in self.loops.iter().enumerate() {
             ensure!(
@@ -122,7 +126,11 @@ const CMD: Duration = Duration::from_secs(60);
 fn sh(b: &Booted, cmd: &str) -> Result<String> {
     let out = b.console.run(cmd, CMD)?;
     if out.status != 0 {
-        bail!("guest command `{cmd}` failed ({}): {}", out.status, out.output);
+        bail!(
+            "guest command `{cmd}` failed ({}): {}",
+            out.status,
+            out.output
+        );
     }
     Ok(out.output)
 }
@@ -177,11 +185,17 @@ pub fn soak_on(
     }
     let t = Instant::now();
     for c in 0..cycles {
-        r.apply_pause
-            .push(apply_bundle(a, bundle).with_context(|| format!("cycle {c}"))?.pause);
+        r.apply_pause.push(
+            apply_bundle(a, bundle)
+                .with_context(|| format!("cycle {c}"))?
+                .pause,
+        );
         r.applies += 1;
-        r.revert_pause
-            .push(revert_bundle(a, &id).with_context(|| format!("cycle {c}"))?.pause);
+        r.revert_pause.push(
+            revert_bundle(a, &id)
+                .with_context(|| format!("cycle {c}"))?
+                .pause,
+        );
         r.reverts += 1;
         progress(c + 1);
     }

@@ -85,7 +85,10 @@ fn kernel_tables(a: &mut Attached) -> Vec<(u64, u64)> {
 }
 
 fn changed(before: &[(u64, u64)], now: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    now.iter().filter(|e| !before.contains(e)).copied().collect()
+    now.iter()
+        .filter(|e| !before.contains(e))
+        .copied()
+        .collect()
 }
 
 fn present(t: &[(u64, u64)]) -> usize {
@@ -121,7 +124,10 @@ fn a_first_apply_killed_at_any_write_leaves_only_recorded_entries() {
             break;
         }
         kills += 1;
-        assert!(!a.vm.is_paused().unwrap(), "kill at write {n}: VM left paused");
+        assert!(
+            !a.vm.is_paused().unwrap(),
+            "kill at write {n}: VM left paused"
+        );
         // The next lucos accepts the guest, and knows every entry the killed one wrote.
         let reg = session(&mut a)
             .unwrap_or_else(|e| panic!("kill at write {n}: {e:#}"))
@@ -142,7 +148,11 @@ fn a_first_apply_killed_at_any_write_leaves_only_recorded_entries() {
         // Every other interruption is reset, the others stack up for the next apply.
         if reg.bundles.is_empty() && n % 2 == 1 {
             let r = reset(&mut a).unwrap_or_else(|e| panic!("kill at write {n}: {e}"));
-            assert_eq!(kernel_tables(&mut a), before, "kill at write {n}: reset {r:?}");
+            assert_eq!(
+                kernel_tables(&mut a),
+                before,
+                "kill at write {n}: reset {r:?}"
+            );
             resets += 1;
         }
     }
@@ -167,7 +177,10 @@ fn a_first_apply_killed_at_any_write_leaves_only_recorded_entries() {
         .collect();
     added.sort();
     recorded.sort();
-    assert_eq!(added, recorded, "the registry records exactly what was added");
+    assert_eq!(
+        added, recorded,
+        "the registry records exactly what was added"
+    );
     assert!(!reg.map_pending);
     revert_bundle(&mut a, &id).unwrap();
     assert!(
@@ -228,7 +241,12 @@ fn every_applied_bundle_can_be_reverted_with_the_registry_full() {
         revert_bundle(&mut a, id).unwrap_or_else(|e| panic!("{id}: {e:#}"));
     }
     assert_eq!(
-        session(&mut a).unwrap().registry().unwrap().applied().count(),
+        session(&mut a)
+            .unwrap()
+            .registry()
+            .unwrap()
+            .applied()
+            .count(),
         0
     );
     // Reverted history makes room again.

@@ -26,7 +26,9 @@ mod site;
 
 pub use alternatives::{apply_alternatives, CpuFeatures};
 pub use bundle::{pack, Bundle, BundleError, MANIFEST_SECTION};
-pub use engine::{page_offset_base, reset_registry, ApplyReport, ResetReport, EngineError, RevertReport, Session};
+pub use engine::{
+    page_offset_base, reset_registry, ApplyReport, EngineError, ResetReport, RevertReport, Session,
+};
 pub use layout::{
     DroppedSection, FentrySite, Linked, PlacedSection, RegionKind, RegionPlan, Regions,
     MAX_REGION_SIZE, PAGE_SIZE,

@@ -171,7 +171,10 @@ fn check_source_path(field: &str, path: &str) -> Result<(), BundleError> {
     if path.len() > MAX_PATH {
         return Err(invalid(
             field,
-            format!("is {} bytes long; a source path has at most {MAX_PATH}", path.len()),
+            format!(
+                "is {} bytes long; a source path has at most {MAX_PATH}",
+                path.len()
+            ),
         ));
     }
     if path.starts_with('/') || path.split('/').any(|c| c == "..") {
@@ -231,9 +234,24 @@ impl Manifest {
             ));
         }
         let limits = [
-            ("description", self.description.len(), MAX_DESCRIPTION, "bytes"),
-            ("target.release", self.target.release.len(), MAX_RELEASE, "bytes"),
-            ("replacements", self.replacements.len(), MAX_REPLACEMENTS, "entries"),
+            (
+                "description",
+                self.description.len(),
+                MAX_DESCRIPTION,
+                "bytes",
+            ),
+            (
+                "target.release",
+                self.target.release.len(),
+                MAX_RELEASE,
+                "bytes",
+            ),
+            (
+                "replacements",
+                self.replacements.len(),
+                MAX_REPLACEMENTS,
+                "entries",
+            ),
             ("resolve", self.resolve.len(), MAX_NAMES, "entries"),
             ("aliases", self.aliases.len(), MAX_NAMES, "entries"),
         ];

@@ -450,7 +450,11 @@ mod tests {
         eprintln!("{applied} maximal bundles fit one registry slot");
         assert!(applied >= 2, "only {applied} maximal bundles fit");
         for i in (0..applied).rev() {
-            let b = reg.bundles.iter_mut().find(|b| b.id == format!("b{i}")).unwrap();
+            let b = reg
+                .bundles
+                .iter_mut()
+                .find(|b| b.id == format!("b{i}"))
+                .unwrap();
             b.state = BundleState::Reverted;
             b.reverted_unix_ms = Some(u64::MAX);
             b.revert_pause_us = Some(u64::MAX);

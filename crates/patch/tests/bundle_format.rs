@@ -178,7 +178,9 @@ fn manifest_validation() {
     .unwrap_err();
     assert_eq!(field_of(e), "replacements");
     let e = packs_with(&obj, |m| {
-        m.resolve = (0..=256).map(|i| (format!("s{i}"), "kernel/sys.c".into())).collect()
+        m.resolve = (0..=256)
+            .map(|i| (format!("s{i}"), "kernel/sys.c".into()))
+            .collect()
     })
     .unwrap_err();
     assert_eq!(field_of(e), "resolve");

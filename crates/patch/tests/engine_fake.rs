@@ -45,7 +45,11 @@ fn layout() -> KernelLayout {
 /// A guest whose patch memory at `gpa` holds `reg`.
 fn guest_with(reg: &Registry, gpa: u64) -> FakeMachine {
     let mut mem = FakeMem::new();
-    assert_eq!(mem.new_pml4(), layout().cr3, "the kernel's (empty) page tables");
+    assert_eq!(
+        mem.new_pml4(),
+        layout().cr3,
+        "the kernel's (empty) page tables"
+    );
     let pm = PatchMemLayout::new(SIZE).unwrap();
     // Back the whole registry area, as a real patch-memory file does.
     mem.write(gpa, &vec![0u8; pm.alloc_start as usize]);

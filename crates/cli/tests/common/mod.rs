@@ -18,6 +18,11 @@ pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn guest() -> &'static Guest {
     static G: OnceLock<Guest> = OnceLock::new();
     G.get_or_init(|| {
+        // Every VM the tests attach to is guarded, as the lucos binary's are.
+        lucos_backend::guard::enable(
+            env!("CARGO_BIN_EXE_lucos").into(),
+            lucos_backend::guard::DEFAULT_DEADLINE,
+        );
         guest::GuestSel::default()
             .ensure()
             .expect("guest build (run scripts/test.sh)")
