@@ -21,8 +21,9 @@ pub const MAX_EXPECT: usize = 16;
 /// to a fraction of a registry slot, so that several fit at once.
 pub const MAX_DESCRIPTION: usize = 1024;
 pub const MAX_REPLACEMENTS: usize = 32;
-pub const MAX_SYMBOL: usize = 512;
-pub const MAX_PATH: usize = 256;
+/// Symbol names: the longest in Debian's 6.1 vmlinux has 76 characters.
+pub const MAX_SYMBOL: usize = 128;
+pub const MAX_PATH: usize = 128;
 pub const MAX_RELEASE: usize = 128;
 /// Entries of `resolve` and of `aliases`, each.
 pub const MAX_NAMES: usize = 256;
