@@ -260,3 +260,37 @@ fn recover(
         killed,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, pa: u64, old: &[u8]) -> Vec<u8> {
+        let mut f = vec![kind];
+        f.extend_from_slice(&pa.to_le_bytes());
+        f.extend_from_slice(&(old.len() as u32).to_le_bytes());
+        f.extend_from_slice(old);
+        f
+    }
+
+    /// A frame torn by a kill is dropped: its write had not started.
+    #[test]
+    fn frames_are_read_until_eof_and_a_torn_last_one_is_dropped() {
+        let mut bytes = frame(b'P', 0, &[]);
+        bytes.extend(frame(b'W', 0x1000, &[1, 2, 3, 4, 5]));
+        bytes.extend(frame(b'D', 0x2000, &[9; 40]));
+        let torn = frame(b'W', 0x3000, &[7; 5]);
+        bytes.extend_from_slice(&torn[..torn.len() - 1]);
+        let (tx, rx) = mpsc::channel();
+        read_frames(&bytes[..], tx);
+        let got: Vec<Frame> = rx.iter().collect();
+        assert_eq!(got.len(), 3);
+        assert!(matches!(got[0], Frame::Mark(b'P')));
+        assert!(
+            matches!(&got[1], Frame::Write { coherent: true, pa: 0x1000, old } if old == &[1, 2, 3, 4, 5])
+        );
+        assert!(
+            matches!(&got[2], Frame::Write { coherent: false, pa: 0x2000, old } if old.len() == 40)
+        );
+    }
+}
