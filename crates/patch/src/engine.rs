@@ -143,6 +143,29 @@ struct Undo {
     writes: Vec<(u64, Vec<u8>)>,
 }
 
+/// The registry record of a bundle being applied.
+fn applied_record(
+    bundle: &Bundle,
+    sites: &[SiteRecord],
+    ranges: &[RangeRecord],
+    module: &Option<crate::registry::ModuleRecord>,
+) -> BundleRecord {
+    let man = bundle.manifest();
+    BundleRecord {
+        id: man.id.clone(),
+        description: man.description.clone(),
+        sha256: hex::encode(bundle.sha256()),
+        state: BundleState::Applied,
+        applied_unix_ms: now_ms(),
+        reverted_unix_ms: None,
+        sites: sites.to_vec(),
+        ranges: ranges.to_vec(),
+        apply_pause_us: 0,
+        revert_pause_us: None,
+        module: module.clone(),
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -441,19 +464,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             );
         }
 
-        let record = BundleRecord {
-            id: man.id.clone(),
-            description: man.description.clone(),
-            sha256: hex::encode(bundle.sha256()),
-            state: BundleState::Applied,
-            applied_unix_ms: now_ms(),
-            reverted_unix_ms: None,
-            sites: records.clone(),
-            ranges: ranges.clone(),
-            apply_pause_us: 0,
-            revert_pause_us: None,
-            module: module_record.clone(),
-        };
+        let record = applied_record(bundle, &records, &ranges, &module_record);
         let first = reg.va_base.is_none() || reg.map_pending;
         if !new_pd.is_empty() {
             reg.note_mapping(va_base, self.pm.gpa, &new_pd);
@@ -462,20 +473,14 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
 
         // Nothing has been written yet: everything above may refuse.
         let mut undo = Undo::default();
-        let mut header = header;
-        if !new_pd.is_empty() {
-            match self.record_mapping(&header, &mut reg, &mut undo) {
-                Ok(h) => header = h,
+        let header =
+            match self.record_and_stage(&header, &mut reg, (&new_pd, first), &staged, &mut undo) {
+                Ok(h) => h,
                 Err(e) => {
                     self.rollback(undo);
                     return Err(e);
                 }
-            }
-        }
-        if let Err(e) = self.stage((&new_pd, first), &staged, &mut undo) {
-            self.rollback(undo);
-            return Err(e);
-        }
+            };
         reg.map_pending = false;
         reg.next_free += need;
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(jmps).collect();

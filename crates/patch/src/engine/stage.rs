@@ -54,7 +54,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
     /// killed while writing them leaves entries the registry knows: the next apply writes
     /// them again, `lucos reset` removes them. The old registry bytes go into `undo`, so a
     /// refused apply still leaves patch memory as it was. Returns the header now current.
-    pub(super) fn record_mapping(
+    fn record_mapping(
         &mut self,
         header: &Header,
         reg: &mut Registry,
@@ -65,6 +65,24 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         let (h, now) = self.read_header()?;
         *reg = now;
         Ok(h)
+    }
+
+    /// Records a new mapping (if any), then stages; returns the header now current.
+    pub(super) fn record_and_stage(
+        &mut self,
+        header: &Header,
+        reg: &mut Registry,
+        new_pd: (&[(u64, u64)], bool),
+        staged: &[(RangeRecord, &[u8])],
+        undo: &mut Undo,
+    ) -> Result<Header, EngineError> {
+        let header = if new_pd.0.is_empty() {
+            header.clone()
+        } else {
+            self.record_mapping(header, reg, undo)?
+        };
+        self.stage(new_pd, staged, undo)?;
+        Ok(header)
     }
 
     fn write_undoable(&mut self, undo: &mut Undo, pa: u64, data: &[u8]) -> Result<(), EngineError> {
