@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Installs the Debian packages lucos and its test guest need (idempotent:
+# Installs the Debian packages lucos and its test guest need (strace: the kill tests
+# of crates/cli/tests/vm_guard.rs; idempotent:
 # apt runs only when something is missing).
 set -euo pipefail
 pkgs=(qemu-system-x86 build-essential bc bison flex libelf-dev libssl-dev dwarves
-      busybox-static cpio xz-utils kmod rsync binutils patch)
+      busybox-static cpio xz-utils kmod rsync binutils patch strace)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,6 +3,8 @@ use std::path::PathBuf;
 /// Everything that can go wrong talking to QEMU.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
+    #[error("{0}")]
+    Guard(String),
     #[error("cannot connect to {what} at {path}: {source}; is the VM still running? (`lucos list` shows live VMs)")]
     Connect {
         what: &'static str,

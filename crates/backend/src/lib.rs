@@ -7,6 +7,7 @@ pub mod console;
 pub mod descriptor;
 pub mod error;
 pub mod gdb;
+pub mod guard;
 pub mod launch;
 pub mod qmp;
 pub mod rundir;

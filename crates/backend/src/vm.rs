@@ -8,6 +8,7 @@ use lucos_introspect::{Machine, MachineError, PhysMem, VcpuRegs};
 use crate::descriptor::VmDescriptor;
 use crate::error::BackendError;
 use crate::gdb::Gdb;
+use crate::guard::Guard;
 use crate::launch::PATCH_BAR;
 use crate::qmp::{self, Qmp};
 use crate::sys::SharedMem;
@@ -29,6 +30,8 @@ pub struct Vm {
     vcpus: usize,
     /// Set by our own pause(); avoids a QMP round trip per coherent write.
     paused_by_us: bool,
+    /// Resumes the guest if this process dies while it is paused (see guard.rs).
+    guard: Option<Guard>,
 }
 
 impl Vm {
@@ -39,11 +42,18 @@ impl Vm {
     /// Attaches without changing the VM's run state. (QEMU pauses the VM
     /// while a gdb client connects; lucos resumes it if it was running.)
     pub fn attach_desc(desc: VmDescriptor) -> Result<Self, BackendError> {
+        let mut guard = Guard::spawn(&desc.name)?;
         let mut qmp = Qmp::connect_timeout(&desc.qmp, Duration::from_secs(10))?;
         let was_running = qmp.running()?;
+        if let (true, Some(g)) = (was_running, &mut guard) {
+            g.paused()?;
+        }
         let gdb = Gdb::connect(&desc.gdb);
         if was_running {
             qmp.cont()?;
+            if let Some(g) = &mut guard {
+                g.resumed()?;
+            }
         }
         let gdb = gdb?;
         let vcpus = qmp
@@ -67,6 +77,7 @@ impl Vm {
             window: None,
             vcpus,
             paused_by_us: false,
+            guard,
         };
         vm.refresh_patch_window()?;
         Ok(vm)
@@ -111,6 +122,36 @@ impl Vm {
         })
     }
 
+    /// Marks the current pause as the operator's (`lucos pause`): the guard leaves it.
+    pub fn keep_paused(&mut self) -> Result<(), BackendError> {
+        self.paused_by_us = false;
+        match &mut self.guard {
+            Some(g) => g.keep(),
+            None => Ok(()),
+        }
+    }
+
+    /// Tells the guard what a write while paused replaces.
+    fn journal(&mut self, coherent: bool, pa: u64, len: usize) -> Result<(), MachineError> {
+        if self.guard.is_none() {
+            return Ok(());
+        }
+        let mut old = vec![0u8; len];
+        self.read_phys(pa, &mut old)?;
+        if let Some(g) = &mut self.guard {
+            g.journal(coherent, pa, &old)?;
+        }
+        Ok(())
+    }
+
+    fn guard_mark(&mut self, paused: bool) -> Result<(), BackendError> {
+        match (&mut self.guard, paused) {
+            (Some(g), true) => g.paused(),
+            (Some(g), false) => g.resumed(),
+            (None, _) => Ok(()),
+        }
+    }
+
     fn patch_offset(&self, pa: u64, len: u64) -> Option<u64> {
         let w = self.window?;
         (pa >= w.gpa && pa.checked_add(len)? <= w.gpa + w.size).then(|| pa - w.gpa)
@@ -140,6 +181,7 @@ impl Machine for Vm {
     }
 
     fn pause(&mut self) -> Result<(), MachineError> {
+        self.guard_mark(true)?;
         self.qmp.stop()?;
         self.paused_by_us = true;
         // QEMU has just written a stop notification to the gdb socket
@@ -150,7 +192,8 @@ impl Machine for Vm {
 
     fn resume(&mut self) -> Result<(), MachineError> {
         self.paused_by_us = false;
-        Ok(self.qmp.cont()?)
+        self.qmp.cont()?;
+        Ok(self.guard_mark(false)?)
     }
 
     fn is_paused(&mut self) -> Result<bool, MachineError> {
@@ -193,17 +236,24 @@ impl Machine for Vm {
         // interrupt request and drops it: write only while paused.
         let pause = !self.paused_by_us && self.qmp.running()?;
         if pause {
+            self.guard_mark(true)?;
             self.qmp.stop()?;
         }
-        let r = self.gdb.write_phys(pa, data);
+        let r = self
+            .journal(true, pa, data.len())
+            .and_then(|()| Ok(self.gdb.write_phys(pa, data)?));
         if pause {
             self.qmp.cont()?;
+            self.guard_mark(false)?;
         }
-        Ok(r?)
+        r
     }
 
     fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
         let len = data.len() as u64;
+        if self.paused_by_us {
+            self.journal(false, pa, data.len())?;
+        }
         let done = match (self.desc.ram_offset(pa, len), self.patch_offset(pa, len)) {
             (Some(off), _) => self.ram.write(off as usize, data),
             (None, Some(off)) => self.patch.write(off as usize, data),

@@ -42,16 +42,29 @@ enum Cmd {
     Status(patchcmd::StatusArgs),
     /// Benchmark: pause-time percentiles over N apply/revert cycles.
     Bench(patchcmd::BenchArgs),
+    /// Soak: many apply/revert cycles on a private guest under a syscall loop per vCPU,
+    /// checking for oops, taint and lost operations; prints pause percentiles.
+    Soak(lucos::soak::SoakArgs),
     /// Describe a QEMU that lucos did not start, so lucos can attach to it.
     Adopt(AdoptArgs),
     /// Drop the descriptor of an adopted VM (the VM keeps running).
     Forget { vm: String },
-    /// Clear patch records left by an earlier boot of the guest.
+    /// Clear patch records left by an earlier boot of the guest or by an interrupted first
+    /// apply, and every page-table entry lucos wrote for them.
     Reset { vm: String },
     /// Stop all vCPUs of a VM.
     Pause { vm: String },
     /// Resume a paused VM (e.g. after a lucos process was killed mid-apply).
     Resume { vm: String },
+    /// (Internal) the pause guard lucos starts for each VM it attaches to.
+    #[command(hide = true)]
+    PauseGuard {
+        vm: String,
+        #[arg(long)]
+        parent: u32,
+        #[arg(long)]
+        deadline_ms: u64,
+    },
     /// Turn a kernel source diff into a bundle.
     Build(buildcmd::BuildArgs),
     /// Benchmark `lucos build`: cold vs warm comparison-object cache.
@@ -211,7 +224,24 @@ fn lucos_main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().cmd {
+    let cmd = Cli::parse().cmd;
+    // The guard itself attaches unguarded.
+    if !matches!(cmd, Cmd::PauseGuard { .. }) {
+        lucos_backend::guard::enable(
+            std::env::current_exe().context("locating the lucos binary for the pause guard")?,
+            lucos_backend::guard::deadline_from_env(),
+        );
+    }
+    match cmd {
+        Cmd::PauseGuard {
+            vm,
+            parent,
+            deadline_ms,
+        } => {
+            let d = std::time::Duration::from_millis(deadline_ms);
+            lucos_backend::guard::run(&vm, parent, d)?;
+            Ok(())
+        }
         Cmd::Guest {
             cmd: GuestCmd::Build { guest },
         } => {
@@ -244,13 +274,20 @@ fn lucos_main() -> Result<()> {
         Cmd::Reset { vm } => {
             let mut a = info::attach(&vm)?;
             let w = a.vm.patch_window()?;
-            let n = lucos_patch::reset_stale_registry(&mut a.vm, w.gpa, w.size)?;
-            println!("cleared {n} stale record(s)");
+            let pob = lucos_patch::page_offset_base(&a.vm, &a.syms, &a.layout)?;
+            let r = lucos_patch::reset_registry(&mut a.vm, (a.layout.cr3, pob), w.gpa, w.size)?;
+            println!(
+                "cleared {} stale record(s) and {} page-table entr{} into patch memory",
+                r.records,
+                r.entries,
+                if r.entries == 1 { "y" } else { "ies" }
+            );
             Ok(())
         }
         Cmd::Pause { vm } => {
             let mut vm = lucos_backend::Vm::attach(&vm)?;
             lucos_introspect::Machine::pause(&mut vm)?;
+            vm.keep_paused()?;
             println!("paused");
             Ok(())
         }
@@ -282,6 +319,7 @@ fn lucos_main() -> Result<()> {
         Cmd::Revert(args) => patchcmd::revert(args),
         Cmd::Status(args) => patchcmd::status(args),
         Cmd::Bench(args) => patchcmd::bench(args),
+        Cmd::Soak(args) => lucos::soak::soak(args),
         Cmd::Bundle { cmd } => match cmd {
             BundleCmd::Make {
                 spec,

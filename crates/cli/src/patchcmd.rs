@@ -178,6 +178,10 @@ pub fn revert(args: RevertArgs) -> Result<()> {
 
 pub fn print_status(reg: &Registry) {
     match reg.va_base {
+        Some(va) if reg.map_pending => println!(
+            "patch memory being mapped at {va:#x}: a first apply was interrupted; the next \
+             apply completes the mapping, `lucos reset` removes it"
+        ),
         Some(va) => println!(
             "patch memory mapped at {va:#x}; {} bytes allocated",
             reg.next_free
@@ -293,6 +297,16 @@ pub struct BenchArgs {
     pub load: bool,
 }
 
+/// A bundle file, or a bundle spec (`*.json`) built for the attached VM's kernel.
+pub fn bench_bundle(a: &Attached, path: &std::path::Path) -> Result<Bundle> {
+    if path.extension().is_some_and(|e| e == "json") {
+        let bytes = lucos_build::make_from_spec_file(&a.vm.desc.kernel.dir, path, &a.syms)?;
+        Ok(Bundle::parse(&bytes)?)
+    } else {
+        load_bundle(path)
+    }
+}
+
 /// p50/p99/max of pause times over N apply/revert cycles, next to the cost
 /// of an empty QMP stop+cont measured in the same run.
 pub fn bench(args: BenchArgs) -> Result<()> {
@@ -326,12 +340,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
             a
         }
     };
-    let bundle = if args.bundle.extension().is_some_and(|e| e == "json") {
-        let bytes = lucos_build::make_from_spec_file(&a.vm.desc.kernel.dir, &args.bundle, &a.syms)?;
-        Bundle::parse(&bytes)?
-    } else {
-        load_bundle(&args.bundle)?
-    };
+    let bundle = bench_bundle(&a, &args.bundle)?;
     let id = bundle.manifest().id.clone();
     let mut empty = Vec::new();
     for _ in 0..args.cycles {

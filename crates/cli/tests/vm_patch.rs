@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use lucos::patchcmd::{apply_bundle, revert_bundle, session};
 use lucos_introspect::{Machine, MachineError, PhysMem, VcpuRegs};
-use lucos_patch::{Bundle, EngineError, Manifest, Session};
+use lucos_patch::{Bundle, EngineError, Session};
 use sha2::{Digest, Sha256};
 
 /// Everything a refused or failed apply must leave byte-identical: the
@@ -99,14 +99,6 @@ fn stacking_and_revert_order() {
     assert!(s.sh("cat /proc/version").contains("lucos-v1"));
     revert_bundle(&mut s.a, &v1.manifest().id).unwrap();
     assert_eq!(s.sh("cat /proc/version"), original);
-}
-
-/// Repacks a bundle with an edited manifest.
-fn with_manifest(b: &Bundle, edit: impl FnOnce(&mut Manifest)) -> Bundle {
-    let mut m = b.manifest().clone();
-    edit(&mut m);
-    let obj = std::fs::read(bundle_path(&b.manifest().id)).unwrap();
-    Bundle::parse(&lucos_patch::pack(&obj, &m).unwrap()).unwrap()
 }
 
 #[test]
@@ -321,9 +313,9 @@ fn records_of_an_earlier_boot_are_detected_and_reset() {
         .err()
         .expect("stale registry must be refused");
     assert!(format!("{err:#}").contains("earlier boot"), "{err:#}");
-    let w = s.a.vm.patch_window().unwrap();
-    let cleared = lucos_patch::reset_stale_registry(&mut s.a.vm, w.gpa, w.size).unwrap();
-    assert!(cleared >= 1);
+    let cleared = reset(&mut s.a).unwrap();
+    assert!(cleared.records >= 1);
+    assert_eq!(cleared.entries, 1, "the surviving entry is cleared");
     let fresh = session(&mut s.a).unwrap().registry().unwrap();
     assert!(fresh.bundles.is_empty() && fresh.va_base.is_none());
     assert_eq!(fresh.next_free, reg.next_free, "pages are never reused");
@@ -338,8 +330,7 @@ fn records_of_an_earlier_boot_are_detected_and_reset() {
     );
     assert_eq!(again.pd_entries[0], (pa, value));
     // With live records that match the kernel, reset refuses.
-    let w = s.a.vm.patch_window().unwrap();
-    assert!(lucos_patch::reset_stale_registry(&mut s.a.vm, w.gpa, w.size).is_err());
+    assert!(reset(&mut s.a).is_err());
 }
 
 #[test]

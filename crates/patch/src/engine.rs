@@ -31,7 +31,8 @@ mod stage;
 mod switch;
 
 pub use error::EngineError;
-pub use reset::reset_stale_registry;
+pub use reset::{reset_registry, ResetReport};
+pub use stage::page_offset_base;
 
 /// A guest as the engine sees it: machine, symbols, live layout, patch memory.
 pub struct Session<'a, M: Machine + ?Sized> {
@@ -143,6 +144,31 @@ struct Undo {
     writes: Vec<(u64, Vec<u8>)>,
 }
 
+/// The registry record of a bundle being applied.
+fn applied_record(
+    bundle: &Bundle,
+    sites: &[SiteRecord],
+    ranges: &[RangeRecord],
+    module: &Option<crate::registry::ModuleRecord>,
+    rewrites: Vec<crate::registry::RewriteRecord>,
+) -> BundleRecord {
+    let man = bundle.manifest();
+    BundleRecord {
+        id: man.id.clone(),
+        description: man.description.clone(),
+        sha256: hex::encode(bundle.sha256()),
+        state: BundleState::Applied,
+        applied_unix_ms: now_ms(),
+        reverted_unix_ms: None,
+        sites: sites.to_vec(),
+        ranges: ranges.to_vec(),
+        apply_pause_us: 0,
+        revert_pause_us: None,
+        module: module.clone(),
+        rewrites,
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -180,8 +206,10 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         // Patch memory can outlive the kernel that mapped it (a guest
         // reboot, a reused memory file): then the kernel no longer has
         // lucos's page-directory entries, and every record is stale.
+        // (A pending mapping may lack entries: a lucos killed while writing them.)
         for &(pa, value) in &reg.pd_entries {
-            if s.m.read_u64(pa)? != value {
+            let now = s.m.read_u64(pa)?;
+            if now != value && !(reg.map_pending && now == 0) {
                 return Err(EngineError::StaleRegistry { pa, value });
             }
         }
@@ -440,31 +468,25 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             );
         }
 
+        let record = applied_record(bundle, &records, &ranges, &module_record, rewrites);
+        let first = reg.va_base.is_none() || reg.map_pending;
+        if !new_pd.is_empty() {
+            reg.note_mapping(va_base, self.pm.gpa, &new_pd);
+        }
+        reg.reserve(&record)?;
+
         // Nothing has been written yet: everything above may refuse.
         let mut undo = Undo::default();
-        let first = reg.va_base.is_none();
-        if let Err(e) = self.stage((&new_pd, first), &staged, &mut undo) {
-            self.rollback(undo);
-            return Err(e);
-        }
-        reg.va_base = Some(va_base);
-        reg.patch_gpa = Some(self.pm.gpa);
-        reg.pd_entries.extend(new_pd.iter().copied());
+        let header =
+            match self.record_and_stage(&header, &mut reg, (&new_pd, first), &staged, &mut undo) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.rollback(undo);
+                    return Err(e);
+                }
+            };
+        reg.map_pending = false;
         reg.next_free += need;
-        let record = BundleRecord {
-            id: man.id.clone(),
-            description: man.description.clone(),
-            sha256: hex::encode(bundle.sha256()),
-            state: BundleState::Applied,
-            applied_unix_ms: now_ms(),
-            reverted_unix_ms: None,
-            sites: records.clone(),
-            ranges: ranges.clone(),
-            apply_pause_us: 0,
-            revert_pause_us: None,
-            module: module_record.clone(),
-            rewrites,
-        };
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(jmps).collect();
         let edit = match (&kmods, &module_record) {
             (Some(k), Some(m)) => KernelEdit::Link(k, m.clone(), jump_sites),

@@ -26,14 +26,18 @@ mod site;
 
 pub use alternatives::{apply_alternatives, CpuFeatures};
 pub use bundle::{pack, Bundle, BundleError, MANIFEST_SECTION};
-pub use engine::{reset_stale_registry, ApplyReport, EngineError, RevertReport, Session};
+pub use engine::{
+    page_offset_base, reset_registry, ApplyReport, EngineError, ResetReport, RevertReport, Session,
+};
 pub use layout::{
     DroppedSection, FentrySite, Linked, PlacedSection, RegionKind, RegionPlan, Regions,
     MAX_REGION_SIZE, PAGE_SIZE,
 };
 pub use link::{link, plan, LinkError, Plan};
 pub use manifest::{
-    AbsField, Alias, Manifest, Replacement, Rewrite, Target, FORMAT_VERSION, MAX_EXPECT, MAX_REWRITE,
+    AbsField, Alias, Manifest, Replacement, Rewrite, Target, FORMAT_VERSION, MAX_DESCRIPTION,
+    MAX_EXPECT, MAX_NAMES, MAX_PATH, MAX_RELEASE, MAX_REPLACEMENTS, MAX_REWRITE, MAX_REWRITES,
+    MAX_SYMBOL,
 };
 pub use reloc::reloc_name;
 pub use sections::refused_by_name as section_refusal;

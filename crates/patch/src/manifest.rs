@@ -16,6 +16,18 @@ pub const FORMAT_VERSION: u32 = 1;
 /// Longest `expect` prefix; enough for endbr64 + NOP5 + a few prologue instructions.
 pub const MAX_EXPECT: usize = 16;
 
+/// Bounds of the other fields. Every applied bundle's record must fit the registry with
+/// room to revert it (see `Registry::reserve`); these keep one record of a maximal manifest
+/// to a fraction of a registry slot, so that several fit at once.
+pub const MAX_DESCRIPTION: usize = 1024;
+pub const MAX_REPLACEMENTS: usize = 32;
+/// Symbol names: the longest in Debian's 6.1 vmlinux has 76 characters.
+pub const MAX_SYMBOL: usize = 128;
+pub const MAX_PATH: usize = 128;
+pub const MAX_RELEASE: usize = 128;
+/// Entries of `resolve` and of `aliases`, each.
+pub const MAX_NAMES: usize = 256;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -38,7 +50,11 @@ pub struct Manifest {
 }
 
 /// The largest read-only object a bundle may rewrite in place.
-pub const MAX_REWRITE: usize = 4096;
+pub const MAX_REWRITE: usize = 1024;
+
+/// The most read-only objects one bundle may rewrite (their records, with the original
+/// bytes, must fit the registry with room for every revert).
+pub const MAX_REWRITES: usize = 8;
 
 /// One read-only object rewritten in place: every vCPU is stopped during the switch, so
 /// no reader sees it half-written, and every user (code and data that point to it) sees
@@ -185,8 +201,11 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> BundleError {
 }
 
 fn check_symbol_name(field: &str, name: &str) -> Result<(), BundleError> {
-    if name.is_empty() || name.len() > 512 {
-        return Err(invalid(field, "must be a symbol name of 1..512 characters"));
+    if name.is_empty() || name.len() > MAX_SYMBOL {
+        return Err(invalid(
+            field,
+            format!("must be a symbol name of 1..{MAX_SYMBOL} characters"),
+        ));
     }
     if !name.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(invalid(
@@ -223,6 +242,15 @@ fn validate_rewrite(i: usize, r: &Rewrite) -> Result<(), BundleError> {
 fn check_source_path(field: &str, path: &str) -> Result<(), BundleError> {
     if path.trim().is_empty() {
         return Err(invalid(field, "is empty; omit it or give a path"));
+    }
+    if path.len() > MAX_PATH {
+        return Err(invalid(
+            field,
+            format!(
+                "is {} bytes long; a source path has at most {MAX_PATH}",
+                path.len()
+            ),
+        ));
     }
     if path.starts_with('/') || path.split('/').any(|c| c == "..") {
         return Err(invalid(
@@ -280,6 +308,41 @@ impl Manifest {
                 ),
             ));
         }
+        let limits = [
+            (
+                "description",
+                self.description.len(),
+                MAX_DESCRIPTION,
+                "bytes",
+            ),
+            (
+                "target.release",
+                self.target.release.len(),
+                MAX_RELEASE,
+                "bytes",
+            ),
+            (
+                "replacements",
+                self.replacements.len(),
+                MAX_REPLACEMENTS,
+                "entries",
+            ),
+            ("rewrites", self.rewrites.len(), MAX_REWRITES, "entries"),
+            ("resolve", self.resolve.len(), MAX_NAMES, "entries"),
+            ("aliases", self.aliases.len(), MAX_NAMES, "entries"),
+        ];
+        for (field, len, max, unit) in limits {
+            if len > max {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "has {len} {unit}, more than the {max} allowed (the registry in the \
+                         guest must hold every applied bundle's record); split the bundle or \
+                         shorten it"
+                    ),
+                ));
+            }
+        }
         if self.target.release.trim().is_empty() {
             return Err(invalid(
                 "target.release",
@@ -314,8 +377,8 @@ impl Manifest {
         for (alias, a) in &self.aliases {
             check_symbol_name("aliases", alias)?;
             check_symbol_name(&format!("aliases.{alias}.symbol"), &a.symbol)?;
-            if a.file.as_ref().is_some_and(|f| f.trim().is_empty()) {
-                return Err(invalid(format!("aliases.{alias}.file"), "is empty"));
+            if let Some(file) = &a.file {
+                check_source_path(&format!("aliases.{alias}.file"), file)?;
             }
         }
         for (sym, file) in &self.resolve {
@@ -326,6 +389,7 @@ impl Manifest {
                     "is empty; give the source file (e.g. kernel/sys.c)",
                 ));
             }
+            check_source_path(&format!("resolve.{sym}"), file)?;
         }
         Ok(())
     }

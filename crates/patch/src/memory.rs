@@ -173,6 +173,46 @@ pub fn direct_map_entries(
     }
 }
 
+/// Every kernel page-table entry that points into patch memory, whether or not a registry
+/// records it: the page-directory entries of the kernel-image region that hang one of
+/// lucos's page tables, and the direct-map entries of [`direct_map_entries`]. Only lucos
+/// writes such entries (the kernel never maps the BAR), so these are what `lucos reset`
+/// clears.
+pub fn entries_into_patch_memory(
+    mem: &(impl PhysMem + ?Sized),
+    cr3: u64,
+    pm: &PatchMem,
+    page_offset_base: u64,
+) -> Result<Vec<u64>, MemoryError> {
+    let tables = pm.pa(pm.layout.pt_offset(0))..pm.pa(pm.layout.dm_offset() + PAGE);
+    let mut out = Vec::new();
+    let walk = paging::walk(mem, cr3, KERNEL_MAP_START)?;
+    if let Some(pd) = walk.entry(Level::Pd) {
+        let base = pd.entry_pa & !(PAGE - 1);
+        let mut page = vec![0u8; PAGE as usize];
+        mem.read_phys(base, &mut page)?;
+        for (i, e) in page.chunks(8).enumerate() {
+            let v = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            if v & PRESENT != 0 && v & PS == 0 && tables.contains(&(v & paging::ADDR_MASK)) {
+                out.push(base + 8 * i as u64);
+            }
+        }
+    }
+    let walk = paging::walk(mem, cr3, page_offset_base.wrapping_add(pm.gpa))?;
+    for e in &walk.entries {
+        let target = e.value & paging::ADDR_MASK;
+        let ours = match e.level {
+            Level::Pdpt => e.present() && !e.is_leaf() && target == pm.pa(pm.layout.dm_offset()),
+            Level::Pd => e.is_leaf() && target == pm.gpa,
+            _ => false,
+        };
+        if ours {
+            out.push(e.entry_pa);
+        }
+    }
+    Ok(out)
+}
+
 /// Picks a 2 MiB-aligned virtual range for patch memory in the kernel-image
 /// region, after the kernel (or before it), whose page-directory entries are
 /// all not present; returns it with the entries to install.

@@ -21,6 +21,8 @@ pub enum RegistryError {
     Format(u32),
     #[error("the patch registry would need {need} bytes, a slot holds {REGISTRY_SLOT_SIZE}; revert and drop old bundles")]
     Full { need: usize },
+    #[error("the patch registry has no room for this bundle's record and its revert: the applied bundles and this one would need up to {need} bytes, a slot holds {REGISTRY_SLOT_SIZE}. Revert an applied bundle first, or make this one smaller (fewer replacements, a shorter description)")]
+    NoRoom { need: usize },
 }
 
 /// One redirected function entry.
@@ -123,6 +125,11 @@ pub struct Registry {
     /// each page-directory entry lucos installed (all were zero before).
     pub va_base: Option<u64>,
     pub pd_entries: Vec<(u64, u64)>,
+    /// Set when the mapping above is recorded, before any entry is written, and cleared by
+    /// the commit of the apply that made it: while set, entries may be missing or written
+    /// (a lucos killed in between), and the next apply writes them all again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub map_pending: bool,
     /// Guest-physical address of patch memory when it was mapped: the page
     /// tables point there, so it must not move (a guest reassigning PCI BARs).
     #[serde(default)]
@@ -195,6 +202,58 @@ impl Registry {
                 true
             }
         });
+    }
+
+    /// Notes a mapping about to be written (see `map_pending`): its base and entries.
+    pub fn note_mapping(&mut self, va_base: u64, patch_gpa: u64, entries: &[(u64, u64)]) {
+        for e in entries {
+            if !self.pd_entries.contains(e) {
+                self.pd_entries.push(*e);
+            }
+        }
+        self.va_base.get_or_insert(va_base);
+        self.patch_gpa = Some(patch_gpa);
+        self.map_pending = true;
+    }
+
+    /// Length of this registry's JSON once every bundle in it is reverted and every number
+    /// in it is at its widest: no revert or pause record can take it past this, since
+    /// those only change states and numbers (and pruning only removes records).
+    pub fn worst_case_len(&self) -> usize {
+        let mut w = self.clone();
+        w.generation = u64::MAX;
+        w.reverted_dropped = u64::MAX;
+        for b in &mut w.bundles {
+            b.state = BundleState::Reverted;
+            b.applied_unix_ms = u64::MAX;
+            b.reverted_unix_ms = Some(u64::MAX);
+            b.apply_pause_us = u64::MAX;
+            b.revert_pause_us = Some(u64::MAX);
+        }
+        serde_json::to_vec(&w).expect("registry serializes").len()
+    }
+
+    /// Makes room for `record` such that every applied bundle, `record` included, can
+    /// still be reverted: drops the oldest reverted records (history only) until the worst
+    /// case fits a slot. Refuses when the applied records alone do not leave that room.
+    pub fn reserve(&mut self, record: &BundleRecord) -> Result<(), RegistryError> {
+        self.bundles.push(record.clone());
+        let mut need = self.worst_case_len();
+        while need > REGISTRY_SLOT_SIZE {
+            let Some(old) = self
+                .bundles
+                .iter()
+                .position(|b| b.state == BundleState::Reverted)
+            else {
+                self.bundles.pop();
+                return Err(RegistryError::NoRoom { need });
+            };
+            self.bundles.remove(old);
+            self.reverted_dropped += 1;
+            need = self.worst_case_len();
+        }
+        self.bundles.pop();
+        Ok(())
     }
 
     /// Bytes of the header page and of the slot to write for this registry.
@@ -340,6 +399,97 @@ mod tests {
             "the oldest reverted records go first"
         );
         assert_eq!(reg.reverted_dropped, 5);
+    }
+
+    /// The largest record a valid manifest can give: every name and the description at
+    /// their limits (see `crate::manifest`).
+    fn maximal(id: String) -> BundleRecord {
+        use crate::manifest::{MAX_DESCRIPTION, MAX_PATH, MAX_REPLACEMENTS, MAX_SYMBOL};
+        let site = SiteRecord {
+            function: format!(
+                "{}@{} [{}]",
+                "f".repeat(MAX_SYMBOL),
+                "p".repeat(MAX_PATH),
+                "m".repeat(55)
+            ),
+            func_addr: u64::MAX,
+            site_addr: u64::MAX,
+            site_pa: u64::MAX,
+            original: vec![0xe9; 5],
+            written: vec![0xe9; 5],
+            new_addr: u64::MAX,
+            new_symbol: "n".repeat(MAX_SYMBOL),
+            module: Some(ModuleSite {
+                name: "m".repeat(55),
+                base: u64::MAX,
+            }),
+        };
+        BundleRecord {
+            id,
+            description: "\u{1b}".repeat(MAX_DESCRIPTION), // escaped: 6 bytes each in JSON
+            sha256: "0".repeat(64),
+            state: BundleState::Applied,
+            applied_unix_ms: 0,
+            reverted_unix_ms: None,
+            sites: vec![site; MAX_REPLACEMENTS],
+            ranges: vec![],
+            apply_pause_us: 0,
+            revert_pause_us: None,
+            module: None,
+            // Rewrites are bounded too (MAX_REWRITES of MAX_REWRITE bytes); an apply whose
+            // record does not leave room is refused by `reserve` like any other.
+            rewrites: Vec::new(),
+        }
+    }
+
+    /// Issue 13, defect 3: apply maximal records until the registry refuses one, then
+    /// revert every one of them: each revert fits, whatever the numbers it records.
+    #[test]
+    fn every_reserved_record_can_be_reverted() {
+        let layout = PatchMemLayout::new(8 << 20).unwrap();
+        let mut reg = Registry::empty(&layout);
+        let mut header = Header::default();
+        let mut applied = 0;
+        loop {
+            let rec = maximal(format!("b{applied}"));
+            match reg.reserve(&rec) {
+                Ok(()) => {}
+                Err(RegistryError::NoRoom { need }) => {
+                    assert!(need > REGISTRY_SLOT_SIZE);
+                    break;
+                }
+                Err(e) => panic!("{e}"),
+            }
+            reg.bundles.push(rec);
+            reg.generation += 1;
+            header = reg.encode(&header).expect("an apply fits").0;
+            applied += 1;
+        }
+        eprintln!("{applied} maximal bundles fit one registry slot");
+        assert!(applied >= 4, "only {applied} maximal bundles fit");
+        for i in (0..applied).rev() {
+            let b = reg
+                .bundles
+                .iter_mut()
+                .find(|b| b.id == format!("b{i}"))
+                .unwrap();
+            b.state = BundleState::Reverted;
+            b.reverted_unix_ms = Some(u64::MAX);
+            b.revert_pause_us = Some(u64::MAX);
+            b.apply_pause_us = u64::MAX;
+            reg.generation = u64::MAX;
+            reg.prune();
+            header = reg.encode(&header).expect("every revert fits").0;
+        }
+        // History is dropped to make room: maximal bundles keep applying after reverts.
+        for i in 0..3 * applied {
+            let rec = maximal(format!("c{i}"));
+            reg.reserve(&rec).expect("reverted records make room");
+            reg.bundles.push(rec.clone());
+            reg.encode(&header).expect("fits");
+            let b = reg.bundles.last_mut().unwrap();
+            b.state = BundleState::Reverted;
+        }
     }
 
     #[test]

@@ -153,6 +153,37 @@ fn manifest_validation() {
     assert_eq!(field_of(f(|m| m.id = "has space".into())), "id");
     assert_eq!(field_of(f(|m| m.id = String::new())), "id");
     assert_eq!(field_of(f(|m| m.id = "x".repeat(65))), "id");
+    // Issue 13, defect 3: every field is bounded (a 128 KB description once filled the
+    // registry so that the bundle could not be reverted).
+    use lucos_patch::{MAX_DESCRIPTION, MAX_PATH, MAX_RELEASE, MAX_REPLACEMENTS};
+    let e = packs_with(&obj, |m| m.description = "d".repeat(128 << 10)).unwrap_err();
+    assert_eq!(field_of(e), "description");
+    packs_with(&obj, |m| m.description = "d".repeat(MAX_DESCRIPTION)).unwrap();
+    let e = packs_with(&obj, |m| m.target.release = "r".repeat(MAX_RELEASE + 1)).unwrap_err();
+    assert_eq!(field_of(e), "target.release");
+    let e = packs_with(&obj, |m| {
+        m.replacements[0].old_file = Some("p".repeat(MAX_PATH + 1))
+    })
+    .unwrap_err();
+    assert_eq!(field_of(e), "replacements[0].old_file");
+    let e = packs_with(&obj, |m| {
+        let r = m.replacements[0].clone();
+        m.replacements = (0..=MAX_REPLACEMENTS)
+            .map(|i| lucos_patch::Replacement {
+                old: format!("f{i}"),
+                ..r.clone()
+            })
+            .collect();
+    })
+    .unwrap_err();
+    assert_eq!(field_of(e), "replacements");
+    let e = packs_with(&obj, |m| {
+        m.resolve = (0..=256)
+            .map(|i| (format!("s{i}"), "kernel/sys.c".into()))
+            .collect()
+    })
+    .unwrap_err();
+    assert_eq!(field_of(e), "resolve");
     for id in [".", "..", "-", "-rf", "--help"] {
         let e = packs_with(&obj, |m| m.id = id.into()).unwrap_err();
         assert_eq!(field_of(e), "id", "{id}");

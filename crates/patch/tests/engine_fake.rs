@@ -7,11 +7,12 @@ use lucos_introspect::fake::{FakeMachine, FakeMem};
 use lucos_introspect::{KernelLayout, KernelSymbols};
 use lucos_patch::memory::PatchMemLayout;
 use lucos_patch::registry::{Header, Registry};
-use lucos_patch::{reset_stale_registry, EngineError, Session};
+use lucos_patch::{reset_registry, EngineError, ResetReport, Session};
 
 const SIZE: u64 = 8 << 20;
 const GPA: u64 = 0xfe00_0000;
 const PD_ENTRY: u64 = 0x20_0000;
+const POB: u64 = 0xffff_8880_0000_0000;
 
 fn symbols() -> KernelSymbols {
     let dir = tempfile::tempdir().unwrap();
@@ -44,6 +45,11 @@ fn layout() -> KernelLayout {
 /// A guest whose patch memory at `gpa` holds `reg`.
 fn guest_with(reg: &Registry, gpa: u64) -> FakeMachine {
     let mut mem = FakeMem::new();
+    assert_eq!(
+        mem.new_pml4(),
+        layout().cr3,
+        "the kernel's (empty) page tables"
+    );
     let pm = PatchMemLayout::new(SIZE).unwrap();
     // Back the whole registry area, as a real patch-memory file does.
     mem.write(gpa, &vec![0u8; pm.alloc_start as usize]);
@@ -93,7 +99,13 @@ fn records_of_an_earlier_boot_are_stale_until_reset() {
         "{err}"
     );
     assert!(err.to_string().contains("lucos reset"), "{err}");
-    assert_eq!(reset_stale_registry(&mut m, GPA, SIZE).unwrap(), 0);
+    assert_eq!(
+        reset_registry(&mut m, (layout().cr3, POB), GPA, SIZE).unwrap(),
+        ResetReport {
+            records: 0,
+            entries: 0
+        }
+    );
     let s = Session::new(&mut m, &syms, layout(), GPA, SIZE).unwrap();
     let fresh = s.registry().unwrap();
     assert_eq!(fresh.va_base, None);
@@ -109,7 +121,7 @@ fn reset_refuses_records_that_match_the_kernel() {
     let mut m = guest_with(&reg, GPA);
     m.mem.write_u64(PD_ENTRY, reg.pd_entries[0].1);
     assert!(matches!(
-        reset_stale_registry(&mut m, GPA, SIZE),
+        reset_registry(&mut m, (layout().cr3, POB), GPA, SIZE),
         Err(EngineError::NotStale)
     ));
 }

@@ -18,6 +18,11 @@ pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn guest() -> &'static Guest {
     static G: OnceLock<Guest> = OnceLock::new();
     G.get_or_init(|| {
+        // Every VM the tests attach to is guarded, as the lucos binary's are.
+        lucos_backend::guard::enable(
+            env!("CARGO_BIN_EXE_lucos").into(),
+            lucos_backend::guard::DEFAULT_DEADLINE,
+        );
         guest::GuestSel::default()
             .ensure()
             .expect("guest build (run scripts/test.sh)")
@@ -80,6 +85,13 @@ pub fn shared() -> MutexGuard<'static, Shared> {
         lucos::patchcmd::revert_bundle(&mut s.a, id).unwrap_or_else(|e| panic!("resetting: {e:#}"));
     }
     s
+}
+
+/// `lucos reset` on an attached VM.
+pub fn reset(a: &mut Attached) -> Result<lucos_patch::ResetReport, lucos_patch::EngineError> {
+    let w = a.vm.patch_window().unwrap();
+    let pob = lucos_patch::page_offset_base(&a.vm, &a.syms, &a.layout)?;
+    lucos_patch::reset_registry(&mut a.vm, (a.layout.cr3, pob), w.gpa, w.size)
 }
 
 /// The one slot for a VM besides the shared guest.
@@ -192,6 +204,17 @@ pub fn snippet_bundle(id: &str, source: &str) -> lucos_patch::Bundle {
     let bytes = lucos_patch::pack(&obj, &manifest).unwrap();
     std::fs::write(bundle_path(id), &bytes).unwrap();
     lucos_patch::Bundle::parse(&bytes).unwrap()
+}
+
+/// Repacks a bundle (built by [`bundle`]) with an edited manifest.
+pub fn with_manifest(
+    b: &lucos_patch::Bundle,
+    edit: impl FnOnce(&mut lucos_patch::Manifest),
+) -> lucos_patch::Bundle {
+    let mut m = b.manifest().clone();
+    edit(&mut m);
+    let obj = std::fs::read(bundle_path(&b.manifest().id)).unwrap();
+    lucos_patch::Bundle::parse(&lucos_patch::pack(&obj, &m).unwrap()).unwrap()
 }
 
 /// Builds (once per process) a bundle from a sample diff in guest/patches.

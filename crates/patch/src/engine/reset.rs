@@ -1,49 +1,79 @@
-//! Clearing records that belong to an earlier boot of the guest.
+//! `lucos reset`: clearing records that no longer describe the running kernel, and every
+//! page-table entry lucos may have written into it.
 
 use lucos_introspect::Machine;
 
 use super::EngineError;
-use crate::memory::{self, PatchMemLayout};
+use crate::memory::{self, PatchMem, PatchMemLayout};
 use crate::registry::{Header, Registry, HEADER_LEN};
 
-/// Clears a registry whose records belong to an earlier boot (see
-/// [`EngineError::StaleRegistry`]), and any of its page-directory entries
-/// that survived. Allocated pages stay allocated: the guest may have run
-/// code from them, so they are never reused.
-pub fn reset_stale_registry<M: Machine + ?Sized>(
+/// What a reset cleared.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResetReport {
+    /// Bundle records dropped.
+    pub records: usize,
+    /// Kernel page-table entries into patch memory set back to not present.
+    pub entries: usize,
+}
+
+/// Clears a registry that does not describe the running kernel: records of an earlier boot
+/// (see [`EngineError::StaleRegistry`]), or a mapping that no apply completed (a lucos killed
+/// during the first apply). Every kernel page-table entry pointing into patch memory goes,
+/// recorded or not ([`memory::entries_into_patch_memory`]): no code can be reached through
+/// them, since no bundle of this kernel is applied. Allocated pages stay allocated: the
+/// guest may have run code from them, so they are never reused. Refused while the registry
+/// holds records of the running kernel (revert those instead).
+pub fn reset_registry<M: Machine + ?Sized>(
     m: &mut M,
+    (cr3, page_offset_base): (u64, u64),
     patch_gpa: u64,
     patch_size: u64,
-) -> Result<usize, EngineError> {
+) -> Result<ResetReport, EngineError> {
     let layout = PatchMemLayout::new(patch_size)?;
     let mut hb = [0u8; HEADER_LEN];
     m.read_phys(patch_gpa + layout.header_offset(), &mut hb)?;
-    let Some(header) = Header::decode(&hb)? else {
-        return Ok(0);
-    };
-    let mut slot = vec![0u8; memory::REGISTRY_SLOT_SIZE];
-    m.read_phys(patch_gpa + layout.slot_offset(header.active), &mut slot)?;
-    let old = header.registry(&slot)?;
-    let mut ours = Vec::new();
-    for &(pa, value) in &old.pd_entries {
-        if m.read_u64(pa)? == value {
-            ours.push(pa);
+    let header = Header::decode(&hb)?;
+    let old = match &header {
+        Some(h) => {
+            let mut slot = vec![0u8; memory::REGISTRY_SLOT_SIZE];
+            m.read_phys(patch_gpa + layout.slot_offset(h.active), &mut slot)?;
+            h.registry(&slot)?
         }
+        None => Registry::empty(&layout),
+    };
+    let mut stale = false;
+    for &(pa, value) in &old.pd_entries {
+        stale |= m.read_u64(pa)? != value;
     }
-    if ours.len() == old.pd_entries.len() {
+    // A completed mapping that matches the kernel belongs to it (its bundles may run).
+    if !stale && old.va_base.is_some() && (!old.map_pending || !old.bundles.is_empty()) {
         return Err(EngineError::NotStale);
     }
-    // Entries that still point at lucos's page tables are leftovers of the
-    // dropped records (no code can jump there: the kernel lost the others).
-    for pa in ours {
+    let pm = PatchMem {
+        layout,
+        gpa: patch_gpa,
+        va_base: None,
+    };
+    let entries = memory::entries_into_patch_memory(&*m, cr3, &pm, page_offset_base)?;
+    for &pa in &entries {
         m.write_phys_data(pa, &0u64.to_le_bytes())?;
+    }
+    let untouched = old.va_base.is_none() && old.bundles.is_empty();
+    if header.is_none() || (untouched && entries.is_empty()) {
+        return Ok(ResetReport {
+            records: 0,
+            entries: entries.len(),
+        });
     }
     let mut fresh = Registry::empty(&layout);
     fresh.next_free = old.next_free;
     fresh.generation = old.generation + 1;
     fresh.reverted_dropped = old.reverted_dropped + old.bundles.len() as u64;
-    let (h, json) = fresh.encode(&header)?;
+    let (h, json) = fresh.encode(header.as_ref().expect("checked above"))?;
     m.write_phys_data(patch_gpa + layout.slot_offset(h.active), &json)?;
     m.write_phys_data(patch_gpa + layout.header_offset(), &h.encode())?;
-    Ok(old.bundles.len())
+    Ok(ResetReport {
+        records: old.bundles.len(),
+        entries: entries.len(),
+    })
 }

@@ -1,17 +1,35 @@
 //! Staging: code, data and page tables written while the guest runs, into memory nothing
 //! reaches until the switch; and their rollback.
 
-use lucos_introspect::Machine;
+use lucos_introspect::{KernelLayout, KernelSymbols, Machine};
 
 use super::{EngineError, Session, Undo};
 use crate::memory::{self, PAGE};
-use crate::registry::{RangeRecord, Registry};
+use crate::registry::{Header, RangeRecord, Registry};
 use lucos_introspect::paging;
 
+/// The kernel's `page_offset_base`: where its direct map of physical memory starts.
+pub fn page_offset_base<M: Machine + ?Sized>(
+    m: &M,
+    syms: &KernelSymbols,
+    layout: &KernelLayout,
+) -> Result<u64, EngineError> {
+    let pob = syms
+        .lookup("page_offset_base")
+        .map_err(|source| EngineError::Symbol {
+            function: "page_offset_base".into(),
+            source,
+        })?;
+    Ok(paging::read_virt_u64(m, layout.cr3, layout.live(pob.addr))?)
+}
+
 impl<M: Machine + ?Sized> Session<'_, M> {
-    /// Where patch memory is (or will be) mapped, and the page-directory entries a first
-    /// apply must add.
+    /// Where patch memory is (or will be) mapped, and the page-directory entries this apply
+    /// must write: all of a first mapping's, or, after an interrupted one, all it recorded.
     pub(super) fn mapping(&self, reg: &Registry) -> Result<(u64, Vec<(u64, u64)>), EngineError> {
+        if let (true, Some(base)) = (reg.map_pending, reg.va_base) {
+            return Ok((base, reg.pd_entries.clone()));
+        }
         let (base, mut entries) = match reg.va_base {
             Some(b) => (b, Vec::new()),
             None => memory::choose_va_base(
@@ -22,14 +40,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                 self.layout.image_end,
             )?,
         };
-        let pob = self
-            .syms
-            .lookup("page_offset_base")
-            .map_err(|source| EngineError::Symbol {
-                function: "page_offset_base".into(),
-                source,
-            })?;
-        let pob = paging::read_virt_u64(&*self.m, self.layout.cr3, self.layout.live(pob.addr))?;
+        let pob = page_offset_base(&*self.m, self.syms, &self.layout)?;
         entries.extend(memory::direct_map_entries(
             &*self.m,
             self.layout.cr3,
@@ -37,6 +48,41 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             pob,
         )?);
         Ok((base, entries))
+    }
+
+    /// Commits the mapping noted in `reg` (pending) before any of its entries is written, so that a lucos
+    /// killed while writing them leaves entries the registry knows: the next apply writes
+    /// them again, `lucos reset` removes them. The old registry bytes go into `undo`, so a
+    /// refused apply still leaves patch memory as it was. Returns the header now current.
+    fn record_mapping(
+        &mut self,
+        header: &Header,
+        reg: &mut Registry,
+        undo: &mut Undo,
+    ) -> Result<Header, EngineError> {
+        undo.writes.extend(self.snapshot_registry(header)?);
+        self.commit(header, reg)?;
+        let (h, now) = self.read_header()?;
+        *reg = now;
+        Ok(h)
+    }
+
+    /// Records a new mapping (if any), then stages; returns the header now current.
+    pub(super) fn record_and_stage(
+        &mut self,
+        header: &Header,
+        reg: &mut Registry,
+        new_pd: (&[(u64, u64)], bool),
+        staged: &[(RangeRecord, &[u8])],
+        undo: &mut Undo,
+    ) -> Result<Header, EngineError> {
+        let header = if new_pd.0.is_empty() {
+            header.clone()
+        } else {
+            self.record_mapping(header, reg, undo)?
+        };
+        self.stage(new_pd, staged, undo)?;
+        Ok(header)
     }
 
     fn write_undoable(&mut self, undo: &mut Undo, pa: u64, data: &[u8]) -> Result<(), EngineError> {
