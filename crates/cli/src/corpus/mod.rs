@@ -49,6 +49,9 @@ pub struct CorpusArgs {
     /// cause that a newer lucos removed).
     #[arg(long)]
     pub redo: Vec<String>,
+    /// Apply again the bundles whose live run failed (e.g. after a smoke-suite fix).
+    #[arg(long)]
+    pub redo_live: bool,
     /// Forget earlier results of this update and start again.
     #[arg(long)]
     pub fresh: bool,

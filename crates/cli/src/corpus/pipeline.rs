@@ -124,8 +124,10 @@ fn to_apply(args: &CorpusArgs, st: &State) -> Vec<(Unit, PathBuf)> {
         .filter(|u| selected(args, u))
         .filter_map(|u| {
             let r = st.results.get(&u.id)?;
+            let again = args.redo_live && r.live.as_ref().is_some_and(|l| !l.passed());
             match (&r.build.as_ref()?.built, &r.live) {
                 (Built::Bundle { bundle, .. }, None) => Some((u.clone(), bundle.clone())),
+                (Built::Bundle { bundle, .. }, Some(_)) if again => Some((u.clone(), bundle.clone())),
                 _ => None,
             }
         })
