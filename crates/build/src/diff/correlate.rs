@@ -96,10 +96,11 @@ pub(crate) fn correlate(orig: &Obj, patched: &Obj) -> Correlation {
         for &i in syms {
             if let Some(stem) = btf_id_stem(&o.symbols[i].name) {
                 let s = &o.symbols[i];
-                by_stem
-                    .entry(stem.to_owned())
-                    .or_default()
-                    .push((s.section().unwrap_or(0), s.value, i));
+                by_stem.entry(stem.to_owned()).or_default().push((
+                    s.section().unwrap_or(0),
+                    s.value,
+                    i,
+                ));
             }
         }
         for v in by_stem.values_mut() {

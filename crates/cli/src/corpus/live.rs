@@ -41,7 +41,10 @@ pub struct Check {
 
 impl Check {
     pub fn passed(&self) -> bool {
-        self.smoke_failures.is_empty() && self.bad_log.is_empty() && self.new_taint == 0 && self.dead.is_none()
+        self.smoke_failures.is_empty()
+            && self.bad_log.is_empty()
+            && self.new_taint == 0
+            && self.dead.is_none()
     }
 }
 
@@ -86,7 +89,8 @@ pub struct LiveGuest {
 impl LiveGuest {
     pub fn boot(opts: &VmOpts, guest: &Guest) -> Result<Self> {
         let (vm, booted) = harness::boot(opts, guest).context("booting the corpus guest")?;
-        let a = attach_vm(Vm::attach_desc(booted.desc.clone())?).context("attaching to the corpus guest")?;
+        let a = attach_vm(Vm::attach_desc(booted.desc.clone())?)
+            .context("attaching to the corpus guest")?;
         let mut g = LiveGuest {
             _vm: vm,
             booted,
@@ -101,20 +105,30 @@ impl LiveGuest {
 
     fn sh(&self, cmd: &str) -> Result<String> {
         let out = self.booted.console.run(cmd, CMD_TIMEOUT)?;
-        anyhow::ensure!(out.status == 0, "`{cmd}` failed in the guest: {}", out.output.trim());
+        anyhow::ensure!(
+            out.status == 0,
+            "`{cmd}` failed in the guest: {}",
+            out.output.trim()
+        );
         Ok(out.output)
     }
 
     fn read_taint(&self) -> Result<u64> {
         let t = self.sh("cat /proc/sys/kernel/tainted")?;
-        t.trim().parse().with_context(|| format!("reading the taint: '{}'", t.trim()))
+        t.trim()
+            .parse()
+            .with_context(|| format!("reading the taint: '{}'", t.trim()))
     }
 
     /// Runs the smoke suite (`quick`: its tmpfs and process part) and reads the log and
     /// taint.
     pub fn check(&mut self, quick: bool) -> Check {
         let mut c = Check::default();
-        let cmd = if quick { "lucos-smoke quick" } else { "lucos-smoke" };
+        let cmd = if quick {
+            "lucos-smoke quick"
+        } else {
+            "lucos-smoke"
+        };
         match self.booted.console.run(cmd, SMOKE_TIMEOUT) {
             Ok(out) => {
                 c.smoke_failures = out
@@ -130,7 +144,13 @@ impl LiveGuest {
             }
         }
         match self.sh(&format!("dmesg -c | grep -E '{BAD_LOG}' || true")) {
-            Ok(log) => c.bad_log = log.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect(),
+            Ok(log) => {
+                c.bad_log = log
+                    .lines()
+                    .map(str::to_owned)
+                    .filter(|l| !l.is_empty())
+                    .collect()
+            }
             Err(e) => c.dead = Some(format!("reading the kernel log: {e:#}")),
         }
         match self.read_taint() {
@@ -172,7 +192,10 @@ impl LiveGuest {
     /// one check. The checks of a batch that passed hold for each of its bundles (each ran
     /// the suite while applied); a batch that failed is run again bundle by bundle, so a
     /// failure is always pinned on one bundle. Returns whether the guest is still good.
-    pub fn exercise_batch(&mut self, bundles: &[(String, std::path::PathBuf)]) -> (Vec<(String, Live)>, bool) {
+    pub fn exercise_batch(
+        &mut self,
+        bundles: &[(String, std::path::PathBuf)],
+    ) -> (Vec<(String, Live)>, bool) {
         if bundles.len() == 1 {
             let live = self.exercise(&bundles[0].1);
             let good = !live.broke_guest();

@@ -85,7 +85,12 @@ fn scan(g: &Guest, cache: &Path, args: &CorpusArgs, kernel: &str) -> Result<Stat
     let tree = g.kernel_dir.join("build");
     let mut modules = BTreeMap::new();
     for ko in scope::loadable_modules(&g.kernel_dir.join("modules.cpio.gz"))? {
-        let name = ko.rsplit('/').next().unwrap_or(&ko).trim_end_matches(".ko").to_owned();
+        let name = ko
+            .rsplit('/')
+            .next()
+            .unwrap_or(&ko)
+            .trim_end_matches(".ko")
+            .to_owned();
         for f in scope::module_sources(&tree, &ko)? {
             modules.insert(f, name.clone());
         }
@@ -111,20 +116,35 @@ pub fn corpus(args: CorpusArgs) -> Result<()> {
     .ensure()
     .context("the guest kernel of --from")?;
     let cache = lucos_build::cache_dir().context("set HOME or LUCOS_CACHE for lucos's cache")?;
-    let dir = args
-        .dir
-        .clone()
-        .unwrap_or_else(|| cache.join("corpus").join(format!("{}_{}", args.from, args.to)));
+    let dir = args.dir.clone().unwrap_or_else(|| {
+        cache
+            .join("corpus")
+            .join(format!("{}_{}", args.from, args.to))
+    });
     for d in ["diffs", "bundles"] {
-        std::fs::create_dir_all(dir.join(d)).with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir.join(d))
+            .with_context(|| format!("creating {}", dir.display()))?;
     }
     let info = g.kernel_info()?;
-    let kernel = format!("{} (build id {})", g.meta["release"].as_str().unwrap_or("?"), info.build_id);
+    let kernel = format!(
+        "{} (build id {})",
+        g.meta["release"].as_str().unwrap_or("?"),
+        info.build_id
+    );
     let path = dir.join("state.json");
-    let resumed = if args.fresh { None } else { State::load(&path, &args.from, &args.to, &kernel) };
+    let resumed = if args.fresh {
+        None
+    } else {
+        State::load(&path, &args.from, &args.to, &kernel)
+    };
     let mut st = match resumed {
         Some(s) => {
-            println!("resuming {} ({} of {} units built)", path.display(), s.results.len(), s.units.len());
+            println!(
+                "resuming {} ({} of {} units built)",
+                path.display(),
+                s.results.len(),
+                s.units.len()
+            );
             s
         }
         None => scan(&g, &cache, &args, &kernel)?,

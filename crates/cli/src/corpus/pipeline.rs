@@ -86,7 +86,9 @@ fn selected(args: &CorpusArgs, u: &Unit) -> bool {
 
 fn short(b: &Built, n: usize) -> String {
     match b {
-        Built::Bundle { replaced, .. } => format!("built ({} replaced, {n} changed)", replaced.len()),
+        Built::Bundle { replaced, .. } => {
+            format!("built ({} replaced, {n} changed)", replaced.len())
+        }
         Built::NoChange { reason } => format!("no change: {reason}"),
         Built::Refused { refusals } => {
             format!("refused: {}", refusals.first().map_or("", |r| r.0.as_str()))
@@ -127,7 +129,9 @@ fn to_apply(args: &CorpusArgs, st: &State) -> Vec<(Unit, PathBuf)> {
             let again = args.redo_live && r.live.as_ref().is_some_and(|l| !l.passed());
             match (&r.build.as_ref()?.built, &r.live) {
                 (Built::Bundle { bundle, .. }, None) => Some((u.clone(), bundle.clone())),
-                (Built::Bundle { bundle, .. }, Some(_)) if again => Some((u.clone(), bundle.clone())),
+                (Built::Bundle { bundle, .. }, Some(_)) if again => {
+                    Some((u.clone(), bundle.clone()))
+                }
                 _ => None,
             }
         })
@@ -195,7 +199,10 @@ fn run_batch(
     batch: &[(Unit, PathBuf)],
     done: &mpsc::Sender<(String, Live)>,
 ) -> Result<bool> {
-    let items: Vec<(String, PathBuf)> = batch.iter().map(|(u, p)| (u.id.clone(), p.clone())).collect();
+    let items: Vec<(String, PathBuf)> = batch
+        .iter()
+        .map(|(u, p)| (u.id.clone(), p.clone()))
+        .collect();
     let lg = match guest.as_mut() {
         Some(lg) => lg,
         None => guest.insert(LiveGuest::boot(opts, g)?),
@@ -231,7 +238,12 @@ fn run_batch(
     Ok(true)
 }
 
-fn record_live(st: &mut State, steps: &mut Steps, path: &Path, (id, live): (String, Live)) -> Result<()> {
+fn record_live(
+    st: &mut State,
+    steps: &mut Steps,
+    path: &Path,
+    (id, live): (String, Live),
+) -> Result<()> {
     let what = if live.passed() {
         "passed".to_string()
     } else {
@@ -243,9 +255,23 @@ fn record_live(st: &mut State, steps: &mut Steps, path: &Path, (id, live): (Stri
 }
 
 /// Builds what is to build and applies what is built, side by side.
-pub(super) fn run(args: &CorpusArgs, g: &Guest, cache: &Path, dir: &Path, st: &mut State, path: &Path) -> Result<()> {
-    let (a, b) = (source::ensure(cache, &args.from)?, source::ensure(cache, &args.to)?);
-    let build = if args.no_build { Vec::new() } else { to_build(args, st) };
+pub(super) fn run(
+    args: &CorpusArgs,
+    g: &Guest,
+    cache: &Path,
+    dir: &Path,
+    st: &mut State,
+    path: &Path,
+) -> Result<()> {
+    let (a, b) = (
+        source::ensure(cache, &args.from)?,
+        source::ensure(cache, &args.to)?,
+    );
+    let build = if args.no_build {
+        Vec::new()
+    } else {
+        to_build(args, st)
+    };
     let users: BTreeMap<String, usize> = st.scope.headers.iter().cloned().collect();
     let budget = outcome::Budget {
         max_objects: args.max_objects,
@@ -261,7 +287,11 @@ pub(super) fn run(args: &CorpusArgs, g: &Guest, cache: &Path, dir: &Path, st: &m
     };
     let multi = std::io::stdout().is_terminal().then(MultiProgress::new);
     let mut bsteps = Steps::new(multi.as_ref(), "build", build.len());
-    let pending = if args.no_live { Vec::new() } else { to_apply(args, st) };
+    let pending = if args.no_live {
+        Vec::new()
+    } else {
+        to_apply(args, st)
+    };
     let mut lsteps = Steps::new(multi.as_ref(), "live", pending.len());
     let opts = &vm_opts(args);
     let (tx, rx) = mpsc::channel();
@@ -279,7 +309,14 @@ pub(super) fn run(args: &CorpusArgs, g: &Guest, cache: &Path, dir: &Path, st: &m
         }
         for u in &build {
             let r = outcome::build(&paths, u, &budget, args.jobs)?;
-            bsteps.step(&u.id, &format!("{} in {:.1} s", short(&r.built, r.functions.changed.len()), r.seconds));
+            bsteps.step(
+                &u.id,
+                &format!(
+                    "{} in {:.1} s",
+                    short(&r.built, r.functions.changed.len()),
+                    r.seconds
+                ),
+            );
             let bundle = match &r.built {
                 Built::Bundle { bundle, .. } => Some(bundle.clone()),
                 _ => None,
@@ -302,7 +339,10 @@ pub(super) fn run(args: &CorpusArgs, g: &Guest, cache: &Path, dir: &Path, st: &m
             record_live(st, &mut lsteps, path, done)?;
         }
         match worker {
-            Some(w) => w.join().map_err(|_| anyhow::anyhow!("the live worker panicked"))?.context("the live stage"),
+            Some(w) => w
+                .join()
+                .map_err(|_| anyhow::anyhow!("the live worker panicked"))?
+                .context("the live stage"),
             None => Ok(()),
         }
     })
