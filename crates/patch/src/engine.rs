@@ -337,7 +337,15 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 }
             }
         }
-        let expected = rep.expected_bytes(self.layout.slide as u64);
+        let mut expected = rep.expected_bytes(self.layout.slide as u64);
+        if let Ok(thunk) = self.syms.lookup("__x86_return_thunk") {
+            crate::site::as_patched_returns(
+                &mut expected,
+                &cmp,
+                func_addr,
+                self.layout.live(thunk.addr),
+            );
+        }
         if cmp != expected {
             return Err(EngineError::ExpectMismatch {
                 function,

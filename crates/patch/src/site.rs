@@ -121,3 +121,50 @@ pub fn jmp_rel32(site_addr: u64, target: u64) -> Result<[u8; 5], LinkError> {
     out[1..].copy_from_slice(&rel32.to_le_bytes());
     Ok(out)
 }
+
+/// `ret; int3 x4`: what the kernel's `apply_returns()` writes over a `jmp
+/// __x86_return_thunk` when the CPU needs no return mitigation.
+const PATCHED_RETURN: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
+
+/// Makes each `jmp __x86_return_thunk` (at `addr` + offset) of `expected` read as the
+/// kernel patched it, where `live` holds that patched form: the build knows the compiled
+/// bytes, the kernel rewrote its return sites at boot for the live CPU.
+pub fn as_patched_returns(expected: &mut [u8], live: &[u8], addr: u64, thunk: u64) {
+    let mut at = 0;
+    while at + 5 <= expected.len().min(live.len()) {
+        if expected[at] == 0xe9 && live[at..at + 5] == PATCHED_RETURN {
+            let rel = i32::from_le_bytes(expected[at + 1..at + 5].try_into().expect("4 bytes"));
+            let target = (addr + at as u64 + 5).wrapping_add(rel as i64 as u64);
+            if target == thunk {
+                expected[at..at + 5].copy_from_slice(&PATCHED_RETURN);
+                at += 5;
+                continue;
+            }
+        }
+        at += 1;
+    }
+}
+
+#[cfg(test)]
+mod return_tests {
+    use super::*;
+
+    #[test]
+    fn a_return_thunk_jump_reads_as_the_kernel_patched_it() {
+        let addr = 0xffff_ffff_8100_0000u64;
+        let thunk = addr + 0x1000;
+        // xor eax,eax; jmp thunk (rel32 from addr+7)
+        let rel = (thunk - (addr + 7)) as i32;
+        let mut expected = vec![0x31, 0xc0, 0xe9];
+        expected.extend(rel.to_le_bytes());
+        let live = [0x31, 0xc0, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
+        as_patched_returns(&mut expected, &live, addr, thunk);
+        assert_eq!(expected, live);
+        // A jmp elsewhere is compared as compiled.
+        let mut other = vec![0x31, 0xc0, 0xe9];
+        other.extend((rel + 16).to_le_bytes());
+        let before = other.clone();
+        as_patched_returns(&mut other, &live, addr, thunk);
+        assert_eq!(other, before);
+    }
+}
