@@ -11,6 +11,7 @@ pub mod guard;
 pub mod launch;
 pub mod qmp;
 pub mod rundir;
+#[allow(unsafe_code)] // the one module with `unsafe`: mappings and libc calls
 mod sys;
 pub mod vm;
 
