@@ -185,86 +185,28 @@ fn fentry_less_static_inline_is_replaced_through_its_caller() {
     );
 }
 
-/// The performance target: a one-file `.c` fix against a warm cache. Run with
-/// `cargo test --release -p lucos-build --test diff_samples -- --ignored --nocapture`.
+/// The running kernel's symbols as lucos reads them from Debian's dbg vmlinux: names,
+/// statics by file, lookups by address, and the absolute-relocation fields of a function.
 #[test]
-#[ignore = "benchmark"]
-fn bench_warm_cache() {
+fn debian_vmlinux_symbols_resolve() {
     let Some(tree) = tree() else { return };
-    let cache = tempfile::tempdir().expect("tempdir");
+    let s = lucos_introspect::KernelSymbols::load(tree.join("vmlinux")).unwrap();
+    assert!(s.symbols().len() > 100_000, "{}", s.symbols().len());
+    assert_eq!(s.build_id_hex().unwrap().len(), 40);
     for name in [
-        "01-cmdline-prefix.patch",
-        "03-interrupts-static-local.patch",
-        "05-fd-header-inline.patch",
+        "_text",
+        "asm_exc_page_fault",
+        "cmdline_proc_show",
+        "fs/proc/cmdline.c:cmdline_proc_show",
     ] {
-        for round in ["cold", "warm"] {
-            let t = Instant::now();
-            let r = build(&tree, &sample(name), &options(cache.path()), &NoProgress).unwrap();
-            let times = r.report().times;
-            eprintln!(
-                "{name} ({round} cache): {:.2?} wall; rebuild {:.2?}, compare {:.2?}, emit {:.2?}",
-                t.elapsed(),
-                times.rebuild,
-                times.compare,
-                times.emit
-            );
-            if round == "warm" {
-                assert!(r.report().objects.iter().all(|o| o.original_cached));
-                assert!(t.elapsed().as_secs() < 30, "over the 30 s target");
-            }
-        }
+        let sym = s
+            .resolve_spec(name)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        s.abs_reloc_offsets(sym.addr, sym.size as usize).unwrap();
     }
-}
-
-/// Builds the diff named by `LUCOS_DIFF` and prints the outcome (for trying changes out):
-/// `LUCOS_DIFF=fix.patch cargo test -p lucos-build --test diff_samples -- --ignored try_diff --nocapture`
-#[test]
-#[ignore = "manual"]
-fn try_diff() {
-    let (Some(tree), Some(diff)) = (tree(), std::env::var_os("LUCOS_DIFF")) else {
-        return;
-    };
-    let cache = tempfile::tempdir().expect("tempdir");
-    match build(&tree, Path::new(&diff), &options(cache.path()), &NoProgress) {
-        Ok(BuildOutcome::Bundle(b)) => {
-            let parsed = Bundle::parse(&b.bundle).expect("bundle parses");
-            lucos_patch::plan(&parsed).expect("bundle links");
-            eprintln!("{:#?}", b.report);
-            eprintln!("replaced {:?}\nincluded {:?}", b.replaced, b.included);
-            if let Some(dir) = std::env::var_os("LUCOS_DIFF_OUT") {
-                std::fs::write(Path::new(&dir).join("try.o"), &b.bundle).unwrap();
-            }
-        }
-        Ok(BuildOutcome::NoChange { report, reason }) => eprintln!("{report:#?}\n{reason}"),
-        Err(e) => eprintln!("{e}"),
-    }
-}
-
-/// Compares two objects named by `LUCOS_ORIG` and `LUCOS_PATCHED` and prints the result.
-#[test]
-#[ignore = "manual"]
-fn try_objects() {
-    let (Some(o), Some(p)) = (
-        std::env::var_os("LUCOS_ORIG"),
-        std::env::var_os("LUCOS_PATCHED"),
-    ) else {
-        return;
-    };
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_writer(std::io::stderr)
-        .try_init();
-    let d = lucos_build::diff::compare_objects(
-        "source.c",
-        &std::fs::read(o).unwrap(),
-        &std::fs::read(p).unwrap(),
-        None,
-    )
-    .unwrap();
-    eprintln!(
-        "changed {:?}\nredirected {:?}\nnew {:?} {:?}\nline_only {:?}\nrenamed {:?}\nincluded {:?}\nrefusals {:#?}",
-        d.changed, d.redirected, d.new_functions, d.new_data, d.line_only, d.renamed, d.included, d.refusals
-    );
+    let pf = s.lookup("asm_exc_page_fault").unwrap().addr;
+    assert_eq!(s.symbol_at(pf + 3).unwrap().0.name, "asm_exc_page_fault");
+    assert!(s.lookup("current_task").unwrap().percpu);
 }
 
 /// A symlink view of `tree` whose Kbuild tree has `file` replaced by `text` (every
