@@ -106,7 +106,7 @@ fn with_manifest(b: &Bundle, edit: impl FnOnce(&mut Manifest)) -> Bundle {
     let mut m = b.manifest().clone();
     edit(&mut m);
     let obj = std::fs::read(bundle_path(&b.manifest().id)).unwrap();
-    Bundle::parse(&lucos_patch::pack(&obj, &m).unwrap()).unwrap()
+    sign_and_store(&lucos_patch::pack(&obj, &m).unwrap())
 }
 
 #[test]

@@ -37,6 +37,6 @@ pub use link::{link, plan, LinkError, Plan};
 pub use manifest::{AbsField, Alias, Manifest, Replacement, Target, FORMAT_VERSION, MAX_EXPECT};
 pub use reloc::reloc_name;
 pub use sections::refused_by_name as section_refusal;
-pub use trust::{KeyError, TrustStore};
 pub use signing::{SignatureError, Signer};
 pub use site::{check_fentry_site, jmp_rel32, SiteError, SiteKind, ENDBR64, NOP5};
+pub use trust::{KeyError, TrustStore};

@@ -114,8 +114,11 @@ pub fn verify<'a>(
 ) -> Result<(&'a [u8], Signer), SignatureError> {
     let t = trailer(file).ok_or(SignatureError::Unsigned)?;
     let key = VerifyingKey::from_bytes(&t.key).map_err(|_| SignatureError::BadSignature)?;
-    key.verify_strict(&message(&t.key, t.body), &Signature::from_bytes(&t.signature))
-        .map_err(|_| SignatureError::BadSignature)?;
+    key.verify_strict(
+        &message(&t.key, t.body),
+        &Signature::from_bytes(&t.signature),
+    )
+    .map_err(|_| SignatureError::BadSignature)?;
     let name = trust
         .name_of(&t.key)
         .ok_or_else(|| SignatureError::Untrusted {

@@ -81,7 +81,10 @@ fn a_byte_changed_after_signing_is_refused_for_its_signature() {
                 let mut t = signed.clone();
                 t[at] ^= flip;
                 let e = refusal(&t, &trust);
-                assert!(matches!(e, SignatureError::BadSignature), "{section}+{at}: {e}");
+                assert!(
+                    matches!(e, SignatureError::BadSignature),
+                    "{section}+{at}: {e}"
+                );
                 assert!(e.to_string().contains("changed after it was signed"), "{e}");
                 checked += 1;
             }
@@ -107,7 +110,10 @@ fn a_tampered_bundle_is_refused_before_it_is_parsed() {
     assert!(matches!(refusal(&t, &trust), SignatureError::BadSignature));
     // Untampered, the same garbage gets past the signature and is refused by the parser.
     let ok = signing::sign(b"not an ELF object", &key);
-    assert!(matches!(Bundle::open(&ok, &trust), Err(BundleError::NotElf)));
+    assert!(matches!(
+        Bundle::open(&ok, &trust),
+        Err(BundleError::NotElf)
+    ));
 }
 
 #[test]
@@ -135,7 +141,10 @@ fn unsigned_and_untrusted_bundles_are_refused_with_what_to_do() {
     let n = forged.len();
     let trusted = trust.keys()[0].1;
     forged[n - 40..n - 8].copy_from_slice(&trusted);
-    assert!(matches!(refusal(&forged, &trust), SignatureError::BadSignature));
+    assert!(matches!(
+        refusal(&forged, &trust),
+        SignatureError::BadSignature
+    ));
 
     // Trusting the key, by the line its owner publishes, makes the bundle acceptable.
     let mut trust = trust;
@@ -193,5 +202,8 @@ fn keys_on_disk_are_private_and_checked() {
             "{name}"
         );
     }
-    assert!(matches!(t.remove("nobody"), Err(KeyError::NoSuchKey { .. })));
+    assert!(matches!(
+        t.remove("nobody"),
+        Err(KeyError::NoSuchKey { .. })
+    ));
 }
