@@ -19,12 +19,8 @@ fn packed() -> Vec<u8> {
     pack(&compile_c(SRC, &[]), &manifest(&["lucos_new"])).unwrap()
 }
 
-/// A fresh key, trusted as `me` in a fresh store.
 fn keyed() -> (tempfile::TempDir, ed25519_dalek::SigningKey, TrustStore) {
-    let dir = tempfile::tempdir().unwrap();
-    let key = create_key(&dir.path().join("key")).unwrap();
-    let mut trust = TrustStore::load(&dir.path().join("trusted")).unwrap();
-    trust.add("me", &key.verifying_key().to_bytes()).unwrap();
+    let (dir, trust, key) = common::trusted_key();
     (dir, key, trust)
 }
 
@@ -44,7 +40,7 @@ fn signed_bundle_round_trips() {
     assert_eq!(signed.len(), body.len() + signing::TRAILER_LEN);
     let b = Bundle::open(&signed, &trust).unwrap();
     let signer = b.signer().unwrap();
-    assert_eq!(signer.name, "me");
+    assert_eq!(signer.name, "test");
     assert_eq!(signer.key, key.verifying_key().to_bytes());
     // The identity of what is applied does not depend on who signed it.
     assert_eq!(b.sha256(), Bundle::parse(&body).unwrap().sha256());
