@@ -116,9 +116,11 @@ fn apply_is_refused_cleanly(b: &Bundle) {
     let mut m = guest_with(&reg, GPA);
     m.mem.write_u64(reg.pd_entries[0].0, reg.pd_entries[0].1);
     let before = m.mem.clone();
-    let mut s = Session::new(&mut m, &f.syms, layout(), GPA, SIZE).unwrap();
-    assert!(s.apply(b).is_err());
-    drop(s);
+    let refused = Session::new(&mut m, &f.syms, layout(), GPA, SIZE)
+        .unwrap()
+        .apply(b)
+        .is_err();
+    assert!(refused, "a bundle for another kernel was applied");
     assert!(m.mem == before, "a refused apply changed guest memory");
 }
 
