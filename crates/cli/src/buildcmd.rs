@@ -121,7 +121,7 @@ pub fn build(args: BuildArgs) -> Result<()> {
                 .output
                 .clone()
                 .unwrap_or_else(|| PathBuf::from(format!("{}.lcb", b.manifest.id)));
-            std::fs::write(&out, &b.bundle)
+            std::fs::write(&out, crate::signing::sign(&b.bundle)?)
                 .with_context(|| format!("writing {}", out.display()))?;
             println!(
                 "wrote {} (bundle id '{}')",

@@ -46,7 +46,7 @@ pub fn demo_bundle(
     let spec = guest_dir().join("bundles").join(format!("{name}.json"));
     let bytes = lucos_build::make_from_spec_file(kernel_dir, &spec, syms)
         .with_context(|| format!("building bundle {}", spec.display()))?;
-    Ok(Bundle::parse(&bytes)?)
+    crate::signing::sign_and_open(&bytes, &spec)
 }
 
 pub fn demo(args: DemoArgs) -> Result<()> {
@@ -135,7 +135,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
                 t.compare.as_secs_f64(),
                 t.emit.as_secs_f64()
             );
-            Bundle::parse(&b.bundle)?
+            crate::signing::sign_and_open(&b.bundle, &diff)?
         }
         lucos_build::diff::BuildOutcome::NoChange { reason, .. } => {
             anyhow::bail!("{}: {reason}", diff.display())

@@ -10,4 +10,5 @@ pub mod modules;
 pub mod patchcmd;
 pub mod run;
 pub mod show;
+pub mod signing;
 pub mod soak;

@@ -100,8 +100,15 @@ enum BundleCmd {
         #[arg(short, long)]
         output: std::path::PathBuf,
     },
-    /// Print a bundle's manifest and load plan.
+    /// Print a bundle's manifest and load plan (the signature is not checked; see verify).
     Show { bundle: std::path::PathBuf },
+    /// Sign a bundle with the local key (created on first use).
+    Sign(lucos::signing::SignArgs),
+    /// Check a bundle's signature against the trust store.
+    Verify { bundle: std::path::PathBuf },
+    /// Trust a public key (`trust KEY --name NAME`), stop trusting one (`--remove NAME`),
+    /// or list the trust store and the local key.
+    Trust(lucos::signing::TrustArgs),
 }
 
 #[derive(clap::Args)]
@@ -334,6 +341,7 @@ fn lucos_main() -> Result<()> {
                 let syms = lucos_build::load_symbols(&tree)?;
                 let bytes = lucos_build::make_from_spec_file(&tree, &spec, &syms)
                     .with_context(|| format!("building {}", spec.display()))?;
+                let bytes = lucos::signing::sign(&bytes)?;
                 std::fs::write(&output, &bytes)
                     .with_context(|| format!("writing {}", output.display()))?;
                 println!("wrote {} ({} bytes)", output.display(), bytes.len());
@@ -347,7 +355,7 @@ fn lucos_main() -> Result<()> {
                 let obj = patchcmd::read_input(&object)?;
                 let text = patchcmd::read_input(&manifest)?;
                 let m = lucos_patch::Manifest::from_json(&text)?;
-                let packed = lucos_patch::pack(&obj, &m)?;
+                let packed = lucos::signing::sign(&lucos_patch::pack(&obj, &m)?)?;
                 std::fs::write(&output, packed)
                     .with_context(|| format!("writing {}", output.display()))?;
                 println!("wrote {}", output.display());
@@ -372,8 +380,18 @@ fn lucos_main() -> Result<()> {
                     println!("dropped {}: {}", esc(&d.name), esc(d.reason));
                 }
                 println!("needs from the kernel: {}", esc(&plan.undefined.join(", ")));
+                match lucos_patch::signing::claimed_key(&patchcmd::read_input(&bundle)?) {
+                    Some(k) => println!(
+                        "signed with key {} (not checked here: `lucos bundle verify`)",
+                        hex::encode(k)
+                    ),
+                    None => println!("not signed"),
+                }
                 Ok(())
             }
+            BundleCmd::Sign(args) => lucos::signing::sign_cmd(args),
+            BundleCmd::Verify { bundle } => lucos::signing::verify_cmd(&bundle),
+            BundleCmd::Trust(args) => lucos::signing::trust_cmd(args),
         },
     }
 }

@@ -72,9 +72,10 @@ pub fn read_input(path: &std::path::Path) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Reads a bundle to apply: its signature is checked against the trust store first.
 pub fn load_bundle(path: &std::path::Path) -> Result<Bundle> {
     let bytes = read_input(path)?;
-    Bundle::parse(&bytes).with_context(|| format!("{} is not a valid lucos bundle", path.display()))
+    crate::signing::open(&bytes, path)
 }
 
 /// Opens an engine session on an attached VM.
@@ -301,7 +302,7 @@ pub struct BenchArgs {
 pub fn bench_bundle(a: &Attached, path: &std::path::Path) -> Result<Bundle> {
     if path.extension().is_some_and(|e| e == "json") {
         let bytes = lucos_build::make_from_spec_file(&a.vm.desc.kernel.dir, path, &a.syms)?;
-        Ok(Bundle::parse(&bytes)?)
+        crate::signing::sign_and_open(&bytes, path)
     } else {
         load_bundle(path)
     }

@@ -20,8 +20,13 @@ fn raw_controls(out: &[u8]) -> Vec<usize> {
 }
 
 fn lucos(args: &[&std::ffi::OsStr]) -> std::process::Output {
+    // `bundle pack` signs: with a key of this test's own, not the user's.
+    static KEYS: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let keys = KEYS.get_or_init(|| tempfile::tempdir().unwrap()).path();
     Command::new(env!("CARGO_BIN_EXE_lucos"))
         .args(args)
+        .env("LUCOS_SIGNING_KEY", keys.join("signing.key"))
+        .env("LUCOS_TRUST_DIR", keys.join("trusted"))
         .env("RUST_BACKTRACE", "0")
         .env("RUST_LIB_BACKTRACE", "0")
         .output()

@@ -262,7 +262,8 @@ fn status_escapes_bundle_text_and_names_an_interrupted_apply_or_revert() {
     m.description = HOSTILE.into();
     let obj = std::fs::read(bundle_path(&cmdline.manifest().id)).unwrap();
     let path = bundle_path("hostile");
-    std::fs::write(&path, lucos_patch::pack(&obj, &m).unwrap()).unwrap();
+    let packed = lucos_patch::pack(&obj, &m).unwrap();
+    std::fs::write(&path, lucos::signing::sign(&packed).unwrap()).unwrap();
     let out = lucos(&["apply", &d.name, path.to_str().unwrap()], None);
     assert!(out.status.success(), "{}", text(&out.stderr));
 

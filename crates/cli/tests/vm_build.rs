@@ -21,7 +21,7 @@ fn build(patch: &str) -> Result<BuildOutcome, lucos_build::diff::DiffError> {
 fn bundle_of(patch: &str) -> (Box<Built>, Bundle) {
     match build(patch).unwrap_or_else(|e| panic!("{patch}: {e}")) {
         BuildOutcome::Bundle(b) => {
-            let parsed = Bundle::parse(&b.bundle).unwrap();
+            let parsed = sign_and_store(&b.bundle);
             (b, parsed)
         }
         BuildOutcome::NoChange { reason, .. } => {

@@ -8,6 +8,8 @@ use thiserror::Error;
 
 use crate::elf::{check_header, parse_object, Object, SymPlace};
 use crate::manifest::Manifest;
+use crate::signing::{self, SignatureError, Signer};
+use crate::trust::TrustStore;
 
 /// Name of the section holding the manifest JSON.
 pub const MANIFEST_SECTION: &str = ".lucos.manifest";
@@ -45,6 +47,8 @@ pub enum BundleError {
     BadNewFunction { new: String, reason: String },
     #[error("cannot pack the bundle: {reason}")]
     Pack { reason: String },
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
 }
 
 /// A parsed, validated bundle. Owns its bytes' contents; cheap to share by reference.
@@ -53,11 +57,24 @@ pub struct Bundle {
     manifest: Manifest,
     pub(crate) object: Object,
     sha256: [u8; 32],
+    signer: Option<Signer>,
 }
 
 impl Bundle {
-    /// Parses and validates a bundle. Never panics on malformed input.
-    pub fn parse(bytes: &[u8]) -> Result<Bundle, BundleError> {
+    /// Checks the signature over the raw bytes against `trust`, then parses the signed
+    /// object. The only way to get a bundle the engine applies.
+    pub fn open(file: &[u8], trust: &TrustStore) -> Result<Bundle, BundleError> {
+        let (body, signer) = signing::verify(file, trust)?;
+        let mut bundle = Bundle::parse(body)?;
+        bundle.signer = Some(signer);
+        Ok(bundle)
+    }
+
+    /// Parses and validates a bundle without checking its signature (a signature trailer
+    /// is ignored): for inspecting and building, not applying. Never panics on malformed
+    /// input.
+    pub fn parse(file: &[u8]) -> Result<Bundle, BundleError> {
+        let bytes = signing::strip(file);
         let object = parse_object(bytes)?;
         let json = manifest_bytes(&object)?;
         let manifest = Manifest::from_json(json)?;
@@ -68,14 +85,21 @@ impl Bundle {
             manifest,
             object,
             sha256: Sha256::digest(bytes).into(),
+            signer: None,
         })
+    }
+
+    /// Who signed the bundle, when it was opened with [`Bundle::open`].
+    pub fn signer(&self) -> Option<&Signer> {
+        self.signer.as_ref()
     }
 
     pub fn manifest(&self) -> &Manifest {
         &self.manifest
     }
 
-    /// SHA-256 of the bundle file, to identify exactly what was applied.
+    /// SHA-256 of the bundle's object (the file without its signature), to identify exactly
+    /// what was applied whoever signed it.
     pub fn sha256(&self) -> [u8; 32] {
         self.sha256
     }
@@ -179,7 +203,10 @@ const SHDR_SIZE: usize = 64;
 /// are (symbols and relocations refer to indices); the manifest, a grown section-name table
 /// and a new section header table are appended. The result is validated with
 /// [`Bundle::parse`].
+///
+/// The result is unsigned (a signature of `object` is dropped: it no longer matches).
 pub fn pack(object: &[u8], manifest: &Manifest) -> Result<Vec<u8>, BundleError> {
+    let object = signing::strip(object);
     manifest.validate()?;
     let json = manifest.to_json()?;
     let header = check_header(object)?;

@@ -401,6 +401,9 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
     pub fn apply(&mut self, bundle: &Bundle) -> Result<ApplyReport, EngineError> {
         let start = Instant::now();
         let man = bundle.manifest();
+        if bundle.signer().is_none() {
+            return Err(EngineError::Unverified(man.id.clone()));
+        }
         let (header, mut reg) = self.read_header()?;
         if reg.find_applied(&man.id).is_some() {
             return Err(EngineError::AlreadyApplied(man.id.clone()));

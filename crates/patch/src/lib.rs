@@ -2,7 +2,7 @@
 //! plus a JSON manifest) and a linker that turns a bundle into images for patch memory.
 //!
 //! Typical use by the engine:
-//! 1. [`Bundle::parse`] the file and check [`Manifest::target`] against the guest kernel;
+//! 1. [`Bundle::open`] the file (signature checked against a [`TrustStore`]) and check [`Manifest::target`] against the guest kernel;
 //! 2. [`plan`] it and allocate the three regions ([`RegionPlan::page_size`] each);
 //! 3. [`link`] at those addresses with a resolver for kernel symbols;
 //! 4. write the images, then for each replacement check the old function's site with
@@ -22,7 +22,9 @@ pub mod policy;
 pub mod registry;
 mod reloc;
 mod sections;
+pub mod signing;
 mod site;
+pub mod trust;
 
 pub use alternatives::{apply_alternatives, CpuFeatures};
 pub use bundle::{pack, Bundle, BundleError, MANIFEST_SECTION};
@@ -41,4 +43,6 @@ pub use manifest::{
 };
 pub use reloc::reloc_name;
 pub use sections::refused_by_name as section_refusal;
+pub use signing::{SignatureError, Signer};
 pub use site::{check_fentry_site, jmp_rel32, SiteError, SiteKind, ENDBR64, NOP5};
+pub use trust::{KeyError, TrustStore};

@@ -1,73 +1,12 @@
 //! Engine checks that need a guest in states a live VM cannot be put in
 //! safely: patch memory that moved, records from an earlier boot.
 
-use std::process::Command;
+mod common;
 
-use lucos_introspect::fake::{FakeMachine, FakeMem};
-use lucos_introspect::{KernelLayout, KernelSymbols};
-use lucos_patch::memory::PatchMemLayout;
-use lucos_patch::registry::{Header, Registry};
+use common::fake::{guest_with, layout, mapped_registry, symbols, GPA, PD_ENTRY, SIZE};
 use lucos_patch::{reset_registry, EngineError, ResetReport, Session};
 
-const SIZE: u64 = 8 << 20;
-const GPA: u64 = 0xfe00_0000;
-const PD_ENTRY: u64 = 0x20_0000;
 const POB: u64 = 0xffff_8880_0000_0000;
-
-fn symbols() -> KernelSymbols {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("k.c");
-    std::fs::write(&src, "int _text; int _etext; int _end;\n").unwrap();
-    let obj = dir.path().join("k.o");
-    let st = Command::new("gcc")
-        .arg("-c")
-        .arg(&src)
-        .arg("-o")
-        .arg(&obj)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    KernelSymbols::load(&obj).unwrap()
-}
-
-fn layout() -> KernelLayout {
-    KernelLayout {
-        slide: 0,
-        cr3: 0x10_0000,
-        text_start: 0xffff_ffff_8100_0000,
-        text_end: 0xffff_ffff_8180_0000,
-        image_end: 0xffff_ffff_8200_0000,
-        phys_text: 0x100_0000,
-        phys_base: 0,
-    }
-}
-
-/// A guest whose patch memory at `gpa` holds `reg`.
-fn guest_with(reg: &Registry, gpa: u64) -> FakeMachine {
-    let mut mem = FakeMem::new();
-    assert_eq!(
-        mem.new_pml4(),
-        layout().cr3,
-        "the kernel's (empty) page tables"
-    );
-    let pm = PatchMemLayout::new(SIZE).unwrap();
-    // Back the whole registry area, as a real patch-memory file does.
-    mem.write(gpa, &vec![0u8; pm.alloc_start as usize]);
-    let (h, json) = reg.encode(&Header::default()).unwrap();
-    mem.write(gpa + pm.slot_offset(h.active), &json);
-    mem.write(gpa + pm.header_offset(), &h.encode());
-    mem.write_u64(PD_ENTRY, 0);
-    FakeMachine::new(mem, 1)
-}
-
-fn mapped_registry() -> Registry {
-    let mut reg = Registry::empty(&PatchMemLayout::new(SIZE).unwrap());
-    reg.va_base = Some(0xffff_ffff_a000_0000);
-    reg.patch_gpa = Some(GPA);
-    reg.pd_entries = vec![(PD_ENTRY, (GPA + 0x40_0000) | 0x23)];
-    reg.next_free += 0x3000;
-    reg
-}
 
 #[test]
 fn patch_memory_that_moved_is_refused() {
@@ -165,4 +104,32 @@ fn a_malformed_record_is_not_reverted_by_guessing() {
         "{err}"
     );
     assert!(m.mem == before, "a refused revert changed guest memory");
+}
+
+#[test]
+fn a_bundle_not_opened_through_a_trust_store_is_refused() {
+    let syms = symbols();
+    let reg = mapped_registry();
+    let mut m = guest_with(&reg, GPA);
+    m.mem.write_u64(PD_ENTRY, reg.pd_entries[0].1);
+    let before = m.mem.clone();
+    let obj = common::compile_c("int lucos_new(int x) { return x + 1; }\n", &[]);
+    let unverified = common::bundle(&obj, &["lucos_new"]);
+    let mut s = Session::new(&mut m, &syms, layout(), GPA, SIZE).unwrap();
+    let err = s.apply(&unverified).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Unverified(id) if id == "test-bundle"),
+        "{err}"
+    );
+    // The same bundle, signed and opened, gets past that gate (to the next refusal: this
+    // fake kernel has no build id).
+    let (_dir, trust, key) = common::trusted_key();
+    let signed = lucos_patch::signing::sign(
+        &lucos_patch::pack(&obj, &common::manifest(&["lucos_new"])).unwrap(),
+        &key,
+    );
+    let opened = lucos_patch::Bundle::open(&signed, &trust).unwrap();
+    let err = s.apply(&opened).unwrap_err();
+    assert!(!matches!(err, EngineError::Unverified(_)), "{err}");
+    assert!(m.mem == before, "a refused apply changed guest memory");
 }

@@ -249,7 +249,7 @@ fn build_once(
     let (built, functions) = match result {
         Ok(BuildOutcome::Bundle(b)) => {
             let path = bundle_dir.join(format!("{}.lcb", unit.id));
-            std::fs::write(&path, &b.bundle)
+            std::fs::write(&path, crate::signing::sign(&b.bundle)?)
                 .with_context(|| format!("writing {}", path.display()))?;
             let f = functions_of(&b.report);
             (

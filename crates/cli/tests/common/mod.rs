@@ -15,7 +15,35 @@ use lucos_backend::{RunningVm, Vm};
 
 pub const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// This test process's own signing key and trust store, through the variables `lucos`
+/// reads (inherited by the `lucos` processes tests start): bundles are signed and checked
+/// as in real use, never bypassed, and the user's own key is not touched.
+pub fn signing_env() {
+    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::tempdir().unwrap();
+        std::env::set_var("LUCOS_SIGNING_KEY", d.path().join("signing.key"));
+        std::env::set_var("LUCOS_TRUST_DIR", d.path().join("trusted"));
+        d
+    });
+}
+
+/// Signs `bytes` with the test key, writes them to [`bundle_path`] and opens the file as
+/// `lucos apply` does.
+pub fn sign_and_store(bytes: &[u8]) -> lucos_patch::Bundle {
+    signing_env();
+    let id = lucos_patch::Bundle::parse(bytes)
+        .unwrap()
+        .manifest()
+        .id
+        .clone();
+    let path = bundle_path(&id);
+    std::fs::write(&path, lucos::signing::sign(bytes).unwrap()).unwrap();
+    lucos::patchcmd::load_bundle(&path).unwrap()
+}
+
 pub fn guest() -> &'static Guest {
+    signing_env();
     static G: OnceLock<Guest> = OnceLock::new();
     G.get_or_init(|| {
         // Every VM the tests attach to is guarded, as the lucos binary's are.
@@ -108,7 +136,7 @@ pub fn private(tag: &str, vcpus: usize) -> (MutexGuard<'static, ()>, RunningVm, 
     (slot, vm, booted)
 }
 
-/// Where a test bundle built from guest/bundles/<name>.json is cached.
+/// Where a test bundle (signed) is written, by its id.
 pub fn bundle_path(id: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("lucos-test-{}-{id}.lcb", std::process::id()))
 }
@@ -118,7 +146,7 @@ pub fn bundle(name: &str) -> lucos_patch::Bundle {
     static CACHE: Mutex<Vec<(String, Vec<u8>)>> = Mutex::new(Vec::new());
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, b)) = cache.iter().find(|(n, _)| n == name) {
-        return lucos_patch::Bundle::parse(b).unwrap();
+        return sign_and_store(b);
     }
     let g = guest();
     let spec = lucos::guest::guest_dir()
@@ -127,8 +155,7 @@ pub fn bundle(name: &str) -> lucos_patch::Bundle {
     let syms = symbols();
     let bytes = lucos_build::make_from_spec_file(&g.kernel_dir, &spec, syms)
         .unwrap_or_else(|e| panic!("building {}: {e}", spec.display()));
-    let b = lucos_patch::Bundle::parse(&bytes).unwrap();
-    std::fs::write(bundle_path(&b.manifest().id), &bytes).unwrap();
+    let b = sign_and_store(&bytes);
     cache.push((name.to_owned(), bytes));
     b
 }
@@ -201,9 +228,7 @@ pub fn snippet_bundle(id: &str, source: &str) -> lucos_patch::Bundle {
         aliases: Default::default(),
         rewrites: Vec::new(),
     };
-    let bytes = lucos_patch::pack(&obj, &manifest).unwrap();
-    std::fs::write(bundle_path(id), &bytes).unwrap();
-    lucos_patch::Bundle::parse(&bytes).unwrap()
+    sign_and_store(&lucos_patch::pack(&obj, &manifest).unwrap())
 }
 
 /// Repacks a bundle (built by [`bundle`]) with an edited manifest.
@@ -214,7 +239,7 @@ pub fn with_manifest(
     let mut m = b.manifest().clone();
     edit(&mut m);
     let obj = std::fs::read(bundle_path(&b.manifest().id)).unwrap();
-    lucos_patch::Bundle::parse(&lucos_patch::pack(&obj, &m).unwrap()).unwrap()
+    sign_and_store(&lucos_patch::pack(&obj, &m).unwrap())
 }
 
 /// Builds (once per process) a bundle from a sample diff in guest/patches.
@@ -222,7 +247,7 @@ pub fn diff_bundle(patch: &str) -> lucos_patch::Bundle {
     static CACHE: Mutex<Vec<(String, Vec<u8>)>> = Mutex::new(Vec::new());
     let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
     if let Some((_, b)) = cache.iter().find(|(n, _)| n == patch) {
-        return lucos_patch::Bundle::parse(b).unwrap();
+        return sign_and_store(b);
     }
     let path = lucos::guest::guest_dir().join("patches").join(patch);
     let outcome = lucos_build::diff::build(
@@ -236,5 +261,5 @@ pub fn diff_bundle(patch: &str) -> lucos_patch::Bundle {
         panic!("{patch}: no bundle");
     };
     cache.push((patch.to_owned(), b.bundle.clone()));
-    lucos_patch::Bundle::parse(&b.bundle).unwrap()
+    sign_and_store(&b.bundle)
 }

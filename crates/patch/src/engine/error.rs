@@ -8,6 +8,11 @@ use crate::{BundleError, LinkError, SiteError};
 /// untouched; failures after staging were rolled back.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    #[error(
+        "bundle '{0}' was not checked against a trust store; open it with Bundle::open \
+         (lucos apply does), which verifies its signature"
+    )]
+    Unverified(String),
     #[error("bundle '{id}' was built for kernel build id {bundle}, but the guest runs {live}; rebuild the bundle against this kernel")]
     WrongKernel {
         id: String,

@@ -1,6 +1,8 @@
 //! Helpers shared by the integration tests: build objects with gcc/gas like Kbuild would.
 #![allow(dead_code)]
 
+pub mod fake;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -106,4 +108,17 @@ pub fn binutils(tool: &str, args: &[&str], bytes: &[u8]) -> (bool, String, Strin
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// A fresh signing key and a trust store that trusts it as `test`.
+pub fn trusted_key() -> (
+    tempfile::TempDir,
+    lucos_patch::TrustStore,
+    ed25519_dalek::SigningKey,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let key = lucos_patch::trust::create_key(&dir.path().join("key")).unwrap();
+    let mut trust = lucos_patch::TrustStore::load(&dir.path().join("trusted")).unwrap();
+    trust.add("test", &key.verifying_key().to_bytes()).unwrap();
+    (dir, trust, key)
 }
