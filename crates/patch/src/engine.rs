@@ -338,13 +338,14 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             }
         }
         let mut expected = rep.expected_bytes(self.layout.slide as u64);
-        if let Ok(thunk) = self.syms.lookup("__x86_return_thunk") {
-            crate::site::as_patched_returns(
-                &mut expected,
-                &cmp,
-                func_addr,
-                self.layout.live(thunk.addr),
-            );
+        if let (Ok(thunk), None) = (self.syms.lookup("__x86_return_thunk"), &rep.module) {
+            // Compared at link addresses, from vmlinux's own bytes.
+            let link = func_addr.wrapping_sub(self.layout.slide as u64);
+            let compiled = |at: usize| {
+                let b = self.syms.section_bytes(link + at as u64, 5).ok()?;
+                Some((b.try_into().ok()?, link + at as u64))
+            };
+            crate::site::as_patched_returns(&mut expected, &cmp, compiled, thunk.addr);
         }
         if cmp != expected {
             return Err(EngineError::ExpectMismatch {

@@ -126,19 +126,29 @@ pub fn jmp_rel32(site_addr: u64, target: u64) -> Result<[u8; 5], LinkError> {
 /// __x86_return_thunk` when the CPU needs no return mitigation.
 const PATCHED_RETURN: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
 
-/// Makes each `jmp __x86_return_thunk` (at `addr` + offset) of `expected` read as the
-/// kernel patched it, where `live` holds that patched form: the build knows the compiled
-/// bytes, the kernel rewrote its return sites at boot for the live CPU.
-pub fn as_patched_returns(expected: &mut [u8], live: &[u8], addr: u64, thunk: u64) {
+/// Makes each `jmp __x86_return_thunk` of `expected` read as the kernel patched it,
+/// where `live` holds that patched form: the build knows the compiled bytes, the kernel
+/// rewrote its return sites at boot for the live CPU. `compiled(at)` gives the 5 compiled
+/// bytes at offset `at` and the address they are at (a jmp may run past the end of the
+/// `expect` window); `thunk` is the return thunk at the same addresses.
+pub fn as_patched_returns(
+    expected: &mut [u8],
+    live: &[u8],
+    compiled: impl Fn(usize) -> Option<([u8; 5], u64)>,
+    thunk: u64,
+) {
+    let n = expected.len().min(live.len());
     let mut at = 0;
-    while at + 5 <= expected.len().min(live.len()) {
-        if expected[at] == 0xe9 && live[at..at + 5] == PATCHED_RETURN {
-            let rel = i32::from_le_bytes(expected[at + 1..at + 5].try_into().expect("4 bytes"));
-            let target = (addr + at as u64 + 5).wrapping_add(rel as i64 as u64);
-            if target == thunk {
-                expected[at..at + 5].copy_from_slice(&PATCHED_RETURN);
-                at += 5;
-                continue;
+    while at < n {
+        let end = (at + 5).min(n);
+        if expected[at] == 0xe9 && live[at..end] == PATCHED_RETURN[..end - at] {
+            if let Some((insn, addr)) = compiled(at).filter(|(i, _)| i[0] == 0xe9) {
+                let rel = i32::from_le_bytes(insn[1..5].try_into().expect("4 bytes"));
+                if (addr + 5).wrapping_add(rel as i64 as u64) == thunk {
+                    expected[at..end].copy_from_slice(&PATCHED_RETURN[..end - at]);
+                    at = end;
+                    continue;
+                }
             }
         }
         at += 1;
@@ -155,16 +165,25 @@ mod return_tests {
         let thunk = addr + 0x1000;
         // xor eax,eax; jmp thunk (rel32 from addr+7)
         let rel = (thunk - (addr + 7)) as i32;
-        let mut expected = vec![0x31, 0xc0, 0xe9];
-        expected.extend(rel.to_le_bytes());
+        let mut code = vec![0x31, 0xc0, 0xe9];
+        code.extend(rel.to_le_bytes());
+        let compiled = |c: &[u8], at: usize| {
+            let b: [u8; 5] = c.get(at..at + 5)?.try_into().ok()?;
+            Some((b, addr + at as u64))
+        };
         let live = [0x31, 0xc0, 0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
-        as_patched_returns(&mut expected, &live, addr, thunk);
+        let mut expected = code.clone();
+        as_patched_returns(&mut expected, &live, |at| compiled(&code, at), thunk);
         assert_eq!(expected, live);
+        // The jmp runs past the end of a 4-byte window: still recognised from the code.
+        let mut window = code[..4].to_vec();
+        as_patched_returns(&mut window, &live[..4], |at| compiled(&code, at), thunk);
+        assert_eq!(window, live[..4]);
         // A jmp elsewhere is compared as compiled.
         let mut other = vec![0x31, 0xc0, 0xe9];
         other.extend((rel + 16).to_le_bytes());
         let before = other.clone();
-        as_patched_returns(&mut other, &live, addr, thunk);
+        as_patched_returns(&mut other, &live, |at| compiled(&before, at), thunk);
         assert_eq!(other, before);
     }
 }

@@ -101,7 +101,8 @@ pub fn changed_files(a: &Path, b: &Path) -> Result<Vec<String>> {
 pub fn file_diff(a: &Path, b: &Path, rel: &str) -> Result<String> {
     let out = Command::new("diff")
         .args([
-            "-uN",
+            // -p: hunk headers name the C function, for estimates when a unit cannot compile.
+            "-uNp",
             "--label",
             &format!("a/{rel}"),
             "--label",

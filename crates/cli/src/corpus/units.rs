@@ -5,7 +5,8 @@
 //! against the old headers would not compile. Debian's source packages do not say which
 //! change belongs to which fix, so a unit is a changed source file together with every
 //! changed header it depends on: those its object was compiled with (DWARF) and those it
-//! includes directly (which also catches headers that only contribute macros). A source
+//! includes directly, and the changed kernel headers no object's DWARF lists (which may
+//! contribute only macros, and cost no recompiles). A source
 //! is first built alone (most fixes are one file) and with those headers only when it does
 //! not compile alone. Every changed header is also a unit of its own, for which the builder
 //! recompiles every object that uses it. The whole update is one more unit: what a user
@@ -117,6 +118,15 @@ fn unit_id(n: usize, path: &str) -> String {
 /// The units of `scope`. `tree` is the original source tree (for `#include` lines).
 pub fn units(scope: &Scope, objects: &[KbuildObject], tree: &Path) -> Vec<Unit> {
     let headers: BTreeSet<&str> = scope.headers.iter().map(|(h, _)| h.as_str()).collect();
+    // Kernel headers DWARF does not see used: possibly macros only (see scope).
+    let unlisted: Vec<String> = scope
+        .out
+        .get(super::scope::UNLISTED_HEADER)
+        .into_iter()
+        .flatten()
+        .filter(|h| h.starts_with("include/") || h.starts_with("arch/x86/include/"))
+        .cloned()
+        .collect();
     let mut out = Vec::new();
     for source in &scope.builtin {
         let mut deps: BTreeSet<String> = objects
@@ -127,6 +137,7 @@ pub fn units(scope: &Scope, objects: &[KbuildObject], tree: &Path) -> Vec<Unit> 
             .cloned()
             .collect();
         deps.extend(direct_includes(tree, source, &headers));
+        deps.extend(unlisted.iter().cloned());
         out.push(Unit {
             id: unit_id(out.len() + 1, source),
             kind: UnitKind::Source,
@@ -155,6 +166,7 @@ pub fn units(scope: &Scope, objects: &[KbuildObject], tree: &Path) -> Vec<Unit> 
     }
     let mut all: Vec<String> = scope.builtin.clone();
     all.extend(scope.headers.iter().map(|(h, _)| h.clone()));
+    all.extend(unlisted);
     out.push(Unit {
         id: "whole-update".into(),
         kind: UnitKind::Whole,
