@@ -10,3 +10,4 @@ pub mod modules;
 pub mod patchcmd;
 pub mod run;
 pub mod show;
+pub mod stacks;
