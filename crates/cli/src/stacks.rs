@@ -127,7 +127,10 @@ pub fn stacks(args: StacksArgs) -> Result<()> {
     let out = reports(&a, &s, args.pid);
     if let Some(p) = args.pid {
         if out.is_empty() {
-            anyhow::bail!("no task with pid {p} in '{}' (see `lucos stacks` for all)", args.vm);
+            anyhow::bail!(
+                "no task with pid {p} in '{}' (see `lucos stacks` for all)",
+                args.vm
+            );
         }
     }
     if args.json {
@@ -149,7 +152,11 @@ pub fn stacks(args: StacksArgs) -> Result<()> {
             t.saved_sp
         );
         for f in &t.frames {
-            let m = f.module.as_ref().map(|m| format!(" [{}]", esc(m))).unwrap_or_default();
+            let m = f
+                .module
+                .as_ref()
+                .map(|m| format!(" [{}]", esc(m)))
+                .unwrap_or_default();
             println!("  [<{}>] {}{m}", f.addr, esc(&f.symbol));
         }
         if t.user {

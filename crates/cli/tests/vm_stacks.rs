@@ -39,12 +39,18 @@ fn a_sleeping_readers_stack_matches_proc_stack() {
     let scan = lucos::stacks::scan(&mut s.a).unwrap();
     let reports = lucos::stacks::reports(&s.a, &scan, None);
     s.sh(&format!("kill {pid}; wait {pid}; exec 3>&-; true"));
-    let me = reports.iter().find(|t| t.pid == pid).expect("the reader among the tasks");
+    let me = reports
+        .iter()
+        .find(|t| t.pid == pid)
+        .expect("the reader among the tasks");
     let ours: Vec<u64> = me
         .frames
         .iter()
         .filter(|f| !f.sched)
-        .map(|f| s.a.layout.link(u64::from_str_radix(&f.addr[2..], 16).unwrap()))
+        .map(|f| {
+            s.a.layout
+                .link(u64::from_str_radix(&f.addr[2..], 16).unwrap())
+        })
         .collect();
     assert_eq!(ours, proc_addrs(&proc_stack), "{proc_stack}\n{me:#?}");
     assert!(me.reliable && me.user, "{me:#?}");

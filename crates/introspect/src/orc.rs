@@ -145,13 +145,7 @@ impl Orc {
             (layout.live(s("_sinittext")?), layout.live(s("_einittext")?)),
         ];
         Ok(Orc {
-            tables: vec![decode(
-                "vmlinux".into(),
-                text,
-                layout.live(ip0),
-                &ip,
-                &orc,
-            )],
+            tables: vec![decode("vmlinux".into(), text, layout.live(ip0), &ip, &orc)],
         })
     }
 

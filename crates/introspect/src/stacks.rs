@@ -9,7 +9,7 @@ use crate::modules::{self, LoadedModule, ModuleError};
 use crate::orc::Orc;
 use crate::symbols::KernelSymbols;
 use crate::tasks::{self, CpuTasks, Task, TaskError};
-use crate::unwind::{self, RegsLayout, Start, StackRange, Trace, IRQ_STACK_SIZE, THREAD_SIZE};
+use crate::unwind::{self, RegsLayout, StackRange, Start, Trace, IRQ_STACK_SIZE, THREAD_SIZE};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ScanError {

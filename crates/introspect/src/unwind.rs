@@ -153,9 +153,12 @@ impl<P: PhysMem + ?Sized> State<'_, P> {
         match self.regs {
             Regs::None => None,
             Regs::Live => self.live.map(|r| r.cpl() == 3),
-            Regs::Full(a) | Regs::Partial(a) => {
-                Some(self.r.u64(a + self.l.cs).map(|cs| cs & 3 == 3).unwrap_or(false))
-            }
+            Regs::Full(a) | Regs::Partial(a) => Some(
+                self.r
+                    .u64(a + self.l.cs)
+                    .map(|cs| cs & 3 == 3)
+                    .unwrap_or(false),
+            ),
         }
     }
 
@@ -316,7 +319,8 @@ pub fn unwind(
                 };
             }
             s.live = Some(regs);
-            (s.ip, s.sp, s.bp, s.regs, s.signal) = (regs.rip, regs.rsp(), regs.gpr[6], Regs::Live, true);
+            (s.ip, s.sp, s.bp, s.regs, s.signal) =
+                (regs.rip, regs.rsp(), regs.gpr[6], Regs::Live, true);
         }
         Start::Saved { sp } => {
             let frame = *sp;
