@@ -55,29 +55,28 @@ pub fn symbolize(a: &Attached, scan: &Scan, ip: u64) -> Frame {
     };
     let sched = in_range("__sched_text_start", "__sched_text_end")
         || in_range("__lock_text_start", "__lock_text_end");
-    let (symbol, module) = if a.layout.in_text(ip) || a.syms.symbol_at(link).is_some() {
-        match a.syms.symbol_at(link) {
-            Some((s, off)) => (format!("{}+{off:#x}/{:#x}", s.name, s.size), None),
-            None => (format!("{ip:#x}"), None),
-        }
-    } else {
-        let m = scan
-            .modules
-            .iter()
-            .find(|m| ip >= m.base && ip < m.base + m.text_size);
-        let s = m.and_then(|m| {
-            m.symbols
+    // Modules first: lucos's patch memory may lie inside vmlinux's symbol ranges.
+    let m = scan
+        .modules
+        .iter()
+        .find(|m| ip >= m.base && ip < m.base + m.text_size);
+    let (symbol, module) = match m {
+        Some(m) => {
+            let s = m
+                .symbols
                 .iter()
                 .filter(|s| s.is_func && s.addr <= ip)
-                .max_by_key(|s| s.addr)
-        });
-        match (m, s) {
-            (Some(m), Some(s)) => (
-                format!("{}+{:#x}/{:#x}", s.name, ip - s.addr, s.size),
-                Some(m.name.clone()),
-            ),
-            (m, _) => (format!("{ip:#x}"), m.map(|m| m.name.clone())),
+                .max_by_key(|s| s.addr);
+            let name = match s {
+                Some(s) => format!("{}+{:#x}/{:#x}", s.name, ip - s.addr, s.size),
+                None => format!("{ip:#x}"),
+            };
+            (name, Some(m.name.clone()))
         }
+        None => match a.syms.symbol_at(link) {
+            Some((s, off)) => (format!("{}+{off:#x}/{:#x}", s.name, s.size), None),
+            None => (format!("{ip:#x}"), None),
+        },
     };
     Frame {
         addr: format!("{ip:#x}"),
