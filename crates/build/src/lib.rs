@@ -22,7 +22,5 @@ pub use tree::{KernelTree, TreeError, TreeKind};
 pub fn cache_dir() -> Option<std::path::PathBuf> {
     std::env::var_os("LUCOS_CACHE")
         .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/lucos"))
-        })
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache/lucos")))
 }

@@ -329,11 +329,7 @@ fn a_changed_global_ops_table_is_rewritten_in_place() {
     assert!(d.refusals.is_empty(), "{:?}", d.refusals);
     assert_eq!(d.rewritten, vec!["my_ops"]);
     assert!(d.included.iter().any(|s| s == "b"), "{:?}", d.included);
-    assert!(
-        d.included.iter().any(|s| s == "my_ops.lucos_rewrite"),
-        "{:?}",
-        d.included
-    );
+    assert!(d.included.iter().any(|s| s == "my_ops.lucos_rewrite"), "{:?}", d.included);
     assert!(d.object.is_some());
 }
 
@@ -350,11 +346,7 @@ fn changed_rodata_pointed_to_by_data_is_rewritten_in_place() {
     let d = diff(&orig, &patched);
     assert!(d.refusals.is_empty(), "{:?}", d.refusals);
     assert_eq!(d.rewritten, vec!["steps"]);
-    assert!(
-        d.redirected.is_empty(),
-        "no code changed: {:?}",
-        d.redirected
-    );
+    assert!(d.redirected.is_empty(), "no code changed: {:?}", d.redirected);
 }
 
 #[test]

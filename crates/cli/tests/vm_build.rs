@@ -102,10 +102,7 @@ fn read_only_table_rewritten_in_place_and_restored() {
     assert!(b.replaced.is_empty(), "{:?}", b.replaced);
     assert_eq!(bundle.manifest().rewrites.len(), 1);
     let mut s = shared();
-    let sym =
-        s.a.syms
-            .lookup_in_file("fs/proc/array.c", "task_state_array")
-            .unwrap();
+    let sym = s.a.syms.lookup_in_file("fs/proc/array.c", "task_state_array").unwrap();
     let (va, size) = (s.a.layout.live(sym.addr), sym.size as usize);
     let table = |s: &mut Shared| {
         let mut bytes = vec![0u8; size];
@@ -117,21 +114,14 @@ fn read_only_table_rewritten_in_place_and_restored() {
     // The shell reading its own status runs; init, waiting for the shell, sleeps.
     let cmd = "grep State /proc/self/status /proc/1/status";
     let (before_bytes, before) = (table(&mut s), s.sh(cmd));
-    assert!(
-        before.contains("R (running)") && before.contains("S (sleeping)"),
-        "{before}"
-    );
+    assert!(before.contains("R (running)") && before.contains("S (sleeping)"), "{before}");
     apply_bundle(&mut s.a, &bundle).unwrap();
     let during = s.sh(cmd);
     assert!(during.contains("R (running, lucos)"), "{during}");
     assert!(during.contains("S (sleeping, lucos)"), "{during}");
     assert_ne!(table(&mut s), before_bytes);
     revert_bundle(&mut s.a, &bundle.manifest().id).unwrap();
-    assert_eq!(
-        table(&mut s),
-        before_bytes,
-        "revert restores the table's exact bytes"
-    );
+    assert_eq!(table(&mut s), before_bytes, "revert restores the table's exact bytes");
     assert_eq!(s.sh(cmd), before);
 }
 

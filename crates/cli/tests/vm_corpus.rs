@@ -45,9 +45,6 @@ fn a_real_stable_fix_is_built_applied_smoke_tested_and_reverted() {
     // Resumed: the same state, nothing built or applied again.
     let (log2, sum2) = corpus(dir.path(), &["--only", "block/blk-cgroup.c"]);
     assert!(log2.contains("resuming"), "{log2}");
-    assert!(
-        !log2.contains("build 1/") && !log2.contains("live 1/"),
-        "{log2}"
-    );
+    assert!(!log2.contains("build 1/") && !log2.contains("live 1/"), "{log2}");
     assert_eq!(sum2["covered"], sum["covered"]);
 }

@@ -470,16 +470,9 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             (Some(k), Some(m)) => KernelEdit::Link(k, m.clone(), jump_sites),
             _ => KernelEdit::None,
         };
-        let pause = match self.switch(
-            &switch,
-            &header,
-            &mut reg,
-            true,
-            (&edit, &data_words),
-            |reg| {
-                reg.bundles.push(record);
-            },
-        ) {
+        let pause = match self.switch(&switch, &header, &mut reg, true, (&edit, &data_words), |reg| {
+            reg.bundles.push(record);
+        }) {
             Ok(p) => p,
             Err(f) => {
                 if f.sites_restored {
@@ -565,24 +558,17 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         };
         let data_words = self.unrewrites(&rec)?;
         let pause = self
-            .switch(
-                &switch,
-                &header,
-                &mut reg,
-                false,
-                (&edit, &data_words),
-                |reg| {
-                    if let Some(b) = reg
-                        .bundles
-                        .iter_mut()
-                        .rev()
-                        .find(|b| b.id == id && b.state == BundleState::Applied)
-                    {
-                        b.state = BundleState::Reverted;
-                        b.reverted_unix_ms = Some(now_ms());
-                    }
-                },
-            )
+            .switch(&switch, &header, &mut reg, false, (&edit, &data_words), |reg| {
+                if let Some(b) = reg
+                    .bundles
+                    .iter_mut()
+                    .rev()
+                    .find(|b| b.id == id && b.state == BundleState::Applied)
+                {
+                    b.state = BundleState::Reverted;
+                    b.reverted_unix_ms = Some(now_ms());
+                }
+            })
             .map_err(|f| f.error)?;
         self.record_pause(id, BundleState::Reverted, pause);
         Ok(RevertReport {

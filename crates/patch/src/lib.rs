@@ -33,8 +33,7 @@ pub use layout::{
 };
 pub use link::{link, plan, LinkError, Plan};
 pub use manifest::{
-    AbsField, Alias, Manifest, Replacement, Rewrite, Target, FORMAT_VERSION, MAX_EXPECT,
-    MAX_REWRITE,
+    AbsField, Alias, Manifest, Replacement, Rewrite, Target, FORMAT_VERSION, MAX_EXPECT, MAX_REWRITE,
 };
 pub use reloc::reloc_name;
 pub use sections::refused_by_name as section_refusal;

@@ -75,8 +75,7 @@ impl Rewrite {
                 .iter()
                 .any(|f| (f.offset as usize..f.offset as usize + usize::from(f.width)).contains(&i))
         };
-        match (0..self.expect.len()).find(|&i| !skipped(i) && live.get(i) != Some(&self.expect[i]))
-        {
+        match (0..self.expect.len()).find(|&i| !skipped(i) && live.get(i) != Some(&self.expect[i])) {
             Some(i) => Err(i),
             None => Ok(()),
         }
@@ -209,20 +208,14 @@ fn validate_rewrite(i: usize, r: &Rewrite) -> Result<(), BundleError> {
     }
     let n = r.expect.len();
     if n == 0 || n > MAX_REWRITE {
-        return Err(invalid(
-            f("expect"),
-            format!("has {n} bytes; it must have 1..{MAX_REWRITE}"),
-        ));
+        return Err(invalid(f("expect"), format!("has {n} bytes; it must have 1..{MAX_REWRITE}")));
     }
     if r.skip.len() > n
         || r.skip
             .iter()
             .any(|s| !matches!(s.width, 4 | 8) || s.offset as usize + usize::from(s.width) > n)
     {
-        return Err(invalid(
-            f("skip"),
-            "has a field that is not 4 or 8 bytes inside `expect`",
-        ));
+        return Err(invalid(f("skip"), "has a field that is not 4 or 8 bytes inside `expect`"));
     }
     Ok(())
 }
@@ -302,10 +295,7 @@ impl Manifest {
         for (i, r) in self.rewrites.iter().enumerate() {
             validate_rewrite(i, r)?;
             if self.rewrites[..i].iter().any(|o| o.label() == r.label()) {
-                return Err(invalid(
-                    format!("rewrites[{i}].old"),
-                    format!("`{}` is rewritten twice", r.label()),
-                ));
+                return Err(invalid(format!("rewrites[{i}].old"), format!("`{}` is rewritten twice", r.label())));
             }
         }
         let mut seen: HashMap<&str, Vec<Option<&str>>> = HashMap::new();

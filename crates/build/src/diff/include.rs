@@ -280,9 +280,7 @@ pub(crate) fn external_file(d: &Diff<'_>, sec: usize, r: &Rel) -> Option<String>
 fn unit_name(d: &Diff<'_>, kind: UnitKind, taken: &mut BTreeSet<String>) -> String {
     let base = match kind {
         // Not the kernel's name, which the new code uses for the live object.
-        UnitKind::Item(p) if d.rewrite.contains(&p) => {
-            format!("{}.lucos_rewrite", d.kernel_name(p))
-        }
+        UnitKind::Item(p) if d.rewrite.contains(&p) => format!("{}.lucos_rewrite", d.kernel_name(p)),
         UnitKind::Item(p) => d.kernel_name(p).to_string(),
         UnitKind::Section(s) => return d.patched.sections[s].name.clone(),
     };

@@ -40,10 +40,7 @@ pub struct Check {
 
 impl Check {
     pub fn passed(&self) -> bool {
-        self.smoke_failures.is_empty()
-            && self.bad_log.is_empty()
-            && self.new_taint == 0
-            && self.dead.is_none()
+        self.smoke_failures.is_empty() && self.bad_log.is_empty() && self.new_taint == 0 && self.dead.is_none()
     }
 }
 
@@ -88,8 +85,7 @@ pub struct LiveGuest {
 impl LiveGuest {
     pub fn boot(opts: &VmOpts, guest: &Guest) -> Result<Self> {
         let (vm, booted) = harness::boot(opts, guest).context("booting the corpus guest")?;
-        let a = attach_vm(Vm::attach_desc(booted.desc.clone())?)
-            .context("attaching to the corpus guest")?;
+        let a = attach_vm(Vm::attach_desc(booted.desc.clone())?).context("attaching to the corpus guest")?;
         let mut g = LiveGuest {
             _vm: vm,
             booted,
@@ -104,19 +100,13 @@ impl LiveGuest {
 
     fn sh(&self, cmd: &str) -> Result<String> {
         let out = self.booted.console.run(cmd, CMD_TIMEOUT)?;
-        anyhow::ensure!(
-            out.status == 0,
-            "`{cmd}` failed in the guest: {}",
-            out.output.trim()
-        );
+        anyhow::ensure!(out.status == 0, "`{cmd}` failed in the guest: {}", out.output.trim());
         Ok(out.output)
     }
 
     fn read_taint(&self) -> Result<u64> {
         let t = self.sh("cat /proc/sys/kernel/tainted")?;
-        t.trim()
-            .parse()
-            .with_context(|| format!("reading the taint: '{}'", t.trim()))
+        t.trim().parse().with_context(|| format!("reading the taint: '{}'", t.trim()))
     }
 
     /// Runs the smoke suite and reads the log and taint.
@@ -137,13 +127,7 @@ impl LiveGuest {
             }
         }
         match self.sh(&format!("dmesg -c | grep -E '{BAD_LOG}' || true")) {
-            Ok(log) => {
-                c.bad_log = log
-                    .lines()
-                    .map(str::to_owned)
-                    .filter(|l| !l.is_empty())
-                    .collect()
-            }
+            Ok(log) => c.bad_log = log.lines().map(str::to_owned).filter(|l| !l.is_empty()).collect(),
             Err(e) => c.dead = Some(format!("reading the kernel log: {e:#}")),
         }
         match self.read_taint() {

@@ -92,12 +92,7 @@ impl Steps {
             b.set_prefix(stage);
             b
         });
-        Steps {
-            bar,
-            stage,
-            total,
-            done: 0,
-        }
+        Steps { bar, stage, total, done: 0 }
     }
 
     fn step(&mut self, id: &str, what: &str) {
@@ -141,12 +136,7 @@ fn scan(g: &Guest, cache: &Path, args: &CorpusArgs, kernel: &str) -> Result<Stat
     let tree = g.kernel_dir.join("build");
     let mut modules = BTreeMap::new();
     for ko in scope::loadable_modules(&g.kernel_dir.join("modules.cpio.gz"))? {
-        let name = ko
-            .rsplit('/')
-            .next()
-            .unwrap_or(&ko)
-            .trim_end_matches(".ko")
-            .to_owned();
+        let name = ko.rsplit('/').next().unwrap_or(&ko).trim_end_matches(".ko").to_owned();
         for f in scope::module_sources(&tree, &ko)? {
             modules.insert(f, name.clone());
         }
@@ -166,31 +156,17 @@ fn scan(g: &Guest, cache: &Path, args: &CorpusArgs, kernel: &str) -> Result<Stat
 
 fn short(b: &Built, n: usize) -> String {
     match b {
-        Built::Bundle { replaced, .. } => {
-            format!("built ({} replaced, {n} functions)", replaced.len())
-        }
+        Built::Bundle { replaced, .. } => format!("built ({} replaced, {n} functions)", replaced.len()),
         Built::NoChange { reason } => format!("no change: {reason}"),
-        Built::Refused { refusals } => {
-            format!("refused: {}", refusals.first().map_or("", |r| r.0.as_str()))
-        }
+        Built::Refused { refusals } => format!("refused: {}", refusals.first().map_or("", |r| r.0.as_str())),
         Built::ToolError { kind, .. } => format!("tool error: {kind}"),
         Built::Unsupported { cause } => format!("not supported: {cause}"),
         Built::NotMeasured { reason } => format!("not measured: {reason}"),
     }
 }
 
-fn build_stage(
-    args: &CorpusArgs,
-    g: &Guest,
-    cache: &Path,
-    dir: &Path,
-    st: &mut State,
-    path: &Path,
-) -> Result<()> {
-    let (a, b) = (
-        source::ensure(cache, &args.from)?,
-        source::ensure(cache, &args.to)?,
-    );
+fn build_stage(args: &CorpusArgs, g: &Guest, cache: &Path, dir: &Path, st: &mut State, path: &Path) -> Result<()> {
+    let (a, b) = (source::ensure(cache, &args.from)?, source::ensure(cache, &args.to)?);
     // Not built yet, or limited by a smaller budget than this run's.
     let redo = |u: &Unit| match st.results.get(&u.id).and_then(|r| r.build.as_ref()) {
         None => true,
@@ -218,14 +194,7 @@ fn build_stage(
     let mut steps = Steps::new("build", todo.len());
     for u in &todo {
         let r = outcome::build(&paths, u, &budget, args.jobs)?;
-        steps.step(
-            &u.id,
-            &format!(
-                "{} in {:.1} s",
-                short(&r.built, r.functions.changed.len()),
-                r.seconds
-            ),
-        );
+        steps.step(&u.id, &format!("{} in {:.1} s", short(&r.built, r.functions.changed.len()), r.seconds));
         let rec = st.record(&u.id);
         rec.build = Some(r);
         // A rebuilt bundle has not been tried live yet.
@@ -281,11 +250,7 @@ fn live_stage(args: &CorpusArgs, g: &Guest, st: &mut State, path: &Path) -> Resu
         if live.broke_guest() {
             guest = None;
         }
-        let what = if live.passed() {
-            "passed".to_string()
-        } else {
-            format!("FAILED {}", serde_json::to_string(&live)?)
-        };
+        let what = if live.passed() { "passed".to_string() } else { format!("FAILED {}", serde_json::to_string(&live)?) };
         steps.step(&u.id, &what);
         st.record(&u.id).live = Some(live);
         st.save(path)?;
@@ -301,35 +266,20 @@ pub fn corpus(args: CorpusArgs) -> Result<()> {
     .ensure()
     .context("the guest kernel of --from")?;
     let cache = lucos_build::cache_dir().context("set HOME or LUCOS_CACHE for lucos's cache")?;
-    let dir = args.dir.clone().unwrap_or_else(|| {
-        cache
-            .join("corpus")
-            .join(format!("{}_{}", args.from, args.to))
-    });
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| cache.join("corpus").join(format!("{}_{}", args.from, args.to)));
     for d in ["diffs", "bundles"] {
-        std::fs::create_dir_all(dir.join(d))
-            .with_context(|| format!("creating {}", dir.display()))?;
+        std::fs::create_dir_all(dir.join(d)).with_context(|| format!("creating {}", dir.display()))?;
     }
     let info = g.kernel_info()?;
-    let kernel = format!(
-        "{} (build id {})",
-        g.meta["release"].as_str().unwrap_or("?"),
-        info.build_id
-    );
+    let kernel = format!("{} (build id {})", g.meta["release"].as_str().unwrap_or("?"), info.build_id);
     let path = dir.join("state.json");
-    let resumed = if args.fresh {
-        None
-    } else {
-        State::load(&path, &args.from, &args.to, &kernel)
-    };
+    let resumed = if args.fresh { None } else { State::load(&path, &args.from, &args.to, &kernel) };
     let mut st = match resumed {
         Some(s) => {
-            println!(
-                "resuming {} ({} of {} units built)",
-                path.display(),
-                s.results.len(),
-                s.units.len()
-            );
+            println!("resuming {} ({} of {} units built)", path.display(), s.results.len(), s.units.len());
             s
         }
         None => scan(&g, &cache, &args, &kernel)?,

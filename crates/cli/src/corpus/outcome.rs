@@ -16,10 +16,7 @@ use super::units::{Unit, UnitKind};
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Built {
     /// A bundle, at `bundle`.
-    Bundle {
-        bundle: PathBuf,
-        replaced: Vec<String>,
-    },
+    Bundle { bundle: PathBuf, replaced: Vec<String> },
     /// Nothing to apply.
     NoChange { reason: String },
     /// The builder refused: (cause, message) per refusal.
@@ -84,13 +81,7 @@ impl Budget<'_> {
     /// `unit` without the headers over the budget, and those headers.
     fn trim(&self, unit: &Unit) -> (Unit, Vec<String>) {
         let (files, left_out) = unit.files.iter().cloned().partition(|f| self.fits(f));
-        (
-            Unit {
-                files,
-                ..unit.clone()
-            },
-            left_out,
-        )
+        (Unit { files, ..unit.clone() }, left_out)
     }
 }
 
@@ -98,8 +89,7 @@ fn functions_of(report: &BuildReport) -> Functions {
     let mut f = Functions::default();
     for o in &report.objects {
         let key = |n: &String| format!("{}:{n}", o.source);
-        f.changed
-            .extend(o.changed.iter().chain(&o.new_functions).map(key));
+        f.changed.extend(o.changed.iter().chain(&o.new_functions).map(key));
         f.not_applicable.extend(o.not_applicable.iter().map(key));
     }
     f.changed.sort();
@@ -117,12 +107,8 @@ pub fn hunk_functions(diff_text: &str) -> Functions {
             file = p;
         } else if let Some(rest) = line.strip_prefix("@@ ") {
             let ctx = rest.split_once(" @@").map_or("", |(_, c)| c).trim();
-            let Some((head, _)) = ctx.split_once('(') else {
-                continue;
-            };
-            let name = head
-                .rsplit(|c: char| !(c.is_alphanumeric() || c == '_'))
-                .next();
+            let Some((head, _)) = ctx.split_once('(') else { continue };
+            let name = head.rsplit(|c: char| !(c.is_alphanumeric() || c == '_')).next();
             if let Some(n) = name.filter(|n| !n.is_empty() && file.ends_with(".c")) {
                 changed.push(format!("{file}:{n}"));
             }
@@ -148,9 +134,7 @@ pub fn unit_diff(a: &Path, b: &Path, unit: &Unit) -> Result<String> {
 
 fn tool_error(e: &DiffError) -> Built {
     let kind = match e {
-        DiffError::Compile {
-            which: "patched", ..
-        } => "does not compile alone",
+        DiffError::Compile { which: "patched", .. } => "does not compile alone",
         DiffError::Compile { .. } => "original does not compile",
         DiffError::PatchApply { .. } => "diff does not apply",
         DiffError::EmptyDiff { .. } => "empty diff",
@@ -187,8 +171,7 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
     let diff_path = p.diffs.join(format!("{}.patch", unit.id));
     let (trimmed, left_out) = budget.trim(unit);
     let text = unit_diff(p.from, p.to, &trimmed)?;
-    std::fs::write(&diff_path, &text)
-        .with_context(|| format!("writing {}", diff_path.display()))?;
+    std::fs::write(&diff_path, &text).with_context(|| format!("writing {}", diff_path.display()))?;
     let early = match unit.kind {
         UnitKind::Module => Some(Built::Unsupported {
             cause: "module code (lucos build builds vmlinux code from diffs)".into(),
@@ -214,8 +197,7 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
         None => build_once(p.kernel_dir, &trimmed, &diff_path, &text, p.bundles, jobs)?,
     };
     r.left_out = left_out;
-    let alone_failed =
-        matches!(&r.built, Built::ToolError { kind, .. } if kind == "does not compile alone");
+    let alone_failed = matches!(&r.built, Built::ToolError { kind, .. } if kind == "does not compile alone");
     if alone_failed && !unit.candidates.is_empty() {
         let mut with = trimmed.clone();
         with.files.extend(unit.candidates.iter().cloned());
@@ -231,14 +213,7 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
     Ok(r)
 }
 
-fn build_once(
-    kernel_dir: &Path,
-    unit: &Unit,
-    diff_path: &Path,
-    text: &str,
-    bundle_dir: &Path,
-    jobs: usize,
-) -> Result<BuildResult> {
+fn build_once(kernel_dir: &Path, unit: &Unit, diff_path: &Path, text: &str, bundle_dir: &Path, jobs: usize) -> Result<BuildResult> {
     let options = BuildOptions {
         id: Some(unit.id.clone()),
         description: Some(format!("corpus unit {}: {}", unit.id, unit.files.join(" "))),
@@ -249,8 +224,7 @@ fn build_once(
     let (built, functions) = match result {
         Ok(BuildOutcome::Bundle(b)) => {
             let path = bundle_dir.join(format!("{}.lcb", unit.id));
-            std::fs::write(&path, &b.bundle)
-                .with_context(|| format!("writing {}", path.display()))?;
+            std::fs::write(&path, &b.bundle).with_context(|| format!("writing {}", path.display()))?;
             let f = functions_of(&b.report);
             (
                 Built::Bundle {
@@ -260,9 +234,7 @@ fn build_once(
                 f,
             )
         }
-        Ok(BuildOutcome::NoChange { report, reason }) => {
-            (Built::NoChange { reason }, functions_of(&report))
-        }
+        Ok(BuildOutcome::NoChange { report, reason }) => (Built::NoChange { reason }, functions_of(&report)),
         Err(DiffError::Refused { refusals, report }) => {
             let mut f = functions_of(&report);
             if report.objects.is_empty() {
@@ -270,10 +242,7 @@ fn build_once(
             }
             (
                 Built::Refused {
-                    refusals: refusals
-                        .iter()
-                        .map(|r| (r.cause(), r.to_string()))
-                        .collect(),
+                    refusals: refusals.iter().map(|r| (r.cause(), r.to_string())).collect(),
                 },
                 f,
             )

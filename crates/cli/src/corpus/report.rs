@@ -89,11 +89,7 @@ pub fn summarize(s: &State) -> Summary {
         builtin_sources: scope.builtin.len(),
         module_sources: scope.module.len(),
         relevant_headers: scope.headers.len(),
-        out_of_scope: scope
-            .out
-            .iter()
-            .map(|(k, v)| (k.clone(), v.len()))
-            .collect(),
+        out_of_scope: scope.out.iter().map(|(k, v)| (k.clone(), v.len())).collect(),
         units_total: s.units.len(),
         ..Summary::default()
     };
@@ -104,9 +100,7 @@ pub fn summarize(s: &State) -> Summary {
     let mut per_outcome: BTreeMap<String, (usize, BTreeSet<&str>)> = BTreeMap::new();
     let mut per_cause: BTreeMap<String, (usize, BTreeSet<&str>)> = BTreeMap::new();
     for u in &s.units {
-        let Some(r) = s.results.get(&u.id) else {
-            continue;
-        };
+        let Some(r) = s.results.get(&u.id) else { continue };
         let Some(b) = &r.build else { continue };
         sum.units_done += 1;
         let l = label(&b.built, r.live.as_ref());
@@ -140,26 +134,14 @@ pub fn summarize(s: &State) -> Summary {
             e.1.extend(f.changed.iter().map(String::as_str));
         }
     }
-    let row = |(k, (n, f)): (String, (usize, BTreeSet<&str>))| {
-        (
-            k,
-            Row {
-                units: n,
-                functions: f.len(),
-            },
-        )
-    };
+    let row = |(k, (n, f)): (String, (usize, BTreeSet<&str>))| (k, Row { units: n, functions: f.len() });
     sum.outcomes = per_outcome.into_iter().map(row).collect();
     sum.causes = per_cause.into_iter().map(row).collect();
     sum.functions = all.len();
     sum.covered = covered.len();
     sum.not_applicable = init.len();
     sum.estimated_functions = estimated.difference(&covered).count();
-    sum.coverage_percent = if all.is_empty() {
-        0.0
-    } else {
-        100.0 * covered.len() as f64 / all.len() as f64
-    };
+    sum.coverage_percent = if all.is_empty() { 0.0 } else { 100.0 * covered.len() as f64 / all.len() as f64 };
     if sum.whole_update.is_empty() {
         sum.whole_update = "not built yet".into();
     }
@@ -169,11 +151,7 @@ pub fn summarize(s: &State) -> Summary {
 /// The report as Markdown tables (printed, and committed under docs/).
 pub fn markdown(sum: &Summary) -> String {
     let mut t = String::new();
-    let _ = writeln!(
-        t,
-        "# Corpus: Debian {} → {} on {}\n",
-        sum.from, sum.to, sum.kernel
-    );
+    let _ = writeln!(t, "# Corpus: Debian {} → {} on {}\n", sum.from, sum.to, sum.kernel);
     let _ = writeln!(
         t,
         "**Coverage: {} of {} changed functions ({:.1}%) applied live and passed the smoke \
@@ -183,44 +161,20 @@ pub fn markdown(sum: &Summary) -> String {
     let _ = writeln!(t, "| Scope | Files |\n|---|---:|");
     let _ = writeln!(t, "| changed files | {} |", sum.changed_files);
     let _ = writeln!(t, "| changed C files | {} |", sum.changed_c_files);
-    let _ = writeln!(
-        t,
-        "| changed C files in this kernel | {} |",
-        sum.c_files_in_kernel
-    );
-    let _ = writeln!(
-        t,
-        "| changed vmlinux sources (C and assembly) | {} |",
-        sum.builtin_sources
-    );
-    let _ = writeln!(
-        t,
-        "| changed sources of loadable modules | {} |",
-        sum.module_sources
-    );
+    let _ = writeln!(t, "| changed C files in this kernel | {} |", sum.c_files_in_kernel);
+    let _ = writeln!(t, "| changed vmlinux sources (C and assembly) | {} |", sum.builtin_sources);
+    let _ = writeln!(t, "| changed sources of loadable modules | {} |", sum.module_sources);
     let _ = writeln!(t, "| relevant changed headers | {} |", sum.relevant_headers);
     for (reason, n) in &sum.out_of_scope {
         let _ = writeln!(t, "| out of scope: {reason} | {n} |");
     }
-    let _ = writeln!(
-        t,
-        "\n| Outcome (per unit) | Units | Functions |\n|---|---:|---:|"
-    );
+    let _ = writeln!(t, "\n| Outcome (per unit) | Units | Functions |\n|---|---:|---:|");
     for (k, r) in &sum.outcomes {
         let _ = writeln!(t, "| {k} | {} | {} |", r.units, r.functions);
     }
-    let _ = writeln!(
-        t,
-        "\n| Refusal or error cause | Units | Functions |\n|---|---:|---:|"
-    );
+    let _ = writeln!(t, "\n| Refusal or error cause | Units | Functions |\n|---|---:|---:|");
     let mut causes: Vec<_> = sum.causes.iter().collect();
-    causes.sort_by_key(|(k, r)| {
-        (
-            std::cmp::Reverse(r.functions),
-            std::cmp::Reverse(r.units),
-            k.to_string(),
-        )
-    });
+    causes.sort_by_key(|(k, r)| (std::cmp::Reverse(r.functions), std::cmp::Reverse(r.units), k.to_string()));
     for (k, r) in causes {
         let _ = writeln!(t, "| {k} | {} | {} |", r.units, r.functions);
     }

@@ -36,11 +36,7 @@ impl Scope {
     /// Changed C files in this kernel (built in, or in a loadable module).
     pub fn c_in_kernel(&self) -> usize {
         self.builtin.iter().filter(|f| f.ends_with(".c")).count()
-            + self
-                .module
-                .iter()
-                .filter(|(f, _)| f.ends_with(".c"))
-                .count()
+            + self.module.iter().filter(|(f, _)| f.ends_with(".c")).count()
     }
 }
 
@@ -53,13 +49,9 @@ fn out_reason(path: &str) -> &'static str {
     let arch = path.strip_prefix("arch/").and_then(|r| r.split('/').next());
     if arch.is_some_and(|a| a != "x86") {
         "another architecture"
-    } else if ["tools/", "scripts/", "usr/", "samples/"]
-        .iter()
-        .any(|p| path.starts_with(p))
-    {
+    } else if ["tools/", "scripts/", "usr/", "samples/"].iter().any(|p| path.starts_with(p)) {
         "host tool, sample or user-space code"
-    } else if path.starts_with("Documentation/") || path.ends_with(".rst") || path.ends_with(".txt")
-    {
+    } else if path.starts_with("Documentation/") || path.ends_with(".rst") || path.ends_with(".txt") {
         "documentation"
     } else if is_source(path) {
         "not built into this kernel or a module the guest can load"
@@ -96,11 +88,7 @@ pub fn classify(
         } else if let Some(&n) = users.get(f.as_str()).filter(|_| f.ends_with(".h")) {
             scope.headers.push((f.clone(), n));
         } else {
-            scope
-                .out
-                .entry(out_reason(f).to_owned())
-                .or_default()
-                .push(f.clone());
+            scope.out.entry(out_reason(f).to_owned()).or_default().push(f.clone());
         }
     }
     scope
@@ -111,10 +99,7 @@ pub fn classify(
 pub fn loadable_modules(archive: &Path) -> Result<Vec<String>> {
     let out = Command::new("sh")
         .arg("-c")
-        .arg(format!(
-            "gzip -dc '{}' | cpio -t --quiet",
-            archive.display()
-        ))
+        .arg(format!("gzip -dc '{}' | cpio -t --quiet", archive.display()))
         .output()
         .context("listing the guest's module archive (gzip, cpio)")?;
     Ok(String::from_utf8_lossy(&out.stdout)
@@ -152,19 +137,11 @@ pub fn module_sources(tree: &Path, ko: &str) -> Result<Vec<String>> {
         .filter(|o| o.ends_with(".o"))
         .map(|o| o.trim_end_matches(".o").to_owned())
         .collect();
-    let members = if members.is_empty() {
-        vec![name.to_owned()]
-    } else {
-        members
-    };
+    let members = if members.is_empty() { vec![name.to_owned()] } else { members };
     let mut files = Vec::new();
     for m in members {
         for ext in [".c", ".S"] {
-            let f = if dir.is_empty() {
-                format!("{m}{ext}")
-            } else {
-                format!("{dir}/{m}{ext}")
-            };
+            let f = if dir.is_empty() { format!("{m}{ext}") } else { format!("{dir}/{m}{ext}") };
             if tree.join(&f).is_file() {
                 files.push(f);
             }
@@ -192,10 +169,7 @@ mod tests {
     #[test]
     fn files_are_sorted_by_their_relation_to_the_kernel() {
         let objects = [
-            obj(
-                "fs/pipe.c",
-                &["include/linux/pipe_fs_i.h", "include/linux/fs.h"],
-            ),
+            obj("fs/pipe.c", &["include/linux/pipe_fs_i.h", "include/linux/fs.h"]),
             obj("fs/read_write.c", &["include/linux/fs.h"]),
         ];
         let modules = BTreeMap::from([("fs/isofs/inode.c".to_string(), "isofs".to_string())]);
@@ -220,14 +194,8 @@ mod tests {
         assert_eq!(s.headers, vec![("include/linux/fs.h".into(), 2)]);
         let out = |r: &str| s.out.get(r).cloned().unwrap_or_default();
         assert_eq!(out("another architecture"), vec!["arch/arm64/kernel/y.c"]);
-        assert_eq!(
-            out("host tool, sample or user-space code"),
-            vec!["tools/perf/z.c"]
-        );
-        assert_eq!(
-            out("header no object of this kernel uses"),
-            vec!["include/linux/unused.h"]
-        );
+        assert_eq!(out("host tool, sample or user-space code"), vec!["tools/perf/z.c"]);
+        assert_eq!(out("header no object of this kernel uses"), vec!["include/linux/unused.h"]);
         assert_eq!(
             out("not built into this kernel or a module the guest can load"),
             vec!["drivers/gpu/x.c"]

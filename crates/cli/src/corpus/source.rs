@@ -16,11 +16,7 @@ const TARBALL: &str = "./usr/src/linux-source-6.1.tar.xz";
 
 /// The unpacked source of `version`, downloading and unpacking it if needed.
 pub fn ensure(cache: &Path, version: &str) -> Result<PathBuf> {
-    if version.is_empty()
-        || !version
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || ".-+~".contains(c))
-    {
+    if version.is_empty() || !version.chars().all(|c| c.is_ascii_alphanumeric() || ".-+~".contains(c)) {
         bail!("'{version}' is not a Debian package version (e.g. 6.1.190-1)");
     }
     let dir = cache.join("src").join(version);
@@ -100,29 +96,16 @@ pub fn changed_files(a: &Path, b: &Path) -> Result<Vec<String>> {
 /// for a binary file (which a kernel patch cannot carry anyway).
 pub fn file_diff(a: &Path, b: &Path, rel: &str) -> Result<String> {
     let out = Command::new("diff")
-        .args([
-            "-uN",
-            "--label",
-            &format!("a/{rel}"),
-            "--label",
-            &format!("b/{rel}"),
-        ])
+        .args(["-uN", "--label", &format!("a/{rel}"), "--label", &format!("b/{rel}")])
         .arg(a.join(rel))
         .arg(b.join(rel))
         .output()
         .context("running diff -uN")?;
     if out.status.code() == Some(2) {
-        bail!(
-            "diff of {rel} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        bail!("diff of {rel} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    Ok(if text.starts_with("Binary files") {
-        String::new()
-    } else {
-        text
-    })
+    Ok(if text.starts_with("Binary files") { String::new() } else { text })
 }
 
 #[cfg(test)]
@@ -140,28 +123,17 @@ mod tests {
         std::fs::write(a.join("fs/proc/x.c"), "int x = 1;\n").unwrap();
         std::fs::write(b.join("fs/proc/x.c"), "int x = 2;\n").unwrap();
         std::fs::write(b.join("added.h"), "#define ADDED\n").unwrap();
-        assert_eq!(
-            changed_files(&a, &b).unwrap(),
-            vec!["added.h", "fs/proc/x.c"]
-        );
+        assert_eq!(changed_files(&a, &b).unwrap(), vec!["added.h", "fs/proc/x.c"]);
         let d = file_diff(&a, &b, "fs/proc/x.c").unwrap();
-        assert!(
-            d.starts_with("--- a/fs/proc/x.c\n+++ b/fs/proc/x.c\n"),
-            "{d}"
-        );
+        assert!(d.starts_with("--- a/fs/proc/x.c\n+++ b/fs/proc/x.c\n"), "{d}");
         assert!(d.contains("-int x = 1;\n+int x = 2;\n"), "{d}");
-        assert!(file_diff(&a, &b, "added.h")
-            .unwrap()
-            .contains("+#define ADDED"));
+        assert!(file_diff(&a, &b, "added.h").unwrap().contains("+#define ADDED"));
     }
 
     #[test]
     fn odd_versions_are_refused_before_apt_runs() {
         let t = tempfile::tempdir().unwrap();
         let e = ensure(t.path(), "6.1; rm -rf /").unwrap_err();
-        assert!(
-            e.to_string().contains("not a Debian package version"),
-            "{e}"
-        );
+        assert!(e.to_string().contains("not a Debian package version"), "{e}");
     }
 }

@@ -56,12 +56,8 @@ fn direct_includes(tree: &Path, source: &str, headers: &BTreeSet<&str>) -> Vec<S
     let dir = source.rsplit_once('/').map_or("", |(d, _)| d);
     let mut out = Vec::new();
     for line in text.lines() {
-        let Some(rest) = line.trim_start().strip_prefix('#') else {
-            continue;
-        };
-        let Some(rest) = rest.trim_start().strip_prefix("include") else {
-            continue;
-        };
+        let Some(rest) = line.trim_start().strip_prefix('#') else { continue };
+        let Some(rest) = rest.trim_start().strip_prefix("include") else { continue };
         let rest = rest.trim();
         let (quoted, name) = match rest.chars().next() {
             Some('"') => (true, rest[1..].split('"').next().unwrap_or("")),
@@ -75,17 +71,10 @@ fn direct_includes(tree: &Path, source: &str, headers: &BTreeSet<&str>) -> Vec<S
             format!("arch/x86/include/uapi/{name}"),
         ];
         if quoted {
-            let local = if dir.is_empty() {
-                name.to_owned()
-            } else {
-                format!("{dir}/{name}")
-            };
+            let local = if dir.is_empty() { name.to_owned() } else { format!("{dir}/{name}") };
             candidates.insert(0, local);
         }
-        if let Some(c) = candidates
-            .into_iter()
-            .find(|c| headers.contains(c.as_str()))
-        {
+        if let Some(c) = candidates.into_iter().find(|c| headers.contains(c.as_str())) {
             out.push(c);
         }
     }
@@ -97,13 +86,7 @@ fn direct_includes(tree: &Path, source: &str, headers: &BTreeSet<&str>) -> Vec<S
 fn unit_id(n: usize, path: &str) -> String {
     let clean: String = path
         .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '.' {
-                c
-            } else {
-                '-'
-            }
-        })
+        .map(|c| if c.is_ascii_alphanumeric() || c == '.' { c } else { '-' })
         .collect();
     let mut id = format!("u{n:03}-{clean}");
     if id.len() > 48 {
@@ -199,39 +182,21 @@ mod tests {
         let u = units(&scope, &objects, t.path());
         let kinds: Vec<UnitKind> = u.iter().map(|u| u.kind).collect();
         use UnitKind::*;
-        assert_eq!(
-            kinds,
-            [Source, Header, Header, Header, Header, Module, Whole]
-        );
+        assert_eq!(kinds, [Source, Header, Header, Header, Header, Module, Whole]);
         assert_eq!(u[0].files, ["fs/pipe.c"]);
         assert_eq!(
             u[0].candidates,
-            [
-                "fs/internal.h",
-                "include/linux/fs.h",
-                "include/linux/macros.h"
-            ]
+            ["fs/internal.h", "include/linux/fs.h", "include/linux/macros.h"]
         );
         assert_eq!(u[4].files, ["include/linux/net.h"]);
-        assert_eq!(
-            u[6].files.len(),
-            5,
-            "every vmlinux change: {:?}",
-            u[6].files
-        );
+        assert_eq!(u[6].files.len(), 5, "every vmlinux change: {:?}", u[6].files);
         assert!(u.iter().all(|u| u.id.len() <= 48), "{u:?}");
         assert_eq!(u[0].id, "u001-fs-pipe.c");
     }
 
     #[test]
     fn long_paths_keep_their_file_name_in_the_id() {
-        let id = unit_id(
-            12,
-            "drivers/net/ethernet/mellanox/mlx5/core/en_accel/ipsec_rxtx.c",
-        );
-        assert!(
-            id.len() <= 48 && id.starts_with("u012-") && id.ends_with("ipsec-rxtx.c"),
-            "{id}"
-        );
+        let id = unit_id(12, "drivers/net/ethernet/mellanox/mlx5/core/en_accel/ipsec_rxtx.c");
+        assert!(id.len() <= 48 && id.starts_with("u012-") && id.ends_with("ipsec-rxtx.c"), "{id}");
     }
 }

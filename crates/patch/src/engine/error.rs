@@ -96,17 +96,9 @@ pub enum EngineError {
     #[error("cannot find read-only object `{object}` to rewrite in the running kernel: {reason}; rebuild the bundle against this kernel")]
     RewriteSymbol { object: String, reason: String },
     #[error("read-only object `{object}` at {addr:#x} does not hold what the bundle expects (first difference at byte {offset}): the bundle was built for other code, or another bundle rewrote it; revert that one first or rebuild against this kernel")]
-    RewriteMismatch {
-        object: String,
-        addr: u64,
-        offset: usize,
-    },
+    RewriteMismatch { object: String, addr: u64, offset: usize },
     #[error("read-only object `{object}` at {addr:#x} changed since bundle `{id}` rewrote it; lucos will not overwrite what it did not write (reboot, or restore it by hand)")]
-    RewriteChanged {
-        id: String,
-        object: String,
-        addr: u64,
-    },
+    RewriteChanged { id: String, object: String, addr: u64 },
     #[error(transparent)]
     Bundle(#[from] BundleError),
     #[error(transparent)]

@@ -47,12 +47,11 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             })?;
             let mut live = vec![0u8; rw.expect.len()];
             paging::read_virt(&*self.m, self.layout.cr3, va, &mut live)?;
-            rw.matches(&live)
-                .map_err(|offset| EngineError::RewriteMismatch {
-                    object: object.clone(),
-                    addr: va,
-                    offset,
-                })?;
+            rw.matches(&live).map_err(|offset| EngineError::RewriteMismatch {
+                object: object.clone(),
+                addr: va,
+                offset,
+            })?;
             let new = linked_bytes(linked, &rw.new, live.len())
                 .ok_or_else(|| EngineError::MissingNew(rw.new.clone()))?;
             words.extend(self.word_writes(va, &new)?);
@@ -111,11 +110,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
 fn linked_bytes(linked: &Linked, name: &str, len: usize) -> Option<Vec<u8>> {
     let va = *linked.symbols.get(name)?;
     let r = &linked.regions;
-    let regions = [
-        (r.text, &linked.text),
-        (r.rodata, &linked.rodata),
-        (r.data, &linked.data),
-    ];
+    let regions = [(r.text, &linked.text), (r.rodata, &linked.rodata), (r.data, &linked.data)];
     regions.iter().find_map(|(base, image)| {
         let off = usize::try_from(va.checked_sub(*base)?).ok()?;
         image.get(off..off + len).map(<[u8]>::to_vec)
