@@ -12,3 +12,4 @@ pub mod run;
 pub mod show;
 pub mod signing;
 pub mod soak;
+pub mod stacks;

@@ -34,6 +34,8 @@ enum Cmd {
     Info(info::InfoArgs),
     /// List the guest's loaded modules, read from outside (BTF layouts, no agent).
     Modules(lucos::modules::ModulesArgs),
+    /// Every guest task's kernel backtrace, unwound from outside with ORC.
+    Stacks(lucos::stacks::StacksArgs),
     /// Apply a patch bundle to a running VM.
     Apply(patchcmd::ApplyArgs),
     /// Revert an applied bundle (newest first per function).
@@ -322,6 +324,7 @@ fn lucos_main() -> Result<()> {
         }
         Cmd::Info(args) => info::info(args),
         Cmd::Modules(args) => lucos::modules::modules(args),
+        Cmd::Stacks(args) => lucos::stacks::stacks(args),
         Cmd::Apply(args) => patchcmd::apply(args),
         Cmd::Revert(args) => patchcmd::revert(args),
         Cmd::Status(args) => patchcmd::status(args),

@@ -350,6 +350,18 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         a.vm.resume()?;
         empty.push(t.elapsed());
     }
+    // One full stack scan (every task unwound with ORC) inside a stop+cont.
+    let scanner = lucos_introspect::stacks::Scanner::new(&a.vm, &a.syms, &a.layout)
+        .context("reading the kernel's unwind data")?;
+    let (mut scans, mut ntasks) = (Vec::new(), 0);
+    for _ in 0..args.cycles {
+        let t = Instant::now();
+        a.vm.pause()?;
+        let scan = scanner.scan(&mut a.vm, &a.syms, &a.layout);
+        a.vm.resume()?;
+        scans.push(t.elapsed());
+        ntasks = scan.context("scanning the guest's stacks")?.tasks.len();
+    }
     let (mut apply, mut revert) = (Vec::new(), Vec::new());
     let t = Instant::now();
     for _ in 0..args.cycles {
@@ -372,10 +384,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let base = print_percentiles("empty stop+cont", &mut empty);
     let ap = print_percentiles("apply pause", &mut apply);
     let rp = print_percentiles("revert pause", &mut revert);
+    let sp = print_percentiles(&format!("stack scan pause ({ntasks} tasks)"), &mut scans);
     println!(
-        "p50 ratio to an empty stop+cont: apply {:.1}x, revert {:.1}x",
+        "p50 ratio to an empty stop+cont: apply {:.1}x, revert {:.1}x, full stack scan {:.1}x",
         ap.as_secs_f64() / base.as_secs_f64(),
-        rp.as_secs_f64() / base.as_secs_f64()
+        rp.as_secs_f64() / base.as_secs_f64(),
+        sp.as_secs_f64() / base.as_secs_f64()
     );
     drop(a);
     drop(private);

@@ -9,9 +9,13 @@ pub mod fake;
 pub mod kaslr;
 pub mod machine;
 pub mod modules;
+pub mod orc;
 pub mod paging;
 pub mod regs;
+pub mod stacks;
 pub mod symbols;
+pub mod tasks;
+pub mod unwind;
 
 pub use btf::{Btf, BtfError};
 pub use kaslr::{decode_idt_gate, detect_layout, verify_build_id, KaslrError, KernelLayout};
