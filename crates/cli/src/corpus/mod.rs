@@ -75,6 +75,37 @@ pub struct CorpusArgs {
 }
 
 /// Scope and units of the update, from both source trees and the guest kernel.
+/// The units a newer lucos makes of the same scope. A unit whose definition changed keeps
+/// its result unless that result could change: a unit that did not compile (its extra
+/// headers matter), or the whole update.
+fn refresh_units(g: &Guest, cache: &Path, args: &CorpusArgs, mut st: State) -> Result<State> {
+    let a = source::ensure(cache, &args.from)?;
+    let objects = lucos_build::diff::kernel_objects(&g.kernel_dir)
+        .context("listing the objects of the guest kernel")?;
+    let fresh = units::units(&st.scope, &objects, &a);
+    if fresh.iter().map(|u| &u.id).ne(st.units.iter().map(|u| &u.id)) {
+        anyhow::bail!("the saved units do not match this lucos's; run again with --fresh");
+    }
+    let mut redone = 0;
+    for (old, new) in st.units.iter_mut().zip(fresh) {
+        if *old == new {
+            continue;
+        }
+        let stale = st.results.get(&new.id).and_then(|r| r.build.as_ref()).is_some_and(|b| {
+            matches!(b.built, outcome::Built::ToolError { .. }) || new.kind == units::UnitKind::Whole
+        });
+        if stale {
+            st.results.remove(&new.id);
+            redone += 1;
+        }
+        *old = new;
+    }
+    if redone > 0 {
+        println!("{redone} units changed their files since: built again");
+    }
+    Ok(st)
+}
+
 fn scan(g: &Guest, cache: &Path, args: &CorpusArgs, kernel: &str) -> Result<State> {
     println!("sources: {} and {}", args.from, args.to);
     let a = source::ensure(cache, &args.from)?;
@@ -145,7 +176,7 @@ pub fn corpus(args: CorpusArgs) -> Result<()> {
                 s.results.len(),
                 s.units.len()
             );
-            s
+            refresh_units(&g, &cache, &args, s)?
         }
         None => scan(&g, &cache, &args, &kernel)?,
     };

@@ -54,7 +54,7 @@ fn is_source(path: &str) -> bool {
 pub const UNLISTED_HEADER: &str = "header no object's DWARF lists (unused, or macros only)";
 
 /// Why a changed file that no object of this kernel uses is out of scope.
-fn out_reason(path: &str) -> &'static str {
+pub fn out_reason(path: &str) -> &'static str {
     let arch = path.strip_prefix("arch/").and_then(|r| r.split('/').next());
     if arch.is_some_and(|a| a != "x86") {
         "another architecture"

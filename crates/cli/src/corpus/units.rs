@@ -121,10 +121,12 @@ pub fn units(scope: &Scope, objects: &[KbuildObject], tree: &Path) -> Vec<Unit> 
     // Kernel headers DWARF does not see used: possibly macros only (see scope).
     let unlisted: Vec<String> = scope
         .out
-        .get(super::scope::UNLISTED_HEADER)
-        .into_iter()
+        .values()
         .flatten()
+        .filter(|h| super::scope::out_reason(h) == super::scope::UNLISTED_HEADER)
         .filter(|h| h.starts_with("include/") || h.starts_with("arch/x86/include/"))
+        // A header the update adds is needed only by what includes it, which DWARF sees.
+        .filter(|h| tree.join(h).is_file())
         .cloned()
         .collect();
     let mut out = Vec::new();
