@@ -40,7 +40,9 @@ pub fn initrd_with(initrd: &Path, ko: &Path) -> Result<PathBuf> {
         .with_context(|| format!("copying {}", ko.display()))?;
     let st = Command::new("sh")
         .arg("-c")
-        .arg("cd root && find . | cpio -o -H newc --owner=0:0 2>/dev/null | gzip -n > ../overlay.gz")
+        .arg(
+            "cd root && find . | cpio -o -H newc --owner=0:0 2>/dev/null | gzip -n > ../overlay.gz",
+        )
         .current_dir(&dir)
         .status()
         .context("running cpio")?;
