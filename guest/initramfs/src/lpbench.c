@@ -8,7 +8,7 @@
  *                                 prints "lpbench read_ns=<min over rounds, per read>"
  *
  * Times are CLOCK_MONOTONIC inside the guest. Exit status: 0 ok, 1 a syscall
- * failed, 2 usage error.
+ * failed, 2 usage error, 3 the transition had not ended after 60 s (stalled).
  */
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -56,6 +56,10 @@ static int load(const char *ko, const char *name)
 		close(s);
 		if (n > 0 && buf[0] == '0')
 			break;
+		if (now_ns() - t0 > 60000000000LL) {
+			printf("lpbench transition stalled\n");
+			return 3;
+		}
 		usleep(1000);
 	}
 	printf("lpbench load_us=%lld transition_us=%lld\n", (t1 - t0) / 1000,
