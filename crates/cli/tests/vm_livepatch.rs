@@ -2,8 +2,10 @@
 //! asleep inside a lucos-replaced `pipe_read` (sample 13), a livepatch module for another
 //! function (`cmdline_proc_show`) must finish its transition. klp switches a task only if
 //! `arch_stack_walk_reliable` finds its stack reliable, which for a frame in patch memory
-//! needs the ORC data the bundle registers as a module; without it the transition stalls
-//! and `lpbench load` fails.
+//! needs the ORC data the bundle registers as a module (an address without ORC makes the
+//! walk unreliable). The end is required within 12 s, before klp's fake-signal fallback
+//! (15 s) could switch the sleeper another way. Not yet shown to fail: a scratch run with
+//! the bundle's ORC count forced to 0 still passed, which is unexplained (see the report).
 
 mod common;
 
