@@ -6,6 +6,7 @@ pub mod demo;
 pub mod guest;
 pub mod harness;
 pub mod info;
+pub mod lpbench;
 pub mod modules;
 pub mod patchcmd;
 pub mod run;

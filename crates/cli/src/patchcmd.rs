@@ -296,6 +296,10 @@ pub struct BenchArgs {
     /// Run a syscall loop on every vCPU of the private guest meanwhile.
     #[arg(long)]
     pub load: bool,
+    /// Also load the same change (sample `cmdline`) as the guest's own livepatch module
+    /// and compare apply time and the cost of a read of /proc/cmdline (private guest only).
+    #[arg(long)]
+    pub against_livepatch: bool,
 }
 
 /// A bundle file, or a bundle spec (`*.json`) built for the attached VM's kernel.
@@ -314,11 +318,18 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     if args.cycles == 0 {
         bail!("--cycles must be at least 1");
     }
+    if args.against_livepatch && args.vm.is_some() {
+        bail!("--against-livepatch boots its own guest (with the module inside); drop --vm");
+    }
     let mut private = None;
     let mut a = match &args.vm {
         Some(name) => attach(name)?,
         None => {
-            let g = crate::guest::GuestSel::default().ensure()?;
+            let mut g = crate::guest::GuestSel::default().ensure()?;
+            if args.against_livepatch {
+                let ko = crate::lpbench::build_module()?;
+                g.initrd = crate::lpbench::initrd_with(&g.initrd, &ko)?;
+            }
             let opts = crate::run::VmOpts {
                 name: format!("bench-{}", std::process::id()),
                 vcpus: 2,
@@ -343,6 +354,10 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     };
     let bundle = bench_bundle(&a, &args.bundle)?;
     let id = bundle.manifest().id.clone();
+    let calls = match &private {
+        Some((_, b)) if args.against_livepatch => Some(call_costs(&mut a, &b.console, &bundle)?),
+        _ => None,
+    };
     let mut empty = Vec::new();
     for _ in 0..args.cycles {
         let t = Instant::now();
@@ -362,10 +377,12 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         scans.push(t.elapsed());
         ntasks = scan.context("scanning the guest's stacks")?.tasks.len();
     }
-    let (mut apply, mut revert) = (Vec::new(), Vec::new());
+    let (mut apply, mut revert, mut totals) = (Vec::new(), Vec::new(), Vec::new());
     let t = Instant::now();
     for _ in 0..args.cycles {
-        apply.push(apply_bundle(&mut a, &bundle)?.pause);
+        let r = apply_bundle(&mut a, &bundle)?;
+        apply.push(r.pause);
+        totals.push(r.total);
         revert.push(revert_bundle(&mut a, &id)?.pause);
     }
     let wall = t.elapsed();
@@ -385,15 +402,59 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let ap = print_percentiles("apply pause", &mut apply);
     let rp = print_percentiles("revert pause", &mut revert);
     let sp = print_percentiles(&format!("stack scan pause ({ntasks} tasks)"), &mut scans);
+    let tot = print_percentiles("apply total (engine)", &mut totals);
     println!(
-        "p50 ratio to an empty stop+cont: apply {:.1}x, revert {:.1}x, full stack scan {:.1}x",
+        "p50 ratio to an empty stop+cont: apply {:.1}x (target <= 1.5x), revert {:.1}x, full stack scan {:.1}x",
         ap.as_secs_f64() / base.as_secs_f64(),
         rp.as_secs_f64() / base.as_secs_f64(),
         sp.as_secs_f64() / base.as_secs_f64()
     );
+    if let (Some((_, b)), Some(c)) = (&private, calls) {
+        let lp_us = crate::lpbench::load(&b.console, LIVEPATCH_NAME)?;
+        let lp_ns = crate::lpbench::read_ns(&b.console, "/proc/cmdline")?;
+        println!("livepatch load to transition end: {lp_us} us");
+        println!(
+            "apply ratio: livepatch / lucos apply total p50 = {:.1}x (target >= 100x)",
+            lp_us as f64 / tot.as_micros().max(1) as f64
+        );
+        println!(
+            "read of /proc/cmdline (min of rounds): unpatched {} ns, lucos {} ns ({:+.1}%, \
+             target within 1%), livepatch {} ns ({:+.1}%)",
+            c.0,
+            c.1,
+            pct(c.1, c.0),
+            lp_ns,
+            pct(lp_ns, c.0)
+        );
+    }
     drop(a);
     drop(private);
     Ok(())
+}
+
+/// The module name of `guest/livepatch/livepatch-cmdline.c`, as sysfs shows it.
+const LIVEPATCH_NAME: &str = "livepatch_cmdline";
+
+fn pct(x: u64, base: u64) -> f64 {
+    (x as f64 / base.max(1) as f64 - 1.0) * 100.0
+}
+
+/// Unpatched and lucos-patched cost of a /proc/cmdline read, interleaved (3 pairs),
+/// minimum of each; the bundle is reverted afterwards.
+fn call_costs(
+    a: &mut Attached,
+    console: &lucos_backend::Console,
+    bundle: &Bundle,
+) -> Result<(u64, u64)> {
+    let id = bundle.manifest().id.clone();
+    let (mut un, mut lu) = (u64::MAX, u64::MAX);
+    for _ in 0..3 {
+        un = un.min(crate::lpbench::read_ns(console, "/proc/cmdline")?);
+        apply_bundle(a, bundle)?;
+        lu = lu.min(crate::lpbench::read_ns(console, "/proc/cmdline")?);
+        revert_bundle(a, &id)?;
+    }
+    Ok((un, lu))
 }
 
 /// Prints p50/p99/max and returns p50.

@@ -83,7 +83,11 @@ fn refresh_units(g: &Guest, cache: &Path, args: &CorpusArgs, mut st: State) -> R
     let objects = lucos_build::diff::kernel_objects(&g.kernel_dir)
         .context("listing the objects of the guest kernel")?;
     let fresh = units::units(&st.scope, &objects, &a);
-    if fresh.iter().map(|u| &u.id).ne(st.units.iter().map(|u| &u.id)) {
+    if fresh
+        .iter()
+        .map(|u| &u.id)
+        .ne(st.units.iter().map(|u| &u.id))
+    {
         anyhow::bail!("the saved units do not match this lucos's; run again with --fresh");
     }
     let mut redone = 0;
@@ -91,9 +95,14 @@ fn refresh_units(g: &Guest, cache: &Path, args: &CorpusArgs, mut st: State) -> R
         if *old == new {
             continue;
         }
-        let stale = st.results.get(&new.id).and_then(|r| r.build.as_ref()).is_some_and(|b| {
-            matches!(b.built, outcome::Built::ToolError { .. }) || new.kind == units::UnitKind::Whole
-        });
+        let stale = st
+            .results
+            .get(&new.id)
+            .and_then(|r| r.build.as_ref())
+            .is_some_and(|b| {
+                matches!(b.built, outcome::Built::ToolError { .. })
+                    || new.kind == units::UnitKind::Whole
+            });
         if stale {
             st.results.remove(&new.id);
             redone += 1;
