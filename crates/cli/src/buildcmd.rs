@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use lucos_build::diff::{self, BuildOptions, BuildOutcome, Progress, Stage, Times};
+use lucos_diffobj::diff::{self, BuildOptions, BuildOutcome, Progress, Stage, Times};
 
 use crate::guest;
 

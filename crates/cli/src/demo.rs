@@ -44,7 +44,7 @@ pub fn demo_bundle(
     name: &str,
 ) -> Result<Bundle> {
     let spec = guest_dir().join("bundles").join(format!("{name}.json"));
-    let bytes = lucos_build::make_from_spec_file(kernel_dir, &spec, syms)
+    let bytes = lucos_diffobj::make_from_spec_file(kernel_dir, &spec, syms)
         .with_context(|| format!("building bundle {}", spec.display()))?;
     crate::signing::sign_and_open(&bytes, &spec)
 }
@@ -119,13 +119,13 @@ pub fn demo(args: DemoArgs) -> Result<()> {
         tb.elapsed().as_secs_f64()
     );
     let diff = guest_dir().join("patches/04-version-string.patch");
-    let version = match lucos_build::diff::build(
+    let version = match lucos_diffobj::diff::build(
         &g.kernel_dir,
         &diff,
-        &lucos_build::diff::BuildOptions::default(),
+        &lucos_diffobj::diff::BuildOptions::default(),
         &crate::buildcmd::Bars::default(),
     )? {
-        lucos_build::diff::BuildOutcome::Bundle(b) => {
+        lucos_diffobj::diff::BuildOutcome::Bundle(b) => {
             let t = b.report.times;
             println!(
                 "  lucos build {}: replaces {} (rebuild {:.2} s, compare {:.2} s, emit {:.3} s)",
@@ -137,7 +137,7 @@ pub fn demo(args: DemoArgs) -> Result<()> {
             );
             crate::signing::sign_and_open(&b.bundle, &diff)?
         }
-        lucos_build::diff::BuildOutcome::NoChange { reason, .. } => {
+        lucos_diffobj::diff::BuildOutcome::NoChange { reason, .. } => {
             anyhow::bail!("{}: {reason}", diff.display())
         }
     };

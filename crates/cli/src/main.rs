@@ -341,8 +341,8 @@ fn lucos_main() -> Result<()> {
                     Some(t) => t,
                     None => guest.ensure()?.kernel_dir,
                 };
-                let syms = lucos_build::load_symbols(&tree)?;
-                let bytes = lucos_build::make_from_spec_file(&tree, &spec, &syms)
+                let syms = lucos_diffobj::load_symbols(&tree)?;
+                let bytes = lucos_diffobj::make_from_spec_file(&tree, &spec, &syms)
                     .with_context(|| format!("building {}", spec.display()))?;
                 let bytes = lucos::signing::sign(&bytes)?;
                 std::fs::write(&output, &bytes)

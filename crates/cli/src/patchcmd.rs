@@ -305,7 +305,7 @@ pub struct BenchArgs {
 /// A bundle file, or a bundle spec (`*.json`) built for the attached VM's kernel.
 pub fn bench_bundle(a: &Attached, path: &std::path::Path) -> Result<Bundle> {
     if path.extension().is_some_and(|e| e == "json") {
-        let bytes = lucos_build::make_from_spec_file(&a.vm.desc.kernel.dir, path, &a.syms)?;
+        let bytes = lucos_diffobj::make_from_spec_file(&a.vm.desc.kernel.dir, path, &a.syms)?;
         crate::signing::sign_and_open(&bytes, path)
     } else {
         load_bundle(path)

@@ -5,10 +5,10 @@ mod common;
 
 use common::*;
 use lucos::patchcmd::{apply_bundle, revert_bundle};
-use lucos_build::diff::{self, BuildOptions, BuildOutcome, Built, NoProgress};
+use lucos_diffobj::diff::{self, BuildOptions, BuildOutcome, Built, NoProgress};
 use lucos_patch::Bundle;
 
-fn build(patch: &str) -> Result<BuildOutcome, lucos_build::diff::DiffError> {
+fn build(patch: &str) -> Result<BuildOutcome, lucos_diffobj::diff::DiffError> {
     let path = lucos::guest::guest_dir().join("patches").join(patch);
     diff::build(
         &guest().kernel_dir,

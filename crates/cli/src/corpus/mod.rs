@@ -80,7 +80,7 @@ pub struct CorpusArgs {
 /// headers matter), or the whole update.
 fn refresh_units(g: &Guest, cache: &Path, args: &CorpusArgs, mut st: State) -> Result<State> {
     let a = source::ensure(cache, &args.from)?;
-    let objects = lucos_build::diff::kernel_objects(&g.kernel_dir)
+    let objects = lucos_diffobj::diff::kernel_objects(&g.kernel_dir)
         .context("listing the objects of the guest kernel")?;
     let fresh = units::units(&st.scope, &objects, &a);
     if fresh
@@ -120,7 +120,7 @@ fn scan(g: &Guest, cache: &Path, args: &CorpusArgs, kernel: &str) -> Result<Stat
     let a = source::ensure(cache, &args.from)?;
     let b = source::ensure(cache, &args.to)?;
     let changed = source::changed_files(&a, &b)?;
-    let objects = lucos_build::diff::kernel_objects(&g.kernel_dir)
+    let objects = lucos_diffobj::diff::kernel_objects(&g.kernel_dir)
         .context("listing the objects of the guest kernel")?;
     let tree = g.kernel_dir.join("build");
     let mut modules = BTreeMap::new();
@@ -155,7 +155,7 @@ pub fn corpus(args: CorpusArgs) -> Result<()> {
     }
     .ensure()
     .context("the guest kernel of --from")?;
-    let cache = lucos_build::cache_dir().context("set HOME or LUCOS_CACHE for lucos's cache")?;
+    let cache = lucos_diffobj::cache_dir().context("set HOME or LUCOS_CACHE for lucos's cache")?;
     let dir = args.dir.clone().unwrap_or_else(|| {
         cache
             .join("corpus")

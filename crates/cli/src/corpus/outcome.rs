@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use lucos_build::diff::{self, BuildOptions, BuildOutcome, BuildReport, DiffError};
+use lucos_diffobj::diff::{self, BuildOptions, BuildOutcome, BuildReport, DiffError};
 use serde::{Deserialize, Serialize};
 
 use super::source;

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, Result};
-use lucos_build::diff::KbuildObject;
+use lucos_diffobj::diff::KbuildObject;
 use serde::{Deserialize, Serialize};
 
 /// The changed files of an update, sorted by how they relate to this kernel.

@@ -16,7 +16,7 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use lucos_build::diff::KbuildObject;
+use lucos_diffobj::diff::KbuildObject;
 use serde::{Deserialize, Serialize};
 
 use super::scope::Scope;

@@ -153,7 +153,7 @@ pub fn bundle(name: &str) -> lucos_patch::Bundle {
         .join("bundles")
         .join(format!("{name}.json"));
     let syms = symbols();
-    let bytes = lucos_build::make_from_spec_file(&g.kernel_dir, &spec, syms)
+    let bytes = lucos_diffobj::make_from_spec_file(&g.kernel_dir, &spec, syms)
         .unwrap_or_else(|e| panic!("building {}: {e}", spec.display()));
     let b = sign_and_store(&bytes);
     cache.push((name.to_owned(), bytes));
@@ -199,26 +199,26 @@ int lucos_snip_cmdline(struct seq_file *m, void *v)
 "#;
 
 /// A bundle replacing cmdline_proc_show with `lucos_snip_cmdline` from a C
-/// snippet, packed without lucos-build's own checks (apply must catch what
+/// snippet, packed without lucos-diffobj's own checks (apply must catch what
 /// a careless or hostile bundle maker lets through).
 pub fn snippet_bundle(id: &str, source: &str) -> lucos_patch::Bundle {
     let dir = tempfile::tempdir().unwrap();
     let src = dir.path().join(format!("{}.c", id.replace('-', "_")));
     std::fs::write(&src, source).unwrap();
     let g = guest();
-    let obj = lucos_build::kbuild::compile(
-        &lucos_build::KernelTree::open(&g.kernel_dir).unwrap().root,
+    let obj = lucos_diffobj::kbuild::compile(
+        &lucos_diffobj::KernelTree::open(&g.kernel_dir).unwrap().root,
         &[src],
     )
     .unwrap_or_else(|e| panic!("compiling snippet {id}: {e}"));
     let syms = symbols();
-    let release = lucos_build::kernel_release(&g.kernel_dir).unwrap();
+    let release = lucos_diffobj::kernel_release(&g.kernel_dir).unwrap();
     let manifest = lucos_patch::Manifest {
         format: lucos_patch::FORMAT_VERSION,
         id: id.to_owned(),
         description: format!("test snippet {id}"),
-        target: lucos_build::target_for(syms, &release).unwrap(),
-        replacements: vec![lucos_build::replacement_for(
+        target: lucos_diffobj::target_for(syms, &release).unwrap(),
+        replacements: vec![lucos_diffobj::replacement_for(
             syms,
             "cmdline_proc_show",
             "lucos_snip_cmdline",
@@ -250,14 +250,14 @@ pub fn diff_bundle(patch: &str) -> lucos_patch::Bundle {
         return sign_and_store(b);
     }
     let path = lucos::guest::guest_dir().join("patches").join(patch);
-    let outcome = lucos_build::diff::build(
+    let outcome = lucos_diffobj::diff::build(
         &guest().kernel_dir,
         &path,
-        &lucos_build::diff::BuildOptions::default(),
-        &lucos_build::diff::NoProgress,
+        &lucos_diffobj::diff::BuildOptions::default(),
+        &lucos_diffobj::diff::NoProgress,
     )
     .unwrap_or_else(|e| panic!("{patch}: {e}"));
-    let lucos_build::diff::BuildOutcome::Bundle(b) = outcome else {
+    let lucos_diffobj::diff::BuildOutcome::Bundle(b) = outcome else {
         panic!("{patch}: no bundle");
     };
     cache.push((patch.to_owned(), b.bundle.clone()));

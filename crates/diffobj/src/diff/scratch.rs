@@ -31,7 +31,7 @@ impl Overlay {
         release: &str,
     ) -> Result<Overlay, DiffError> {
         let dir = tempfile::Builder::new()
-            .prefix("lucos-build-")
+            .prefix("lucos-diffobj-")
             .tempdir()
             .map_err(DiffError::io(
                 "create a temporary directory in",

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use std::time::Instant;
 
-use lucos_build::diff::{build, BuildOptions, BuildOutcome, Built, DiffError, NoProgress};
+use lucos_diffobj::diff::{build, BuildOptions, BuildOutcome, Built, DiffError, NoProgress};
 use lucos_patch::Bundle;
 
 fn sample(name: &str) -> PathBuf {

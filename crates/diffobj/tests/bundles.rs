@@ -12,7 +12,7 @@ use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Instant;
 
-use lucos_build::{
+use lucos_diffobj::{
     check_undefined, find_spec_files, kbuild, load_symbols, make_from_spec_file, read_spec_file,
     replacement_for, BuildError,
 };

@@ -6,7 +6,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use lucos_build::diff::{compare_objects, parse_diff, ObjectDiff, Refusal};
+use lucos_diffobj::diff::{compare_objects, parse_diff, ObjectDiff, Refusal};
 use lucos_patch::{Bundle, Manifest, Replacement, Target, FORMAT_VERSION, NOP5};
 
 const FLAGS: &[&str] = &[
