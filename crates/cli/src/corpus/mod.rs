@@ -90,6 +90,12 @@ fn refresh_units(g: &Guest, cache: &Path, args: &CorpusArgs, mut st: State) -> R
     {
         anyhow::bail!("the saved units do not match this lucos's; run again with --fresh");
     }
+    // Reasons are worded by this lucos too.
+    let out = std::mem::take(&mut st.scope.out);
+    for f in out.into_values().flatten() {
+        let reason = scope::out_reason(&f).to_owned();
+        st.scope.out.entry(reason).or_default().push(f);
+    }
     let mut redone = 0;
     for (old, new) in st.units.iter_mut().zip(fresh) {
         if *old == new {
