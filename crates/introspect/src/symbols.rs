@@ -340,6 +340,15 @@ impl KernelSymbols {
         }
     }
 
+    /// [`Self::lookup_in_file`] when a source file is given, else [`Self::lookup`]: how
+    /// manifests name kernel symbols (`old` with an optional `old_file`).
+    pub fn lookup_maybe_in(&self, file: Option<&str>, name: &str) -> Result<&Symbol, SymbolError> {
+        match file {
+            Some(f) => self.lookup_in_file(f, name),
+            None => self.lookup(name),
+        }
+    }
+
     /// Resolves `name` or `path/file.c:name`.
     pub fn resolve_spec(&self, spec: &str) -> Result<&Symbol, SymbolError> {
         let spec = spec.trim();

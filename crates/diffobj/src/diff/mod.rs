@@ -445,10 +445,7 @@ fn emit_bundle(
             continue;
         }
         let symbol = &ext.symbol;
-        let found = match &ext.file {
-            Some(f) => syms.lookup_in_file(f, symbol),
-            None => syms.lookup(symbol),
-        };
+        let found = syms.lookup_maybe_in(ext.file.as_deref(), symbol);
         match found {
             Ok(_) if name != symbol => {
                 aliases.insert(
