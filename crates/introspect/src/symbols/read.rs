@@ -52,8 +52,15 @@ pub(super) fn parse<'data, R: ReadRef<'data>>(
             origin: origin.to_string(),
         });
     }
+    // One read of the whole string table: resolving each of a vmlinux's ~200k names through
+    // a file-backed `ReadRef` costs a read(2) per name (seconds per lucos command).
+    let strtab = table
+        .section(symtab.string_section())
+        .and_then(|sh| sh.data(endian, data))
+        .map_err(oe)?;
+    let strings = object::read::StringTable::new(strtab, 0, strtab.len() as u64);
     let name_of = |sym: &elf::Sym64<Endianness>| -> String {
-        String::from_utf8_lossy(symtab.symbol_name(endian, sym).unwrap_or(b"")).into_owned()
+        String::from_utf8_lossy(strings.get(sym.st_name(endian)).unwrap_or(b"")).into_owned()
     };
     let is_percpu =
         |shndx: u16, name: &str| Some(shndx as usize) == percpu_shndx && !percpu_exception(name);
