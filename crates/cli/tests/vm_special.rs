@@ -162,12 +162,28 @@ fn a_warning_in_new_code_names_its_file_line_and_module_and_unwinds() {
         "WARN_ON_ONCE fired twice:\n{log}"
     );
     assert!(log.contains(&format!("[{name}]")), "{log}");
+    // `RIP: ...uptime_proc_show+0xOFF/0xSIZE`: the bundle's only function has its own
+    // size, not the distance to the end of its text page (0x1000).
+    let (off, size) = offset_and_size(&log, "uptime_proc_show+0x");
+    assert!(off < size && size < 0x1000, "{off:#x}/{size:#x} in:\n{log}");
     // The unwinder went through the new code, with its ORC data, into its callers.
     let trace = &log[log.find("Call Trace:").expect("a call trace")..];
     // (busybox cat reads with sendfile(2).)
     for caller in ["seq_read_iter", "do_syscall_64", "entry_SYSCALL_64"] {
         assert!(trace.contains(caller), "{caller} missing from:\n{trace}");
     }
+}
+
+/// `(OFF, SIZE)` of the first `<prefix>OFF/0xSIZE` in `log`.
+fn offset_and_size(log: &str, prefix: &str) -> (u64, u64) {
+    let at = log.find(prefix).expect("a symbolised address") + prefix.len();
+    let word: String = log[at..]
+        .chars()
+        .take_while(|c| c.is_ascii_hexdigit() || *c == '/' || *c == 'x')
+        .collect();
+    let (off, size) = word.split_once("/0x").expect("OFF/0xSIZE");
+    let hex = |s: &str| u64::from_str_radix(s, 16).expect("hex");
+    (hex(off), hex(size))
 }
 
 #[test]

@@ -52,7 +52,9 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         let core = Core {
             base: va_base + offs[0],
             size: sizes.iter().sum(),
-            text_size: sizes[0],
+            // Exact, not page-rounded: the kernel sizes a module's last text symbol up to
+            // `base + text_size`, so backtraces would show `f+0x30/0x1000`.
+            text_size: plan.text.size,
             ro_size: sizes[0] + sizes[1],
         };
         let va = va_base + offs[3];
