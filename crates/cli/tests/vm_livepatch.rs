@@ -3,14 +3,18 @@
 //! function (`cmdline_proc_show`) must finish its transition. klp switches a task only if
 //! `arch_stack_walk_reliable` finds its stack reliable, which for a frame in patch memory
 //! needs the ORC data the bundle registers as a module (an address without ORC makes the
-//! walk unreliable). The end is required within 12 s, before klp's fake-signal fallback
-//! (15 s) could switch the sleeper another way. Not yet shown to fail: a scratch run with
-//! the bundle's ORC count forced to 0 still passed, which is unexplained (see the report).
+//! walk unreliable). The end is required within `LIMIT_S`, before klp's fake-signal
+//! fallback (15 s) could switch the sleeper another way. Shown to fail: with the bundle's ORC
+//! entries left out (a scratch build), the transition stalls and this test fails.
 
 mod common;
 
 use common::*;
 use lucos::patchcmd::{apply_bundle, revert_bundle};
+
+/// Below klp's SIGNALS_TIMEOUT (15 s): an end before it means klp judged every stack
+/// reliable, not that its fake signal woke the sleeper.
+const LIMIT_S: u32 = 12;
 
 #[test]
 fn a_livepatch_transition_completes_with_a_task_asleep_in_new_code() {
@@ -51,7 +55,7 @@ fn a_livepatch_transition_completes_with_a_task_asleep_in_new_code() {
         .console
         .run(
             &format!(
-                "lpbench load {} livepatch_cmdline",
+                "lpbench load {} livepatch_cmdline {LIMIT_S}",
                 lucos::lpbench::GUEST_KO
             ),
             std::time::Duration::from_secs(120),
