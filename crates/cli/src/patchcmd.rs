@@ -194,6 +194,10 @@ pub fn print_status(reg: &Registry) {
     }
     for b in &reg.bundles {
         let state = match b.state {
+            BundleState::Applied if b.half_applied => {
+                "half-applied: a failed switch could not restore every site listed; \
+                 `lucos revert` puts them back"
+            }
             BundleState::Applied => "applied",
             BundleState::Reverted => "reverted",
         };

@@ -136,13 +136,16 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         Ok(())
     }
 
-    /// Puts back the kernel words of a failed switch, newest first.
-    pub(super) fn undo_kernel(&mut self, undo: KernelUndo) {
+    /// Puts back the kernel words of a failed switch, newest first; whether all went back.
+    pub(super) fn undo_kernel(&mut self, undo: KernelUndo) -> bool {
+        let mut all = true;
         for (pa, old) in undo.into_iter().rev() {
             if let Err(e) = self.m.write_phys_data(pa, &old) {
                 tracing::error!(pa, error = %e, "restoring a kernel word failed");
+                all = false;
             }
         }
+        all
     }
 }
 
