@@ -39,17 +39,16 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         let was_paused = self.m.is_paused().map_err(|e| fail(e.into()))?;
         let before = reg.clone();
         let mut update = Some(update);
-        // Work that does not need the guest stopped happens before the stop:
-        // the record itself and the bytes a record-first commit overwrites.
-        let mut saved: Option<Vec<(u64, Vec<u8>)>> = None;
+        // Work that does not need the guest stopped happens before the stop: the record
+        // itself (record first) and the bytes a commit overwrites, so that a failure
+        // leaves even the inactive registry slot as it was.
         if record_first {
             (update.take().expect("once"))(reg);
-            let snapshot = self.snapshot_registry(header).map_err(|e| {
-                *reg = before.clone();
-                fail(e)
-            })?;
-            saved = Some(snapshot);
         }
+        let saved = self.snapshot_registry(header).map_err(|e| {
+            *reg = before.clone();
+            fail(e)
+        })?;
         let t = Instant::now();
         if let Err(e) = self.m.pause() {
             *reg = before;
@@ -123,7 +122,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         &mut self,
         touched: &[&Site],
         kernel_undo: KernelUndo,
-        saved: Option<Vec<(u64, Vec<u8>)>>,
+        saved: Vec<(u64, Vec<u8>)>,
         (id, applying): (&str, bool),
     ) -> bool {
         let mut unrestored = Vec::new();
@@ -140,7 +139,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             self.keep_half_applied(id, applying, &unrestored, kernel_restored);
             return false;
         }
-        for (pa, bytes) in saved.into_iter().flatten() {
+        for (pa, bytes) in saved {
             if let Err(e) = self.m.write_phys_data(pa, &bytes) {
                 tracing::error!(error = %e, "restoring the registry failed");
             }
