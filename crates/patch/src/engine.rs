@@ -468,6 +468,9 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             .collect();
         let originals = live.iter().map(|s| s.original);
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(originals).collect();
+        if rec.module.is_some() && reg.module_bounds.is_none() {
+            return Err(kernel::no_bounds().into());
+        }
         let kmods = match &rec.module {
             Some(_) => Some(kmod::probe(&*self.m, self.syms, &self.layout)?),
             None => None,

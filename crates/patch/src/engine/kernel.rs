@@ -100,10 +100,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                 let others =
                     register::other_modules(&*self.m, cr3, &km.layout, &km.anchors, rec.va)
                         .map_err(kmod::KmodError::from)?;
-                let before = before.unwrap_or(Bounds {
-                    min: u64::MAX,
-                    max: 0,
-                });
+                let before = before.ok_or_else(no_bounds)?;
                 register::unlink(
                     &*self.m,
                     cr3,
@@ -164,6 +161,14 @@ fn unique_name(reg: &Registry, id: &str, max: u64) -> String {
         n += 1;
     }
     name
+}
+
+/// A bundle's module was linked, but the registry lacks the bounds to narrow back to:
+/// lucos records them with the first module, so the registry was altered.
+pub(super) fn no_bounds() -> crate::registry::RegistryError {
+    crate::registry::RegistryError::Corrupt(
+        "a bundle has a module record but the registry has no module bounds".into(),
+    )
 }
 
 fn span(rec: &ModuleRecord) -> register::Span {
