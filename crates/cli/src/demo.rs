@@ -29,12 +29,67 @@ fn step(n: u32, text: &str) {
     println!("\n[{n}/6] {text}");
 }
 
-/// Shows the next line the watching guest process prints.
-fn watch(console: &Console, label: &str) -> Result<String> {
-    let line = console.next_line_with("probe uname_release=", LINE_TIMEOUT)?;
-    let line = line[line.find("probe ").unwrap_or(0)..].to_owned();
+/// What a probe line shows of the demo's three patches: uname release, /proc/cmdline and
+/// /proc/version, each patched or not.
+fn patched_fields(line: &str) -> Result<[bool; 3]> {
+    let field = |name: &str, next: Option<&str>| -> Result<&str> {
+        let start = line
+            .find(name)
+            .with_context(|| format!("probe line without {name}: {}", esc(line)))?
+            + name.len();
+        let rest = &line[start..];
+        Ok(match next.and_then(|n| rest.find(n)) {
+            Some(end) => &rest[..end],
+            None => rest,
+        })
+    };
+    let release = field("uname_release=", Some(" cmdline="))?;
+    let cmdline = field(" cmdline=", Some(" version="))?;
+    let version = field(" version=", None)?;
+    Ok([
+        release.ends_with("+lucos"),
+        cmdline.starts_with("lucos-patched "),
+        version.contains("(lucos-patched)"),
+    ])
+}
+
+/// Waits for the watching guest process to show every patch applied (`patched`) or none,
+/// and shows that line and the next, which must agree. Lines printed while the switches
+/// were still under way are shown as such; a guest that never gets there fails the demo.
+fn watch(console: &Console, patched: bool, label: &str) -> Result<()> {
+    const SWITCHING_LINES: usize = 3;
+    let next = || -> Result<(String, [bool; 3])> {
+        let line = console.next_line_with("probe uname_release=", LINE_TIMEOUT)?;
+        let line = line[line.find("probe ").unwrap_or(0)..].to_owned();
+        let fields = patched_fields(&line)?;
+        Ok((line, fields))
+    };
+    let mut seen = 0;
+    loop {
+        let (line, fields) = next()?;
+        if fields == [patched; 3] {
+            println!("  guest| {}   <- {label}", esc(&line));
+            break;
+        }
+        seen += 1;
+        anyhow::ensure!(
+            seen <= SWITCHING_LINES,
+            "the guest does not show the {label} kernel after {SWITCHING_LINES} lines: {}",
+            esc(&line)
+        );
+        println!(
+            "  guest| {}   <- printed while the sites were being switched",
+            esc(&line)
+        );
+    }
+    let (line, fields) = next()?;
+    anyhow::ensure!(
+        fields == [patched; 3],
+        "the guest showed the {label} kernel, then not: {}",
+        esc(&line)
+    );
     println!("  guest| {}   <- {label}", esc(&line));
-    Ok(line)
+    Ok(())
 }
 
 /// Builds the demo bundles from their sources with Kbuild.
@@ -144,28 +199,41 @@ pub fn demo(args: DemoArgs) -> Result<()> {
 
     step(5, "live patch while a guest process prints uname -r, /proc/cmdline and /proc/version every second");
     booted.console.send("probe --every 1 &\n")?;
-    watch(&booted.console, "original kernel")?;
+    watch(&booted.console, false, "original")?;
     for b in [&cmdline, &uname, &version] {
         let r = apply_bundle(&mut a, b)?;
         print_apply(&r);
     }
-    // A line may already have been produced just before the switch.
-    watch(&booted.console, "patched (no reboot)")?;
-    watch(&booted.console, "patched (no reboot)")?;
+    watch(&booted.console, true, "patched (no reboot)")?;
     for b in [&version, &uname, &cmdline] {
         let r = revert_bundle(&mut a, &b.manifest().id)?;
         print_revert(&r);
     }
-    watch(&booted.console, "reverted")?;
-    watch(&booted.console, "reverted")?;
+    watch(&booted.console, false, "reverted")?;
     booted.console.send("kill %1\n")?;
 
     step(6, "shutting down");
+    let (pid, dir) = (vm.desc.qemu_pid, vm.desc.dir.clone());
     drop(a);
     drop(vm);
+    // QEMU was reaped by the drop, so its pid is free: /proc has no entry for it (unless
+    // the pid was reused at once, which the command line tells apart).
+    let proc_dir = Path::new("/proc").join(pid.to_string());
+    let qemu_left = std::fs::read(proc_dir.join("cmdline"))
+        .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&dir.display().to_string()));
+    anyhow::ensure!(
+        !qemu_left,
+        "QEMU (pid {pid}) is still running after the shutdown"
+    );
+    anyhow::ensure!(
+        !dir.exists(),
+        "the VM's run directory {} is still there after the shutdown",
+        dir.display()
+    );
     println!(
-        "  done in {:.1} s; no QEMU or files left behind",
-        t.elapsed().as_secs_f64()
+        "  done in {:.1} s; QEMU (pid {pid}) has exited and {} is removed",
+        t.elapsed().as_secs_f64(),
+        dir.display()
     );
     Ok(())
 }

@@ -124,7 +124,7 @@ pub fn print_apply(r: &ApplyReport) {
             "  {} @ {:#x}: {} -> jmp {:#x} ({})",
             esc(&s.function),
             s.site_addr,
-            hex::encode(&s.original),
+            hex::encode(s.original),
             s.new_addr,
             esc(&s.new_symbol)
         );
@@ -143,7 +143,7 @@ pub fn print_revert(r: &RevertReport) {
             "  {} @ {:#x}: restored {}",
             esc(&s.function),
             s.site_addr,
-            hex::encode(&s.original)
+            hex::encode(s.original)
         );
     }
 }
@@ -194,6 +194,10 @@ pub fn print_status(reg: &Registry) {
     }
     for b in &reg.bundles {
         let state = match b.state {
+            BundleState::Applied if b.half_applied => {
+                "half-applied: a failed switch could not restore every site listed; \
+                 `lucos revert` puts them back"
+            }
             BundleState::Applied => "applied",
             BundleState::Reverted => "reverted",
         };

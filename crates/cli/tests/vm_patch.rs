@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use lucos::patchcmd::{apply_bundle, revert_bundle, session};
-use lucos_introspect::{Machine, MachineError, PhysMem, VcpuRegs};
+use lucos_introspect::fake::{Call, Failing};
+use lucos_introspect::{Machine, PhysMem};
 use lucos_patch::{Bundle, EngineError, Session};
 use sha2::{Digest, Sha256};
 
@@ -170,71 +171,6 @@ fn site_of(s: &Shared, func: &str) -> u64 {
         .pa
 }
 
-/// Fails the N-th coherent write: a VM that goes away in the middle of the
-/// site switch. The engine must restore and resume.
-struct Flaky<'a> {
-    inner: &'a mut lucos_backend::Vm,
-    /// Fail the N-th coherent (site) write; 0 = never.
-    fail_at: usize,
-    writes: usize,
-    /// Fail the N-th data write (staging, registry); 0 = never.
-    fail_data_at: usize,
-    data_writes: usize,
-}
-
-impl<'a> Flaky<'a> {
-    fn new(inner: &'a mut lucos_backend::Vm, fail_at: usize, fail_data_at: usize) -> Self {
-        Flaky {
-            inner,
-            fail_at,
-            writes: 0,
-            fail_data_at,
-            data_writes: 0,
-        }
-    }
-}
-
-impl PhysMem for Flaky<'_> {
-    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MachineError> {
-        self.inner.read_phys(pa, buf)
-    }
-}
-
-impl Machine for Flaky<'_> {
-    fn vcpu_count(&self) -> usize {
-        self.inner.vcpu_count()
-    }
-    fn pause(&mut self) -> Result<(), MachineError> {
-        self.inner.pause()
-    }
-    fn resume(&mut self) -> Result<(), MachineError> {
-        self.inner.resume()
-    }
-    fn is_paused(&mut self) -> Result<bool, MachineError> {
-        self.inner.is_paused()
-    }
-    fn vcpu_regs(&mut self, idx: usize) -> Result<VcpuRegs, MachineError> {
-        self.inner.vcpu_regs(idx)
-    }
-    fn idt_base(&mut self, idx: usize) -> Result<u64, MachineError> {
-        self.inner.idt_base(idx)
-    }
-    fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
-        self.writes += 1;
-        if self.writes == self.fail_at {
-            return Err(MachineError::Engine("injected: VM went away".into()));
-        }
-        self.inner.write_phys(pa, data)
-    }
-    fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
-        self.data_writes += 1;
-        if self.data_writes == self.fail_data_at {
-            return Err(MachineError::Engine("injected: VM went away".into()));
-        }
-        self.inner.write_phys_data(pa, data)
-    }
-}
-
 #[test]
 fn site_owned_by_the_guests_ftrace_is_refused() {
     let mut s = shared();
@@ -265,7 +201,11 @@ fn failure_mid_switch_rolls_back_and_resumes() {
         // (site write to fail, data write to fail): mid-switch, first
         // staging write, a later staging write.
         for (fail_at, fail_data_at) in [(2, 0), (0, 1), (0, 4)] {
-            let mut flaky = Flaky::new(&mut a.vm, fail_at, fail_data_at);
+            // A VM that goes away in the middle of the switch or of staging: the engine
+            // must restore and resume.
+            let mut flaky = Failing::new(&mut a.vm)
+                .fail(Call::CodeWrite, fail_at)
+                .fail(Call::DataWrite, fail_data_at);
             let mut sess =
                 Session::new(&mut flaky, &a.syms, layout.clone(), w.gpa, w.size).unwrap();
             let err = sess.apply(&three).unwrap_err();

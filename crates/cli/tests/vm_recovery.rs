@@ -6,66 +6,10 @@ mod common;
 use common::*;
 use lucos::info::{attach_vm, Attached};
 use lucos::patchcmd::{apply_bundle, revert_bundle, session};
-use lucos_introspect::{paging, Machine, MachineError, PhysMem, VcpuRegs};
+use lucos_introspect::fake::{Call, Failing};
+use lucos_introspect::{paging, Machine, PhysMem};
 use lucos_patch::memory::KERNEL_MAP_START;
 use lucos_patch::Session;
-
-/// A lucos process killed at its `die_at`-th write: that write and every later one never
-/// reach the guest (not even the engine's own rollback). Pause and resume pass through, as
-/// the pause guard makes them for a real kill.
-struct Dying<'a> {
-    inner: &'a mut lucos_backend::Vm,
-    die_at: usize,
-    writes: usize,
-}
-
-impl Dying<'_> {
-    fn write(&mut self) -> Result<(), MachineError> {
-        self.writes += 1;
-        if self.writes >= self.die_at {
-            return Err(MachineError::Engine("injected: lucos was killed".into()));
-        }
-        Ok(())
-    }
-}
-
-impl PhysMem for Dying<'_> {
-    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MachineError> {
-        self.inner.read_phys(pa, buf)
-    }
-}
-
-impl Machine for Dying<'_> {
-    fn vcpu_count(&self) -> usize {
-        self.inner.vcpu_count()
-    }
-    fn pause(&mut self) -> Result<(), MachineError> {
-        self.inner.pause()
-    }
-    fn resume(&mut self) -> Result<(), MachineError> {
-        self.inner.resume()
-    }
-    fn is_paused(&mut self) -> Result<bool, MachineError> {
-        self.inner.is_paused()
-    }
-    fn vcpu_regs(&mut self, idx: usize) -> Result<VcpuRegs, MachineError> {
-        self.inner.vcpu_regs(idx)
-    }
-    fn vcpu_rip(&mut self, idx: usize) -> Result<u64, MachineError> {
-        self.inner.vcpu_rip(idx)
-    }
-    fn idt_base(&mut self, idx: usize) -> Result<u64, MachineError> {
-        self.inner.idt_base(idx)
-    }
-    fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
-        self.write()?;
-        self.inner.write_phys(pa, data)
-    }
-    fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
-        self.write()?;
-        self.inner.write_phys_data(pa, data)
-    }
-}
 
 /// The kernel page-table entries lucos may touch, as (guest-physical address, value):
 /// the page directory of the kernel-image region (`level2_kernel_pgt`) and the walk of
@@ -95,8 +39,8 @@ fn present(t: &[(u64, u64)]) -> usize {
     t.iter().filter(|(_, v)| v & 1 != 0).count()
 }
 
-/// Issue 13, defect 1: the first apply on a fresh VM, killed at each of its writes in
-/// turn. Each time, every kernel entry it wrote is in the registry; a following apply
+/// A lucos killed during the first apply on a fresh VM (patch memory not yet mapped), at
+/// each of its writes in turn. Each time, every kernel entry it wrote is in the registry; a following apply
 /// completes the same mapping (never a second one); `reset` restores the tables exactly.
 #[test]
 fn a_first_apply_killed_at_any_write_leaves_only_recorded_entries() {
@@ -111,11 +55,10 @@ fn a_first_apply_killed_at_any_write_leaves_only_recorded_entries() {
     let mut resets = 0;
     for n in 1.. {
         let applied = {
-            let mut dying = Dying {
-                inner: &mut a.vm,
-                die_at: n,
-                writes: 0,
-            };
+            // A lucos killed at its n-th write: that write and every later one (its own
+            // rollback included) never reach the guest; pause and resume pass through, as
+            // the pause guard makes them for a real kill.
+            let mut dying = Failing::new(&mut a.vm).fail_from(Call::Write, n);
             let mut sess = Session::new(&mut dying, &a.syms, layout.clone(), w.gpa, w.size)
                 .unwrap_or_else(|e| panic!("after {kills} kills: {e}"));
             sess.apply(&b).is_ok()
@@ -210,8 +153,8 @@ fn reset_clears_unrecorded_entries_into_patch_memory() {
     revert_bundle(&mut a, &b.manifest().id).unwrap();
 }
 
-/// Issue 13, defect 3: maximal manifests (every bounded field at its limit that a real
-/// bundle can fill) are applied until the registry refuses one, for lack of room to revert;
+/// The registry never takes an apply it could not also record the revert of: maximal
+/// manifests (every bounded field at its limit that a real bundle can fill) are applied until the registry refuses one, for lack of room to revert;
 /// then every applied one is reverted, newest first.
 #[test]
 fn every_applied_bundle_can_be_reverted_with_the_registry_full() {

@@ -134,14 +134,17 @@ impl PhysMem for FakeMem {
 }
 
 /// A [`Machine`] over [`FakeMem`]: registers and IDT bases are plain fields,
-/// and every write is logged so tests can check what a patcher did.
+/// and every write is logged so tests can check what a patcher did. Like a real VM
+/// for lucos, it refuses register reads and code writes while running: registers are
+/// only meaningful from a stopped vCPU, and code must be written with the VM stopped
+/// (QEMU's gdbstub). Data writes and reads work either way.
 #[derive(Debug, Clone)]
 pub struct FakeMachine {
     pub mem: FakeMem,
     pub regs: Vec<VcpuRegs>,
     pub idt_bases: Vec<u64>,
     pub paused: bool,
-    /// (pa, data) of every `write_phys`, in order.
+    /// (pa, data) of every write, code or data, in order.
     pub writes: Vec<(u64, Vec<u8>)>,
 }
 
@@ -155,6 +158,25 @@ impl FakeMachine {
             paused: true,
             writes: Vec::new(),
         }
+    }
+}
+
+impl FakeMachine {
+    fn check_paused(&self) -> Result<(), MachineError> {
+        if self.paused {
+            Ok(())
+        } else {
+            Err(MachineError::NotPaused)
+        }
+    }
+
+    fn store(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+        // Like real RAM: only backed memory can be written.
+        let mut probe = vec![0u8; data.len()];
+        self.mem.read_phys(pa, &mut probe)?;
+        self.mem.write(pa, data);
+        self.writes.push((pa, data.to_vec()));
+        Ok(())
     }
 }
 
@@ -184,6 +206,7 @@ impl Machine for FakeMachine {
     }
 
     fn vcpu_regs(&mut self, idx: usize) -> Result<VcpuRegs, MachineError> {
+        self.check_paused()?;
         self.regs
             .get(idx)
             .cloned()
@@ -191,6 +214,7 @@ impl Machine for FakeMachine {
     }
 
     fn idt_base(&mut self, idx: usize) -> Result<u64, MachineError> {
+        self.check_paused()?;
         self.idt_bases
             .get(idx)
             .copied()
@@ -198,11 +222,232 @@ impl Machine for FakeMachine {
     }
 
     fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
-        // Like real RAM: only backed memory can be written.
-        let mut probe = vec![0u8; data.len()];
-        self.mem.read_phys(pa, &mut probe)?;
-        self.mem.write(pa, data);
-        self.writes.push((pa, data.to_vec()));
-        Ok(())
+        self.check_paused()?;
+        self.store(pa, data)
+    }
+
+    fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+        self.store(pa, data)
+    }
+}
+
+/// A call of [`Machine`] that a [`Failing`] machine can make fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Call {
+    Pause,
+    Resume,
+    IsPaused,
+    /// `vcpu_regs` and `vcpu_rip`.
+    Registers,
+    /// `write_phys`: coherent (code) writes.
+    CodeWrite,
+    /// `write_phys_data`.
+    DataWrite,
+    /// Writes of either kind, counted together.
+    Write,
+}
+
+const CALLS: usize = 7;
+
+/// How a chosen call fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Fails without reaching the machine beneath.
+    Refused,
+    /// Reaches the machine beneath, then reports failure: a reply lost after the VM acted.
+    ReplyLost,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Rule {
+    call: Call,
+    nth: usize,
+    and_later: bool,
+    fault: Fault,
+}
+
+/// A [`Machine`] that passes every call to another and makes chosen ones fail: a VM that
+/// goes away, a reply lost, a lucos killed at some write. Calls are counted per [`Call`]
+/// from 1; a rule with `nth` 0 never fires (handy in tables of cases).
+pub struct Failing<'a, M: Machine + ?Sized> {
+    inner: &'a mut M,
+    rules: Vec<Rule>,
+    counts: [usize; CALLS],
+}
+
+impl<'a, M: Machine + ?Sized> Failing<'a, M> {
+    pub fn new(inner: &'a mut M) -> Self {
+        Failing {
+            inner,
+            rules: Vec::new(),
+            counts: [0; CALLS],
+        }
+    }
+
+    fn rule(mut self, call: Call, nth: usize, and_later: bool, fault: Fault) -> Self {
+        self.rules.push(Rule {
+            call,
+            nth,
+            and_later,
+            fault,
+        });
+        self
+    }
+
+    /// The `nth` call of `call` fails without effect.
+    pub fn fail(self, call: Call, nth: usize) -> Self {
+        self.rule(call, nth, false, Fault::Refused)
+    }
+
+    /// The `nth` call of `call` and every later one fail without effect: a lucos killed
+    /// there, whose later writes (its own rollback included) never reach the guest.
+    pub fn fail_from(self, call: Call, nth: usize) -> Self {
+        self.rule(call, nth, true, Fault::Refused)
+    }
+
+    /// The `nth` call of `call` takes effect but reports failure.
+    pub fn lose_reply(self, call: Call, nth: usize) -> Self {
+        self.rule(call, nth, false, Fault::ReplyLost)
+    }
+
+    /// How many calls of `call` were made so far.
+    pub fn count(&self, call: Call) -> usize {
+        self.counts[call as usize]
+    }
+
+    /// Counts a call of each of `calls` and returns the fault it gets, if any.
+    fn hit(&mut self, calls: &[Call]) -> Option<(Fault, String)> {
+        for &c in calls {
+            self.counts[c as usize] += 1;
+        }
+        self.rules.iter().find_map(|r| {
+            let n = self.counts[r.call as usize];
+            let fires =
+                calls.contains(&r.call) && r.nth > 0 && (n == r.nth || (r.and_later && n > r.nth));
+            fires.then(|| {
+                (
+                    r.fault,
+                    format!("injected failure of {:?} call {n}", r.call),
+                )
+            })
+        })
+    }
+
+    fn run<T>(
+        &mut self,
+        calls: &[Call],
+        f: impl FnOnce(&mut M) -> Result<T, MachineError>,
+    ) -> Result<T, MachineError> {
+        match self.hit(calls) {
+            None => f(self.inner),
+            Some((Fault::Refused, why)) => Err(MachineError::Engine(why)),
+            Some((Fault::ReplyLost, why)) => {
+                f(self.inner)?;
+                Err(MachineError::Engine(why))
+            }
+        }
+    }
+}
+
+impl<M: Machine + ?Sized> PhysMem for Failing<'_, M> {
+    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+        self.inner.read_phys(pa, buf)
+    }
+}
+
+impl<M: Machine + ?Sized> Machine for Failing<'_, M> {
+    fn vcpu_count(&self) -> usize {
+        self.inner.vcpu_count()
+    }
+
+    fn pause(&mut self) -> Result<(), MachineError> {
+        self.run(&[Call::Pause], |m| m.pause())
+    }
+
+    fn resume(&mut self) -> Result<(), MachineError> {
+        self.run(&[Call::Resume], |m| m.resume())
+    }
+
+    fn is_paused(&mut self) -> Result<bool, MachineError> {
+        self.run(&[Call::IsPaused], |m| m.is_paused())
+    }
+
+    fn vcpu_regs(&mut self, idx: usize) -> Result<VcpuRegs, MachineError> {
+        self.run(&[Call::Registers], |m| m.vcpu_regs(idx))
+    }
+
+    fn vcpu_rip(&mut self, idx: usize) -> Result<u64, MachineError> {
+        self.run(&[Call::Registers], |m| m.vcpu_rip(idx))
+    }
+
+    fn idt_base(&mut self, idx: usize) -> Result<u64, MachineError> {
+        self.inner.idt_base(idx)
+    }
+
+    fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+        self.run(&[Call::CodeWrite, Call::Write], |m| m.write_phys(pa, data))
+    }
+
+    fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+        self.run(&[Call::DataWrite, Call::Write], |m| {
+            m.write_phys_data(pa, data)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine() -> FakeMachine {
+        let mut mem = FakeMem::new();
+        mem.write(0x1000, &[0; 16]);
+        FakeMachine::new(mem, 1)
+    }
+
+    #[test]
+    fn a_running_fake_refuses_register_reads_and_code_writes() {
+        let mut m = machine();
+        m.resume().unwrap();
+        assert!(matches!(m.vcpu_regs(0), Err(MachineError::NotPaused)));
+        assert!(matches!(m.vcpu_rip(0), Err(MachineError::NotPaused)));
+        assert!(matches!(m.idt_base(0), Err(MachineError::NotPaused)));
+        assert!(matches!(
+            m.write_phys(0x1000, &[1]),
+            Err(MachineError::NotPaused)
+        ));
+        m.write_phys_data(0x1000, &[2]).unwrap();
+        m.pause().unwrap();
+        m.write_phys(0x1001, &[3]).unwrap();
+        assert_eq!(m.vcpu_rip(0).unwrap(), 0);
+        let mut b = [0u8; 2];
+        m.read_phys(0x1000, &mut b).unwrap();
+        assert_eq!(b, [2, 3]);
+    }
+
+    #[test]
+    fn failing_fires_on_the_chosen_calls_only() {
+        let mut m = machine();
+        {
+            let mut f = Failing::new(&mut m)
+                .fail(Call::CodeWrite, 2)
+                .fail_from(Call::DataWrite, 2)
+                .lose_reply(Call::Resume, 1)
+                .fail(Call::Pause, 0);
+            f.write_phys(0x1000, &[1]).unwrap();
+            assert!(f.write_phys(0x1001, &[2]).is_err());
+            f.write_phys(0x1002, &[3]).unwrap();
+            f.write_phys_data(0x1003, &[4]).unwrap();
+            assert!(f.write_phys_data(0x1004, &[5]).is_err());
+            assert!(f.write_phys_data(0x1005, &[6]).is_err());
+            assert!(f.resume().is_err(), "the reply was lost");
+            assert!(!f.is_paused().unwrap(), "but the resume happened");
+            f.pause().unwrap();
+            assert_eq!(f.count(Call::Write), 6);
+            assert_eq!(f.count(Call::CodeWrite), 3);
+        }
+        let mut b = [0u8; 6];
+        m.read_phys(0x1000, &mut b).unwrap();
+        assert_eq!(b, [1, 0, 3, 4, 0, 0]);
     }
 }

@@ -74,8 +74,8 @@ struct Site {
     module: Option<ModuleSite>,
 }
 
-/// A failed switch, and whether every site is back to its old bytes (only
-/// then may staged code be taken away).
+/// A failed switch, and whether every site and kernel word is back to its old bytes (only
+/// then may staged code be taken away; otherwise a half-applied record keeps it).
 struct SwitchFailure {
     error: EngineError,
     sites_restored: bool,
@@ -128,8 +128,8 @@ fn site_records(
             func_addr: site.func_addr,
             site_addr: site.site_addr,
             site_pa: site.site_pa,
-            original: site.current.to_vec(),
-            written: jmp.to_vec(),
+            original: site.current,
+            written: jmp,
             new_addr: target,
             new_symbol: rep.new.clone(),
             module: site.module.clone(),
@@ -166,6 +166,7 @@ fn applied_record(
         revert_pause_us: None,
         module: module.clone(),
         rewrites,
+        half_applied: false,
     }
 }
 
@@ -392,7 +393,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         };
         let pause = match self.switch(
             &switch,
-            &header,
+            (&man.id, &header),
             &mut reg,
             true,
             (&edit, &data_words),
@@ -454,27 +455,22 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             .filter(|(_, g)| !**g)
             .map(|(s, _)| s)
             .collect();
-        // A record whose bytes are not 5 long is corrupt: never guess what to write.
-        let five = |s: &SiteRecord, b: &[u8]| -> Result<[u8; 5], EngineError> {
-            b.try_into().map_err(|_| EngineError::MalformedRecord {
-                id: id.to_owned(),
-                function: s.function.clone(),
-            })
-        };
-        let mut sites = Vec::with_capacity(live.len());
-        let mut originals = Vec::with_capacity(live.len());
-        for s in &live {
-            sites.push(Site {
+        let sites: Vec<Site> = live
+            .iter()
+            .map(|s| Site {
                 function: s.function.clone(),
                 func_addr: s.func_addr,
                 site_addr: s.site_addr,
                 site_pa: s.site_pa,
-                current: five(s, &s.written)?,
+                current: s.written,
                 module: s.module.clone(),
-            });
-            originals.push(five(s, &s.original)?);
-        }
+            })
+            .collect();
+        let originals = live.iter().map(|s| s.original);
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(originals).collect();
+        if rec.module.is_some() && reg.module_bounds.is_none() {
+            return Err(kernel::no_bounds().into());
+        }
         let kmods = match &rec.module {
             Some(_) => Some(kmod::probe(&*self.m, self.syms, &self.layout)?),
             None => None,
@@ -487,7 +483,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         let pause = self
             .switch(
                 &switch,
-                &header,
+                (id, &header),
                 &mut reg,
                 false,
                 (&edit, &data_words),
@@ -500,6 +496,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                     {
                         b.state = BundleState::Reverted;
                         b.reverted_unix_ms = Some(now_ms());
+                        b.half_applied = false;
                     }
                 },
             )

@@ -35,16 +35,37 @@ pub struct SiteRecord {
     pub site_addr: u64,
     pub site_pa: u64,
     /// Bytes at the site before this bundle (NOP5, or an earlier bundle's jmp).
-    #[serde(with = "crate::manifest::hex_bytes")]
-    pub original: Vec<u8>,
+    #[serde(with = "site_bytes")]
+    pub original: [u8; 5],
     /// The jmp this bundle wrote.
-    #[serde(with = "crate::manifest::hex_bytes")]
-    pub written: Vec<u8>,
+    #[serde(with = "site_bytes")]
+    pub written: [u8; 5],
     pub new_addr: u64,
     pub new_symbol: String,
     /// The module the function is in, as it was loaded when patched; `None` for vmlinux.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub module: Option<ModuleSite>,
+}
+
+/// A site's bytes as a hex string, as the registry has always stored them; a string that
+/// is not 5 bytes makes the registry corrupt (lucos never guesses what to write).
+mod site_bytes {
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(bytes: &[u8; 5], s: S) -> Result<S::Ok, S::Error> {
+        crate::manifest::hex_bytes::serialize(bytes, s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 5], D::Error> {
+        let v = crate::manifest::hex_bytes::deserialize(d)?;
+        v.as_slice().try_into().map_err(|_| {
+            serde::de::Error::custom(format!(
+                "site bytes `{}` are {} bytes long, not 5",
+                hex::encode(&v),
+                v.len()
+            ))
+        })
+    }
 }
 
 /// A loaded module by name and core base: a reload of the same module lands elsewhere, or
@@ -92,6 +113,12 @@ pub struct BundleRecord {
     /// Read-only objects rewritten in place, with what they held.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rewrites: Vec<RewriteRecord>,
+    /// Set when a switch of this bundle failed and could not put every site back: each
+    /// site listed may hold either its `original` or its `written` bytes. The record stays
+    /// applied, so its pages stay allocated and `lucos revert` (which accepts either bytes
+    /// at each site) can finish the job; a revert clears it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub half_applied: bool,
 }
 
 /// One object a bundle rewrote in place.
@@ -229,6 +256,7 @@ impl Registry {
             b.reverted_unix_ms = Some(u64::MAX);
             b.apply_pause_us = u64::MAX;
             b.revert_pause_us = Some(u64::MAX);
+            b.half_applied = true;
         }
         serde_json::to_vec(&w).expect("registry serializes").len()
     }
@@ -385,6 +413,7 @@ mod tests {
             revert_pause_us: None,
             module: None,
             rewrites: Vec::new(),
+            half_applied: false,
         };
         reg.bundles.push(rec("base".into(), BundleState::Applied));
         for i in 0..KEEP_REVERTED + 5 {
@@ -415,8 +444,8 @@ mod tests {
             func_addr: u64::MAX,
             site_addr: u64::MAX,
             site_pa: u64::MAX,
-            original: vec![0xe9; 5],
-            written: vec![0xe9; 5],
+            original: [0xe9; 5],
+            written: [0xe9; 5],
             new_addr: u64::MAX,
             new_symbol: "n".repeat(MAX_SYMBOL),
             module: Some(ModuleSite {
@@ -439,11 +468,12 @@ mod tests {
             // Rewrites are bounded too (MAX_REWRITES of MAX_REWRITE bytes); an apply whose
             // record does not leave room is refused by `reserve` like any other.
             rewrites: Vec::new(),
+            half_applied: false,
         }
     }
 
-    /// Issue 13, defect 3: apply maximal records until the registry refuses one, then
-    /// revert every one of them: each revert fits, whatever the numbers it records.
+    /// A registry reserves room for reverts: apply maximal records until it refuses one,
+    /// then revert every one of them: each revert fits, whatever the numbers it records.
     #[test]
     fn every_reserved_record_can_be_reverted() {
         let layout = PatchMemLayout::new(8 << 20).unwrap();

@@ -153,8 +153,8 @@ fn manifest_validation() {
     assert_eq!(field_of(f(|m| m.id = "has space".into())), "id");
     assert_eq!(field_of(f(|m| m.id = String::new())), "id");
     assert_eq!(field_of(f(|m| m.id = "x".repeat(65))), "id");
-    // Issue 13, defect 3: every field is bounded (a 128 KB description once filled the
-    // registry so that the bundle could not be reverted).
+    // Every field is bounded, so that a record always leaves room in the registry for its
+    // revert (an unbounded description, e.g. 128 KiB, would not).
     use lucos_patch::{MAX_DESCRIPTION, MAX_PATH, MAX_RELEASE, MAX_REPLACEMENTS};
     let e = packs_with(&obj, |m| m.description = "d".repeat(128 << 10)).unwrap_err();
     assert_eq!(field_of(e), "description");

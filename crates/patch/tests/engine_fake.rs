@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::fake::{guest_with, layout, mapped_registry, symbols, GPA, PD_ENTRY, SIZE};
+use common::fake::{
+    guest_with, guest_with_bytes, layout, mapped_registry, symbols, GPA, PD_ENTRY, SIZE,
+};
 use lucos_patch::{reset_registry, EngineError, ResetReport, Session};
 
 const POB: u64 = 0xffff_8880_0000_0000;
@@ -65,9 +67,11 @@ fn reset_refuses_records_that_match_the_kernel() {
     ));
 }
 
+/// Site bytes that are not 5 long make the registry corrupt: no lucos reverts (or
+/// applies on) a record by guessing what its site held.
 #[test]
-fn a_malformed_record_is_not_reverted_by_guessing() {
-    use lucos_patch::registry::{BundleRecord, BundleState, SiteRecord};
+fn a_malformed_site_record_makes_the_registry_corrupt() {
+    use lucos_patch::registry::{BundleRecord, BundleState, Header, RegistryError, SiteRecord};
     let syms = symbols();
     let mut reg = mapped_registry();
     reg.bundles.push(BundleRecord {
@@ -82,8 +86,8 @@ fn a_malformed_record_is_not_reverted_by_guessing() {
             func_addr: 0xffff_ffff_8100_1000,
             site_addr: 0xffff_ffff_8100_1000,
             site_pa: 0x100_1000,
-            original: vec![0x0f, 0x1f, 0x44],
-            written: vec![0xe9, 0, 0, 0, 0],
+            original: lucos_patch::NOP5,
+            written: [0xe9, 0, 0, 0, 0],
             new_addr: 0xffff_ffff_a000_0000,
             new_symbol: "g".into(),
             module: None,
@@ -93,17 +97,26 @@ fn a_malformed_record_is_not_reverted_by_guessing() {
         revert_pause_us: None,
         module: None,
         rewrites: Vec::new(),
+        half_applied: false,
     });
-    let mut m = guest_with(&reg, GPA);
+    let (h, json) = reg.encode(&Header::default()).unwrap();
+    let json = String::from_utf8(json).unwrap();
+    assert!(json.contains(r#""original":"0f1f440000""#), "{json}");
+    let json = json.replace(r#""original":"0f1f440000""#, r#""original":"0f1f44""#);
+    let mut h = h;
+    h.len[h.active as usize] = json.len() as u32;
+    h.crc[h.active as usize] = crc32fast::hash(json.as_bytes());
+    let mut m = guest_with_bytes(GPA, &h.encode(), json.as_bytes(), h.active);
     m.mem.write_u64(PD_ENTRY, reg.pd_entries[0].1);
     let before = m.mem.clone();
-    let mut s = Session::new(&mut m, &syms, layout(), GPA, SIZE).unwrap();
-    let err = s.revert("broken").unwrap_err();
+    let err = Session::new(&mut m, &syms, layout(), GPA, SIZE)
+        .err()
+        .expect("a malformed record is refused");
     assert!(
-        matches!(&err, EngineError::MalformedRecord { id, function } if id == "broken" && function == "f"),
+        matches!(&err, EngineError::Registry(RegistryError::Corrupt(why)) if why.contains("not 5")),
         "{err}"
     );
-    assert!(m.mem == before, "a refused revert changed guest memory");
+    assert!(m.mem == before, "a refused session changed guest memory");
 }
 
 #[test]

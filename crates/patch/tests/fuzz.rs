@@ -373,8 +373,8 @@ fn site(func_addr: u64, i: u64) -> SiteRecord {
         func_addr,
         site_addr: func_addr,
         site_pa: 0x100_0000 + (func_addr & 0xf_ffff),
-        original: lucos_patch::NOP5.to_vec(),
-        written: vec![0xe9, 0, 0, 0, 0],
+        original: lucos_patch::NOP5,
+        written: [0xe9, 0, 0, 0, 0],
         new_addr: 0xffff_ffff_a000_0000 + i * 16,
         new_symbol: format!("g{i}"),
         module: None,
@@ -400,6 +400,7 @@ fn record(id: &str, state: BundleState, sites: Vec<SiteRecord>) -> BundleRecord 
         revert_pause_us: None,
         module: None,
         rewrites: Vec::new(),
+        half_applied: false,
     }
 }
 
@@ -487,8 +488,8 @@ fn registries() -> impl Strategy<Value = Registry> {
     let site = (
         addr.clone(),
         0u64..4,
-        prop::collection::vec(any::<u8>(), 0..8),
-        prop::collection::vec(any::<u8>(), 0..8),
+        any::<[u8; 5]>(),
+        any::<[u8; 5]>(),
         any::<u64>(),
     )
         .prop_map(|(a, i, original, written, pa)| {

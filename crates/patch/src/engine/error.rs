@@ -91,11 +91,11 @@ pub enum EngineError {
     SameSiteTwice { first: String, second: String },
     #[error("the VM did not resume after the switch ({0}); the change was made and recorded. Run `lucos resume` to continue the guest")]
     ResumeFailed(MachineError),
-    #[error(
-        "the record of bundle '{id}' for `{function}` is malformed (its site bytes are not 5 \
-         bytes long); lucos will not guess what to write. Inspect it with `lucos status --json`"
-    )]
-    MalformedRecord { id: String, function: String },
+    #[error("{error}; the VM then did not resume ({resume}) and is still paused. Run `lucos resume` to continue the guest")]
+    StillPaused {
+        error: Box<EngineError>,
+        resume: MachineError,
+    },
     #[error("the linked bundle has no function `{0}` for its manifest")]
     MissingNew(String),
     #[error("cannot find read-only object `{object}` to rewrite in the running kernel: {reason}; rebuild the bundle against this kernel")]

@@ -102,10 +102,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                 let others =
                     register::other_modules(&*self.m, cr3, &km.layout, &km.anchors, rec.va)
                         .map_err(kmod::KmodError::from)?;
-                let before = before.unwrap_or(Bounds {
-                    min: u64::MAX,
-                    max: 0,
-                });
+                let before = before.ok_or_else(no_bounds)?;
                 register::unlink(
                     &*self.m,
                     cr3,
@@ -138,13 +135,16 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         Ok(())
     }
 
-    /// Puts back the kernel words of a failed switch, newest first.
-    pub(super) fn undo_kernel(&mut self, undo: KernelUndo) {
+    /// Puts back the kernel words of a failed switch, newest first; whether all went back.
+    pub(super) fn undo_kernel(&mut self, undo: KernelUndo) -> bool {
+        let mut all = true;
         for (pa, old) in undo.into_iter().rev() {
             if let Err(e) = self.m.write_phys_data(pa, &old) {
                 tracing::error!(pa, error = %e, "restoring a kernel word failed");
+                all = false;
             }
         }
+        all
     }
 }
 
@@ -163,6 +163,14 @@ fn unique_name(reg: &Registry, id: &str, max: u64) -> String {
         n += 1;
     }
     name
+}
+
+/// A bundle's module was linked, but the registry lacks the bounds to narrow back to:
+/// lucos records them with the first module, so the registry was altered.
+pub(super) fn no_bounds() -> crate::registry::RegistryError {
+    crate::registry::RegistryError::Corrupt(
+        "a bundle has a module record but the registry has no module bounds".into(),
+    )
 }
 
 fn span(rec: &ModuleRecord) -> register::Span {

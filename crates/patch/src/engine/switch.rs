@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use lucos_introspect::Machine;
+use lucos_introspect::{Machine, MachineError};
 
 use super::kernel::{KernelEdit, KernelUndo};
 use super::rewrite::WordWrite;
@@ -17,14 +17,16 @@ impl<M: Machine + ?Sized> Session<'_, M> {
     /// registry is committed before the sites are written (apply: a crash in
     /// between leaves a record that an idempotent revert clears, never a
     /// live `jmp` nobody knows about); otherwise after (revert). On failure
-    /// the sites, the kernel words of `edit` and the registry are restored before resuming.
+    /// the sites, the kernel words of `edit` and the registry are restored before resuming;
+    /// when a site or word cannot be restored, the record of bundle `id` stays, marked
+    /// half-applied (see [`Session::keep_half_applied`]).
     /// `edit` (linking or unlinking the bundle's `struct module`) is computed inside the
     /// pause, from the kernel's state at that instant; `data` (objects rewritten in place)
     /// is written after it, with the same undo.
     pub(super) fn switch(
         &mut self,
         sites: &[(&Site, [u8; 5])],
-        header: &Header,
+        (id, header): (&str, &Header),
         reg: &mut Registry,
         record_first: bool,
         (edit, data): (&KernelEdit<'_>, &[WordWrite]),
@@ -37,27 +39,28 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         let was_paused = self.m.is_paused().map_err(|e| fail(e.into()))?;
         let before = reg.clone();
         let mut update = Some(update);
-        // Work that does not need the guest stopped happens before the stop:
-        // the record itself and the bytes a record-first commit overwrites.
-        let mut saved: Option<Vec<(u64, Vec<u8>)>> = None;
+        // Work that does not need the guest stopped happens before the stop: the record
+        // itself (record first) and the bytes a commit overwrites, so that a failure
+        // leaves even the inactive registry slot as it was.
         if record_first {
             (update.take().expect("once"))(reg);
-            let snapshot = self.snapshot_registry(header).map_err(|e| {
-                *reg = before.clone();
-                fail(e)
-            })?;
-            saved = Some(snapshot);
         }
+        let saved = self.snapshot_registry(header).map_err(|e| {
+            *reg = before.clone();
+            fail(e)
+        })?;
         let t = Instant::now();
         if let Err(e) = self.m.pause() {
             *reg = before;
-            // The stop may have happened even though its reply was lost.
-            if !was_paused && self.m.is_paused().unwrap_or(false) {
-                let _ = self.m.resume();
-            }
-            return Err(fail(e.into()));
+            let resumed = if was_paused {
+                Ok(())
+            } else {
+                self.resume_if_paused()
+            };
+            return Err(fail(still_paused(e.into(), resumed)));
         }
-        let mut written: Vec<&Site> = Vec::new();
+        // Every site that may hold its new bytes if the switch fails.
+        let mut touched: Vec<&Site> = Vec::new();
         let mut done = Vec::new();
         let mut result = self.check_paused(sites).map(|d| done = d);
         if result.is_ok() && record_first {
@@ -72,14 +75,17 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         }
         if result.is_ok() {
             for ((site, bytes), done) in sites.iter().zip(&done) {
+                // A site already switched (by a crashed earlier attempt) is not written,
+                // and a failed write may still have landed (its reply lost): both are
+                // restored like the written ones.
+                touched.push(site);
                 if *done {
-                    continue; // already switched (by a crashed earlier attempt)
+                    continue;
                 }
                 if let Err(e) = self.m.write_phys(site.site_pa, bytes) {
                     result = Err(e.into());
                     break;
                 }
-                written.push(site);
             }
         }
         if result.is_ok() {
@@ -90,27 +96,14 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         }
         let mut sites_restored = true;
         if result.is_err() {
-            for s in written {
-                let restored = self.m.write_phys(s.site_pa, &s.current).is_ok()
-                    && self.site_holds(s.site_pa, &s.current);
-                if !restored {
-                    tracing::error!(site = s.site_addr, "restoring a site failed");
-                    sites_restored = false;
-                }
-            }
-            self.undo_kernel(kernel_undo);
             *reg = before;
-            for (pa, bytes) in saved.into_iter().flatten() {
-                if let Err(e) = self.m.write_phys_data(pa, &bytes) {
-                    tracing::error!(error = %e, "restoring the registry failed");
-                }
-            }
+            sites_restored = self.restore(&touched, kernel_undo, saved, (id, record_first));
         }
         let resumed = if was_paused { Ok(()) } else { self.m.resume() };
         let pause = t.elapsed();
         match (result, resumed) {
-            (Err(error), _) => Err(SwitchFailure {
-                error,
+            (Err(error), resumed) => Err(SwitchFailure {
+                error: still_paused(error, resumed),
                 sites_restored,
             }),
             (Ok(()), Err(e)) => Err(SwitchFailure {
@@ -118,6 +111,86 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                 sites_restored: false,
             }),
             (Ok(()), Ok(())) => Ok(pause),
+        }
+    }
+
+    /// Puts back the sites, kernel words and (when all went back) the registry of a
+    /// failed switch; whether everything went back. Otherwise rewriting the old registry
+    /// would leave a live `jmp` (or kernel word) no record describes, into pages a later
+    /// apply could be given again: the record is kept instead.
+    fn restore(
+        &mut self,
+        touched: &[&Site],
+        kernel_undo: KernelUndo,
+        saved: Vec<(u64, Vec<u8>)>,
+        (id, applying): (&str, bool),
+    ) -> bool {
+        let mut unrestored = Vec::new();
+        for s in touched {
+            let restored = self.m.write_phys(s.site_pa, &s.current).is_ok()
+                && self.site_holds(s.site_pa, &s.current);
+            if !restored {
+                tracing::error!(site = s.site_addr, "restoring a site failed");
+                unrestored.push(s.site_addr);
+            }
+        }
+        let kernel_restored = self.undo_kernel(kernel_undo);
+        if !unrestored.is_empty() || !kernel_restored {
+            self.keep_half_applied(id, applying, &unrestored, kernel_restored);
+            return false;
+        }
+        for (pa, bytes) in saved {
+            if let Err(e) = self.m.write_phys_data(pa, &bytes) {
+                tracing::error!(error = %e, "restoring the registry failed");
+            }
+        }
+        true
+    }
+
+    /// After a failed pause request: resumes the VM if it stopped anyway (the reply was
+    /// lost), or if that cannot be told (resuming a running VM changes nothing).
+    fn resume_if_paused(&mut self) -> Result<(), MachineError> {
+        match self.m.is_paused() {
+            Ok(false) => Ok(()),
+            Ok(true) | Err(_) => self.m.resume(),
+        }
+    }
+
+    /// Marks the applied record of `id` half-applied after a switch that could not restore
+    /// every site (`unrestored`) or kernel word. For an apply the record then lists only
+    /// the sites that may hold its `jmp`, and drops its module and rewrites when those were
+    /// undone; its ranges stay, so its pages stay allocated. For a revert every site stays
+    /// listed (each holds the `jmp` or the original). If even this commit fails, the
+    /// unmarked record committed before the writes still describes every site.
+    fn keep_half_applied(
+        &mut self,
+        id: &str,
+        applying: bool,
+        unrestored: &[u64],
+        kernel_restored: bool,
+    ) {
+        let res = self.read_header().and_then(|(h, mut reg)| {
+            let Some(b) = reg
+                .bundles
+                .iter_mut()
+                .rev()
+                .find(|b| b.id == id && b.state == BundleState::Applied)
+            else {
+                tracing::error!(id, "no record to keep for a half-applied bundle");
+                return Ok(());
+            };
+            b.half_applied = true;
+            if applying {
+                b.sites.retain(|s| unrestored.contains(&s.site_addr));
+                if kernel_restored {
+                    b.module = None;
+                    b.rewrites.clear();
+                }
+            }
+            self.commit(&h, &mut reg)
+        });
+        if let Err(e) = res {
+            tracing::error!(id, error = %e, "could not mark the record half-applied");
         }
     }
 
@@ -195,13 +268,24 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                 if top != Some(b.id.as_str()) {
                     continue;
                 }
-                let mut now = vec![0u8; s.written.len()];
+                let mut now = [0u8; 5];
                 self.m.read_phys(s.site_pa, &mut now)?;
                 if now != s.written {
-                    out.push((b.id.clone(), s.function.clone(), now));
+                    out.push((b.id.clone(), s.function.clone(), now.to_vec()));
                 }
             }
         }
         Ok(out)
+    }
+}
+
+/// `error`, or if the VM could not be resumed after it, both (the guest is still paused).
+fn still_paused(error: EngineError, resumed: Result<(), MachineError>) -> EngineError {
+    match resumed {
+        Ok(()) => error,
+        Err(resume) => EngineError::StillPaused {
+            error: Box::new(error),
+            resume,
+        },
     }
 }

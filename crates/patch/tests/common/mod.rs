@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod fake;
+pub mod kernel;
 
 use std::path::Path;
 use std::process::Command;

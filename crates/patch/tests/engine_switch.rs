@@ -1,0 +1,351 @@
+//! Every failure branch of staging and of the site switch, on a fake kernel that bundles
+//! really apply to (no QEMU): which calls fail is chosen with `introspect::fake::Failing`,
+//! and each case checks the guest's memory afterwards.
+
+mod common;
+
+use common::fake::GPA;
+use common::kernel::{FakeKernel, OLD_CODE, OPS};
+use lucos_introspect::fake::{Call, Failing, FakeMachine};
+use lucos_introspect::PhysMem;
+use lucos_patch::registry::{BundleState, Registry};
+use lucos_patch::{Bundle, EngineError, NOP5};
+
+fn registry(k: &FakeKernel, m: &mut FakeMachine) -> Registry {
+    k.session(m).unwrap().registry().unwrap()
+}
+
+fn site(m: &FakeMachine, pa: u64) -> [u8; 5] {
+    let mut b = [0u8; 5];
+    m.read_phys(pa, &mut b).unwrap();
+    b
+}
+
+fn apply_with(
+    k: &FakeKernel,
+    m: &mut FakeMachine,
+    b: &Bundle,
+    faults: impl FnOnce(Failing<'_, FakeMachine>) -> Failing<'_, FakeMachine>,
+) -> Result<(), EngineError> {
+    let mut f = faults(Failing::new(m));
+    k.session(&mut f)?.apply(b).map(|_| ())
+}
+
+fn revert_with(
+    k: &FakeKernel,
+    m: &mut FakeMachine,
+    id: &str,
+    faults: impl FnOnce(Failing<'_, FakeMachine>) -> Failing<'_, FakeMachine>,
+) -> Result<(), EngineError> {
+    let mut f = faults(Failing::new(m));
+    k.session(&mut f)?.revert(id).map(|_| ())
+}
+
+/// The writes of a successful apply of `b`, in order, and the guest after it.
+fn dry_run(k: &FakeKernel, b: &Bundle) -> (Vec<(u64, Vec<u8>)>, FakeMachine) {
+    let mut m = k.fresh.clone();
+    apply_with(k, &mut m, b, |f| f).unwrap();
+    (m.writes.clone(), m)
+}
+
+/// 1-based positions, among all writes of a successful apply, of the writes that matter.
+struct Writes {
+    /// The record committed inside the pause (slot, then header).
+    commit: usize,
+    /// The first word of the rewritten `ops_table`.
+    word: usize,
+    site1: usize,
+    site2: usize,
+}
+
+fn positions(k: &FakeKernel, writes: &[(u64, Vec<u8>)]) -> Writes {
+    let at = |pa: u64| writes.iter().position(|w| w.0 == pa).unwrap() + 1;
+    let ops = k.pa("ops_table");
+    let word = writes
+        .iter()
+        .position(|w| w.0 >= ops && w.0 < ops + 16)
+        .unwrap()
+        + 1;
+    let w = Writes {
+        commit: word - 2,
+        word,
+        site1: at(k.pa("old_lucos_f1")),
+        site2: at(k.pa("old_lucos_f2")),
+    };
+    let patch = GPA..GPA + (1 << 20);
+    assert!(patch.contains(&writes[w.commit - 1].0) && patch.contains(&writes[w.commit].0));
+    assert_eq!(
+        (w.word + 2, w.site1 + 1),
+        (w.site1, w.site2),
+        "words, then sites"
+    );
+    w
+}
+
+fn two(k: &FakeKernel) -> Bundle {
+    k.bundle("two", &["lucos_f1", "lucos_f2"], true)
+}
+
+fn assert_unchanged(k: &FakeKernel, m: &FakeMachine, what: &str) {
+    assert!(m.mem == k.fresh.mem, "{what}: the guest's memory changed");
+    assert!(!m.paused, "{what}: the VM was left paused");
+}
+
+#[test]
+fn every_failed_write_of_staging_leaves_the_guest_unchanged_and_running() {
+    let k = FakeKernel::new();
+    let b = two(&k);
+    let w = positions(&k, &dry_run(&k, &b).0);
+    assert!(
+        w.commit > 4,
+        "staging writes code, page tables and a record"
+    );
+    for n in 1..w.commit {
+        let mut m = k.fresh.clone();
+        let mut f = Failing::new(&mut m).fail(Call::Write, n);
+        let err = k.session(&mut f).unwrap().apply(&b).unwrap_err();
+        assert!(matches!(err, EngineError::Machine(_)), "write {n}: {err}");
+        assert_eq!(f.count(Call::Pause), 0, "write {n}: staging never pauses");
+        assert_unchanged(&k, &m, &format!("staging write {n} failed"));
+    }
+}
+
+/// The record's commit (slot or header), either word of the rewritten object, the first
+/// site, or the second one after the first was switched (its restore works).
+#[test]
+fn every_failed_write_inside_the_pause_is_undone() {
+    let k = FakeKernel::new();
+    let b = two(&k);
+    let w = positions(&k, &dry_run(&k, &b).0);
+    for n in w.commit..=w.site2 {
+        let mut m = k.fresh.clone();
+        let err = apply_with(&k, &mut m, &b, |f| f.fail(Call::Write, n)).unwrap_err();
+        assert!(matches!(err, EngineError::Machine(_)), "write {n}: {err}");
+        assert_unchanged(&k, &m, &format!("write {n} in the pause failed"));
+    }
+    // The restore of a site is checked, and a lost reply of a site write is restored too.
+    let mut m = k.fresh.clone();
+    apply_with(&k, &mut m, &b, |f| f.lose_reply(Call::CodeWrite, 2)).unwrap_err();
+    assert_unchanged(&k, &m, "the second site write's reply was lost");
+}
+
+#[test]
+fn a_failed_pause_leaves_the_guest_unchanged_and_running() {
+    let k = FakeKernel::new();
+    let b = two(&k);
+    let mut m = k.fresh.clone();
+    let err = apply_with(&k, &mut m, &b, |f| f.fail(Call::Pause, 1)).unwrap_err();
+    assert!(matches!(err, EngineError::Machine(_)), "{err}");
+    assert_unchanged(&k, &m, "pause refused");
+    // The VM stopped, but the reply was lost: it is resumed.
+    let mut m = k.fresh.clone();
+    let err = apply_with(&k, &mut m, &b, |f| f.lose_reply(Call::Pause, 1)).unwrap_err();
+    assert!(matches!(err, EngineError::Machine(_)), "{err}");
+    assert_unchanged(&k, &m, "pause reply lost");
+    // Whether it stopped cannot be told either: resumed all the same.
+    let mut m = k.fresh.clone();
+    apply_with(&k, &mut m, &b, |f| {
+        f.lose_reply(Call::Pause, 1).fail(Call::IsPaused, 2)
+    })
+    .unwrap_err();
+    assert_unchanged(&k, &m, "pause reply lost, state unknown");
+    // It stopped and cannot be resumed: the error says so.
+    let mut m = k.fresh.clone();
+    let err = apply_with(&k, &mut m, &b, |f| {
+        f.lose_reply(Call::Pause, 1).fail(Call::Resume, 1)
+    })
+    .unwrap_err();
+    assert!(matches!(err, EngineError::StillPaused { .. }), "{err}");
+    assert!(err.to_string().contains("lucos resume"), "{err}");
+    assert!(m.paused && m.mem == k.fresh.mem);
+}
+
+#[test]
+fn a_failed_check_in_the_pause_leaves_the_guest_unchanged_and_running() {
+    let k = FakeKernel::new();
+    let b = two(&k);
+    let mut m = k.fresh.clone();
+    let err = apply_with(&k, &mut m, &b, |f| f.fail(Call::Registers, 1)).unwrap_err();
+    assert!(matches!(err, EngineError::Machine(_)), "{err}");
+    assert_unchanged(&k, &m, "reading a vCPU's rip failed");
+    let mut m = k.fresh.clone();
+    m.regs[0].rip = k.syms.lookup("old_lucos_f2").unwrap().addr + 2;
+    let before = m.clone();
+    let err = apply_with(&k, &mut m, &b, |f| f).unwrap_err();
+    assert!(
+        matches!(err, EngineError::RipInSite { vcpu: 0, .. }),
+        "{err}"
+    );
+    assert!(m.mem == before.mem && !m.paused);
+}
+
+/// The defect this guards against: a site that cannot be put back while its record was
+/// rewritten to the old registry, leaving a live `jmp` no record describes, into pages a
+/// later apply would be given again.
+#[test]
+fn a_site_that_cannot_be_restored_keeps_a_half_applied_record() {
+    let k = FakeKernel::new();
+    let b = two(&k);
+    let (_, done) = dry_run(&k, &b);
+    let (s1, s2) = (k.pa("old_lucos_f1"), k.pa("old_lucos_f2"));
+    let mut m = k.fresh.clone();
+    // The second site write fails, then the first site's restore.
+    let err = apply_with(&k, &mut m, &b, |f| {
+        f.fail(Call::CodeWrite, 2).fail(Call::CodeWrite, 3)
+    })
+    .unwrap_err();
+    assert!(matches!(err, EngineError::Machine(_)), "{err}");
+    assert!(!m.paused);
+    assert_eq!(site(&m, s1), site(&done, s1), "the first site kept its jmp");
+    assert_eq!(site(&m, s2), NOP5);
+    let mut ops = [0u8; 16];
+    m.read_phys(k.pa("ops_table"), &mut ops).unwrap();
+    assert_eq!(ops, OPS, "the rewritten words were put back");
+    let reg = registry(&k, &mut m);
+    let rec = reg.find_applied("two").expect("the record is kept");
+    assert!(rec.half_applied);
+    assert_eq!(rec.sites.len(), 1, "only the site that may hold the jmp");
+    assert_eq!(rec.sites[0].site_pa, s1);
+    assert!(rec.rewrites.is_empty() && rec.module.is_none());
+    // Its pages stay allocated and keep the staged code the jmp leads to.
+    let end = rec.ranges.iter().map(|r| r.offset + r.len).max().unwrap();
+    assert!(reg.next_free >= end);
+    for r in &rec.ranges {
+        let mut now = vec![0u8; r.len as usize];
+        let mut then = vec![0u8; r.len as usize];
+        m.read_phys(GPA + r.offset, &mut now).unwrap();
+        done.read_phys(GPA + r.offset, &mut then).unwrap();
+        assert_eq!(now, then, "range at {:#x} was rolled back", r.offset);
+    }
+    // A following apply is given other pages.
+    let other = k.bundle("other", &["lucos_f3"], false);
+    apply_with(&k, &mut m, &other, |f| f).unwrap();
+    let reg = registry(&k, &mut m);
+    let o = reg.find_applied("other").unwrap();
+    assert!(o.ranges.iter().all(|r| r.offset >= end), "{:?}", o.ranges);
+    // Revert puts the site back and clears the mark.
+    revert_with(&k, &mut m, "two", |f| f).unwrap();
+    assert_eq!(site(&m, s1), NOP5);
+    assert_eq!(site(&m, s2), NOP5);
+    let reg = registry(&k, &mut m);
+    let rec = reg.bundles.iter().find(|r| r.id == "two").unwrap();
+    assert!(rec.state == BundleState::Reverted && !rec.half_applied);
+    revert_with(&k, &mut m, "other", |f| f).unwrap();
+    let mut code = [0u8; 8];
+    for f in ["old_lucos_f1", "old_lucos_f2", "old_lucos_f3"] {
+        m.read_phys(k.pa(f), &mut code).unwrap();
+        assert_eq!(code, OLD_CODE, "{f}");
+    }
+}
+
+/// A site whose restore was reported failed but landed holds the original bytes: the
+/// revert of the half-applied record accepts that and writes nothing there.
+#[test]
+fn reverting_a_half_applied_record_is_idempotent() {
+    let k = FakeKernel::new();
+    let b = two(&k);
+    let s1 = k.pa("old_lucos_f1");
+    let mut m = k.fresh.clone();
+    apply_with(&k, &mut m, &b, |f| {
+        f.fail(Call::CodeWrite, 2).lose_reply(Call::CodeWrite, 3)
+    })
+    .unwrap_err();
+    assert_eq!(site(&m, s1), NOP5);
+    assert!(
+        registry(&k, &mut m)
+            .find_applied("two")
+            .unwrap()
+            .half_applied
+    );
+    let writes = m.writes.len();
+    revert_with(&k, &mut m, "two", |f| f).unwrap();
+    assert!(
+        m.writes[writes..].iter().all(|w| w.0 != s1),
+        "the site already held its original bytes"
+    );
+    assert_eq!(site(&m, s1), NOP5);
+    assert!(registry(&k, &mut m).find_applied("two").is_none());
+}
+
+#[test]
+fn a_failed_revert_is_undone_or_kept_half_applied() {
+    let k = FakeKernel::new();
+    let b = two(&k);
+    let (_, applied) = dry_run(&k, &b);
+    let (s1, s2) = (k.pa("old_lucos_f1"), k.pa("old_lucos_f2"));
+    // Revert writes the words (2), the sites (2), then commits (slot, header): each
+    // failing write is undone.
+    for n in 1..=6 {
+        let mut m = applied.clone();
+        let err = revert_with(&k, &mut m, "two", |f| f.fail(Call::Write, n)).unwrap_err();
+        assert!(matches!(err, EngineError::Machine(_)), "write {n}: {err}");
+        assert!(m.mem == applied.mem, "revert write {n}: the guest changed");
+        assert!(!m.paused);
+    }
+    // The second site fails and the first cannot be put back: the record stays applied,
+    // marked, with both sites; a second revert finishes.
+    let mut m = applied.clone();
+    revert_with(&k, &mut m, "two", |f| {
+        f.fail(Call::CodeWrite, 2).fail(Call::CodeWrite, 3)
+    })
+    .unwrap_err();
+    assert_eq!(site(&m, s1), NOP5);
+    assert_eq!(site(&m, s2), site(&applied, s2));
+    let rec = registry(&k, &mut m).find_applied("two").cloned().unwrap();
+    assert!(rec.half_applied && rec.sites.len() == 2);
+    revert_with(&k, &mut m, "two", |f| f).unwrap();
+    assert_eq!((site(&m, s1), site(&m, s2)), (NOP5, NOP5));
+}
+
+#[test]
+fn a_failed_resume_says_the_change_was_made() {
+    let k = FakeKernel::new();
+    let b = two(&k);
+    let (_, done) = dry_run(&k, &b);
+    let mut m = k.fresh.clone();
+    let err = apply_with(&k, &mut m, &b, |f| f.fail(Call::Resume, 1)).unwrap_err();
+    assert!(matches!(err, EngineError::ResumeFailed(_)), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("was made") && text.contains("lucos resume"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("unchanged") && !text.contains("untouched"),
+        "{text}"
+    );
+    assert!(m.paused, "the VM is still paused");
+    let s1 = k.pa("old_lucos_f1");
+    assert_eq!(site(&m, s1), site(&done, s1), "the switch stands");
+    assert!(registry(&k, &mut m).find_applied("two").is_some());
+    // A failed switch that cannot resume either: undone, and the error says paused.
+    let mut m = k.fresh.clone();
+    let err = apply_with(&k, &mut m, &b, |f| {
+        f.fail(Call::CodeWrite, 1).fail(Call::Resume, 1)
+    })
+    .unwrap_err();
+    assert!(
+        matches!(&err, EngineError::StillPaused { error, .. } if matches!(**error, EngineError::Machine(_))),
+        "{err}"
+    );
+    assert!(m.paused && m.mem == k.fresh.mem);
+}
+
+#[test]
+fn a_bundle_applies_and_reverts_on_the_fake_kernel() {
+    let k = FakeKernel::new();
+    let b = k.bundle("two", &["lucos_f1", "lucos_f2"], true);
+    let (writes, mut m) = dry_run(&k, &b);
+    assert!(!m.paused, "the VM was resumed");
+    let (s1, s2) = (k.pa("old_lucos_f1"), k.pa("old_lucos_f2"));
+    assert_eq!(site(&m, s1)[0], 0xe9);
+    assert_eq!(site(&m, s2)[0], 0xe9);
+    let mut ops = [0u8; 16];
+    m.read_phys(k.pa("ops_table"), &mut ops).unwrap();
+    assert_eq!(&ops[..2], &[0x33, 0x33]);
+    eprintln!("{} writes", writes.len());
+    revert_with(&k, &mut m, "two", |f| f).unwrap();
+    assert_eq!(site(&m, s1), NOP5);
+    m.read_phys(k.pa("ops_table"), &mut ops).unwrap();
+    assert_eq!(ops, OPS);
+}
