@@ -79,3 +79,93 @@ pub fn read_ns(console: &Console, path: &str) -> Result<u64> {
 pub fn load(console: &Console, name: &str) -> Result<u64> {
     lpbench(console, &format!("load {GUEST_KO} {name}"), "transition_us")
 }
+
+/// The module name of `guest/livepatch/livepatch-cmdline.c`, as sysfs shows it.
+pub const LIVEPATCH_NAME: &str = "livepatch_cmdline";
+
+/// Bench bundles beside the one benchmarked, all replacing `cmdline_proc_show`:
+/// `cmdline-same` keeps the original body (what the redirection alone costs) and
+/// `cmdline-lp` has the livepatch module's body (lucos and livepatch on the same new code).
+pub const SAME_BODY: [&str; 2] = ["cmdline-same", "cmdline-lp"];
+
+/// ns per read of /proc/cmdline: unpatched, then through each lucos bundle.
+#[derive(Debug)]
+pub struct CallCosts {
+    pub unpatched: u64,
+    pub lucos: Vec<(String, u64)>,
+}
+
+impl CallCosts {
+    fn of(&self, id: &str) -> u64 {
+        self.lucos
+            .iter()
+            .find(|(i, _)| i == id)
+            .map_or(0, |(_, ns)| *ns)
+    }
+}
+
+/// Unpatched and lucos-patched reads interleaved (3 rounds of: unpatched, then each
+/// bundle applied, read, reverted), minimum of each: these machines are noisy, and a
+/// minimum over interleaved runs is the least disturbed figure of each.
+pub fn call_costs(
+    a: &mut crate::info::Attached,
+    console: &Console,
+    bundles: &[&lucos_patch::Bundle],
+) -> Result<CallCosts> {
+    let mut c = CallCosts {
+        unpatched: u64::MAX,
+        lucos: bundles
+            .iter()
+            .map(|b| (b.manifest().id.clone(), u64::MAX))
+            .collect(),
+    };
+    for _ in 0..3 {
+        c.unpatched = c.unpatched.min(read_ns(console, "/proc/cmdline")?);
+        for (b, slot) in bundles.iter().zip(c.lucos.iter_mut()) {
+            crate::patchcmd::apply_bundle(a, b)?;
+            let ns = read_ns(console, "/proc/cmdline");
+            crate::patchcmd::revert_bundle(a, &b.manifest().id)?;
+            slot.1 = slot.1.min(ns?);
+        }
+    }
+    Ok(c)
+}
+
+fn pct(x: u64, base: u64) -> f64 {
+    (x as f64 / base.max(1) as f64 - 1.0) * 100.0
+}
+
+/// Loads the livepatch module, times its read, and prints the comparison with lucos.
+pub fn print_against(
+    console: &Console,
+    c: &CallCosts,
+    bench_id: &str,
+    apply_us: u64,
+) -> Result<()> {
+    let lp_us = load(console, LIVEPATCH_NAME)?;
+    let lp_ns = read_ns(console, "/proc/cmdline")?;
+    println!("livepatch load to transition end: {lp_us} us");
+    println!(
+        "apply ratio: livepatch / lucos apply total p50 = {:.1}x (target >= 100x)",
+        lp_us as f64 / apply_us.max(1) as f64
+    );
+    let un = c.unpatched;
+    let (same, lpb) = (c.of(SAME_BODY[0]), c.of(SAME_BODY[1]));
+    println!(
+        "read of /proc/cmdline (min of rounds): unpatched {un} ns; lucos '{bench_id}' {} ns ({:+.1}%)",
+        c.of(bench_id),
+        pct(c.of(bench_id), un)
+    );
+    println!(
+        "  same body as unpatched: lucos {same} ns ({:+.1}%, target within 1%: the redirection alone)",
+        pct(same, un)
+    );
+    println!(
+        "  same body as the livepatch module: lucos {lpb} ns ({:+.1}%), livepatch {lp_ns} ns ({:+.1}%); \
+         livepatch / lucos = {:.3}x",
+        pct(lpb, un),
+        pct(lp_ns, un),
+        lp_ns as f64 / lpb.max(1) as f64
+    );
+    Ok(())
+}

@@ -359,7 +359,15 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     let bundle = bench_bundle(&a, &args.bundle)?;
     let id = bundle.manifest().id.clone();
     let calls = match &private {
-        Some((_, b)) if args.against_livepatch => Some(call_costs(&mut a, &b.console, &bundle)?),
+        Some((_, b)) if args.against_livepatch => {
+            let dir = crate::guest::guest_dir().join("bundles");
+            let mut same = Vec::new();
+            for name in crate::lpbench::SAME_BODY {
+                same.push(bench_bundle(&a, &dir.join(format!("{name}.json")))?);
+            }
+            let all: Vec<&Bundle> = std::iter::once(&bundle).chain(&same).collect();
+            Some(crate::lpbench::call_costs(&mut a, &b.console, &all)?)
+        }
         _ => None,
     };
     let mut empty = Vec::new();
@@ -414,51 +422,11 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         sp.as_secs_f64() / base.as_secs_f64()
     );
     if let (Some((_, b)), Some(c)) = (&private, calls) {
-        let lp_us = crate::lpbench::load(&b.console, LIVEPATCH_NAME)?;
-        let lp_ns = crate::lpbench::read_ns(&b.console, "/proc/cmdline")?;
-        println!("livepatch load to transition end: {lp_us} us");
-        println!(
-            "apply ratio: livepatch / lucos apply total p50 = {:.1}x (target >= 100x)",
-            lp_us as f64 / tot.as_micros().max(1) as f64
-        );
-        println!(
-            "read of /proc/cmdline (min of rounds): unpatched {} ns, lucos {} ns ({:+.1}%, \
-             target within 1%), livepatch {} ns ({:+.1}%)",
-            c.0,
-            c.1,
-            pct(c.1, c.0),
-            lp_ns,
-            pct(lp_ns, c.0)
-        );
+        crate::lpbench::print_against(&b.console, &c, &id, tot.as_micros() as u64)?;
     }
     drop(a);
     drop(private);
     Ok(())
-}
-
-/// The module name of `guest/livepatch/livepatch-cmdline.c`, as sysfs shows it.
-const LIVEPATCH_NAME: &str = "livepatch_cmdline";
-
-fn pct(x: u64, base: u64) -> f64 {
-    (x as f64 / base.max(1) as f64 - 1.0) * 100.0
-}
-
-/// Unpatched and lucos-patched cost of a /proc/cmdline read, interleaved (3 pairs),
-/// minimum of each; the bundle is reverted afterwards.
-fn call_costs(
-    a: &mut Attached,
-    console: &lucos_backend::Console,
-    bundle: &Bundle,
-) -> Result<(u64, u64)> {
-    let id = bundle.manifest().id.clone();
-    let (mut un, mut lu) = (u64::MAX, u64::MAX);
-    for _ in 0..3 {
-        un = un.min(crate::lpbench::read_ns(console, "/proc/cmdline")?);
-        apply_bundle(a, bundle)?;
-        lu = lu.min(crate::lpbench::read_ns(console, "/proc/cmdline")?);
-        revert_bundle(a, &id)?;
-    }
-    Ok((un, lu))
 }
 
 /// Prints p50/p99/max and returns p50.
