@@ -21,6 +21,7 @@ pub mod memory;
 pub mod policy;
 pub mod registry;
 mod reloc;
+mod returns;
 mod sections;
 pub mod signing;
 mod site;
@@ -42,6 +43,7 @@ pub use manifest::{
     MAX_SYMBOL,
 };
 pub use reloc::reloc_name;
+pub use returns::{apply_returns, ReturnMode};
 pub use sections::refused_by_name as section_refusal;
 pub use signing::{SignatureError, Signer};
 pub use site::{check_fentry_site, jmp_rel32, SiteError, SiteKind, ENDBR64, NOP5};

@@ -1,0 +1,169 @@
+//! Return-thunk sites in new code, rewritten when the bundle is linked exactly as the
+//! kernel's own `apply_returns()` (arch/x86/kernel/alternative.c, Linux 6.1.187) rewrote
+//! every return of the running kernel and its modules.
+//!
+//! The kernel is built with `-mfunction-return=thunk-extern`: every `ret` is compiled as
+//! `jmp __x86_return_thunk`. At boot the kernel rewrites each such site to a plain `ret`
+//! when the CPU needs no return mitigation, or to `jmp x86_return_thunk` (the mitigation's
+//! thunk: retbleed's, SRSO's or ITS's) when it does. `__x86_return_thunk` itself stays a
+//! bare `ret`, so leaving new code's jumps to it would be fast but *unmitigated* on a CPU
+//! that needs the mitigation, and one jump slower than the kernel's code on one that does
+//! not. Doing what `patch_return()` does gives new code the same returns as the code it
+//! replaces.
+
+use crate::link::LinkError;
+
+const JMP32: u8 = 0xe9;
+const RET: u8 = 0xc3;
+const INT3: u8 = 0xcc;
+
+/// What a return site becomes on the live CPU (`cpu_wants_rethunk_at()`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReturnMode {
+    /// `X86_FEATURE_RETHUNK` is off: `ret; int3; int3; int3; int3`.
+    Ret,
+    /// `jmp x86_return_thunk` (its live value) at every site.
+    Thunk(u64),
+    /// The ITS return thunk: `jmp its_return_thunk` where bit 5 of the site's address is
+    /// clear, `ret` where it is set (the kernel's ITS rule).
+    Its(u64),
+}
+
+/// `X86_FEATURE_RETHUNK` (11*32+14) in `boot_cpu_data.x86_capability`.
+pub const FEATURE_RETHUNK: u16 = 11 * 32 + 14;
+
+impl ReturnMode {
+    /// The kernel's choice from the live CPU feature bit and the live `x86_return_thunk`
+    /// pointer; `its_thunk` is `its_return_thunk`'s address, if the kernel has it.
+    pub fn live(rethunk: bool, x86_return_thunk: u64, its_thunk: Option<u64>) -> Self {
+        match (rethunk, its_thunk) {
+            (false, _) => ReturnMode::Ret,
+            (true, Some(its)) if its == x86_return_thunk => ReturnMode::Its(its),
+            (true, _) => ReturnMode::Thunk(x86_return_thunk),
+        }
+    }
+
+    fn bytes(self, site: u64) -> [u8; 5] {
+        let jmp = |to: u64| {
+            let d = to.wrapping_sub(site + 5) as i64 as i32;
+            let mut b = [JMP32, 0, 0, 0, 0];
+            b[1..].copy_from_slice(&d.to_le_bytes());
+            b
+        };
+        match self {
+            ReturnMode::Thunk(t) => jmp(t),
+            ReturnMode::Its(t) if site & 0x20 == 0 => jmp(t),
+            ReturnMode::Ret | ReturnMode::Its(_) => [RET, INT3, INT3, INT3, INT3],
+        }
+    }
+}
+
+/// Rewrites each return site (`sites`: offsets into `text`, which is linked at
+/// `text_base`) for `mode`. Each must be `jmp __x86_return_thunk` (at `thunk`): anything
+/// else means the site list and the code disagree, which the kernel would warn about
+/// ("missing return thunk") and lucos refuses.
+pub fn apply_returns(
+    text: &mut [u8],
+    text_base: u64,
+    sites: &[u64],
+    thunk: u64,
+    mode: ReturnMode,
+) -> Result<usize, LinkError> {
+    // Check every site before writing any, so a refusal leaves the code as linked.
+    for &off in sites {
+        let at = off as usize;
+        let site = text_base + off;
+        let Some(b) = text.get(at..at + 5) else {
+            return Err(not_a_site(off, "past the end of the bundle's code"));
+        };
+        let disp = i32::from_le_bytes(b[1..5].try_into().expect("4 bytes"));
+        let target = (site + 5).wrapping_add(disp as i64 as u64);
+        if b[0] != JMP32 || target != thunk {
+            return Err(not_a_site(off, "not a `jmp __x86_return_thunk`"));
+        }
+    }
+    for &off in sites {
+        let at = off as usize;
+        text[at..at + 5].copy_from_slice(&mode.bytes(text_base + off));
+    }
+    Ok(sites.len())
+}
+
+fn not_a_site(off: u64, what: &str) -> LinkError {
+    LinkError::Alternative {
+        reason: format!("return site at text+{off:#x} is {what}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: u64 = 0xffff_ffff_c000_0000;
+    const THUNK: u64 = 0xffff_ffff_8100_0000;
+
+    /// Code with `jmp __x86_return_thunk` at offsets 0x10 and 0x20, linked at BASE.
+    fn code() -> Vec<u8> {
+        let mut t = vec![0x90u8; 0x40];
+        for off in [0x10u64, 0x20] {
+            let d = THUNK.wrapping_sub(BASE + off + 5) as i64 as i32;
+            t[off as usize] = JMP32;
+            t[off as usize + 1..off as usize + 5].copy_from_slice(&d.to_le_bytes());
+        }
+        t
+    }
+
+    fn target(t: &[u8], off: u64) -> u64 {
+        let d = i32::from_le_bytes(t[off as usize + 1..off as usize + 5].try_into().unwrap());
+        (BASE + off + 5).wrapping_add(d as i64 as u64)
+    }
+
+    #[test]
+    fn the_mode_is_the_kernels_choice() {
+        assert_eq!(ReturnMode::live(false, THUNK, Some(7)), ReturnMode::Ret);
+        assert_eq!(ReturnMode::live(true, 5, Some(7)), ReturnMode::Thunk(5));
+        assert_eq!(ReturnMode::live(true, 5, None), ReturnMode::Thunk(5));
+        assert_eq!(ReturnMode::live(true, 7, Some(7)), ReturnMode::Its(7));
+    }
+
+    #[test]
+    fn returns_become_ret_without_the_mitigation() {
+        let mut t = code();
+        assert_eq!(
+            apply_returns(&mut t, BASE, &[0x10, 0x20], THUNK, ReturnMode::Ret).unwrap(),
+            2
+        );
+        for off in [0x10, 0x20] {
+            assert_eq!(t[off..off + 5], [RET, INT3, INT3, INT3, INT3]);
+        }
+    }
+
+    #[test]
+    fn returns_jump_to_the_live_thunk_with_it() {
+        let srso = 0xffff_ffff_8200_0040;
+        let mut t = code();
+        apply_returns(&mut t, BASE, &[0x10, 0x20], THUNK, ReturnMode::Thunk(srso)).unwrap();
+        assert_eq!((t[0x10], target(&t, 0x10)), (JMP32, srso));
+        assert_eq!((t[0x20], target(&t, 0x20)), (JMP32, srso));
+    }
+
+    #[test]
+    fn the_its_thunk_is_used_where_bit_5_is_clear() {
+        let its = 0xffff_ffff_8300_0000;
+        let mut t = code();
+        apply_returns(&mut t, BASE, &[0x10, 0x20], THUNK, ReturnMode::Its(its)).unwrap();
+        assert_eq!((t[0x10], target(&t, 0x10)), (JMP32, its));
+        assert_eq!(t[0x20..0x25], [RET, INT3, INT3, INT3, INT3]);
+    }
+
+    #[test]
+    fn a_site_that_is_not_a_thunk_jump_is_refused_and_nothing_changes() {
+        let mut t = code();
+        let before = t.clone();
+        // 0x08 is NOPs: the good site before it must not have been rewritten either.
+        assert!(apply_returns(&mut t, BASE, &[0x10, 0x08], THUNK, ReturnMode::Ret).is_err());
+        assert_eq!(t, before);
+        assert!(apply_returns(&mut t, BASE, &[0x3e], THUNK, ReturnMode::Ret).is_err());
+        assert_eq!(t, before);
+    }
+}
