@@ -112,7 +112,7 @@ pub struct Plan {
     placement: Vec<Option<(RegionKind, u64)>>,
     /// Why each unloaded section is unloaded (for error messages).
     unloaded: Vec<&'static str>,
-    /// (relocation section, entry) pairs consumed by fentry NOP-ing.
+    /// (section, index in its relocations) pairs consumed by fentry NOP-ing.
     skip: HashSet<(usize, usize)>,
     digest: [u8; 32],
 }
@@ -141,10 +141,6 @@ fn loaded_kind(class: Class) -> Option<RegionKind> {
     }
 }
 
-fn is_reloc_section(sh_type: u32) -> bool {
-    sh_type == elf::SHT_RELA || sh_type == elf::SHT_REL
-}
-
 /// Classifies and lays out the bundle's sections. Pure; fails on anything unsupported.
 pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
     let obj = &bundle.object;
@@ -171,7 +167,7 @@ pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
     ];
 
     for (i, s) in obj.sections.iter().enumerate().skip(1) {
-        if is_reloc_section(s.sh_type) {
+        if s.is_reloc_section() {
             continue;
         }
         let class = classify(&s.name, s.sh_type, s.flags);
@@ -233,20 +229,19 @@ pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
     let mut undefined = BTreeSet::new();
     let mut fentry_sites = Vec::new();
     let mut skip = HashSet::new();
-    for (ri, rs) in obj.relocs.iter().enumerate() {
-        if placement[rs.target].is_none() {
+    for (si, sec) in obj.sections.iter().enumerate() {
+        if placement[si].is_none() {
             continue;
         }
-        let sec = &obj.sections[rs.target];
-        if rs.is_rel {
+        if let Some(rel) = sec.rel_section {
             return Err(LinkError::UnsupportedSection {
-                section: rs.name.clone(),
+                section: obj.sections[rel].name.clone(),
                 reason: "SHT_REL relocations (implicit addends); x86-64 kernel objects use \
                          SHT_RELA — rebuild with the kernel toolchain"
                     .into(),
             });
         }
-        for (k, r) in rs.relocs.iter().enumerate() {
+        for (k, r) in sec.relocs.iter().enumerate() {
             let width = reloc::width(r.r_type).ok_or_else(|| LinkError::UnsupportedRelocation {
                 section: sec.name.clone(),
                 offset: r.offset,
@@ -268,8 +263,8 @@ pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
             let sym = &obj.symbols[r.sym];
             match sym.place {
                 SymPlace::Undefined if sym.name == FENTRY => {
-                    fentry_sites.push(fentry_site(obj, rs.target, r)?);
-                    skip.insert((ri, k));
+                    fentry_sites.push(fentry_site(obj, si, r)?);
+                    skip.insert((si, k));
                 }
                 SymPlace::Undefined if r.sym != 0 => {
                     undefined.insert(sym.name.clone());
@@ -319,7 +314,7 @@ pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
 
 /// Checks that a relocation against `__fentry__` is the `call __fentry__` at a function's
 /// entry (after an optional endbr64), which the linker turns into the NOP5.
-fn fentry_site(obj: &Object, sec_idx: usize, r: &Reloc) -> Result<FentrySite, LinkError> {
+fn fentry_site(obj: &Object<'_>, sec_idx: usize, r: &Reloc) -> Result<FentrySite, LinkError> {
     let sec = &obj.sections[sec_idx];
     let err = |reason: String| LinkError::BadFentryCall {
         section: sec.name.clone(),
@@ -444,13 +439,13 @@ pub fn link(
     }
 
     let mut resolved: BTreeMap<String, u64> = BTreeMap::new();
-    for (ri, rs) in obj.relocs.iter().enumerate() {
-        let Some((kind, sec_off)) = plan.placement[rs.target] else {
+    for (si, sec) in obj.sections.iter().enumerate() {
+        let Some((kind, sec_off)) = plan.placement[si] else {
             continue;
         };
-        let sec_name = &obj.sections[rs.target].name;
-        for (k, r) in rs.relocs.iter().enumerate() {
-            if plan.skip.contains(&(ri, k)) || r.r_type == elf::R_X86_64_NONE {
+        let sec_name = &sec.name;
+        for (k, r) in sec.relocs.iter().enumerate() {
+            if plan.skip.contains(&(si, k)) || r.r_type == elf::R_X86_64_NONE {
                 continue;
             }
             let sym = &obj.symbols[r.sym];
@@ -532,7 +527,7 @@ pub fn link(
 }
 
 /// Addresses of defined functions and objects; globals win over locals of the same name.
-fn placed_symbols(obj: &Object, plan: &Plan, bases: &Regions) -> HashMap<String, u64> {
+fn placed_symbols(obj: &Object<'_>, plan: &Plan, bases: &Regions) -> HashMap<String, u64> {
     let mut best: HashMap<&str, (u64, bool, bool)> = HashMap::new(); // (addr, global, ambiguous)
     for s in &obj.symbols {
         if s.kind != elf::STT_FUNC && s.kind != elf::STT_OBJECT {

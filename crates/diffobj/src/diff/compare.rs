@@ -13,10 +13,10 @@ use iced_x86::{Code, Register};
 use object::elf;
 
 use super::correlate::{correlate, patched_name, Correlation};
-use super::elf::{insn_at, is_item, Obj, Target};
 use super::error::Refusal;
 use super::keys::{Key, Keyer};
 use super::names::{cold_parent, is_special_static};
+use super::obj::{insn_at, is_item, Obj, Target};
 use super::promote;
 use super::special;
 
@@ -53,8 +53,8 @@ const LINE_FUNCS: &[&str] = &[
 
 /// The comparison of one object pair.
 pub(crate) struct Diff<'a> {
-    pub orig: &'a Obj,
-    pub patched: &'a Obj,
+    pub orig: &'a Obj<'a>,
+    pub patched: &'a Obj<'a>,
     /// Source path of the object, for messages and static resolution.
     pub file: String,
     /// Patched symbol -> original symbol.
@@ -227,8 +227,8 @@ fn line_only(a: &[u8], b: &[u8], keys: &[(u64, u32, Key)], moved: LineMoved<'_>)
 
 /// Compares two compiles of `file`.
 pub(crate) fn compare<'a>(
-    orig: &'a Obj,
-    patched: &'a Obj,
+    orig: &'a Obj<'a>,
+    patched: &'a Obj<'a>,
     file: &str,
     moved: LineMoved<'_>,
 ) -> Diff<'a> {

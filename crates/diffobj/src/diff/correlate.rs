@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use object::elf;
 
-use super::elf::{is_item, Obj, Target};
 use super::keys::Keyer;
 use super::names::{canonical, is_numbered, is_special_static, is_static_local};
+use super::obj::{is_item, Obj, Target};
 use super::special;
 
 /// Symbols that take part in correlation: named, defined, allocated, in a section the

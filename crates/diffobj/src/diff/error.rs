@@ -165,6 +165,12 @@ pub enum DiffError {
     },
     #[error("cannot read compiled object {object}: {reason}")]
     BadObject { object: String, reason: String },
+    #[error("cannot read compiled object {object}: {source}")]
+    Elf {
+        object: String,
+        #[source]
+        source: lucos_patch::elf::ElfError,
+    },
     #[error("cannot read the kernel's symbols: {0}")]
     Symbols(#[from] lucos_introspect::symbols::SymbolError),
     #[error(transparent)]

@@ -9,11 +9,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use object::elf;
 
 use super::compare::{has_fentry, Diff, Status};
-use super::elf::{Rel, Target};
 use super::emit::global_defs;
 use super::error::Refusal;
 use super::names::{cold_parent, is_special_static};
+use super::obj::Target;
 use super::special;
+use lucos_patch::elf::Reloc;
 
 /// A piece of one object copied into the bundle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -164,8 +165,8 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
                 plan.refusals.push(r);
             }
         };
-        let mut extra: Vec<(usize, Rel)> = Vec::new();
-        let (sec, relocs): (usize, &[Rel]) = match kind {
+        let mut extra: Vec<(usize, Reloc)> = Vec::new();
+        let (sec, relocs): (usize, &[Reloc]) = match kind {
             UnitKind::Item(p) => {
                 let sec = d.patched.symbols[p].section().expect("items are defined");
                 if let Some(tables) = d.tables.get(&p) {
@@ -250,7 +251,7 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
 }
 
 /// The relocations (section, relocation) of the entries of `table` that belong to item `p`.
-pub(crate) fn entry_relocs(d: &Diff<'_>, p: usize, table: &special::Table) -> Vec<(usize, Rel)> {
+pub(crate) fn entry_relocs(d: &Diff<'_>, p: usize, table: &special::Table) -> Vec<(usize, Reloc)> {
     let o = d.patched;
     let mut out = Vec::new();
     for (si, sec) in o.sections.iter().enumerate() {
@@ -267,7 +268,7 @@ pub(crate) fn entry_relocs(d: &Diff<'_>, p: usize, table: &special::Table) -> Ve
 }
 
 /// The source file that qualifies an external static, if it is one.
-pub(crate) fn external_file(d: &Diff<'_>, sec: usize, r: &Rel) -> Option<String> {
+pub(crate) fn external_file(d: &Diff<'_>, sec: usize, r: &Reloc) -> Option<String> {
     match d.patched.target(sec, r) {
         Target::Sym { sym, .. } => {
             let s = &d.patched.symbols[sym];
@@ -301,7 +302,7 @@ pub(crate) fn resolve(
     globals: &HashMap<&str, (usize, usize)>,
     oi: usize,
     sec: usize,
-    r: &Rel,
+    r: &Reloc,
 ) -> Result<Resolved, Refusal> {
     let d = &diffs[oi];
     let o = d.patched;

@@ -15,13 +15,13 @@ mod compare;
 mod compile;
 mod correlate;
 mod dwarfdeps;
-mod elf;
 mod emit;
 mod error;
 mod include;
 mod keys;
 mod layout;
 mod names;
+mod obj;
 mod objects;
 mod patchfile;
 mod promote;
@@ -51,7 +51,7 @@ pub use report::{
 use crate::tree::KernelTree;
 use compare::Status;
 use compile::Side;
-use elf::Obj;
+use obj::Obj;
 
 /// The manifest id for a diff file: its stem, restricted to `[A-Za-z0-9._-]`.
 fn default_id(diff: &Path) -> String {
@@ -152,20 +152,24 @@ pub fn build(
         progress.start(Stage::Compare, affected.len() as u64);
         let mut objs: Vec<(Obj, Obj, &KbuildObject, bool)> = Vec::new();
         let mut refusals = Vec::new();
-        for (obj, b) in affected.iter().zip(&built) {
-            let read = |p: &Path| std::fs::read(p).map_err(DiffError::io("read", p));
-            let (orig_bytes, patched_bytes) = (read(&b.original)?, read(&b.patched)?);
+        let read = |p: &Path| std::fs::read(p).map_err(DiffError::io("read", p));
+        // Read first: the parsed objects borrow their bytes.
+        let bytes = built
+            .iter()
+            .map(|b| Ok((read(&b.original)?, read(&b.patched)?)))
+            .collect::<Result<Vec<_>, DiffError>>()?;
+        for ((obj, b), (orig_bytes, patched_bytes)) in affected.iter().zip(&built).zip(&bytes) {
             refusals.extend(verify::layout_refusals(
                 &obj.object,
                 &obj.source,
-                &orig_bytes,
-                &patched_bytes,
+                orig_bytes,
+                patched_bytes,
             )?);
-            let orig = Obj::parse(&obj.object, &orig_bytes)?;
-            let patched = Obj::parse(&obj.object, &patched_bytes)?;
+            let orig = Obj::parse(&obj.object, orig_bytes)?;
+            let patched = Obj::parse(&obj.object, patched_bytes)?;
             refusals.extend(verify::new_exports(&orig, &patched, &obj.source));
             if obj.is_assembly() {
-                if elf::same_allocated_contents(&orig, &patched) {
+                if obj::same_allocated_contents(&orig, &patched) {
                     report.unchanged_assembly.push(obj.object.clone());
                 } else {
                     let path = changes
