@@ -19,8 +19,13 @@ pub(super) fn parse<'data, R: ReadRef<'data>>(
     let bad = |msg: String| SymbolError::BadElf {
         origin: origin.to_string(),
         msg,
+        source: None,
     };
-    let oe = |e: object::read::Error| bad(e.to_string());
+    let oe = |e: object::read::Error| SymbolError::BadElf {
+        origin: origin.to_string(),
+        msg: e.to_string(),
+        source: Some(e),
+    };
     let header = elf::FileHeader64::<Endianness>::parse(data).map_err(oe)?;
     let endian = header.endian().map_err(oe)?;
     if header.e_machine(endian) != elf::EM_X86_64 {
@@ -171,6 +176,7 @@ pub(super) fn parse_build_id<'data, R: ReadRef<'data>>(
     let oe = |e: object::read::Error| SymbolError::BadElf {
         origin: origin.to_string(),
         msg: e.to_string(),
+        source: Some(e),
     };
     let header = elf::FileHeader64::<Endianness>::parse(data).map_err(oe)?;
     let endian = header.endian().map_err(oe)?;
