@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use object::elf;
-use thiserror::Error;
 
 use crate::bundle::Bundle;
 use crate::elf::{Object, Reloc, SymPlace};
@@ -21,82 +20,11 @@ use crate::reloc::{self, reloc_name, Fail};
 use crate::sections::{classify, refusal, Class};
 use crate::site::{is_call_rel32, ENDBR64, NOP5};
 
-const FENTRY: &str = "__fentry__";
+mod error;
 
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum LinkError {
-    #[error("section {section} cannot be loaded: {reason}")]
-    UnsupportedSection { section: String, reason: String },
-    #[error(
-        "unsupported relocation {r_type} at {section}+{offset:#x}; the kernel module loader \
-         only applies R_X86_64_NONE/64/32/32S/PC32/PLT32/PC64 — build with -mcmodel=kernel \
-         -fno-pic like kernel code"
-    )]
-    UnsupportedRelocation {
-        section: String,
-        offset: u64,
-        r_type: String,
-    },
-    #[error(
-        "relocation {r_type} at {section}+{offset:#x} against `{symbol}` overflows \
-         (value {value:#x}); {hint}"
-    )]
-    RelocationOverflow {
-        section: String,
-        offset: u64,
-        symbol: String,
-        r_type: String,
-        value: u64,
-        hint: &'static str,
-    },
-    #[error(
-        "relocation {r_type} at {section}+{offset:#x}: the field is not zero before relocation \
-         (the kernel refuses this too); was the object already relocated?"
-    )]
-    RelocationTargetNotZero {
-        section: String,
-        offset: u64,
-        r_type: String,
-    },
-    #[error("relocation at {section}+{offset:#x} runs past the end of the section; the object is corrupt")]
-    RelocationOutOfBounds { section: String, offset: u64 },
-    #[error(
-        "relocation at {section}+{offset:#x} refers to `{symbol}` in section {target}, which is \
-         not loaded ({reason}); move that code or data into a normal section"
-    )]
-    RelocationToUnloaded {
-        section: String,
-        offset: u64,
-        symbol: String,
-        target: String,
-        reason: String,
-    },
-    #[error("cannot resolve `{name}` in the running kernel: {reason}")]
-    UnresolvedSymbol { name: String, reason: String },
-    #[error("`{name}` is a common symbol; build with -fno-common (as the kernel does)")]
-    CommonSymbol { name: String },
-    #[error("bad __fentry__ reference at {section}+{offset:#x}: {reason}")]
-    BadFentryCall {
-        section: String,
-        offset: u64,
-        reason: String,
-    },
-    #[error(
-        "the {region} region would be {size:#x} bytes, more than the {MAX_REGION_SIZE:#x} allowed"
-    )]
-    RegionTooLarge { region: &'static str, size: u64 },
-    #[error("this plan was made for a different bundle; call plan() on the bundle being linked")]
-    PlanMismatch,
-    #[error("bad region bases: {reason}")]
-    BadRegions { reason: String },
-    #[error(
-        "jmp rel32 at {site:#x} cannot reach {target:#x} (more than ±2 GiB away); patch memory \
-         must be within ±2 GiB of kernel text"
-    )]
-    JumpOutOfRange { site: u64, target: u64 },
-    #[error("cannot apply the bundle's CPU-feature alternatives: {reason}")]
-    Alternative { reason: String },
-}
+pub use error::LinkError;
+
+const FENTRY: &str = "__fentry__";
 
 /// Everything the engine needs to allocate memory before linking.
 #[derive(Debug, Clone)]
@@ -141,9 +69,61 @@ fn loaded_kind(class: Class) -> Option<RegionKind> {
     }
 }
 
+/// Where each section goes, before any relocation is looked at.
+struct Layout {
+    regions: [RegionPlan; 3],
+    placement: Vec<Option<(RegionKind, u64)>>,
+    unloaded: Vec<&'static str>,
+    dropped: Vec<DroppedSection>,
+}
+
+/// What the relocations of the loaded sections need.
+struct References {
+    undefined: BTreeSet<String>,
+    fentry_sites: Vec<FentrySite>,
+    skip: HashSet<(usize, usize)>,
+}
+
 /// Classifies and lays out the bundle's sections. Pure; fails on anything unsupported.
 pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
     let obj = &bundle.object;
+    let Layout {
+        regions,
+        placement,
+        unloaded,
+        dropped,
+    } = lay_out(obj)?;
+    let References {
+        undefined,
+        fentry_sites,
+        skip,
+    } = references(obj, &placement, &unloaded)?;
+    let [text, rodata, data] = regions;
+    tracing::debug!(
+        id = %bundle.manifest().id,
+        text = text.size,
+        rodata = rodata.size,
+        data = data.size,
+        undefined = undefined.len(),
+        fentry = fentry_sites.len(),
+        "planned bundle"
+    );
+    Ok(Plan {
+        text,
+        rodata,
+        data,
+        dropped,
+        undefined: undefined.into_iter().collect(),
+        fentry_sites,
+        placement,
+        unloaded,
+        skip,
+        digest: bundle.sha256(),
+    })
+}
+
+/// Classifies the sections and places the loaded ones in the three regions.
+fn lay_out(obj: &Object<'_>) -> Result<Layout, LinkError> {
     let n = obj.sections.len();
     let mut placement = vec![None; n];
     let mut unloaded = vec!["not an allocated section"; n];
@@ -225,7 +205,21 @@ pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
         });
         placement[i] = Some((kind, offset));
     }
+    Ok(Layout {
+        regions,
+        placement,
+        unloaded,
+        dropped,
+    })
+}
 
+/// Checks the relocations of loaded sections; finds the fentry calls and the kernel
+/// symbols they need.
+fn references(
+    obj: &Object<'_>,
+    placement: &[Option<(RegionKind, u64)>],
+    unloaded: &[&'static str],
+) -> Result<References, LinkError> {
     let mut undefined = BTreeSet::new();
     let mut fentry_sites = Vec::new();
     let mut skip = HashSet::new();
@@ -287,28 +281,10 @@ pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
             }
         }
     }
-
-    let [text, rodata, data] = regions;
-    tracing::debug!(
-        id = %bundle.manifest().id,
-        text = text.size,
-        rodata = rodata.size,
-        data = data.size,
-        undefined = undefined.len(),
-        fentry = fentry_sites.len(),
-        "planned bundle"
-    );
-    Ok(Plan {
-        text,
-        rodata,
-        data,
-        dropped,
-        undefined: undefined.into_iter().collect(),
+    Ok(References {
+        undefined,
         fentry_sites,
-        placement,
-        unloaded,
         skip,
-        digest: bundle.sha256(),
     })
 }
 

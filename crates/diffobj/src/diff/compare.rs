@@ -225,6 +225,30 @@ fn line_only(a: &[u8], b: &[u8], keys: &[(u64, u32, Key)], moved: LineMoved<'_>)
     found
 }
 
+type Keys = [(u64, u32, Key)];
+
+/// A function's status from its relocation keys and special-table entries, then its bytes.
+fn function_status(
+    name: &str,
+    (bo, bp): (&[u8], &[u8]),
+    (keys_o, keys_p): (&Keys, &Keys),
+    tables_same: bool,
+    moved: LineMoved<'_>,
+) -> Status {
+    if keys_o != keys_p || !tables_same {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            explain(name, keys_o, keys_p, tables_same);
+        }
+        Status::Changed
+    } else if bo == bp {
+        Status::Same
+    } else if bo.len() == bp.len() && line_only(bo, bp, keys_p, moved) {
+        Status::LineOnly
+    } else {
+        Status::Changed
+    }
+}
+
 /// Compares two compiles of `file`.
 pub(crate) fn compare<'a>(
     orig: &'a Obj<'a>,
@@ -278,18 +302,7 @@ pub(crate) fn compare<'a>(
                 continue;
             }
             let tables_same = to.get(&o) == tp.get(&p);
-            status[p] = if keys_o != keys_p || !tables_same {
-                if tracing::enabled!(tracing::Level::DEBUG) {
-                    explain(&s.name, &keys_o, &keys_p, tables_same);
-                }
-                Status::Changed
-            } else if bo == bp {
-                Status::Same
-            } else if bo.len() == bp.len() && line_only(bo, bp, &keys_p, moved) {
-                Status::LineOnly
-            } else {
-                Status::Changed
-            };
+            status[p] = function_status(&s.name, (bo, bp), (&keys_o, &keys_p), tables_same, moved);
             continue;
         }
         let so = &orig.symbols[o];

@@ -89,15 +89,37 @@ pub(crate) struct Plan {
     pub refusals: Vec<Refusal>,
 }
 
-/// Plans the bundle for all compared objects.
-pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
-    let mut plan = Plan::default();
-    for d in diffs {
-        plan.refusals.extend(d.refusals.iter().cloned());
+impl Plan {
+    /// Records a kernel symbol the new code uses, once per (name, file).
+    fn add_external(&mut self, name: String, file: Option<String>, from: &str, weak: bool) {
+        let key = (name.clone(), file.clone());
+        if self.bundle_names.contains_key(&key) {
+            return;
+        }
+        // A second static of the same name gets an alias, which the manifest maps back to
+        // the kernel symbol and its file.
+        let mut alias = name.clone();
+        let mut n = 1;
+        while self.externals.contains_key(&alias) {
+            alias = format!("{name}.lucos_alias{n}");
+            n += 1;
+        }
+        self.bundle_names.insert(key, alias.clone());
+        self.externals.insert(
+            alias,
+            External {
+                symbol: name,
+                file,
+                from: from.to_string(),
+                weak,
+            },
+        );
     }
-    // Global definitions one object adds or changes that another's new code may call.
-    let globals = global_defs(diffs);
-    let mut queue: VecDeque<(usize, UnitKind)> = VecDeque::new();
+}
+
+/// Redirects for the changed functions (refusing those without an fentry site), queued as
+/// the first units.
+fn seed_redirects(diffs: &[Diff<'_>], plan: &mut Plan, queue: &mut VecDeque<(usize, UnitKind)>) {
     for (oi, d) in diffs.iter().enumerate() {
         for p in 0..d.status.len() {
             if d.status[p] != Status::Changed || !d.is_func(p) {
@@ -132,6 +154,18 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
             queue.push_back((oi, UnitKind::Item(p)));
         }
     }
+}
+
+/// Plans the bundle for all compared objects.
+pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
+    let mut plan = Plan::default();
+    for d in diffs {
+        plan.refusals.extend(d.refusals.iter().cloned());
+    }
+    // Global definitions one object adds or changes that another's new code may call.
+    let globals = global_defs(diffs);
+    let mut queue: VecDeque<(usize, UnitKind)> = VecDeque::new();
+    seed_redirects(diffs, &mut plan, &mut queue);
     // The new content of objects rewritten in place is linked like new read-only data.
     let mut rewrites = Vec::new();
     for (oi, d) in diffs.iter().enumerate() {
@@ -215,28 +249,7 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
                 Ok(Resolved::Unit { obj, kind, .. }) => queue.push_back((obj, kind)),
                 Ok(Resolved::External { name, weak, .. }) => {
                     let file = external_file(d, sec, r);
-                    let key = (name.clone(), file.clone());
-                    if !plan.bundle_names.contains_key(&key) {
-                        // A second static of the same name gets an alias, which the
-                        // manifest maps back to the kernel symbol and its file.
-                        let mut alias = name.clone();
-                        let mut n = 1;
-                        while plan.externals.contains_key(&alias) {
-                            alias = format!("{name}.lucos_alias{n}");
-                            n += 1;
-                        }
-                        plan.bundle_names.insert(key, alias.clone());
-                        let from = from.clone();
-                        plan.externals.insert(
-                            alias,
-                            External {
-                                symbol: name,
-                                file,
-                                from,
-                                weak,
-                            },
-                        );
-                    }
+                    plan.add_external(name, file, &from, weak);
                 }
                 Ok(Resolved::Null(_)) => {}
                 Err(r) => refuse(r, &mut plan),

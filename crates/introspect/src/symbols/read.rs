@@ -2,7 +2,7 @@
 //! their source files, slide-adjusted relocation fields, the build-id note.
 
 use object::elf;
-use object::read::elf::{FileHeader, Rela as _, SectionHeader as _, Sym as _};
+use object::read::elf::{FileHeader, Rela as _, SectionHeader as _, Sym as _, SymbolTable};
 use object::{Endianness, ReadRef};
 
 use super::{Binding, Parsed, RelocKind, Section, Symbol, SymbolError, SymbolKind};
@@ -57,51 +57,8 @@ pub(super) fn parse<'data, R: ReadRef<'data>>(
             origin: origin.to_string(),
         });
     }
-    let name_of = |sym: &elf::Sym64<Endianness>| -> String {
-        String::from_utf8_lossy(symtab.symbol_name(endian, sym).unwrap_or(b"")).into_owned()
-    };
-    let is_percpu =
-        |shndx: u16, name: &str| Some(shndx as usize) == percpu_shndx && !percpu_exception(name);
-
-    let mut symbols = Vec::new();
-    let mut file: Option<String> = None;
-    let mut per_cpu_load = 0;
-    for sym in symtab.iter() {
-        let name = name_of(sym);
-        let shndx = sym.st_shndx(endian);
-        if sym.st_type() == elf::STT_FILE {
-            file = Some(name).filter(|n| !n.is_empty());
-            continue;
-        }
-        let kind = match sym.st_type() {
-            elf::STT_FUNC => SymbolKind::Func,
-            elf::STT_OBJECT => SymbolKind::Object,
-            elf::STT_NOTYPE => SymbolKind::NoType,
-            _ => continue,
-        };
-        let binding = match sym.st_bind() {
-            elf::STB_LOCAL => Binding::Local,
-            elf::STB_WEAK => Binding::Weak,
-            elf::STB_GLOBAL | elf::STB_GNU_UNIQUE => Binding::Global,
-            _ => continue,
-        };
-        // Absolute symbols are constants, not addresses KASLR moves.
-        if name.is_empty() || shndx == elf::SHN_UNDEF || shndx >= elf::SHN_LORESERVE {
-            continue;
-        }
-        if name == "__per_cpu_load" {
-            per_cpu_load = sym.st_value(endian);
-        }
-        symbols.push(Symbol {
-            percpu: is_percpu(shndx, &name),
-            file: file.clone().filter(|_| binding == Binding::Local),
-            name,
-            addr: sym.st_value(endian),
-            size: sym.st_size(endian),
-            kind,
-            binding,
-        });
-    }
+    let (symbols, per_cpu_load) = read_symbols(&symtab, endian, percpu_shndx);
+    let name_of = |sym: &elf::Sym64<Endianness>| symbol_name(&symtab, endian, sym);
 
     // Linker-script symbols may be SHN_ABS yet name image addresses (relocs.c
     // lists them by name); anything inside the image's span is one of those.
@@ -165,6 +122,67 @@ pub(super) fn parse<'data, R: ReadRef<'data>>(
         has_relocs,
         build_id,
     })
+}
+
+type Symtab<'data, R> = SymbolTable<'data, elf::FileHeader64<Endianness>, R>;
+
+fn symbol_name<'data, R: ReadRef<'data>>(
+    symtab: &Symtab<'data, R>,
+    endian: Endianness,
+    sym: &elf::Sym64<Endianness>,
+) -> String {
+    String::from_utf8_lossy(symtab.symbol_name(endian, sym).unwrap_or(b"")).into_owned()
+}
+
+/// The function, object and untyped symbols with their source files (for locals), and
+/// the value of `__per_cpu_load`.
+fn read_symbols<'data, R: ReadRef<'data>>(
+    symtab: &Symtab<'data, R>,
+    endian: Endianness,
+    percpu_shndx: Option<usize>,
+) -> (Vec<Symbol>, u64) {
+    let is_percpu =
+        |shndx: u16, name: &str| Some(shndx as usize) == percpu_shndx && !percpu_exception(name);
+    let mut symbols = Vec::new();
+    let mut file: Option<String> = None;
+    let mut per_cpu_load = 0;
+    for sym in symtab.iter() {
+        let name = symbol_name(symtab, endian, sym);
+        let shndx = sym.st_shndx(endian);
+        if sym.st_type() == elf::STT_FILE {
+            file = Some(name).filter(|n| !n.is_empty());
+            continue;
+        }
+        let kind = match sym.st_type() {
+            elf::STT_FUNC => SymbolKind::Func,
+            elf::STT_OBJECT => SymbolKind::Object,
+            elf::STT_NOTYPE => SymbolKind::NoType,
+            _ => continue,
+        };
+        let binding = match sym.st_bind() {
+            elf::STB_LOCAL => Binding::Local,
+            elf::STB_WEAK => Binding::Weak,
+            elf::STB_GLOBAL | elf::STB_GNU_UNIQUE => Binding::Global,
+            _ => continue,
+        };
+        // Absolute symbols are constants, not addresses KASLR moves.
+        if name.is_empty() || shndx == elf::SHN_UNDEF || shndx >= elf::SHN_LORESERVE {
+            continue;
+        }
+        if name == "__per_cpu_load" {
+            per_cpu_load = sym.st_value(endian);
+        }
+        symbols.push(Symbol {
+            percpu: is_percpu(shndx, &name),
+            file: file.clone().filter(|_| binding == Binding::Local),
+            name,
+            addr: sym.st_value(endian),
+            size: sym.st_size(endian),
+            kind,
+            binding,
+        });
+    }
+    (symbols, per_cpu_load)
 }
 
 /// The GNU build id of an ELF file, reading only its note sections (cheap
