@@ -213,8 +213,11 @@ pub fn build(
     })
 }
 
+/// The bytes of an object's original and patched compiles.
+type CompiledBytes = (Vec<u8>, Vec<u8>);
+
 /// Both compiles of each object.
-fn read_compiled(built: &[Compiled]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, DiffError> {
+fn read_compiled(built: &[Compiled]) -> Result<Vec<CompiledBytes>, DiffError> {
     let read = |p: &Path| std::fs::read(p).map_err(DiffError::io("read", p));
     built
         .iter()
@@ -274,7 +277,7 @@ fn no_change_reason(report: &BuildReport) -> String {
 fn parse_compiled<'a>(
     affected: &[&'a KbuildObject],
     built: &[Compiled],
-    bytes: &'a [(Vec<u8>, Vec<u8>)],
+    bytes: &'a [CompiledBytes],
     changes: &[FileChange],
     report: &mut BuildReport,
     refusals: &mut Vec<Refusal>,
