@@ -259,16 +259,8 @@ pub(crate) fn compare<'a>(
     let Correlation { twin, ambiguous } = correlate(orig, patched);
     let name_o = |i: usize| orig.symbols[i].name.clone();
     let name_p = |i: usize| patched_name(orig, patched, &twin, i);
-    let ko = Keyer {
-        obj: orig,
-        name_of: &name_o,
-        owner: None,
-    };
-    let kp = Keyer {
-        obj: patched,
-        name_of: &name_p,
-        owner: None,
-    };
+    let ko = Keyer::new(orig, &name_o);
+    let kp = Keyer::new(patched, &name_p);
     let to = table_entries(orig, &name_o);
     let tp = table_entries(patched, &name_p);
     let mut status = vec![Status::Same; patched.symbols.len()];

@@ -57,13 +57,16 @@ fn is_static_local_obj(o: &Obj<'_>, i: usize) -> bool {
     s.kind == elf::STT_OBJECT && s.is_local() && is_static_local(&s.name)
 }
 
-/// The state of [`correlate`] between its stages.
-struct Matching<'a> {
+/// The two objects [`correlate`] matches, and the candidates on each side.
+struct Sides<'a> {
     orig: &'a Obj<'a>,
     patched: &'a Obj<'a>,
-    /// Candidates on each side.
     oc: Vec<usize>,
     pc: Vec<usize>,
+}
+
+/// What [`correlate`]'s stages have matched so far.
+struct Matches {
     twin: Vec<Option<usize>>,
     /// Original symbols already matched.
     taken: HashSet<usize>,
@@ -71,37 +74,33 @@ struct Matching<'a> {
 
 /// Patched symbol -> original symbol.
 pub(crate) fn correlate<'a>(orig: &'a Obj<'a>, patched: &'a Obj<'a>) -> Correlation {
-    let mut m = Matching {
+    let sides = Sides {
         orig,
         patched,
         oc: candidates(orig),
         pc: candidates(patched),
+    };
+    let mut m = Matches {
         twin: vec![None; patched.symbols.len()],
         taken: HashSet::new(),
     };
-    m.plain_names();
-    m.btf_ids();
-    m.numbered();
-    m.statics_through_users();
-    let ambiguous = m.leftover_statics();
+    sides.plain_names(&mut m);
+    sides.btf_ids(&mut m);
+    sides.numbered(&mut m);
+    sides.statics_through_users(&mut m);
+    let ambiguous = sides.leftover_statics(&mut m);
     Correlation {
         twin: m.twin,
         ambiguous,
     }
 }
 
-impl Matching<'_> {
+impl Sides<'_> {
     /// Stage 1: exact plain names.
-    fn plain_names(&mut self) {
-        let Matching {
-            orig,
-            patched,
-            oc,
-            pc,
-            twin,
-            taken,
-        } = self;
-        let (orig, patched) = (*orig, *patched);
+    fn plain_names(&self, m: &mut Matches) {
+        let (orig, patched) = (self.orig, self.patched);
+        let (oc, pc) = (&self.oc, &self.pc);
+        let Matches { twin, taken } = m;
         let mut by_name: BTreeMap<(&str, u8), Vec<usize>> = BTreeMap::new();
         for &i in oc.iter() {
             if !is_numbered(&orig.symbols[i].name) {
@@ -126,16 +125,10 @@ impl Matching<'_> {
     }
 
     /// Stage 1b: BTF ID entries.
-    fn btf_ids(&mut self) {
-        let Matching {
-            orig,
-            patched,
-            oc,
-            pc,
-            twin,
-            taken,
-        } = self;
-        let (orig, patched) = (*orig, *patched);
+    fn btf_ids(&self, m: &mut Matches) {
+        let (orig, patched) = (self.orig, self.patched);
+        let (oc, pc) = (&self.oc, &self.pc);
+        let Matches { twin, taken } = m;
         // 1b. BTF ID entries (`__BTF_ID__struct__bpf_htab__<n>`): `n` pastes `__COUNTER__` and
         // `__LINE__`, so moved lines rename entries that are the same. Entries of one stem
         // match in the order they have in their section, when both sides have as many.
@@ -172,16 +165,10 @@ impl Matching<'_> {
     }
 
     /// Stage 2: numbered functions and data other than function-scope statics.
-    fn numbered(&mut self) {
-        let Matching {
-            orig,
-            patched,
-            oc,
-            pc,
-            twin,
-            taken,
-        } = self;
-        let (orig, patched) = (*orig, *patched);
+    fn numbered(&self, m: &mut Matches) {
+        let (orig, patched) = (self.orig, self.patched);
+        let (oc, pc) = (&self.oc, &self.pc);
+        let Matches { twin, taken } = m;
         let canon_key = |name: &str| canonical(name);
         let mut groups: BTreeMap<(String, u8), (Vec<usize>, Vec<usize>)> = BTreeMap::new();
         for &i in oc.iter() {
@@ -210,16 +197,8 @@ impl Matching<'_> {
         }
         let canon_name_o = |i: usize| canonical(&orig.symbols[i].name);
         let canon_name_p = |i: usize| canonical(&patched.symbols[i].name);
-        let ko = Keyer {
-            obj: orig,
-            name_of: &canon_name_o,
-            owner: None,
-        };
-        let kp = Keyer {
-            obj: patched,
-            name_of: &canon_name_p,
-            owner: None,
-        };
+        let ko = Keyer::new(orig, &canon_name_o);
+        let kp = Keyer::new(patched, &canon_name_p);
         for (os, ps) in groups.values() {
             if os.len() == 1 && ps.len() == 1 {
                 twin[ps[0]] = Some(os[0]);
@@ -251,16 +230,10 @@ impl Matching<'_> {
     }
 
     /// Stage 3: function-scope statics, through the users already matched.
-    fn statics_through_users(&mut self) {
-        let Matching {
-            orig,
-            patched,
-            oc: _,
-            pc,
-            twin,
-            taken,
-        } = self;
-        let (orig, patched) = (*orig, *patched);
+    fn statics_through_users(&self, m: &mut Matches) {
+        let (orig, patched) = (self.orig, self.patched);
+        let pc = &self.pc;
+        let Matches { twin, taken } = m;
         let statics_used = |o: &Obj<'_>, user: usize| -> Vec<usize> {
             let Some(sec) = o.symbols[user].section() else {
                 return Vec::new();
@@ -298,16 +271,10 @@ impl Matching<'_> {
     }
 
     /// Stage 4: statics no user matched; returns the patched ones left ambiguous.
-    fn leftover_statics(&mut self) -> Vec<usize> {
-        let Matching {
-            orig,
-            patched,
-            oc,
-            pc,
-            twin,
-            taken,
-        } = self;
-        let (orig, patched) = (*orig, *patched);
+    fn leftover_statics(&self, m: &mut Matches) -> Vec<usize> {
+        let (orig, patched) = (self.orig, self.patched);
+        let (oc, pc) = (&self.oc, &self.pc);
+        let Matches { twin, taken } = m;
         let mut left: BTreeMap<String, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
         for &i in oc
             .iter()

@@ -43,7 +43,16 @@ pub(crate) struct Keyer<'a> {
     pub owner: Option<usize>,
 }
 
-impl Keyer<'_> {
+impl<'a> Keyer<'a> {
+    /// Keys of a whole object (no table entry's owner).
+    pub fn new(obj: &'a Obj<'a>, name_of: &'a dyn Fn(usize) -> String) -> Keyer<'a> {
+        Keyer {
+            obj,
+            name_of,
+            owner: None,
+        }
+    }
+
     /// Key of relocation `rel` in section `sec`.
     pub fn key(&self, sec: usize, rel: &Reloc) -> Key {
         self.key_depth(sec, rel, 0)
