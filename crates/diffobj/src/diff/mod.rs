@@ -535,11 +535,11 @@ fn emit_bundle(
     let aliased = aliases.keys().cloned().collect();
     crate::target::check_undefined_except(syms, &object, &resolve, &aliased).map_err(|e| {
         DiffError::SelfCheck {
-            reason: e.to_string(),
+            source: Box::new(e),
         }
     })?;
     let target = crate::target::target_for(syms, release).map_err(|e| DiffError::Target {
-        reason: e.to_string(),
+        source: Box::new(e),
     })?;
     let manifest = Manifest {
         format: FORMAT_VERSION,
