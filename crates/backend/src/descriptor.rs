@@ -109,7 +109,11 @@ impl VmDescriptor {
             path: path.to_owned(),
             reason,
         };
-        let d: VmDescriptor = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let d: VmDescriptor =
+            serde_json::from_str(text).map_err(|source| BackendError::DescriptorJson {
+                path: path.to_owned(),
+                source,
+            })?;
         if d.format != FORMAT {
             return Err(bad(format!(
                 "format {} is not the supported {FORMAT}",

@@ -31,6 +31,12 @@ pub enum BackendError {
     },
     #[error("QMP protocol error: {0}")]
     Qmp(String),
+    #[error("QMP protocol error: bad JSON from QEMU ({source}): {line}")]
+    QmpJson {
+        line: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("QMP command '{command}' failed: {class}: {desc}")]
     QmpCommand {
         command: String,
@@ -45,6 +51,12 @@ pub enum BackendError {
     StaleVm { name: String, pid: u32 },
     #[error("VM descriptor {path} is unreadable: {reason}")]
     BadDescriptor { path: PathBuf, reason: String },
+    #[error("VM descriptor {path} is unreadable: {source}")]
+    DescriptorJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("a VM named '{0}' is already running; pick another --name or stop it first")]
     NameTaken(String),
     #[error(
@@ -105,7 +117,7 @@ pub(crate) fn connect_unix(
 
 impl From<BackendError> for lucos_introspect::MachineError {
     fn from(e: BackendError) -> Self {
-        lucos_introspect::MachineError::Engine(e.to_string())
+        lucos_introspect::MachineError::Engine(Box::new(e))
     }
 }
 

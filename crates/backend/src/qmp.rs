@@ -75,8 +75,10 @@ impl Qmp {
             if line.trim().is_empty() {
                 continue;
             }
-            return serde_json::from_str(&line)
-                .map_err(|e| BackendError::Qmp(format!("bad JSON from QEMU ({e}): {line}")));
+            return serde_json::from_str(&line).map_err(|source| BackendError::QmpJson {
+                line: line.clone(),
+                source,
+            });
         }
     }
 

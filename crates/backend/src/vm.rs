@@ -206,9 +206,9 @@ impl Machine for Vm {
         }
         let text = self.qmp.hmp("info registers", Some(idx))?;
         qmp::parse_info_registers(&text).ok_or_else(|| {
-            MachineError::Engine(format!(
-                "unparsable 'info registers' for vCPU {idx}:\n{text}"
-            ))
+            MachineError::Engine(
+                format!("unparsable 'info registers' for vCPU {idx}:\n{text}").into(),
+            )
         })
     }
 
@@ -223,7 +223,7 @@ impl Machine for Vm {
     fn idt_base(&mut self, idx: usize) -> Result<u64, MachineError> {
         let text = self.qmp.hmp("info registers", Some(idx))?;
         qmp::parse_idt_base(&text).ok_or_else(|| {
-            MachineError::Engine(format!("no IDT base in 'info registers' for vCPU {idx}"))
+            MachineError::Engine(format!("no IDT base in 'info registers' for vCPU {idx}").into())
         })
     }
 

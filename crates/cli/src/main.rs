@@ -330,71 +330,76 @@ fn lucos_main() -> Result<()> {
         Cmd::Status(args) => patchcmd::status(args),
         Cmd::Bench(args) => patchcmd::bench(args),
         Cmd::Soak(args) => lucos::soak::soak(args),
-        Cmd::Bundle { cmd } => match cmd {
-            BundleCmd::Make {
-                spec,
-                output,
-                tree,
-                guest,
-            } => {
-                let tree = match tree {
-                    Some(t) => t,
-                    None => guest.ensure()?.kernel_dir,
-                };
-                let syms = lucos_diffobj::load_symbols(&tree)?;
-                let bytes = lucos_diffobj::make_from_spec_file(&tree, &spec, &syms)
-                    .with_context(|| format!("building {}", spec.display()))?;
-                let bytes = lucos::signing::sign(&bytes)?;
-                std::fs::write(&output, &bytes)
-                    .with_context(|| format!("writing {}", output.display()))?;
-                println!("wrote {} ({} bytes)", output.display(), bytes.len());
-                Ok(())
-            }
-            BundleCmd::Pack {
-                object,
-                manifest,
-                output,
-            } => {
-                let obj = patchcmd::read_input(&object)?;
-                let text = patchcmd::read_input(&manifest)?;
-                let m = lucos_patch::Manifest::from_json(&text)?;
-                let packed = lucos::signing::sign(&lucos_patch::pack(&obj, &m)?)?;
-                std::fs::write(&output, packed)
-                    .with_context(|| format!("writing {}", output.display()))?;
-                println!("wrote {}", output.display());
-                Ok(())
-            }
-            BundleCmd::Show { bundle } => {
-                let b = patchcmd::load_bundle(&bundle)?;
+        Cmd::Bundle { cmd } => bundle(cmd),
+    }
+}
+
+/// `lucos bundle ...`: making, packing, inspecting and signing bundle files.
+fn bundle(cmd: BundleCmd) -> Result<()> {
+    match cmd {
+        BundleCmd::Make {
+            spec,
+            output,
+            tree,
+            guest,
+        } => {
+            let tree = match tree {
+                Some(t) => t,
+                None => guest.ensure()?.kernel_dir,
+            };
+            let syms = lucos_diffobj::load_symbols(&tree)?;
+            let bytes = lucos_diffobj::make_from_spec_file(&tree, &spec, &syms)
+                .with_context(|| format!("building {}", spec.display()))?;
+            let bytes = lucos::signing::sign(&bytes)?;
+            std::fs::write(&output, &bytes)
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!("wrote {} ({} bytes)", output.display(), bytes.len());
+            Ok(())
+        }
+        BundleCmd::Pack {
+            object,
+            manifest,
+            output,
+        } => {
+            let obj = patchcmd::read_input(&object)?;
+            let text = patchcmd::read_input(&manifest)?;
+            let m = lucos_patch::Manifest::from_json(&text)?;
+            let packed = lucos::signing::sign(&lucos_patch::pack(&obj, &m)?)?;
+            std::fs::write(&output, packed)
+                .with_context(|| format!("writing {}", output.display()))?;
+            println!("wrote {}", output.display());
+            Ok(())
+        }
+        BundleCmd::Show { bundle } => {
+            let b = patchcmd::load_bundle(&bundle)?;
+            println!(
+                "{}",
+                json(String::from_utf8_lossy(&b.manifest().to_json()?).into_owned())
+            );
+            let plan = lucos_patch::plan(&b)?;
+            for r in [&plan.text, &plan.rodata, &plan.data] {
                 println!(
-                    "{}",
-                    json(String::from_utf8_lossy(&b.manifest().to_json()?).into_owned())
+                    "{}: {} bytes in {} sections",
+                    r.kind.name(),
+                    r.size,
+                    r.sections.len()
                 );
-                let plan = lucos_patch::plan(&b)?;
-                for r in [&plan.text, &plan.rodata, &plan.data] {
-                    println!(
-                        "{}: {} bytes in {} sections",
-                        r.kind.name(),
-                        r.size,
-                        r.sections.len()
-                    );
-                }
-                for d in &plan.dropped {
-                    println!("dropped {}: {}", esc(&d.name), esc(d.reason));
-                }
-                println!("needs from the kernel: {}", esc(&plan.undefined.join(", ")));
-                match lucos_patch::signing::claimed_key(&patchcmd::read_input(&bundle)?) {
-                    Some(k) => println!(
-                        "signed with key {} (not checked here: `lucos bundle verify`)",
-                        hex::encode(k)
-                    ),
-                    None => println!("not signed"),
-                }
-                Ok(())
             }
-            BundleCmd::Sign(args) => lucos::signing::sign_cmd(args),
-            BundleCmd::Verify { bundle } => lucos::signing::verify_cmd(&bundle),
-            BundleCmd::Trust(args) => lucos::signing::trust_cmd(args),
-        },
+            for d in &plan.dropped {
+                println!("dropped {}: {}", esc(&d.name), esc(d.reason));
+            }
+            println!("needs from the kernel: {}", esc(&plan.undefined.join(", ")));
+            match lucos_patch::signing::claimed_key(&patchcmd::read_input(&bundle)?) {
+                Some(k) => println!(
+                    "signed with key {} (not checked here: `lucos bundle verify`)",
+                    hex::encode(k)
+                ),
+                None => println!("not signed"),
+            }
+            Ok(())
+        }
+        BundleCmd::Sign(args) => lucos::signing::sign_cmd(args),
+        BundleCmd::Verify { bundle } => lucos::signing::verify_cmd(&bundle),
+        BundleCmd::Trust(args) => lucos::signing::trust_cmd(args),
     }
 }

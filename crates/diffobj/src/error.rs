@@ -35,8 +35,11 @@ pub enum BuildError {
     },
     #[error("Kbuild reported success but wrote no {path}; output:\n{output}")]
     NoObject { path: PathBuf, output: String },
-    #[error("the compiled object is not a readable ELF file: {reason}")]
-    BadObject { reason: String },
+    #[error("the compiled object is not a readable ELF file: {source}")]
+    BadObject {
+        #[source]
+        source: object::read::Error,
+    },
     #[error(transparent)]
     Symbols(#[from] SymbolError),
     #[error("`{spec}` is a {kind:?} symbol, not a function; only functions can be redirected")]
@@ -82,11 +85,12 @@ pub enum BuildError {
         addr: u64,
         found: String,
     },
-    #[error("resolve entry `{name}` → `{file}` does not match vmlinux: {reason}")]
+    #[error("resolve entry `{name}` → `{file}` does not match vmlinux: {source}")]
     BadResolve {
         name: String,
         file: String,
-        reason: String,
+        #[source]
+        source: Box<SymbolError>,
     },
     #[error("bundle spec {path}: {reason}")]
     SpecFile { path: PathBuf, reason: String },

@@ -228,15 +228,13 @@ pub fn check_undefined_except(
 ) -> Result<(), BuildError> {
     for (name, file) in resolve {
         syms.lookup_in_file(file, name)
-            .map_err(|e| BuildError::BadResolve {
+            .map_err(|source| BuildError::BadResolve {
                 name: name.clone(),
                 file: file.clone(),
-                reason: e.to_string(),
+                source: Box::new(source),
             })?;
     }
-    let obj = object::File::parse(object).map_err(|e| BuildError::BadObject {
-        reason: e.to_string(),
-    })?;
+    let obj = object::File::parse(object).map_err(|source| BuildError::BadObject { source })?;
     for s in obj.symbols() {
         if !s.is_undefined() {
             continue;

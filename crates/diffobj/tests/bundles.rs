@@ -86,6 +86,20 @@ fn undefined_names(bundle: &[u8]) -> Vec<String> {
         .collect()
 }
 
+/// The release the kernel itself reports: `Linux version <release> ...` in its banner.
+fn kernel_release(tree: &Path) -> String {
+    let banner = {
+        let syms = lucos_introspect::KernelSymbols::load(tree.join("vmlinux")).unwrap();
+        let b = syms.lookup("linux_banner").unwrap();
+        String::from_utf8_lossy(&syms.section_bytes(b.addr, 64).unwrap()).into_owned()
+    };
+    banner
+        .strip_prefix("Linux version ")
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn spec_bundles_build_and_leave_the_tree_alone() {
     let Some(tree) = tree() else { return };
@@ -96,17 +110,7 @@ fn spec_bundles_build_and_leave_the_tree_alone() {
     let before = newer_than(&tree, &stamp);
 
     let build_id = readelf_build_id(&tree.join("vmlinux"));
-    // The release the kernel itself reports: `Linux version <release> ...` in its banner.
-    let banner = {
-        let syms = lucos_introspect::KernelSymbols::load(tree.join("vmlinux")).unwrap();
-        let b = syms.lookup("linux_banner").unwrap();
-        String::from_utf8_lossy(&syms.section_bytes(b.addr, 64).unwrap()).into_owned()
-    };
-    let release = banner
-        .strip_prefix("Linux version ")
-        .and_then(|r| r.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let release = kernel_release(&tree);
     let map = system_map(&tree);
     let fentry = map["__fentry__"][0];
 
@@ -148,33 +152,7 @@ fn spec_bundles_build_and_leave_the_tree_alone() {
                 check_module_replacement(&tree, module, r);
                 continue;
             }
-            let addrs = &map[&r.old];
-            let sym = match &r.old_file {
-                Some(f) => syms.lookup_in_file(f, &r.old).unwrap(),
-                None => syms.lookup(&r.old).unwrap(),
-            };
-            assert!(
-                addrs.contains(&sym.addr),
-                "{} not at a System.map address",
-                r.old
-            );
-            assert_eq!(
-                r.old_file.is_some(),
-                sym.binding == Binding::Local,
-                "old_file is set exactly for statics ({})",
-                r.old
-            );
-            let site = r.site_offset as usize;
-            assert!(site == 0 || site == 4);
-            assert_eq!(&r.expect[site..site + 5], &NOP5, "{}", r.old);
-            // vmlinux has `call __fentry__` there; the rest is vmlinux's bytes.
-            let raw = syms.section_bytes(sym.addr, r.expect.len()).unwrap();
-            assert_eq!(raw[site], 0xe8);
-            let rel = i32::from_le_bytes(raw[site + 1..site + 5].try_into().unwrap());
-            let dest = (sym.addr + site as u64 + 5).wrapping_add(rel as i64 as u64);
-            assert_eq!(dest, fentry, "{}: site does not call __fentry__", r.old);
-            assert_eq!(&r.expect[site + 5..], &raw[site + 5..]);
-            assert_eq!(r.expected_bytes(0), r.expect);
+            check_vmlinux_replacement(syms, &map, fentry, r);
         }
 
         let sections = section_names(&bytes);
@@ -409,6 +387,43 @@ fn undefined_symbols_are_checked_like_the_engine_resolves_them() {
     let resolve = BTreeMap::from([("override_release".to_string(), "fs/nope.c".to_string())]);
     let e = check_undefined(syms, &object_needing(&[]), &resolve).unwrap_err();
     assert!(matches!(e, BuildError::BadResolve { .. }), "{e}");
+}
+
+/// A replacement of a vmlinux function names it where System.map has it, with
+/// `old_file` exactly for statics, and expects its bytes with the NOP5 at the fentry site.
+fn check_vmlinux_replacement(
+    syms: &KernelSymbols,
+    map: &BTreeMap<String, Vec<u64>>,
+    fentry: u64,
+    r: &lucos_patch::Replacement,
+) {
+    let addrs = &map[&r.old];
+    let sym = match &r.old_file {
+        Some(f) => syms.lookup_in_file(f, &r.old).unwrap(),
+        None => syms.lookup(&r.old).unwrap(),
+    };
+    assert!(
+        addrs.contains(&sym.addr),
+        "{} not at a System.map address",
+        r.old
+    );
+    assert_eq!(
+        r.old_file.is_some(),
+        sym.binding == Binding::Local,
+        "old_file is set exactly for statics ({})",
+        r.old
+    );
+    let site = r.site_offset as usize;
+    assert!(site == 0 || site == 4);
+    assert_eq!(&r.expect[site..site + 5], &NOP5, "{}", r.old);
+    // vmlinux has `call __fentry__` there; the rest is vmlinux's bytes.
+    let raw = syms.section_bytes(sym.addr, r.expect.len()).unwrap();
+    assert_eq!(raw[site], 0xe8);
+    let rel = i32::from_le_bytes(raw[site + 1..site + 5].try_into().unwrap());
+    let dest = (sym.addr + site as u64 + 5).wrapping_add(rel as i64 as u64);
+    assert_eq!(dest, fentry, "{}: site does not call __fentry__", r.old);
+    assert_eq!(&r.expect[site + 5..], &raw[site + 5..]);
+    assert_eq!(r.expected_bytes(0), r.expect);
 }
 
 /// A module function's replacement: its `expect` is the `.ko`'s bytes of the function with

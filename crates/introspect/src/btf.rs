@@ -22,6 +22,12 @@ pub enum BtfError {
     },
     #[error("{0}")]
     Malformed(String),
+    #[error("{}: {source}", path.display())]
+    Elf {
+        path: std::path::PathBuf,
+        #[source]
+        source: object::read::Error,
+    },
     #[error(
         "the kernel has no BTF (.BTF section); it needs CONFIG_DEBUG_INFO_BTF for lucos to \
          read {what} from outside"
@@ -80,12 +86,17 @@ impl Btf {
             path: path.to_owned(),
             source,
         })?;
-        let file = object::File::parse(&*data)
-            .map_err(|e| BtfError::Malformed(format!("{}: {e}", path.display())))?;
+        let file = object::File::parse(&*data).map_err(|source| BtfError::Elf {
+            path: path.to_owned(),
+            source,
+        })?;
         let sec = file.section_by_name(".BTF").ok_or(BtfError::Missing {
             what: "kernel data",
         })?;
-        let bytes = sec.data().map_err(|e| BtfError::Malformed(e.to_string()))?;
+        let bytes = sec.data().map_err(|source| BtfError::Elf {
+            path: path.to_owned(),
+            source,
+        })?;
         Self::parse(bytes)
     }
 

@@ -340,10 +340,10 @@ impl<'a, M: Machine + ?Sized> Failing<'a, M> {
     ) -> Result<T, MachineError> {
         match self.hit(calls) {
             None => f(self.inner),
-            Some((Fault::Refused, why)) => Err(MachineError::Engine(why)),
+            Some((Fault::Refused, why)) => Err(MachineError::Engine(why.into())),
             Some((Fault::ReplyLost, why)) => {
                 f(self.inner)?;
-                Err(MachineError::Engine(why))
+                Err(MachineError::Engine(why.into()))
             }
         }
     }

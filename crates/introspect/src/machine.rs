@@ -11,8 +11,10 @@ pub enum MachineError {
     NoSuchVcpu(usize),
     #[error("the VM must be paused for this operation")]
     NotPaused,
+    /// The engine's own failure (a QMP or gdbstub error, a file of the VM ...), kept whole
+    /// for callers that look at it; introspect knows no engine's error type.
     #[error("VM engine: {0}")]
-    Engine(String),
+    Engine(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// Read access to guest physical memory.

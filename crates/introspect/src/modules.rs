@@ -35,6 +35,12 @@ pub enum ModuleError {
     Corrupt { name: String, reason: String },
     #[error("{0}")]
     Kernel(String),
+    #[error("vmlinux has no {what} ({source})")]
+    NoSymbol {
+        what: &'static str,
+        #[source]
+        source: crate::symbols::SymbolError,
+    },
 }
 
 /// Offsets in `struct module` and `struct mod_kallsyms` (Linux 6.1 names).
@@ -196,7 +202,10 @@ pub fn cpu_feature_words(
     }
     let bcd = syms
         .lookup("boot_cpu_data")
-        .map_err(|e| ModuleError::Kernel(format!("vmlinux has no boot_cpu_data ({e})")))?;
+        .map_err(|source| ModuleError::NoSymbol {
+            what: "boot_cpu_data",
+            source,
+        })?;
     let va = layout.live(bcd.addr) + off;
     let mut buf = vec![0u8; (n * 4) as usize];
     read_virt(mem, layout.cr3, va, &mut buf).map_err(|source| ModuleError::Read { va, source })?;
@@ -217,7 +226,10 @@ pub fn loaded(
     let head = syms
         .lookup_in_file("kernel/module/main.c", "modules")
         .or_else(|_| syms.lookup("modules"))
-        .map_err(|e| ModuleError::Kernel(format!("vmlinux has no `modules` list head ({e})")))?;
+        .map_err(|source| ModuleError::NoSymbol {
+            what: "`modules` list head",
+            source,
+        })?;
     list_modules(mem, layout.cr3, layout.live(head.addr), &off)
 }
 

@@ -75,7 +75,13 @@ pub enum SymbolError {
         source: std::io::Error,
     },
     #[error("{origin} is not a usable x86-64 ELF vmlinux: {msg}")]
-    BadElf { origin: String, msg: String },
+    BadElf {
+        origin: String,
+        msg: String,
+        /// `object`'s reason, when its reader refused the file.
+        #[source]
+        source: Option<object::read::Error>,
+    },
     #[error("{origin} has no symbol table (.symtab); it was stripped: use the vmlinux from the kernel build tree")]
     NoSymtab { origin: String },
     #[error("no symbol `{name}` in vmlinux{}; static and small functions are often inlined into their callers and then have no symbol of their own", variants_hint(.variants))]

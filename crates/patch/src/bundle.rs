@@ -2,11 +2,10 @@
 //! non-allocated section `.lucos.manifest` (see docs/bundle-format.md).
 
 use object::elf;
-use object::read::elf::{FileHeader, SectionHeader};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::elf::{check_header, parse_object, Object, SymPlace};
+use crate::elf::{detail, ElfError, Object, SymPlace};
 use crate::manifest::Manifest;
 use crate::signing::{self, SignatureError, Signer};
 use crate::trust::TrustStore;
@@ -20,8 +19,12 @@ pub enum BundleError {
     NotElf,
     #[error("wrong kind of ELF file: {what}")]
     WrongFormat { what: String },
-    #[error("malformed or truncated ELF object: {what}; rebuild the bundle")]
-    Malformed { what: String },
+    #[error("malformed or truncated ELF object: {what}{}; rebuild the bundle", detail(.source))]
+    Malformed {
+        what: String,
+        #[source]
+        source: Option<object::read::Error>,
+    },
     #[error(
         "no {MANIFEST_SECTION} section: this is a plain object, not a bundle; add a manifest \
          with lucos_patch::pack"
@@ -55,7 +58,7 @@ pub enum BundleError {
 #[derive(Debug, Clone)]
 pub struct Bundle {
     manifest: Manifest,
-    pub(crate) object: Object,
+    pub(crate) object: Object<'static>,
     sha256: [u8; 32],
     signer: Option<Signer>,
 }
@@ -75,7 +78,7 @@ impl Bundle {
     /// input.
     pub fn parse(file: &[u8]) -> Result<Bundle, BundleError> {
         let bytes = signing::strip(file);
-        let object = parse_object(bytes)?;
+        let object = Object::parse(bytes)?.into_owned();
         let json = manifest_bytes(&object)?;
         let manifest = Manifest::from_json(json)?;
         for r in &manifest.replacements {
@@ -105,7 +108,18 @@ impl Bundle {
     }
 }
 
-fn manifest_bytes(object: &Object) -> Result<&[u8], BundleError> {
+/// The bundle's view of a bad object: the same facts, with what to do about them.
+impl From<ElfError> for BundleError {
+    fn from(e: ElfError) -> BundleError {
+        match e {
+            ElfError::NotElf => BundleError::NotElf,
+            ElfError::WrongFormat { what } => BundleError::WrongFormat { what },
+            ElfError::Malformed { what, source } => BundleError::Malformed { what, source },
+        }
+    }
+}
+
+fn manifest_bytes<'a>(object: &'a Object<'_>) -> Result<&'a [u8], BundleError> {
     let mut found = object
         .sections
         .iter()
@@ -127,14 +141,14 @@ fn manifest_bytes(object: &Object) -> Result<&[u8], BundleError> {
         });
     }
     // Tolerate the NUL terminator of an assembler `.asciz`.
-    let mut json = section.data.as_slice();
+    let mut json = &section.data[..];
     while let [rest @ .., 0] = json {
         json = rest;
     }
     Ok(json)
 }
 
-fn check_new_function(object: &Object, new: &str) -> Result<(), BundleError> {
+fn check_new_function(object: &Object<'_>, new: &str) -> Result<(), BundleError> {
     let bad = |reason: String| BundleError::BadNewFunction {
         new: new.to_string(),
         reason,
@@ -177,138 +191,4 @@ fn check_new_function(object: &Object, new: &str) -> Result<(), BundleError> {
         )));
     }
     Ok(())
-}
-
-fn pack_err(reason: impl Into<String>) -> BundleError {
-    BundleError::Pack {
-        reason: reason.into(),
-    }
-}
-
-fn put_u16(buf: &mut [u8], at: usize, v: u16) {
-    buf[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-fn put_u32(buf: &mut [u8], at: usize, v: u32) {
-    buf[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-fn put_u64(buf: &mut [u8], at: usize, v: u64) {
-    buf[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-const SHDR_SIZE: usize = 64;
-
-/// Returns `object` with `.lucos.manifest` set to `manifest`, added or replaced.
-///
-/// Written in place rather than via objcopy: existing bytes and section indices stay as they
-/// are (symbols and relocations refer to indices); the manifest, a grown section-name table
-/// and a new section header table are appended. The result is validated with
-/// [`Bundle::parse`].
-///
-/// The result is unsigned (a signature of `object` is dropped: it no longer matches).
-pub fn pack(object: &[u8], manifest: &Manifest) -> Result<Vec<u8>, BundleError> {
-    let object = signing::strip(object);
-    manifest.validate()?;
-    let json = manifest.to_json()?;
-    let header = check_header(object)?;
-    let endian = header.endian().map_err(|e| pack_err(e.to_string()))?;
-    let table = header
-        .sections(endian, object)
-        .map_err(|e| BundleError::Malformed {
-            what: format!("section header table: {e}"),
-        })?;
-    let shnum = table.len();
-    let shoff = header.e_shoff(endian) as usize;
-    let shstrndx = usize::from(header.e_shstrndx(endian));
-    if header.e_shnum(endian) == 0 || shstrndx == usize::from(elf::SHN_XINDEX) || shstrndx == 0 {
-        return Err(pack_err(
-            "the object uses extended section numbering or has no section-name table; \
-             split it into smaller objects",
-        ));
-    }
-    if shnum + 1 >= usize::from(elf::SHN_LORESERVE) {
-        return Err(pack_err("the object has too many sections to add one more"));
-    }
-    let mut headers: Vec<[u8; SHDR_SIZE]> = Vec::with_capacity(shnum + 1);
-    for i in 0..shnum {
-        let at = shoff + i * SHDR_SIZE;
-        let raw = object
-            .get(at..at + SHDR_SIZE)
-            .ok_or_else(|| pack_err("section header table runs past the end of the file"))?;
-        let mut h = [0u8; SHDR_SIZE];
-        h.copy_from_slice(raw);
-        headers.push(h);
-    }
-    let existing: Vec<usize> = table
-        .iter()
-        .enumerate()
-        .filter(|(_, sh)| table.section_name(endian, sh) == Ok(MANIFEST_SECTION.as_bytes()))
-        .map(|(i, _)| i)
-        .collect();
-    if existing.len() > 1 {
-        return Err(pack_err(format!(
-            "the object already has {} {MANIFEST_SECTION} sections",
-            existing.len()
-        )));
-    }
-
-    let mut out = object.to_vec();
-    // Drop the old header table when it is the file's tail; it is rewritten below.
-    if shoff + shnum * SHDR_SIZE == out.len() {
-        out.truncate(shoff);
-    }
-    let manifest_off = out.len() as u64;
-    out.extend_from_slice(&json);
-
-    let name_off = match existing.first() {
-        Some(&i) => {
-            u32::from_le_bytes([headers[i][0], headers[i][1], headers[i][2], headers[i][3]])
-        }
-        None => {
-            let shstr = table.section(object::SectionIndex(shstrndx)).map_err(|e| {
-                BundleError::Malformed {
-                    what: format!("section-name table: {e}"),
-                }
-            })?;
-            let mut names = shstr
-                .data(endian, object)
-                .map_err(|e| BundleError::Malformed {
-                    what: format!("section-name table: {e}"),
-                })?
-                .to_vec();
-            let name_off = u32::try_from(names.len())
-                .map_err(|_| pack_err("section-name table is larger than 4 GiB"))?;
-            names.extend_from_slice(MANIFEST_SECTION.as_bytes());
-            names.push(0);
-            let h = &mut headers[shstrndx];
-            put_u64(h, 24, out.len() as u64);
-            put_u64(h, 32, names.len() as u64);
-            out.extend_from_slice(&names);
-            name_off
-        }
-    };
-
-    let mut h = [0u8; SHDR_SIZE];
-    put_u32(&mut h, 0, name_off);
-    put_u32(&mut h, 4, elf::SHT_PROGBITS);
-    // sh_flags 0: not allocated, never loaded.
-    put_u64(&mut h, 24, manifest_off);
-    put_u64(&mut h, 32, json.len() as u64);
-    put_u64(&mut h, 48, 1);
-    match existing.first() {
-        Some(&i) => headers[i] = h,
-        None => headers.push(h),
-    }
-
-    while out.len() & 7 != 0 {
-        out.push(0);
-    }
-    let new_shoff = out.len() as u64;
-    for h in &headers {
-        out.extend_from_slice(h);
-    }
-    put_u64(&mut out, 0x28, new_shoff);
-    put_u16(&mut out, 0x3c, headers.len() as u16);
-
-    Bundle::parse(&out)?;
-    Ok(out)
 }

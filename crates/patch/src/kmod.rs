@@ -32,6 +32,12 @@ pub const JUMP_TABLE: &str = "__jump_table";
 pub enum KmodError {
     #[error("this kernel cannot take the bundle as a module: {0}")]
     Unsupported(String),
+    #[error("this kernel cannot take the bundle as a module: vmlinux has no `{name}` ({source})")]
+    NoAnchor {
+        name: &'static str,
+        #[source]
+        source: lucos_introspect::symbols::SymbolError,
+    },
     #[error("the kernel's module structures: {0}")]
     Layout(#[from] BtfError),
     #[error(transparent)]
@@ -56,11 +62,11 @@ pub fn probe(
     syms: &KernelSymbols,
     kl: &KernelLayout,
 ) -> Result<KernelModules, KmodError> {
-    let find = |file: &str, name: &str| {
+    let find = |file: &str, name: &'static str| {
         syms.lookup_in_file(file, name)
             .or_else(|_| syms.lookup(name))
             .map(|s| kl.live(s.addr))
-            .map_err(|e| KmodError::Unsupported(format!("vmlinux has no `{name}` ({e})")))
+            .map_err(|source| KmodError::NoAnchor { name, source })
     };
     let anchors = Anchors {
         modules: find("kernel/module/main.c", "modules")?,

@@ -11,13 +11,14 @@
 
 mod alternatives;
 mod bundle;
-mod elf;
+pub mod elf;
 pub mod engine;
 pub mod kmod;
 mod layout;
 mod link;
 mod manifest;
 pub mod memory;
+mod pack;
 pub mod policy;
 pub mod registry;
 mod reloc;
@@ -28,7 +29,7 @@ mod site;
 pub mod trust;
 
 pub use alternatives::{apply_alternatives, CpuFeatures};
-pub use bundle::{pack, Bundle, BundleError, MANIFEST_SECTION};
+pub use bundle::{Bundle, BundleError, MANIFEST_SECTION};
 pub use engine::{
     page_offset_base, reset_registry, ApplyReport, EngineError, ResetReport, RevertReport, Session,
 };
@@ -42,6 +43,7 @@ pub use manifest::{
     MAX_EXPECT, MAX_NAMES, MAX_PATH, MAX_RELEASE, MAX_REPLACEMENTS, MAX_REWRITE, MAX_REWRITES,
     MAX_SYMBOL,
 };
+pub use pack::pack;
 pub use reloc::reloc_name;
 pub use returns::{apply_returns, ReturnMode};
 pub use sections::refused_by_name as section_refusal;

@@ -9,7 +9,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use object::elf;
-use thiserror::Error;
 
 use crate::bundle::Bundle;
 use crate::elf::{Object, Reloc, SymPlace};
@@ -21,82 +20,11 @@ use crate::reloc::{self, reloc_name, Fail};
 use crate::sections::{classify, refusal, Class};
 use crate::site::{is_call_rel32, ENDBR64, NOP5};
 
-const FENTRY: &str = "__fentry__";
+mod error;
 
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum LinkError {
-    #[error("section {section} cannot be loaded: {reason}")]
-    UnsupportedSection { section: String, reason: String },
-    #[error(
-        "unsupported relocation {r_type} at {section}+{offset:#x}; the kernel module loader \
-         only applies R_X86_64_NONE/64/32/32S/PC32/PLT32/PC64 — build with -mcmodel=kernel \
-         -fno-pic like kernel code"
-    )]
-    UnsupportedRelocation {
-        section: String,
-        offset: u64,
-        r_type: String,
-    },
-    #[error(
-        "relocation {r_type} at {section}+{offset:#x} against `{symbol}` overflows \
-         (value {value:#x}); {hint}"
-    )]
-    RelocationOverflow {
-        section: String,
-        offset: u64,
-        symbol: String,
-        r_type: String,
-        value: u64,
-        hint: &'static str,
-    },
-    #[error(
-        "relocation {r_type} at {section}+{offset:#x}: the field is not zero before relocation \
-         (the kernel refuses this too); was the object already relocated?"
-    )]
-    RelocationTargetNotZero {
-        section: String,
-        offset: u64,
-        r_type: String,
-    },
-    #[error("relocation at {section}+{offset:#x} runs past the end of the section; the object is corrupt")]
-    RelocationOutOfBounds { section: String, offset: u64 },
-    #[error(
-        "relocation at {section}+{offset:#x} refers to `{symbol}` in section {target}, which is \
-         not loaded ({reason}); move that code or data into a normal section"
-    )]
-    RelocationToUnloaded {
-        section: String,
-        offset: u64,
-        symbol: String,
-        target: String,
-        reason: String,
-    },
-    #[error("cannot resolve `{name}` in the running kernel: {reason}")]
-    UnresolvedSymbol { name: String, reason: String },
-    #[error("`{name}` is a common symbol; build with -fno-common (as the kernel does)")]
-    CommonSymbol { name: String },
-    #[error("bad __fentry__ reference at {section}+{offset:#x}: {reason}")]
-    BadFentryCall {
-        section: String,
-        offset: u64,
-        reason: String,
-    },
-    #[error(
-        "the {region} region would be {size:#x} bytes, more than the {MAX_REGION_SIZE:#x} allowed"
-    )]
-    RegionTooLarge { region: &'static str, size: u64 },
-    #[error("this plan was made for a different bundle; call plan() on the bundle being linked")]
-    PlanMismatch,
-    #[error("bad region bases: {reason}")]
-    BadRegions { reason: String },
-    #[error(
-        "jmp rel32 at {site:#x} cannot reach {target:#x} (more than ±2 GiB away); patch memory \
-         must be within ±2 GiB of kernel text"
-    )]
-    JumpOutOfRange { site: u64, target: u64 },
-    #[error("cannot apply the bundle's CPU-feature alternatives: {reason}")]
-    Alternative { reason: String },
-}
+pub use error::LinkError;
+
+const FENTRY: &str = "__fentry__";
 
 /// Everything the engine needs to allocate memory before linking.
 #[derive(Debug, Clone)]
@@ -112,7 +40,7 @@ pub struct Plan {
     placement: Vec<Option<(RegionKind, u64)>>,
     /// Why each unloaded section is unloaded (for error messages).
     unloaded: Vec<&'static str>,
-    /// (relocation section, entry) pairs consumed by fentry NOP-ing.
+    /// (section, index in its relocations) pairs consumed by fentry NOP-ing.
     skip: HashSet<(usize, usize)>,
     digest: [u8; 32],
 }
@@ -141,13 +69,61 @@ fn loaded_kind(class: Class) -> Option<RegionKind> {
     }
 }
 
-fn is_reloc_section(sh_type: u32) -> bool {
-    sh_type == elf::SHT_RELA || sh_type == elf::SHT_REL
+/// Where each section goes, before any relocation is looked at.
+struct Layout {
+    regions: [RegionPlan; 3],
+    placement: Vec<Option<(RegionKind, u64)>>,
+    unloaded: Vec<&'static str>,
+    dropped: Vec<DroppedSection>,
+}
+
+/// What the relocations of the loaded sections need.
+struct References {
+    undefined: BTreeSet<String>,
+    fentry_sites: Vec<FentrySite>,
+    skip: HashSet<(usize, usize)>,
 }
 
 /// Classifies and lays out the bundle's sections. Pure; fails on anything unsupported.
 pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
     let obj = &bundle.object;
+    let Layout {
+        regions,
+        placement,
+        unloaded,
+        dropped,
+    } = lay_out(obj)?;
+    let References {
+        undefined,
+        fentry_sites,
+        skip,
+    } = references(obj, &placement, &unloaded)?;
+    let [text, rodata, data] = regions;
+    tracing::debug!(
+        id = %bundle.manifest().id,
+        text = text.size,
+        rodata = rodata.size,
+        data = data.size,
+        undefined = undefined.len(),
+        fentry = fentry_sites.len(),
+        "planned bundle"
+    );
+    Ok(Plan {
+        text,
+        rodata,
+        data,
+        dropped,
+        undefined: undefined.into_iter().collect(),
+        fentry_sites,
+        placement,
+        unloaded,
+        skip,
+        digest: bundle.sha256(),
+    })
+}
+
+/// Classifies the sections and places the loaded ones in the three regions.
+fn lay_out(obj: &Object<'_>) -> Result<Layout, LinkError> {
     let n = obj.sections.len();
     let mut placement = vec![None; n];
     let mut unloaded = vec!["not an allocated section"; n];
@@ -171,7 +147,7 @@ pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
     ];
 
     for (i, s) in obj.sections.iter().enumerate().skip(1) {
-        if is_reloc_section(s.sh_type) {
+        if s.is_reloc_section() {
             continue;
         }
         let class = classify(&s.name, s.sh_type, s.flags);
@@ -229,24 +205,37 @@ pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
         });
         placement[i] = Some((kind, offset));
     }
+    Ok(Layout {
+        regions,
+        placement,
+        unloaded,
+        dropped,
+    })
+}
 
+/// Checks the relocations of loaded sections; finds the fentry calls and the kernel
+/// symbols they need.
+fn references(
+    obj: &Object<'_>,
+    placement: &[Option<(RegionKind, u64)>],
+    unloaded: &[&'static str],
+) -> Result<References, LinkError> {
     let mut undefined = BTreeSet::new();
     let mut fentry_sites = Vec::new();
     let mut skip = HashSet::new();
-    for (ri, rs) in obj.relocs.iter().enumerate() {
-        if placement[rs.target].is_none() {
+    for (si, sec) in obj.sections.iter().enumerate() {
+        if placement[si].is_none() {
             continue;
         }
-        let sec = &obj.sections[rs.target];
-        if rs.is_rel {
+        if let Some(rel) = sec.rel_section {
             return Err(LinkError::UnsupportedSection {
-                section: rs.name.clone(),
+                section: obj.sections[rel].name.clone(),
                 reason: "SHT_REL relocations (implicit addends); x86-64 kernel objects use \
                          SHT_RELA — rebuild with the kernel toolchain"
                     .into(),
             });
         }
-        for (k, r) in rs.relocs.iter().enumerate() {
+        for (k, r) in sec.relocs.iter().enumerate() {
             let width = reloc::width(r.r_type).ok_or_else(|| LinkError::UnsupportedRelocation {
                 section: sec.name.clone(),
                 offset: r.offset,
@@ -268,8 +257,8 @@ pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
             let sym = &obj.symbols[r.sym];
             match sym.place {
                 SymPlace::Undefined if sym.name == FENTRY => {
-                    fentry_sites.push(fentry_site(obj, rs.target, r)?);
-                    skip.insert((ri, k));
+                    fentry_sites.push(fentry_site(obj, si, r)?);
+                    skip.insert((si, k));
                 }
                 SymPlace::Undefined if r.sym != 0 => {
                     undefined.insert(sym.name.clone());
@@ -292,34 +281,16 @@ pub fn plan(bundle: &Bundle) -> Result<Plan, LinkError> {
             }
         }
     }
-
-    let [text, rodata, data] = regions;
-    tracing::debug!(
-        id = %bundle.manifest().id,
-        text = text.size,
-        rodata = rodata.size,
-        data = data.size,
-        undefined = undefined.len(),
-        fentry = fentry_sites.len(),
-        "planned bundle"
-    );
-    Ok(Plan {
-        text,
-        rodata,
-        data,
-        dropped,
-        undefined: undefined.into_iter().collect(),
+    Ok(References {
+        undefined,
         fentry_sites,
-        placement,
-        unloaded,
         skip,
-        digest: bundle.sha256(),
     })
 }
 
 /// Checks that a relocation against `__fentry__` is the `call __fentry__` at a function's
 /// entry (after an optional endbr64), which the linker turns into the NOP5.
-fn fentry_site(obj: &Object, sec_idx: usize, r: &Reloc) -> Result<FentrySite, LinkError> {
+fn fentry_site(obj: &Object<'_>, sec_idx: usize, r: &Reloc) -> Result<FentrySite, LinkError> {
     let sec = &obj.sections[sec_idx];
     let err = |reason: String| LinkError::BadFentryCall {
         section: sec.name.clone(),
@@ -444,13 +415,13 @@ pub fn link(
     }
 
     let mut resolved: BTreeMap<String, u64> = BTreeMap::new();
-    for (ri, rs) in obj.relocs.iter().enumerate() {
-        let Some((kind, sec_off)) = plan.placement[rs.target] else {
+    for (si, sec) in obj.sections.iter().enumerate() {
+        let Some((kind, sec_off)) = plan.placement[si] else {
             continue;
         };
-        let sec_name = &obj.sections[rs.target].name;
-        for (k, r) in rs.relocs.iter().enumerate() {
-            if plan.skip.contains(&(ri, k)) || r.r_type == elf::R_X86_64_NONE {
+        let sec_name = &sec.name;
+        for (k, r) in sec.relocs.iter().enumerate() {
+            if plan.skip.contains(&(si, k)) || r.r_type == elf::R_X86_64_NONE {
                 continue;
             }
             let sym = &obj.symbols[r.sym];
@@ -532,7 +503,7 @@ pub fn link(
 }
 
 /// Addresses of defined functions and objects; globals win over locals of the same name.
-fn placed_symbols(obj: &Object, plan: &Plan, bases: &Regions) -> HashMap<String, u64> {
+fn placed_symbols(obj: &Object<'_>, plan: &Plan, bases: &Regions) -> HashMap<String, u64> {
     let mut best: HashMap<&str, (u64, bool, bool)> = HashMap::new(); // (addr, global, ambiguous)
     for s in &obj.symbols {
         if s.kind != elf::STT_FUNC && s.kind != elf::STT_OBJECT {

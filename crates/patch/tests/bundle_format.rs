@@ -201,6 +201,12 @@ fn manifest_validation() {
         m.replacements[0].old_file = Some("fs/proc/cmdline.c".into())
     })
     .unwrap();
+}
+
+#[test]
+fn manifest_validation_of_target_and_replacements() {
+    let obj = object();
+    let f = |edit: fn(&mut Manifest)| packs_with(&obj, edit).unwrap_err();
     assert_eq!(
         field_of(f(|m| m.target.build_id = "xyz".into())),
         "target.build_id"

@@ -13,10 +13,10 @@ use iced_x86::{Code, Register};
 use object::elf;
 
 use super::correlate::{correlate, patched_name, Correlation};
-use super::elf::{insn_at, is_item, Obj, Target};
 use super::error::Refusal;
 use super::keys::{Key, Keyer};
 use super::names::{cold_parent, is_special_static};
+use super::obj::{insn_at, is_item, Obj, Target};
 use super::promote;
 use super::special;
 
@@ -53,8 +53,8 @@ const LINE_FUNCS: &[&str] = &[
 
 /// The comparison of one object pair.
 pub(crate) struct Diff<'a> {
-    pub orig: &'a Obj,
-    pub patched: &'a Obj,
+    pub orig: &'a Obj<'a>,
+    pub patched: &'a Obj<'a>,
     /// Source path of the object, for messages and static resolution.
     pub file: String,
     /// Patched symbol -> original symbol.
@@ -225,26 +225,42 @@ fn line_only(a: &[u8], b: &[u8], keys: &[(u64, u32, Key)], moved: LineMoved<'_>)
     found
 }
 
+type Keys = [(u64, u32, Key)];
+
+/// A function's status from its relocation keys and special-table entries, then its bytes.
+fn function_status(
+    name: &str,
+    (bo, bp): (&[u8], &[u8]),
+    (keys_o, keys_p): (&Keys, &Keys),
+    tables_same: bool,
+    moved: LineMoved<'_>,
+) -> Status {
+    if keys_o != keys_p || !tables_same {
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            explain(name, keys_o, keys_p, tables_same);
+        }
+        Status::Changed
+    } else if bo == bp {
+        Status::Same
+    } else if bo.len() == bp.len() && line_only(bo, bp, keys_p, moved) {
+        Status::LineOnly
+    } else {
+        Status::Changed
+    }
+}
+
 /// Compares two compiles of `file`.
 pub(crate) fn compare<'a>(
-    orig: &'a Obj,
-    patched: &'a Obj,
+    orig: &'a Obj<'a>,
+    patched: &'a Obj<'a>,
     file: &str,
     moved: LineMoved<'_>,
 ) -> Diff<'a> {
     let Correlation { twin, ambiguous } = correlate(orig, patched);
     let name_o = |i: usize| orig.symbols[i].name.clone();
     let name_p = |i: usize| patched_name(orig, patched, &twin, i);
-    let ko = Keyer {
-        obj: orig,
-        name_of: &name_o,
-        owner: None,
-    };
-    let kp = Keyer {
-        obj: patched,
-        name_of: &name_p,
-        owner: None,
-    };
+    let ko = Keyer::new(orig, &name_o);
+    let kp = Keyer::new(patched, &name_p);
     let to = table_entries(orig, &name_o);
     let tp = table_entries(patched, &name_p);
     let mut status = vec![Status::Same; patched.symbols.len()];
@@ -278,18 +294,7 @@ pub(crate) fn compare<'a>(
                 continue;
             }
             let tables_same = to.get(&o) == tp.get(&p);
-            status[p] = if keys_o != keys_p || !tables_same {
-                if tracing::enabled!(tracing::Level::DEBUG) {
-                    explain(&s.name, &keys_o, &keys_p, tables_same);
-                }
-                Status::Changed
-            } else if bo == bp {
-                Status::Same
-            } else if bo.len() == bp.len() && line_only(bo, bp, &keys_p, moved) {
-                Status::LineOnly
-            } else {
-                Status::Changed
-            };
+            status[p] = function_status(&s.name, (bo, bp), (&keys_o, &keys_p), tables_same, moved);
             continue;
         }
         let so = &orig.symbols[o];

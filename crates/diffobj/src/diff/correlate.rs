@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, HashSet};
 
 use object::elf;
 
-use super::elf::{is_item, Obj, Target};
 use super::keys::Keyer;
 use super::names::{canonical, is_numbered, is_special_static, is_static_local};
+use super::obj::{is_item, Obj, Target};
 use super::special;
 
 /// Symbols that take part in correlation: named, defined, allocated, in a section the
@@ -52,214 +52,266 @@ pub(crate) struct Correlation {
     pub ambiguous: Vec<usize>,
 }
 
+fn is_static_local_obj(o: &Obj<'_>, i: usize) -> bool {
+    let s = &o.symbols[i];
+    s.kind == elf::STT_OBJECT && s.is_local() && is_static_local(&s.name)
+}
+
+/// The two objects [`correlate`] matches, and the candidates on each side.
+struct Sides<'a> {
+    orig: &'a Obj<'a>,
+    patched: &'a Obj<'a>,
+    oc: Vec<usize>,
+    pc: Vec<usize>,
+}
+
+/// What [`correlate`]'s stages have matched so far.
+struct Matches {
+    twin: Vec<Option<usize>>,
+    /// Original symbols already matched.
+    taken: HashSet<usize>,
+}
+
 /// Patched symbol -> original symbol.
-pub(crate) fn correlate(orig: &Obj, patched: &Obj) -> Correlation {
-    let mut twin: Vec<Option<usize>> = vec![None; patched.symbols.len()];
-    let mut taken: HashSet<usize> = HashSet::new();
-    let oc = candidates(orig);
-    let pc = candidates(patched);
-    let kind = |o: &Obj, i: usize| o.symbols[i].kind;
-    let is_static_local_obj = |o: &Obj, i: usize| {
-        kind(o, i) == elf::STT_OBJECT
-            && o.symbols[i].is_local()
-            && is_static_local(&o.symbols[i].name)
+pub(crate) fn correlate<'a>(orig: &'a Obj<'a>, patched: &'a Obj<'a>) -> Correlation {
+    let sides = Sides {
+        orig,
+        patched,
+        oc: candidates(orig),
+        pc: candidates(patched),
     };
-
-    // 1. exact plain names
-    let mut by_name: BTreeMap<(&str, u8), Vec<usize>> = BTreeMap::new();
-    for &i in &oc {
-        if !is_numbered(&orig.symbols[i].name) {
-            by_name
-                .entry((&orig.symbols[i].name, kind(orig, i)))
-                .or_default()
-                .push(i);
-        }
+    let mut m = Matches {
+        twin: vec![None; patched.symbols.len()],
+        taken: HashSet::new(),
+    };
+    sides.plain_names(&mut m);
+    sides.btf_ids(&mut m);
+    sides.numbered(&mut m);
+    sides.statics_through_users(&mut m);
+    let ambiguous = sides.leftover_statics(&mut m);
+    Correlation {
+        twin: m.twin,
+        ambiguous,
     }
-    for &p in &pc {
-        let s = &patched.symbols[p];
-        if is_numbered(&s.name) {
-            continue;
-        }
-        if let Some(list) = by_name.get(&(s.name.as_str(), s.kind)) {
-            if let Some(&o) = list.iter().find(|o| !taken.contains(o)) {
-                twin[p] = Some(o);
-                taken.insert(o);
+}
+
+impl Sides<'_> {
+    /// Stage 1: exact plain names.
+    fn plain_names(&self, m: &mut Matches) {
+        let (orig, patched) = (self.orig, self.patched);
+        let (oc, pc) = (&self.oc, &self.pc);
+        let Matches { twin, taken } = m;
+        let mut by_name: BTreeMap<(&str, u8), Vec<usize>> = BTreeMap::new();
+        for &i in oc.iter() {
+            if !is_numbered(&orig.symbols[i].name) {
+                by_name
+                    .entry((&orig.symbols[i].name, orig.symbols[i].kind))
+                    .or_default()
+                    .push(i);
             }
         }
-    }
-
-    // 1b. BTF ID entries (`__BTF_ID__struct__bpf_htab__<n>`): `n` pastes `__COUNTER__` and
-    // `__LINE__`, so moved lines rename entries that are the same. Entries of one stem
-    // match in the order they have in their section, when both sides have as many.
-    let btf_entries = |o: &Obj, syms: &[usize]| {
-        let mut by_stem: BTreeMap<String, Vec<(usize, u64, usize)>> = BTreeMap::new();
-        for &i in syms {
-            if let Some(stem) = btf_id_stem(&o.symbols[i].name) {
-                let s = &o.symbols[i];
-                by_stem.entry(stem.to_owned()).or_default().push((
-                    s.section().unwrap_or(0),
-                    s.value,
-                    i,
-                ));
+        for &p in pc.iter() {
+            let s = &patched.symbols[p];
+            if is_numbered(&s.name) {
+                continue;
             }
-        }
-        for v in by_stem.values_mut() {
-            v.sort();
-        }
-        by_stem
-    };
-    let ob = btf_entries(orig, &oc);
-    for (stem, ps) in btf_entries(patched, &pc) {
-        match ob.get(&stem) {
-            Some(os) if os.len() == ps.len() => {
-                for (&(_, _, o), &(_, _, p)) in os.iter().zip(&ps) {
-                    if twin[p].is_none() && taken.insert(o) {
-                        twin[p] = Some(o);
-                    }
+            if let Some(list) = by_name.get(&(s.name.as_str(), s.kind)) {
+                if let Some(&o) = list.iter().find(|o| !taken.contains(o)) {
+                    twin[p] = Some(o);
+                    taken.insert(o);
                 }
             }
-            _ => {}
         }
     }
 
-    // 2. numbered functions and data other than function-scope statics
-    let canon_key = |name: &str| canonical(name);
-    let mut groups: BTreeMap<(String, u8), (Vec<usize>, Vec<usize>)> = BTreeMap::new();
-    for &i in &oc {
-        if is_numbered(&orig.symbols[i].name)
-            && !is_static_local_obj(orig, i)
-            && !taken.contains(&i)
+    /// Stage 1b: BTF ID entries.
+    fn btf_ids(&self, m: &mut Matches) {
+        let (orig, patched) = (self.orig, self.patched);
+        let (oc, pc) = (&self.oc, &self.pc);
+        let Matches { twin, taken } = m;
+        // 1b. BTF ID entries (`__BTF_ID__struct__bpf_htab__<n>`): `n` pastes `__COUNTER__` and
+        // `__LINE__`, so moved lines rename entries that are the same. Entries of one stem
+        // match in the order they have in their section, when both sides have as many.
+        let btf_entries = |o: &Obj<'_>, syms: &[usize]| {
+            let mut by_stem: BTreeMap<String, Vec<(usize, u64, usize)>> = BTreeMap::new();
+            for &i in syms {
+                if let Some(stem) = btf_id_stem(&o.symbols[i].name) {
+                    let s = &o.symbols[i];
+                    by_stem.entry(stem.to_owned()).or_default().push((
+                        s.section().unwrap_or(0),
+                        s.value,
+                        i,
+                    ));
+                }
+            }
+            for v in by_stem.values_mut() {
+                v.sort();
+            }
+            by_stem
+        };
+        let ob = btf_entries(orig, oc);
+        for (stem, ps) in btf_entries(patched, pc) {
+            match ob.get(&stem) {
+                Some(os) if os.len() == ps.len() => {
+                    for (&(_, _, o), &(_, _, p)) in os.iter().zip(&ps) {
+                        if twin[p].is_none() && taken.insert(o) {
+                            twin[p] = Some(o);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Stage 2: numbered functions and data other than function-scope statics.
+    fn numbered(&self, m: &mut Matches) {
+        let (orig, patched) = (self.orig, self.patched);
+        let (oc, pc) = (&self.oc, &self.pc);
+        let Matches { twin, taken } = m;
+        let canon_key = |name: &str| canonical(name);
+        let mut groups: BTreeMap<(String, u8), (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+        for &i in oc.iter() {
+            if is_numbered(&orig.symbols[i].name)
+                && !is_static_local_obj(orig, i)
+                && !taken.contains(&i)
+            {
+                groups
+                    .entry((canon_key(&orig.symbols[i].name), orig.symbols[i].kind))
+                    .or_default()
+                    .0
+                    .push(i);
+            }
+        }
+        for &p in pc.iter() {
+            if is_numbered(&patched.symbols[p].name)
+                && !is_static_local_obj(patched, p)
+                && twin[p].is_none()
+            {
+                groups
+                    .entry((canon_key(&patched.symbols[p].name), patched.symbols[p].kind))
+                    .or_default()
+                    .1
+                    .push(p);
+            }
+        }
+        let canon_name_o = |i: usize| canonical(&orig.symbols[i].name);
+        let canon_name_p = |i: usize| canonical(&patched.symbols[i].name);
+        let ko = Keyer::new(orig, &canon_name_o);
+        let kp = Keyer::new(patched, &canon_name_p);
+        for (os, ps) in groups.values() {
+            if os.len() == 1 && ps.len() == 1 {
+                twin[ps[0]] = Some(os[0]);
+                taken.insert(os[0]);
+                continue;
+            }
+            let fp =
+                |k: &Keyer<'_>, o: &Obj<'_>, i: usize| (o.sym_bytes(i).to_vec(), k.sym_keys(i));
+            let ofp: Vec<_> = os.iter().map(|&i| fp(&ko, orig, i)).collect();
+            for &p in ps {
+                let pf = fp(&kp, patched, p);
+                if let Some(j) = (0..os.len()).find(|&j| !taken.contains(&os[j]) && ofp[j] == pf) {
+                    twin[p] = Some(os[j]);
+                    taken.insert(os[j]);
+                }
+            }
+            let unmatched: Vec<usize> = ps.iter().copied().filter(|&p| twin[p].is_none()).collect();
+            for p in unmatched {
+                let name = &patched.symbols[p].name;
+                if let Some(&o) = os
+                    .iter()
+                    .find(|&&o| !taken.contains(&o) && &orig.symbols[o].name == name)
+                {
+                    twin[p] = Some(o);
+                    taken.insert(o);
+                }
+            }
+        }
+    }
+
+    /// Stage 3: function-scope statics, through the users already matched.
+    fn statics_through_users(&self, m: &mut Matches) {
+        let (orig, patched) = (self.orig, self.patched);
+        let pc = &self.pc;
+        let Matches { twin, taken } = m;
+        let statics_used = |o: &Obj<'_>, user: usize| -> Vec<usize> {
+            let Some(sec) = o.symbols[user].section() else {
+                return Vec::new();
+            };
+            o.sym_relocs(user)
+                .iter()
+                .filter_map(|r| match o.target(sec, r) {
+                    Target::Sym { sym, .. } if is_static_local_obj(o, sym) => Some(sym),
+                    _ => None,
+                })
+                .filter(|&s| {
+                    let sec_name = o.sec_of(s).map_or("", |x| x.name.as_str());
+                    !is_special_static(&o.symbols[s].name, sec_name)
+                })
+                .collect()
+        };
+        let users: Vec<(usize, usize)> =
+            pc.iter().filter_map(|&p| twin[p].map(|o| (p, o))).collect();
+        for (p, o) in users {
+            let mut pused = statics_used(patched, p);
+            pused.dedup();
+            for os in statics_used(orig, o) {
+                if taken.contains(&os) {
+                    continue;
+                }
+                let cname = canonical(&orig.symbols[os].name);
+                if let Some(&ps) = pused.iter().find(|&&ps| {
+                    twin[ps].is_none() && canonical(&patched.symbols[ps].name) == cname
+                }) {
+                    twin[ps] = Some(os);
+                    taken.insert(os);
+                }
+            }
+        }
+    }
+
+    /// Stage 4: statics no user matched; returns the patched ones left ambiguous.
+    fn leftover_statics(&self, m: &mut Matches) -> Vec<usize> {
+        let (orig, patched) = (self.orig, self.patched);
+        let (oc, pc) = (&self.oc, &self.pc);
+        let Matches { twin, taken } = m;
+        let mut left: BTreeMap<String, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+        for &i in oc
+            .iter()
+            .filter(|&&i| is_static_local_obj(orig, i) && !taken.contains(&i))
         {
-            groups
-                .entry((canon_key(&orig.symbols[i].name), kind(orig, i)))
+            left.entry(canonical(&orig.symbols[i].name))
                 .or_default()
                 .0
                 .push(i);
         }
-    }
-    for &p in &pc {
-        if is_numbered(&patched.symbols[p].name)
-            && !is_static_local_obj(patched, p)
-            && twin[p].is_none()
+        for &p in pc
+            .iter()
+            .filter(|&&p| is_static_local_obj(patched, p) && twin[p].is_none())
         {
-            groups
-                .entry((canon_key(&patched.symbols[p].name), kind(patched, p)))
+            left.entry(canonical(&patched.symbols[p].name))
                 .or_default()
                 .1
                 .push(p);
         }
-    }
-    let canon_name_o = |i: usize| canonical(&orig.symbols[i].name);
-    let canon_name_p = |i: usize| canonical(&patched.symbols[i].name);
-    let ko = Keyer {
-        obj: orig,
-        name_of: &canon_name_o,
-        owner: None,
-    };
-    let kp = Keyer {
-        obj: patched,
-        name_of: &canon_name_p,
-        owner: None,
-    };
-    for (os, ps) in groups.values() {
-        if os.len() == 1 && ps.len() == 1 {
-            twin[ps[0]] = Some(os[0]);
-            taken.insert(os[0]);
-            continue;
-        }
-        let fp = |k: &Keyer, o: &Obj, i: usize| (o.sym_bytes(i).to_vec(), k.sym_keys(i));
-        let ofp: Vec<_> = os.iter().map(|&i| fp(&ko, orig, i)).collect();
-        for &p in ps {
-            let pf = fp(&kp, patched, p);
-            if let Some(j) = (0..os.len()).find(|&j| !taken.contains(&os[j]) && ofp[j] == pf) {
-                twin[p] = Some(os[j]);
-                taken.insert(os[j]);
+        // Left over: statics that no user function matched. One on each side is the same
+        // static; several on both sides cannot be told apart, and guessing would either lose
+        // the live state (taken as new) or give a function another's state.
+        let mut ambiguous = Vec::new();
+        for (name, (os, ps)) in left {
+            match (os.as_slice(), ps.as_slice()) {
+                ([o], [p]) => {
+                    twin[*p] = Some(*o);
+                }
+                (_, []) | ([], _) => {}
+                _ => {
+                    tracing::debug!(object = %patched.label, %name, "ambiguous function-scope statics");
+                    ambiguous.extend(ps.iter().copied());
+                }
             }
         }
-        let unmatched: Vec<usize> = ps.iter().copied().filter(|&p| twin[p].is_none()).collect();
-        for p in unmatched {
-            let name = &patched.symbols[p].name;
-            if let Some(&o) = os
-                .iter()
-                .find(|&&o| !taken.contains(&o) && &orig.symbols[o].name == name)
-            {
-                twin[p] = Some(o);
-                taken.insert(o);
-            }
-        }
+        ambiguous
     }
-
-    // 3. function-scope statics, through their users
-    let statics_used = |o: &Obj, user: usize| -> Vec<usize> {
-        let Some(sec) = o.symbols[user].section() else {
-            return Vec::new();
-        };
-        o.sym_relocs(user)
-            .iter()
-            .filter_map(|r| match o.target(sec, r) {
-                Target::Sym { sym, .. } if is_static_local_obj(o, sym) => Some(sym),
-                _ => None,
-            })
-            .filter(|&s| {
-                let sec_name = o.sec_of(s).map_or("", |x| x.name.as_str());
-                !is_special_static(&o.symbols[s].name, sec_name)
-            })
-            .collect()
-    };
-    let users: Vec<(usize, usize)> = pc.iter().filter_map(|&p| twin[p].map(|o| (p, o))).collect();
-    for (p, o) in users {
-        let mut pused = statics_used(patched, p);
-        pused.dedup();
-        for os in statics_used(orig, o) {
-            if taken.contains(&os) {
-                continue;
-            }
-            let cname = canonical(&orig.symbols[os].name);
-            if let Some(&ps) = pused
-                .iter()
-                .find(|&&ps| twin[ps].is_none() && canonical(&patched.symbols[ps].name) == cname)
-            {
-                twin[ps] = Some(os);
-                taken.insert(os);
-            }
-        }
-    }
-    let mut left: BTreeMap<String, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
-    for &i in oc
-        .iter()
-        .filter(|&&i| is_static_local_obj(orig, i) && !taken.contains(&i))
-    {
-        left.entry(canonical(&orig.symbols[i].name))
-            .or_default()
-            .0
-            .push(i);
-    }
-    for &p in pc
-        .iter()
-        .filter(|&&p| is_static_local_obj(patched, p) && twin[p].is_none())
-    {
-        left.entry(canonical(&patched.symbols[p].name))
-            .or_default()
-            .1
-            .push(p);
-    }
-    // Left over: statics that no user function matched. One on each side is the same
-    // static; several on both sides cannot be told apart, and guessing would either lose
-    // the live state (taken as new) or give a function another's state.
-    let mut ambiguous = Vec::new();
-    for (name, (os, ps)) in left {
-        match (os.as_slice(), ps.as_slice()) {
-            ([o], [p]) => {
-                twin[*p] = Some(*o);
-            }
-            (_, []) | ([], _) => {}
-            _ => {
-                tracing::debug!(object = %patched.label, %name, "ambiguous function-scope statics");
-                ambiguous.extend(ps.iter().copied());
-            }
-        }
-    }
-    Correlation { twin, ambiguous }
 }
 
 /// The name a patched symbol is compared by: its original's, or a marked new name (so

@@ -134,7 +134,7 @@ impl Out<'_> {
         globals: &HashMap<&str, (usize, usize)>,
         src: (usize, usize),
         id: SectionId,
-        r: &super::elf::Rel,
+        r: &lucos_patch::elf::Reloc,
         offset: u64,
     ) -> Result<(), DiffError> {
         if r.r_type == elf::R_X86_64_NONE {
@@ -194,7 +194,7 @@ impl Out<'_> {
             .map_err(emit_err)
     }
 
-    fn add_like(&mut self, src: &super::elf::Sec, name: &str) -> SectionId {
+    fn add_like(&mut self, src: &lucos_patch::elf::Section<'_>, name: &str) -> SectionId {
         let kind = if src.is_exec() {
             SectionKind::Text
         } else if src.is_write() {
@@ -310,7 +310,7 @@ fn write_tables(
 /// Same map as the planner's: global definitions added or changed by the diff.
 pub(crate) fn global_defs<'a>(diffs: &'a [Diff<'_>]) -> HashMap<&'a str, (usize, usize)> {
     use super::compare::Status;
-    use super::elf::is_item;
+    use super::obj::is_item;
     let mut globals = HashMap::new();
     for (oi, d) in diffs.iter().enumerate() {
         for p in 0..d.status.len() {

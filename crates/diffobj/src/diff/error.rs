@@ -165,6 +165,12 @@ pub enum DiffError {
     },
     #[error("cannot read compiled object {object}: {reason}")]
     BadObject { object: String, reason: String },
+    #[error("cannot read compiled object {object}: {source}")]
+    Elf {
+        object: String,
+        #[source]
+        source: lucos_patch::elf::ElfError,
+    },
     #[error("cannot read the kernel's symbols: {0}")]
     Symbols(#[from] lucos_introspect::symbols::SymbolError),
     #[error(transparent)]
@@ -176,13 +182,19 @@ pub enum DiffError {
         /// so that a report can still count what the diff changes.
         report: Box<BuildReport>,
     },
-    #[error("cannot read the target kernel's identity from vmlinux: {reason}")]
-    Target { reason: String },
+    #[error("cannot read the target kernel's identity from vmlinux: {source}")]
+    Target {
+        #[source]
+        source: Box<crate::error::BuildError>,
+    },
     #[error(
-        "the bundle does not resolve against vmlinux the way the engine will: {reason}; this \
+        "the bundle does not resolve against vmlinux the way the engine will: {source}; this \
          is a lucos bug"
     )]
-    SelfCheck { reason: String },
+    SelfCheck {
+        #[source]
+        source: Box<crate::error::BuildError>,
+    },
     #[error("cannot write the bundle: {reason}")]
     Emit { reason: String },
     #[error("the bundle built does not pass lucos's own checks ({0}); this is a lucos bug")]

@@ -9,11 +9,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use object::elf;
 
 use super::compare::{has_fentry, Diff, Status};
-use super::elf::{Rel, Target};
 use super::emit::global_defs;
 use super::error::Refusal;
 use super::names::{cold_parent, is_special_static};
+use super::obj::Target;
 use super::special;
+use lucos_patch::elf::Reloc;
 
 /// A piece of one object copied into the bundle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -88,15 +89,37 @@ pub(crate) struct Plan {
     pub refusals: Vec<Refusal>,
 }
 
-/// Plans the bundle for all compared objects.
-pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
-    let mut plan = Plan::default();
-    for d in diffs {
-        plan.refusals.extend(d.refusals.iter().cloned());
+impl Plan {
+    /// Records a kernel symbol the new code uses, once per (name, file).
+    fn add_external(&mut self, name: String, file: Option<String>, from: &str, weak: bool) {
+        let key = (name.clone(), file.clone());
+        if self.bundle_names.contains_key(&key) {
+            return;
+        }
+        // A second static of the same name gets an alias, which the manifest maps back to
+        // the kernel symbol and its file.
+        let mut alias = name.clone();
+        let mut n = 1;
+        while self.externals.contains_key(&alias) {
+            alias = format!("{name}.lucos_alias{n}");
+            n += 1;
+        }
+        self.bundle_names.insert(key, alias.clone());
+        self.externals.insert(
+            alias,
+            External {
+                symbol: name,
+                file,
+                from: from.to_string(),
+                weak,
+            },
+        );
     }
-    // Global definitions one object adds or changes that another's new code may call.
-    let globals = global_defs(diffs);
-    let mut queue: VecDeque<(usize, UnitKind)> = VecDeque::new();
+}
+
+/// Redirects for the changed functions (refusing those without an fentry site), queued as
+/// the first units.
+fn seed_redirects(diffs: &[Diff<'_>], plan: &mut Plan, queue: &mut VecDeque<(usize, UnitKind)>) {
     for (oi, d) in diffs.iter().enumerate() {
         for p in 0..d.status.len() {
             if d.status[p] != Status::Changed || !d.is_func(p) {
@@ -131,6 +154,18 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
             queue.push_back((oi, UnitKind::Item(p)));
         }
     }
+}
+
+/// Plans the bundle for all compared objects.
+pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
+    let mut plan = Plan::default();
+    for d in diffs {
+        plan.refusals.extend(d.refusals.iter().cloned());
+    }
+    // Global definitions one object adds or changes that another's new code may call.
+    let globals = global_defs(diffs);
+    let mut queue: VecDeque<(usize, UnitKind)> = VecDeque::new();
+    seed_redirects(diffs, &mut plan, &mut queue);
     // The new content of objects rewritten in place is linked like new read-only data.
     let mut rewrites = Vec::new();
     for (oi, d) in diffs.iter().enumerate() {
@@ -164,8 +199,8 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
                 plan.refusals.push(r);
             }
         };
-        let mut extra: Vec<(usize, Rel)> = Vec::new();
-        let (sec, relocs): (usize, &[Rel]) = match kind {
+        let mut extra: Vec<(usize, Reloc)> = Vec::new();
+        let (sec, relocs): (usize, &[Reloc]) = match kind {
             UnitKind::Item(p) => {
                 let sec = d.patched.symbols[p].section().expect("items are defined");
                 if let Some(tables) = d.tables.get(&p) {
@@ -214,28 +249,7 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
                 Ok(Resolved::Unit { obj, kind, .. }) => queue.push_back((obj, kind)),
                 Ok(Resolved::External { name, weak, .. }) => {
                     let file = external_file(d, sec, r);
-                    let key = (name.clone(), file.clone());
-                    if !plan.bundle_names.contains_key(&key) {
-                        // A second static of the same name gets an alias, which the
-                        // manifest maps back to the kernel symbol and its file.
-                        let mut alias = name.clone();
-                        let mut n = 1;
-                        while plan.externals.contains_key(&alias) {
-                            alias = format!("{name}.lucos_alias{n}");
-                            n += 1;
-                        }
-                        plan.bundle_names.insert(key, alias.clone());
-                        let from = from.clone();
-                        plan.externals.insert(
-                            alias,
-                            External {
-                                symbol: name,
-                                file,
-                                from,
-                                weak,
-                            },
-                        );
-                    }
+                    plan.add_external(name, file, &from, weak);
                 }
                 Ok(Resolved::Null(_)) => {}
                 Err(r) => refuse(r, &mut plan),
@@ -250,7 +264,7 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
 }
 
 /// The relocations (section, relocation) of the entries of `table` that belong to item `p`.
-pub(crate) fn entry_relocs(d: &Diff<'_>, p: usize, table: &special::Table) -> Vec<(usize, Rel)> {
+pub(crate) fn entry_relocs(d: &Diff<'_>, p: usize, table: &special::Table) -> Vec<(usize, Reloc)> {
     let o = d.patched;
     let mut out = Vec::new();
     for (si, sec) in o.sections.iter().enumerate() {
@@ -267,7 +281,7 @@ pub(crate) fn entry_relocs(d: &Diff<'_>, p: usize, table: &special::Table) -> Ve
 }
 
 /// The source file that qualifies an external static, if it is one.
-pub(crate) fn external_file(d: &Diff<'_>, sec: usize, r: &Rel) -> Option<String> {
+pub(crate) fn external_file(d: &Diff<'_>, sec: usize, r: &Reloc) -> Option<String> {
     match d.patched.target(sec, r) {
         Target::Sym { sym, .. } => {
             let s = &d.patched.symbols[sym];
@@ -301,7 +315,7 @@ pub(crate) fn resolve(
     globals: &HashMap<&str, (usize, usize)>,
     oi: usize,
     sec: usize,
-    r: &Rel,
+    r: &Reloc,
 ) -> Result<Resolved, Refusal> {
     let d = &diffs[oi];
     let o = d.patched;

@@ -10,8 +10,9 @@ use std::hash::{Hash, Hasher};
 
 use object::elf;
 
-use super::elf::{Obj, Rel, Target};
 use super::names::{canonical, is_special_static};
+use super::obj::{Obj, Target};
+use lucos_patch::elf::Reloc;
 
 /// Bytes of shared anonymous data compared around a reference.
 const WINDOW: u64 = 16;
@@ -36,19 +37,28 @@ pub(crate) enum Key {
 /// Builds keys for one object; `name_of` gives the name a defined symbol is known by on
 /// this side (the original's name for correlated patched symbols).
 pub(crate) struct Keyer<'a> {
-    pub obj: &'a Obj,
+    pub obj: &'a Obj<'a>,
     pub name_of: &'a dyn Fn(usize) -> String,
     /// Table entries: references to this symbol become [`Key::Owner`].
     pub owner: Option<usize>,
 }
 
-impl Keyer<'_> {
+impl<'a> Keyer<'a> {
+    /// Keys of a whole object (no table entry's owner).
+    pub fn new(obj: &'a Obj<'a>, name_of: &'a dyn Fn(usize) -> String) -> Keyer<'a> {
+        Keyer {
+            obj,
+            name_of,
+            owner: None,
+        }
+    }
+
     /// Key of relocation `rel` in section `sec`.
-    pub fn key(&self, sec: usize, rel: &Rel) -> Key {
+    pub fn key(&self, sec: usize, rel: &Reloc) -> Key {
         self.key_depth(sec, rel, 0)
     }
 
-    fn key_depth(&self, sec: usize, rel: &Rel, depth: u32) -> Key {
+    fn key_depth(&self, sec: usize, rel: &Reloc, depth: u32) -> Key {
         let o = self.obj;
         match o.target(sec, rel) {
             Target::Null => Key::Null(rel.addend),
@@ -95,7 +105,7 @@ impl Keyer<'_> {
                 if ts.name == ".altinstr_aux" {
                     return Key::Anon(ts.name.clone(), 0, 0);
                 }
-                if ts.shared {
+                if self.obj.is_shared(t) {
                     return self.window_depth(t, at, WINDOW, -bias, depth);
                 }
                 let content = if depth == 0 {

@@ -15,13 +15,13 @@ mod compare;
 mod compile;
 mod correlate;
 mod dwarfdeps;
-mod elf;
 mod emit;
 mod error;
 mod include;
 mod keys;
 mod layout;
 mod names;
+mod obj;
 mod objects;
 mod patchfile;
 mod promote;
@@ -51,7 +51,7 @@ pub use report::{
 use crate::tree::KernelTree;
 use compare::Status;
 use compile::Side;
-use elf::Obj;
+use obj::Obj;
 
 /// The manifest id for a diff file: its stem, restricted to `[A-Za-z0-9._-]`.
 fn default_id(diff: &Path) -> String {
@@ -150,49 +150,20 @@ pub fn build(
 
         let t = Instant::now();
         progress.start(Stage::Compare, affected.len() as u64);
-        let mut objs: Vec<(Obj, Obj, &KbuildObject, bool)> = Vec::new();
         let mut refusals = Vec::new();
-        for (obj, b) in affected.iter().zip(&built) {
-            let read = |p: &Path| std::fs::read(p).map_err(DiffError::io("read", p));
-            let (orig_bytes, patched_bytes) = (read(&b.original)?, read(&b.patched)?);
-            refusals.extend(verify::layout_refusals(
-                &obj.object,
-                &obj.source,
-                &orig_bytes,
-                &patched_bytes,
-            )?);
-            let orig = Obj::parse(&obj.object, &orig_bytes)?;
-            let patched = Obj::parse(&obj.object, &patched_bytes)?;
-            refusals.extend(verify::new_exports(&orig, &patched, &obj.source));
-            if obj.is_assembly() {
-                if elf::same_allocated_contents(&orig, &patched) {
-                    report.unchanged_assembly.push(obj.object.clone());
-                } else {
-                    let path = changes
-                        .iter()
-                        .find(|c| obj.source == c.path || obj.deps.contains(&c.path));
-                    refusals.push(Refusal::AssemblyDependent {
-                        path: path.map_or_else(|| obj.source.clone(), |c| c.path.clone()),
-                        object: obj.object.clone(),
-                    });
-                }
-                continue;
-            }
-            objs.push((orig, patched, obj, b.cached));
-        }
+        // Read first: the parsed objects borrow their bytes.
+        let bytes = read_compiled(&built)?;
+        let objs = parse_compiled(
+            &affected,
+            &built,
+            &bytes,
+            &changes,
+            &mut report,
+            &mut refusals,
+        )?;
         drop(overlay);
-        // Objects sharing a header see its layout change alike: report each type once.
-        let mut seen_types = std::collections::BTreeSet::new();
-        refusals.retain(|r| match r {
-            Refusal::TypeLayout { type_name, .. } => seen_types.insert(type_name.clone()),
-            _ => true,
-        });
-        let moved = |from: u64, to: u64| {
-            let (Ok(from), Ok(to)) = (u32::try_from(from), u32::try_from(to)) else {
-                return false;
-            };
-            changes.iter().any(|c| c.lines.map(from) == Some(to))
-        };
+        once_per_type(&mut refusals);
+        let moved = |from: u64, to: u64| line_moved(&changes, from, to);
         let diffs: Vec<compare::Diff<'_>> = objs
             .iter()
             .map(|(o, p, k, _)| {
@@ -200,18 +171,7 @@ pub fn build(
                 compare::compare(o, p, &k.source, &moved)
             })
             .collect();
-        for ((_, _, k, cached), d) in objs.iter().zip(&diffs) {
-            report.objects.push(ObjectReport {
-                object: k.object.clone(),
-                source: k.source.clone(),
-                original_cached: *cached,
-                changed: d.names_with(Status::Changed, true),
-                new_functions: d.names_with(Status::New, true),
-                new_data: d.names_with(Status::New, false),
-                line_only: d.names_with(Status::LineOnly, true),
-                not_applicable: d.not_applicable.clone(),
-            });
-        }
+        report.objects.extend(object_reports(&objs, &diffs));
         let mut plan = include::plan(&diffs);
         refusals.append(&mut plan.refusals);
         report.times.compare = t.elapsed();
@@ -224,15 +184,7 @@ pub fn build(
         }
         if plan.redirects.is_empty() && plan.rewrites.is_empty() {
             report.times.total = started.elapsed();
-            let line_only: usize = report.objects.iter().map(|o| o.line_only.len()).sum();
-            let init: usize = report.objects.iter().map(|o| o.not_applicable.len()).sum();
-            let reason = if init > 0 {
-                format!("only __init code or data changed ({init} symbol(s)), which ran at boot")
-            } else if line_only > 0 {
-                format!("only __LINE__ values moved (in {line_only} function(s))")
-            } else {
-                "the compiled code is the same".to_string()
-            };
+            let reason = no_change_reason(&report);
             return Ok(BuildOutcome::NoChange { report, reason });
         }
 
@@ -260,6 +212,108 @@ pub fn build(
         Ok(BuildOutcome::Bundle(Box::new(Built { report, ..built })))
     })
 }
+
+/// The bytes of an object's original and patched compiles.
+type CompiledBytes = (Vec<u8>, Vec<u8>);
+
+/// Both compiles of each object.
+fn read_compiled(built: &[Compiled]) -> Result<Vec<CompiledBytes>, DiffError> {
+    let read = |p: &Path| std::fs::read(p).map_err(DiffError::io("read", p));
+    built
+        .iter()
+        .map(|b| Ok((read(&b.original)?, read(&b.patched)?)))
+        .collect()
+}
+
+/// Whether the diff moved line `from` of a changed file to line `to`.
+fn line_moved(changes: &[FileChange], from: u64, to: u64) -> bool {
+    let (Ok(from), Ok(to)) = (u32::try_from(from), u32::try_from(to)) else {
+        return false;
+    };
+    changes.iter().any(|c| c.lines.map(from) == Some(to))
+}
+
+/// Objects sharing a header see its layout change alike: report each type once.
+fn once_per_type(refusals: &mut Vec<Refusal>) {
+    let mut seen_types = std::collections::BTreeSet::new();
+    refusals.retain(|r| match r {
+        Refusal::TypeLayout { type_name, .. } => seen_types.insert(type_name.clone()),
+        _ => true,
+    });
+}
+
+/// What each compared object changed, for the build report.
+fn object_reports(objs: &CompiledPairs<'_>, diffs: &[compare::Diff<'_>]) -> Vec<ObjectReport> {
+    objs.iter()
+        .zip(diffs)
+        .map(|((_, _, k, cached), d)| ObjectReport {
+            object: k.object.clone(),
+            source: k.source.clone(),
+            original_cached: *cached,
+            changed: d.names_with(Status::Changed, true),
+            new_functions: d.names_with(Status::New, true),
+            new_data: d.names_with(Status::New, false),
+            line_only: d.names_with(Status::LineOnly, true),
+            not_applicable: d.not_applicable.clone(),
+        })
+        .collect()
+}
+
+/// Why a diff that compiled needs no bundle.
+fn no_change_reason(report: &BuildReport) -> String {
+    let line_only: usize = report.objects.iter().map(|o| o.line_only.len()).sum();
+    let init: usize = report.objects.iter().map(|o| o.not_applicable.len()).sum();
+    if init > 0 {
+        format!("only __init code or data changed ({init} symbol(s)), which ran at boot")
+    } else if line_only > 0 {
+        format!("only __LINE__ values moved (in {line_only} function(s))")
+    } else {
+        "the compiled code is the same".to_string()
+    }
+}
+
+/// Parses both compiles of each object and checks them as objects (type layouts, exports);
+/// assembly objects end here, compared whole since they are not compared by function.
+fn parse_compiled<'a>(
+    affected: &[&'a KbuildObject],
+    built: &[Compiled],
+    bytes: &'a [CompiledBytes],
+    changes: &[FileChange],
+    report: &mut BuildReport,
+    refusals: &mut Vec<Refusal>,
+) -> Result<CompiledPairs<'a>, DiffError> {
+    let mut objs = Vec::new();
+    for ((&obj, b), (orig_bytes, patched_bytes)) in affected.iter().zip(built).zip(bytes) {
+        refusals.extend(verify::layout_refusals(
+            &obj.object,
+            &obj.source,
+            orig_bytes,
+            patched_bytes,
+        )?);
+        let orig = Obj::parse(&obj.object, orig_bytes)?;
+        let patched = Obj::parse(&obj.object, patched_bytes)?;
+        refusals.extend(verify::new_exports(&orig, &patched, &obj.source));
+        if obj.is_assembly() {
+            if obj::same_allocated_contents(&orig, &patched) {
+                report.unchanged_assembly.push(obj.object.clone());
+            } else {
+                let path = changes
+                    .iter()
+                    .find(|c| obj.source == c.path || obj.deps.contains(&c.path));
+                refusals.push(Refusal::AssemblyDependent {
+                    path: path.map_or_else(|| obj.source.clone(), |c| c.path.clone()),
+                    object: obj.object.clone(),
+                });
+            }
+            continue;
+        }
+        objs.push((orig, patched, obj, b.cached));
+    }
+    Ok(objs)
+}
+
+/// Original, patched, the object, and whether the original came from the cache.
+type CompiledPairs<'a> = Vec<(Obj<'a>, Obj<'a>, &'a KbuildObject, bool)>;
 
 /// Objects to recompile, and refusals for changed files that cannot be handled.
 fn affected_objects<'a>(
@@ -481,11 +535,11 @@ fn emit_bundle(
     let aliased = aliases.keys().cloned().collect();
     crate::target::check_undefined_except(syms, &object, &resolve, &aliased).map_err(|e| {
         DiffError::SelfCheck {
-            reason: e.to_string(),
+            source: Box::new(e),
         }
     })?;
     let target = crate::target::target_for(syms, release).map_err(|e| DiffError::Target {
-        reason: e.to_string(),
+        source: Box::new(e),
     })?;
     let manifest = Manifest {
         format: FORMAT_VERSION,

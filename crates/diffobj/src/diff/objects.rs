@@ -3,10 +3,10 @@
 
 use super::compare::{self, Status};
 use super::correlate::pairs;
-use super::elf::Obj;
 use super::emit;
 use super::error::{DiffError, Refusal};
 use super::include;
+use super::obj::Obj;
 use super::patchfile::LineMap;
 
 /// What changed between two compiles of one source file, and what a bundle would carry.

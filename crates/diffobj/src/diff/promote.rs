@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use object::elf;
 
 use super::compare::{has_fentry, propagate_cold, Diff, Status};
-use super::elf::{is_item, Obj, Target};
 use super::names::cold_parent;
+use super::obj::{is_item, Obj, Target};
 use super::special;
 
 /// How a function is referred to.
@@ -33,8 +33,9 @@ fn is_branch(o: &Obj, sec: usize, offset: u64, r_type: u32) -> bool {
         return false;
     }
     let s = &o.sections[sec];
-    let i = s.insns.partition_point(|&st| u64::from(st) <= offset);
-    let Some(&start) = i.checked_sub(1).and_then(|i| s.insns.get(i)) else {
+    let insns = o.insns(sec);
+    let i = insns.partition_point(|&st| u64::from(st) <= offset);
+    let Some(&start) = i.checked_sub(1).and_then(|i| insns.get(i)) else {
         return false;
     };
     let at = u64::from(start);

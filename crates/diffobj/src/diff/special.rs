@@ -9,7 +9,7 @@
 
 use lucos_patch::policy::{section_rule, Link, Role};
 
-use super::elf::{Obj, Target};
+use super::obj::{Obj, Target};
 
 /// A table of fixed-size entries pointing into code ([`Role::Table`] of the section policy).
 #[derive(Debug, Clone, Copy)]
@@ -105,9 +105,9 @@ pub(crate) fn entry_needs(
     si: usize,
     t: &Table,
     e: &Entry,
-) -> Vec<(usize, super::elf::Rel)> {
+) -> Vec<(usize, lucos_patch::elf::Reloc)> {
     let w = window(o, si, t, e);
-    let mut out: Vec<(usize, super::elf::Rel)> = o.sections[si]
+    let mut out: Vec<(usize, lucos_patch::elf::Reloc)> = o.sections[si]
         .relocs_in(e.start, e.end)
         .iter()
         .filter(|r| w.is_none_or(|w| r.offset != e.start + w.field))

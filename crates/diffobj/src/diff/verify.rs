@@ -15,9 +15,9 @@ use lucos_introspect::symbols::KernelSymbols;
 use object::elf;
 
 use super::compare::Diff;
-use super::elf::{Obj, Target};
 use super::error::{DiffError, Refusal};
 use super::include::Redirect;
+use super::obj::{Obj, Target};
 
 /// Width of the field a relocation patches.
 fn reloc_width(r_type: u32) -> usize {

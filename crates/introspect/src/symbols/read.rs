@@ -2,7 +2,8 @@
 //! their source files, slide-adjusted relocation fields, the build-id note.
 
 use object::elf;
-use object::read::elf::{FileHeader, Rela as _, SectionHeader as _, Sym as _};
+use object::read::elf::{FileHeader, Rela as _, SectionHeader as _, Sym as _, SymbolTable};
+use object::read::StringTable;
 use object::{Endianness, ReadRef};
 
 use super::{Binding, Parsed, RelocKind, Section, Symbol, SymbolError, SymbolKind};
@@ -19,8 +20,13 @@ pub(super) fn parse<'data, R: ReadRef<'data>>(
     let bad = |msg: String| SymbolError::BadElf {
         origin: origin.to_string(),
         msg,
+        source: None,
     };
-    let oe = |e: object::read::Error| bad(e.to_string());
+    let oe = |e: object::read::Error| SymbolError::BadElf {
+        origin: origin.to_string(),
+        msg: e.to_string(),
+        source: Some(e),
+    };
     let header = elf::FileHeader64::<Endianness>::parse(data).map_err(oe)?;
     let endian = header.endian().map_err(oe)?;
     if header.e_machine(endian) != elf::EM_X86_64 {
@@ -58,52 +64,9 @@ pub(super) fn parse<'data, R: ReadRef<'data>>(
         .section(symtab.string_section())
         .and_then(|sh| sh.data(endian, data))
         .map_err(oe)?;
-    let strings = object::read::StringTable::new(strtab, 0, strtab.len() as u64);
-    let name_of = |sym: &elf::Sym64<Endianness>| -> String {
-        String::from_utf8_lossy(strings.get(sym.st_name(endian)).unwrap_or(b"")).into_owned()
-    };
-    let is_percpu =
-        |shndx: u16, name: &str| Some(shndx as usize) == percpu_shndx && !percpu_exception(name);
-
-    let mut symbols = Vec::new();
-    let mut file: Option<String> = None;
-    let mut per_cpu_load = 0;
-    for sym in symtab.iter() {
-        let name = name_of(sym);
-        let shndx = sym.st_shndx(endian);
-        if sym.st_type() == elf::STT_FILE {
-            file = Some(name).filter(|n| !n.is_empty());
-            continue;
-        }
-        let kind = match sym.st_type() {
-            elf::STT_FUNC => SymbolKind::Func,
-            elf::STT_OBJECT => SymbolKind::Object,
-            elf::STT_NOTYPE => SymbolKind::NoType,
-            _ => continue,
-        };
-        let binding = match sym.st_bind() {
-            elf::STB_LOCAL => Binding::Local,
-            elf::STB_WEAK => Binding::Weak,
-            elf::STB_GLOBAL | elf::STB_GNU_UNIQUE => Binding::Global,
-            _ => continue,
-        };
-        // Absolute symbols are constants, not addresses KASLR moves.
-        if name.is_empty() || shndx == elf::SHN_UNDEF || shndx >= elf::SHN_LORESERVE {
-            continue;
-        }
-        if name == "__per_cpu_load" {
-            per_cpu_load = sym.st_value(endian);
-        }
-        symbols.push(Symbol {
-            percpu: is_percpu(shndx, &name),
-            file: file.clone().filter(|_| binding == Binding::Local),
-            name,
-            addr: sym.st_value(endian),
-            size: sym.st_size(endian),
-            kind,
-            binding,
-        });
-    }
+    let strings = StringTable::new(strtab, 0, strtab.len() as u64);
+    let (symbols, per_cpu_load) = read_symbols(&symtab, strings, endian, percpu_shndx);
+    let name_of = |sym: &elf::Sym64<Endianness>| symbol_name(strings, endian, sym);
 
     // Linker-script symbols may be SHN_ABS yet name image addresses (relocs.c
     // lists them by name); anything inside the image's span is one of those.
@@ -169,6 +132,68 @@ pub(super) fn parse<'data, R: ReadRef<'data>>(
     })
 }
 
+type Symtab<'data, R> = SymbolTable<'data, elf::FileHeader64<Endianness>, R>;
+
+fn symbol_name(
+    strings: StringTable<'_>,
+    endian: Endianness,
+    sym: &elf::Sym64<Endianness>,
+) -> String {
+    String::from_utf8_lossy(strings.get(sym.st_name(endian)).unwrap_or(b"")).into_owned()
+}
+
+/// The function, object and untyped symbols with their source files (for locals), and
+/// the value of `__per_cpu_load`.
+fn read_symbols<'data, R: ReadRef<'data>>(
+    symtab: &Symtab<'data, R>,
+    strings: StringTable<'_>,
+    endian: Endianness,
+    percpu_shndx: Option<usize>,
+) -> (Vec<Symbol>, u64) {
+    let is_percpu =
+        |shndx: u16, name: &str| Some(shndx as usize) == percpu_shndx && !percpu_exception(name);
+    let mut symbols = Vec::new();
+    let mut file: Option<String> = None;
+    let mut per_cpu_load = 0;
+    for sym in symtab.iter() {
+        let name = symbol_name(strings, endian, sym);
+        let shndx = sym.st_shndx(endian);
+        if sym.st_type() == elf::STT_FILE {
+            file = Some(name).filter(|n| !n.is_empty());
+            continue;
+        }
+        let kind = match sym.st_type() {
+            elf::STT_FUNC => SymbolKind::Func,
+            elf::STT_OBJECT => SymbolKind::Object,
+            elf::STT_NOTYPE => SymbolKind::NoType,
+            _ => continue,
+        };
+        let binding = match sym.st_bind() {
+            elf::STB_LOCAL => Binding::Local,
+            elf::STB_WEAK => Binding::Weak,
+            elf::STB_GLOBAL | elf::STB_GNU_UNIQUE => Binding::Global,
+            _ => continue,
+        };
+        // Absolute symbols are constants, not addresses KASLR moves.
+        if name.is_empty() || shndx == elf::SHN_UNDEF || shndx >= elf::SHN_LORESERVE {
+            continue;
+        }
+        if name == "__per_cpu_load" {
+            per_cpu_load = sym.st_value(endian);
+        }
+        symbols.push(Symbol {
+            percpu: is_percpu(shndx, &name),
+            file: file.clone().filter(|_| binding == Binding::Local),
+            name,
+            addr: sym.st_value(endian),
+            size: sym.st_size(endian),
+            kind,
+            binding,
+        });
+    }
+    (symbols, per_cpu_load)
+}
+
 /// The GNU build id of an ELF file, reading only its note sections (cheap
 /// next to loading all symbols).
 pub(super) fn parse_build_id<'data, R: ReadRef<'data>>(
@@ -178,6 +203,7 @@ pub(super) fn parse_build_id<'data, R: ReadRef<'data>>(
     let oe = |e: object::read::Error| SymbolError::BadElf {
         origin: origin.to_string(),
         msg: e.to_string(),
+        source: Some(e),
     };
     let header = elf::FileHeader64::<Endianness>::parse(data).map_err(oe)?;
     let endian = header.endian().map_err(oe)?;

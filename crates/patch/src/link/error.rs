@@ -1,0 +1,80 @@
+//! What can stop a bundle from being planned or linked.
+
+use thiserror::Error;
+
+use crate::layout::MAX_REGION_SIZE;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum LinkError {
+    #[error("section {section} cannot be loaded: {reason}")]
+    UnsupportedSection { section: String, reason: String },
+    #[error(
+        "unsupported relocation {r_type} at {section}+{offset:#x}; the kernel module loader \
+         only applies R_X86_64_NONE/64/32/32S/PC32/PLT32/PC64 — build with -mcmodel=kernel \
+         -fno-pic like kernel code"
+    )]
+    UnsupportedRelocation {
+        section: String,
+        offset: u64,
+        r_type: String,
+    },
+    #[error(
+        "relocation {r_type} at {section}+{offset:#x} against `{symbol}` overflows \
+         (value {value:#x}); {hint}"
+    )]
+    RelocationOverflow {
+        section: String,
+        offset: u64,
+        symbol: String,
+        r_type: String,
+        value: u64,
+        hint: &'static str,
+    },
+    #[error(
+        "relocation {r_type} at {section}+{offset:#x}: the field is not zero before relocation \
+         (the kernel refuses this too); was the object already relocated?"
+    )]
+    RelocationTargetNotZero {
+        section: String,
+        offset: u64,
+        r_type: String,
+    },
+    #[error("relocation at {section}+{offset:#x} runs past the end of the section; the object is corrupt")]
+    RelocationOutOfBounds { section: String, offset: u64 },
+    #[error(
+        "relocation at {section}+{offset:#x} refers to `{symbol}` in section {target}, which is \
+         not loaded ({reason}); move that code or data into a normal section"
+    )]
+    RelocationToUnloaded {
+        section: String,
+        offset: u64,
+        symbol: String,
+        target: String,
+        reason: String,
+    },
+    #[error("cannot resolve `{name}` in the running kernel: {reason}")]
+    UnresolvedSymbol { name: String, reason: String },
+    #[error("`{name}` is a common symbol; build with -fno-common (as the kernel does)")]
+    CommonSymbol { name: String },
+    #[error("bad __fentry__ reference at {section}+{offset:#x}: {reason}")]
+    BadFentryCall {
+        section: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error(
+        "the {region} region would be {size:#x} bytes, more than the {MAX_REGION_SIZE:#x} allowed"
+    )]
+    RegionTooLarge { region: &'static str, size: u64 },
+    #[error("this plan was made for a different bundle; call plan() on the bundle being linked")]
+    PlanMismatch,
+    #[error("bad region bases: {reason}")]
+    BadRegions { reason: String },
+    #[error(
+        "jmp rel32 at {site:#x} cannot reach {target:#x} (more than ±2 GiB away); patch memory \
+         must be within ±2 GiB of kernel text"
+    )]
+    JumpOutOfRange { site: u64, target: u64 },
+    #[error("cannot apply the bundle's CPU-feature alternatives: {reason}")]
+    Alternative { reason: String },
+}
