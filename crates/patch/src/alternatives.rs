@@ -29,7 +29,7 @@ pub struct CpuFeatures {
 }
 
 impl CpuFeatures {
-    fn has(&self, bit: u16) -> Option<bool> {
+    pub(crate) fn has(&self, bit: u16) -> Option<bool> {
         let w = self.words.get(usize::from(bit / 32))?;
         Some(w & (1 << (bit % 32)) != 0)
     }

@@ -17,10 +17,11 @@ use crate::registry::{
     BundleRecord, BundleState, Header, ModuleSite, RangeRecord, Registry, SiteRecord, HEADER_LEN,
 };
 use crate::{
-    apply_alternatives, jmp_rel32, link, plan, Bundle, CpuFeatures, Manifest, RegionKind, Regions,
+    jmp_rel32, link, plan, Bundle, Manifest, RegionKind, Regions,
 };
 use kernel::KernelEdit;
 
+mod cpu;
 mod error;
 mod inspect;
 mod kernel;
@@ -330,16 +331,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         let mut linked = link(bundle, &plan, bases, &|name| {
             self.resolve(man, &modules, name)
         })?;
-        if bundle
-            .object
-            .sections
-            .iter()
-            .any(|s| s.name == ".altinstructions")
-        {
-            let words =
-                lucos_introspect::modules::cpu_feature_words(&*self.m, self.syms, &self.layout)?;
-            apply_alternatives(bundle, &plan, &mut linked, &CpuFeatures { words })?;
-        }
+        self.fit_to_cpu(bundle, &plan, &mut linked)?;
         let module = match &kmods {
             Some(k) => {
                 Some(self.module_region(k, &reg, bundle, &plan, &linked, (va_base, offs, sizes))?)

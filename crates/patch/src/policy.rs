@@ -155,7 +155,7 @@ pub const RULES: &[SectionRule] = &[
     rule(".retpoline_sites", Ignored, Drop, "retpoline call sites",
         "lets alternatives inline retpoline thunk calls; the calls keep going through the kernel's thunks, which are correct for the active mitigation"),
     rule(".return_sites", Ignored, Drop, "return-thunk sites",
-        "lets alternatives rewrite `jmp __x86_return_thunk`; returns keep using the kernel's return thunk, which is correct for the active mitigation"),
+        "lists `jmp __x86_return_thunk` sites; the linker finds the same sites from their relocations and rewrites them for the live CPU as the kernel's apply_returns() did its own (patch::returns)"),
     rule(".call_sites", Ignored, Drop, "call-depth-tracking sites", "call-depth-tracking sites; only an accounting optimisation"),
     rule(".ibt_endbr_seal", Ignored, Drop, "ENDBR seal list", "ENDBR instructions objtool found unneeded; sealing them is hardening only"),
     rule(".orc_unwind_ip", Role::Table(TableSpec { entry: 4, line: None, data_len: None, pair: Some((".orc_unwind", 6)) }), Register, "ORC unwind addresses",

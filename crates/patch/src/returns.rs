@@ -11,7 +11,12 @@
 //! not. Doing what `patch_return()` does gives new code the same returns as the code it
 //! replaces.
 
-use crate::link::LinkError;
+use crate::elf::SymPlace;
+use crate::link::{LinkError, Plan};
+use crate::{Bundle, RegionKind};
+
+/// The symbol compiled returns jump to.
+pub const RETURN_THUNK: &str = "__x86_return_thunk";
 
 const JMP32: u8 = 0xe9;
 const RET: u8 = 0xc3;
@@ -89,10 +94,44 @@ pub fn apply_returns(
     Ok(sites.len())
 }
 
-fn not_a_site(off: u64, what: &str) -> LinkError {
-    LinkError::Alternative {
-        reason: format!("return site at text+{off:#x} is {what}"),
+/// Offsets in the text region of new code's `jmp __x86_return_thunk`: the relocations to
+/// the thunk at a `jmp rel32`, which are exactly the sites objtool lists in `.return_sites`
+/// (which the builder does not carry). A reference to the thunk that is not a `jmp` is
+/// left alone, as the kernel leaves it (with a warning).
+pub(crate) fn return_sites(bundle: &Bundle, plan: &Plan) -> Vec<u64> {
+    let obj = &bundle.object;
+    let mut sites = Vec::new();
+    for (index, sec) in obj.sections.iter().enumerate() {
+        let Some((RegionKind::Text, base)) = plan.placement_of(index) else {
+            continue;
+        };
+        for r in &sec.relocs {
+            let sym = &obj.symbols[r.sym];
+            let is_jmp = r.offset >= 1 && sec.data.get(r.offset as usize - 1) == Some(&JMP32);
+            if sym.name == RETURN_THUNK && matches!(sym.place, SymPlace::Undefined) && is_jmp {
+                sites.push(base + r.offset - 1);
+            }
+        }
     }
+    sites
+}
+
+fn not_a_site(offset: u64, what: &'static str) -> LinkError {
+    LinkError::ReturnSite { offset, what }
+}
+
+/// `X86_FEATURE_INDIRECT_THUNK_ITS` (21*32+5).
+pub const FEATURE_INDIRECT_THUNK_ITS: u16 = 21 * 32 + 5;
+
+/// How many of new code's relocations reference a `__x86_indirect_thunk_*` (objtool's
+/// `.retpoline_sites`).
+pub(crate) fn indirect_thunk_refs(bundle: &Bundle) -> usize {
+    let obj = &bundle.object;
+    obj.sections
+        .iter()
+        .flat_map(|s| &s.relocs)
+        .filter(|r| obj.symbols[r.sym].name.starts_with("__x86_indirect_thunk_"))
+        .count()
 }
 
 #[cfg(test)]

@@ -77,4 +77,13 @@ pub enum LinkError {
     JumpOutOfRange { site: u64, target: u64 },
     #[error("cannot apply the bundle's CPU-feature alternatives: {reason}")]
     Alternative { reason: String },
+    #[error("the bundle's return site at text+{offset:#x} is {what}; the object and its relocations disagree (rebuild the bundle)")]
+    ReturnSite { offset: u64, what: &'static str },
+    #[error(
+        "the new code makes {count} indirect call(s) or jump(s) through __x86_indirect_thunk_*, and this \
+         CPU uses the ITS mitigation, which the kernel applies by rewriting each such site, not the \
+         thunk: lucos does not rewrite them yet, so the new code would be unmitigated; it is refused \
+         (rewrite the code without indirect calls, or boot the guest without ITS mitigation)"
+    )]
+    IndirectThunksNeedIts { count: usize },
 }
