@@ -11,6 +11,7 @@
 
 mod alternatives;
 mod bundle;
+pub mod completion;
 mod elf;
 pub mod engine;
 pub mod kmod;
@@ -19,6 +20,7 @@ mod link;
 mod manifest;
 pub mod memory;
 pub mod policy;
+pub mod refs;
 pub mod registry;
 mod reloc;
 mod sections;
@@ -29,7 +31,8 @@ pub mod trust;
 pub use alternatives::{apply_alternatives, CpuFeatures};
 pub use bundle::{pack, Bundle, BundleError, MANIFEST_SECTION};
 pub use engine::{
-    page_offset_base, reset_registry, ApplyReport, EngineError, ResetReport, RevertReport, Session,
+    page_offset_base, reset_registry, ApplyReport, Consistency, EngineError, Gate, GateSite,
+    Reclaimed, ResetReport, Retry, RevertReport, Session,
 };
 pub use layout::{
     DroppedSection, FentrySite, Linked, PlacedSection, RegionKind, RegionPlan, Regions,

@@ -93,6 +93,7 @@ fn a_malformed_record_is_not_reverted_by_guessing() {
         revert_pause_us: None,
         module: None,
         rewrites: Vec::new(),
+        reclaimed: false,
     });
     let mut m = guest_with(&reg, GPA);
     m.mem.write_u64(PD_ENTRY, reg.pd_entries[0].1);

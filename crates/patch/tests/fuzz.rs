@@ -400,6 +400,7 @@ fn record(id: &str, state: BundleState, sites: Vec<SiteRecord>) -> BundleRecord 
         revert_pause_us: None,
         module: None,
         rewrites: Vec::new(),
+        reclaimed: false,
     }
 }
 

@@ -1,7 +1,7 @@
 //! The site switch: the only part of an apply or revert that runs with the
 //! guest stopped.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lucos_introspect::Machine;
 
@@ -48,15 +48,17 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             })?;
             saved = Some(snapshot);
         }
-        let t = Instant::now();
-        if let Err(e) = self.m.pause() {
-            *reg = before;
-            // The stop may have happened even though its reply was lost.
-            if !was_paused && self.m.is_paused().unwrap_or(false) {
-                let _ = self.m.resume();
+        let t = match self.pause_for_switch(sites, was_paused) {
+            Ok(t) => t,
+            Err(e) => {
+                *reg = before;
+                // The stop may have happened even though its reply was lost.
+                if !was_paused && self.m.is_paused().unwrap_or(false) {
+                    let _ = self.m.resume();
+                }
+                return Err(fail(e));
             }
-            return Err(fail(e.into()));
-        }
+        };
         let mut written: Vec<&Site> = Vec::new();
         let mut done = Vec::new();
         let mut result = self.check_paused(sites).map(|d| done = d);
