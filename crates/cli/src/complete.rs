@@ -265,28 +265,26 @@ pub fn apply_consistent(
     let w = a.vm.patch_window()?;
     let id = bundle.manifest().id.clone();
     let (syms, layout) = (&a.syms, &a.layout);
+    let reg = Session::new(&mut a.vm, syms, layout.clone(), w.gpa, w.size)?.registry()?;
+    let mut gate = move |vm: &mut lucos_backend::Vm, sites: &[lucos_patch::GateSite]| {
+        let (scan, rips) =
+            scan_paused(vm, &s, (syms, layout), &reg).map_err(|e| format!("{e:#}"))?;
+        let ranges: Vec<_> = sites
+            .iter()
+            .flat_map(|g| {
+                completion::replaced_code(
+                    &reg,
+                    (syms, layout, &scan.modules),
+                    (&g.function, g.func_addr, g.site_addr, g.module.as_ref()),
+                    &g.current,
+                )
+            })
+            .collect();
+        let h = completion::holders(&ranges, &scan, &rips);
+        Ok((!h.is_empty()).then(|| h.iter().map(describe).collect::<Vec<_>>().join("; ")))
+    };
     let mut sess = Session::new(&mut a.vm, syms, layout.clone(), w.gpa, w.size)?;
-    let reg = sess.registry()?;
-    sess.set_gate(
-        Box::new(move |vm, sites| {
-            let (scan, rips) =
-                scan_paused(vm, &s, (syms, layout), &reg).map_err(|e| format!("{e:#}"))?;
-            let ranges: Vec<_> = sites
-                .iter()
-                .flat_map(|g| {
-                    completion::replaced_code(
-                        &reg,
-                        (syms, layout, &scan.modules),
-                        (&g.function, g.func_addr, g.site_addr, g.module.as_ref()),
-                        &g.current,
-                    )
-                })
-                .collect();
-            let h = completion::holders(&ranges, &scan, &rips);
-            Ok((!h.is_empty()).then(|| h.iter().map(describe).collect::<Vec<_>>().join("; ")))
-        }),
-        retry,
-    );
+    sess.set_gate(&mut gate, retry);
     let r = sess.apply(bundle);
     let stats = sess.consistency().unwrap_or_default();
     let r = r.with_context(|| format!("applying bundle '{}' consistently", esc(&id)))?;

@@ -23,7 +23,10 @@ pub struct GateSite {
 
 /// Decides, with the guest paused, whether the switch may happen now: `Ok(None)` when no
 /// task is in the code the sites lead to, `Ok(Some(who))` naming the tasks that are.
-pub type Gate<'a, M> = Box<dyn FnMut(&mut M, &[GateSite]) -> Result<Option<String>, String> + 'a>;
+/// Borrowed, not boxed: a `Session` has no destructor, so callers may read the machine
+/// again while one is still in scope.
+pub type Gate<'a, M> =
+    &'a mut (dyn FnMut(&mut M, &[GateSite]) -> Result<Option<String>, String> + 'a);
 
 /// How often and how patiently to try.
 #[derive(Debug, Clone, Copy)]
@@ -61,7 +64,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         sites: &[(&Site, [u8; 5])],
         was_paused: bool,
     ) -> Result<Instant, EngineError> {
-        let Some((mut gate, retry)) = self.gate.take() else {
+        let Some((gate, retry)) = self.gate.take() else {
             let t = Instant::now();
             self.m.pause()?;
             return Ok(t);
