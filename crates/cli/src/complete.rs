@@ -58,9 +58,7 @@ fn scan_paused(
     let scan = scanner
         .scan_with(vm, a.0, a.1, &unlinked(reg))
         .context("scanning the guest's stacks")?;
-    // Through the monitor, as the scan reads registers: repeated gdbstub register reads
-    // between stop/cont cycles (a consistent apply's retries) made the guest's console
-    // shell exit under TCG.
+    // Through the monitor, the way the scan itself reads each vCPU's registers.
     let rips = (0..vm.vcpu_count())
         .map(|i| vm.vcpu_regs(i).map(|r| r.rip))
         .collect::<Result<Vec<_>, _>>()?;
