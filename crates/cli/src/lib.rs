@@ -1,6 +1,7 @@
 //! The `lucos` command's building blocks, shared with its integration tests.
 
 pub mod buildcmd;
+pub mod complete;
 pub mod corpus;
 pub mod demo;
 pub mod guest;

@@ -40,8 +40,13 @@ enum Cmd {
     Apply(patchcmd::ApplyArgs),
     /// Revert an applied bundle (newest first per function).
     Revert(patchcmd::RevertArgs),
-    /// Show the bundles recorded in the VM's patch registry.
+    /// Show the bundles recorded in the VM's patch registry, and whether each update is
+    /// complete (no task runs or returns into the code it took out of use).
     Status(patchcmd::StatusArgs),
+    /// Block until a bundle's update is complete (see `status`), with a timeout.
+    Wait(lucos::complete::WaitArgs),
+    /// Free the patch memory of reverted bundles that nothing references any more.
+    Reclaim(lucos::complete::ReclaimArgs),
     /// Benchmark: pause-time percentiles over N apply/revert cycles.
     Bench(patchcmd::BenchArgs),
     /// Soak: many apply/revert cycles on a private guest under a syscall loop per vCPU,
@@ -328,6 +333,8 @@ fn lucos_main() -> Result<()> {
         Cmd::Apply(args) => patchcmd::apply(args),
         Cmd::Revert(args) => patchcmd::revert(args),
         Cmd::Status(args) => patchcmd::status(args),
+        Cmd::Wait(args) => lucos::complete::wait(args),
+        Cmd::Reclaim(args) => lucos::complete::reclaim(args),
         Cmd::Bench(args) => patchcmd::bench(args),
         Cmd::Soak(args) => lucos::soak::soak(args),
         Cmd::Bundle { cmd } => bundle(cmd),

@@ -9,13 +9,23 @@ use lucos_patch::registry::{BundleState, Registry};
 use lucos_patch::{ApplyReport, Bundle, RevertReport, Session};
 
 use crate::info::{attach, Attached};
-use crate::show::{esc, json};
+use crate::show::esc;
 use lucos_introspect::Machine;
 
 #[derive(Debug, Args)]
 pub struct ApplyArgs {
     pub vm: String,
     pub bundle: PathBuf,
+    /// Switch only at a pause in which no task has a replaced function on its stack;
+    /// otherwise resume and try again.
+    #[arg(long)]
+    pub consistent: bool,
+    /// With --consistent: pauses to try before giving up.
+    #[arg(long, default_value_t = 50, requires = "consistent")]
+    pub tries: u32,
+    /// With --consistent: the guest runs this long after a failed try (doubling, up to 8x).
+    #[arg(long, default_value_t = 20, requires = "consistent")]
+    pub backoff_ms: u64,
 }
 
 #[derive(Debug, Args)]
@@ -156,8 +166,21 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
     let t = Instant::now();
     let bundle = load_bundle(&args.bundle)?;
     let mut a = attach(&args.vm)?;
-    let r = apply_bundle(&mut a, &bundle)?;
-    print_apply(&r);
+    if args.consistent {
+        let retry = lucos_patch::Retry {
+            tries: args.tries.max(1),
+            backoff: Duration::from_millis(args.backoff_ms),
+        };
+        let (r, c) = crate::complete::apply_consistent(&mut a, &bundle, retry)?;
+        print_apply(&r);
+        println!(
+            "  consistent: {} tries, {} us paused in all (the switch's pause included)",
+            c.tries,
+            (c.failed_pause + r.pause).as_micros()
+        );
+    } else {
+        print_apply(&apply_bundle(&mut a, &bundle)?);
+    }
     println!(
         "  command total {:.1} ms (attach, symbols, KASLR, apply)",
         ms(t.elapsed())
@@ -184,8 +207,9 @@ pub fn print_status(reg: &Registry) {
              apply completes the mapping, `lucos reset` removes it"
         ),
         Some(va) => println!(
-            "patch memory mapped at {va:#x}; {} bytes allocated",
-            reg.next_free
+            "patch memory mapped at {va:#x}; {} bytes allocated, {} of them reclaimed for reuse",
+            reg.next_free,
+            reg.free.iter().map(|f| f.1).sum::<u64>()
         ),
         None => println!("patch memory not mapped yet (no bundle applied)"),
     }
@@ -211,6 +235,9 @@ pub fn print_status(reg: &Registry) {
         if let Some(p) = b.revert_pause_us {
             print!(", revert pause {p} us");
         }
+        if b.reclaimed {
+            print!(", memory reclaimed");
+        }
         println!();
         if !b.description.is_empty() {
             println!("  {}", esc(&b.description));
@@ -229,13 +256,25 @@ pub fn print_status(reg: &Registry) {
 
 pub fn status(args: StatusArgs) -> Result<()> {
     let mut a = attach(&args.vm)?;
-    let sess = session(&mut a)?;
-    let reg = sess.registry()?;
-    let odd = sess.inconsistencies()?;
+    let (reg, odd) = {
+        let sess = session(&mut a)?;
+        (sess.registry()?, sess.inconsistencies()?)
+    };
+    let pending = reg.bundles.iter().any(|b| !b.reclaimed);
+    // A guest whose stacks cannot be read still has a status: say why completion is missing.
+    let done = match pending {
+        true => crate::complete::completion(&mut a, &reg)
+            .map_err(|e| eprintln!("warning: completion unknown: {e:#}"))
+            .ok(),
+        false => None,
+    };
     if args.json {
-        println!("{}", json(serde_json::to_string_pretty(&reg)?));
+        println!("{}", crate::complete::status_json(&reg, done.as_deref())?);
     } else {
         print_status(&reg);
+        if let Some(c) = &done {
+            crate::complete::print_completion(c);
+        }
     }
     if a.vm.is_paused()? {
         eprintln!(
@@ -304,6 +343,10 @@ pub struct BenchArgs {
     /// and compare apply time and the cost of a read of /proc/cmdline (private guest only).
     #[arg(long)]
     pub against_livepatch: bool,
+    /// Apply in consistent mode (a full stack scan inside each pause, retried while a task
+    /// is in a replaced function); the apply pause then counts every try.
+    #[arg(long)]
+    pub consistent: bool,
 }
 
 /// A bundle file, or a bundle spec (`*.json`) built for the attached VM's kernel.
@@ -391,9 +434,22 @@ pub fn bench(args: BenchArgs) -> Result<()> {
     }
     let (mut apply, mut revert, mut totals) = (Vec::new(), Vec::new(), Vec::new());
     let t = Instant::now();
+    let mut tries = Vec::new();
     for _ in 0..args.cycles {
-        let r = apply_bundle(&mut a, &bundle)?;
-        apply.push(r.pause);
+        let r = if args.consistent {
+            let retry = lucos_patch::Retry {
+                tries: 100,
+                backoff: Duration::from_millis(5),
+            };
+            let (r, c) = crate::complete::apply_consistent(&mut a, &bundle, retry)?;
+            tries.push(c.tries);
+            apply.push(r.pause + c.failed_pause);
+            r
+        } else {
+            let r = apply_bundle(&mut a, &bundle)?;
+            apply.push(r.pause);
+            r
+        };
         totals.push(r.total);
         revert.push(revert_bundle(&mut a, &id)?.pause);
     }
@@ -411,12 +467,29 @@ pub fn bench(args: BenchArgs) -> Result<()> {
         }
     );
     let base = print_percentiles("empty stop+cont", &mut empty);
-    let ap = print_percentiles("apply pause", &mut apply);
+    let ap = match args.consistent {
+        true => print_percentiles("consistent apply pause (all tries)", &mut apply),
+        false => print_percentiles("apply pause", &mut apply),
+    };
+    if !tries.is_empty() {
+        tries.sort();
+        println!(
+            "consistent tries: p50 {}, max {}, mean {:.2}",
+            tries[tries.len() / 2],
+            tries[tries.len() - 1],
+            tries.iter().sum::<u32>() as f64 / tries.len() as f64
+        );
+    }
     let rp = print_percentiles("revert pause", &mut revert);
     let sp = print_percentiles(&format!("stack scan pause ({ntasks} tasks)"), &mut scans);
     let tot = print_percentiles("apply total (engine)", &mut totals);
     println!(
-        "p50 ratio to an empty stop+cont: apply {:.1}x (target <= 1.5x), revert {:.1}x, full stack scan {:.1}x",
+        "p50 ratio to an empty stop+cont: {} {:.1}x, revert {:.1}x, full stack scan {:.1}x",
+        if args.consistent {
+            "consistent apply (all tries)"
+        } else {
+            "apply (target <= 1.5x)"
+        },
         ap.as_secs_f64() / base.as_secs_f64(),
         rp.as_secs_f64() / base.as_secs_f64(),
         sp.as_secs_f64() / base.as_secs_f64()

@@ -255,6 +255,19 @@ pub fn list_modules(
     Ok(out)
 }
 
+/// The module whose `struct module` is at live `m`, whether or not it is on the list: a
+/// lucos bundle unlinked at revert keeps its `struct module` (and its ORC and symbols) in
+/// patch memory until reclaimed, and a task may still sleep in its code.
+pub fn module_at(
+    mem: &(impl PhysMem + ?Sized),
+    cr3: u64,
+    btf: &Btf,
+    m: u64,
+) -> Result<LoadedModule, ModuleError> {
+    let off = ModuleOffsets::from_btf(btf)?;
+    read_module(&Reader { mem, cr3 }, m, &off)
+}
+
 fn read_module<P: PhysMem + ?Sized>(
     r: &Reader<'_, P>,
     m: u64,

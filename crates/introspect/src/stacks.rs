@@ -76,6 +76,18 @@ impl Scanner {
         syms: &KernelSymbols,
         layout: &KernelLayout,
     ) -> Result<Scan, ScanError> {
+        self.scan_with(m, syms, layout, &[])
+    }
+
+    /// Scans every task, unwinding also through the modules whose `struct module` is at
+    /// `unlinked` (off the module list, still in memory: reverted lucos bundles).
+    pub fn scan_with(
+        &self,
+        m: &mut (impl Machine + ?Sized),
+        syms: &KernelSymbols,
+        layout: &KernelLayout,
+        unlinked: &[u64],
+    ) -> Result<Scan, ScanError> {
         if !m.is_paused()? {
             return Err(MachineError::NotPaused.into());
         }
@@ -84,7 +96,12 @@ impl Scanner {
             .map(|i| m.vcpu_regs(i))
             .collect::<Result<Vec<_>, _>>()?;
         let cpus = tasks::cpus(m, syms, layout, n)?;
-        let mods = modules::loaded(m, syms, layout)?;
+        let mut mods = modules::loaded(m, syms, layout)?;
+        for &va in unlinked {
+            if !mods.iter().any(|l| l.module == va) {
+                mods.push(modules::module_at(m, layout.cr3, &self.btf, va)?);
+            }
+        }
         let mut orc = self.vmlinux_orc.clone();
         orc.add_modules(m, layout.cr3, &self.btf, &mods)?;
         let all = tasks::all(m, syms, layout, &self.btf, &cpus)?;

@@ -16,22 +16,24 @@ use crate::memory::{self, PatchMem, PatchMemLayout};
 use crate::registry::{
     BundleRecord, BundleState, Header, ModuleSite, RangeRecord, Registry, SiteRecord, HEADER_LEN,
 };
-use crate::{
-    jmp_rel32, link, plan, Bundle, Manifest, RegionKind, Regions,
-};
+use crate::{jmp_rel32, link, plan, Bundle, Manifest, RegionKind, Regions};
 use kernel::KernelEdit;
 
+mod consistent;
 mod cpu;
 mod error;
 mod inspect;
 mod kernel;
 mod module;
+mod reclaim;
 mod reset;
 mod rewrite;
 mod stage;
 mod switch;
 
+pub use consistent::{Consistency, Gate, GateSite, Retry};
 pub use error::EngineError;
+pub use reclaim::Reclaimed;
 pub use reset::{reset_registry, ResetReport};
 pub use stage::page_offset_base;
 
@@ -41,6 +43,8 @@ pub struct Session<'a, M: Machine + ?Sized> {
     syms: &'a KernelSymbols,
     layout: KernelLayout,
     pm: PatchMem,
+    gate: Option<(consistent::Gate<'a, M>, consistent::Retry)>,
+    consistency: Option<consistent::Consistency>,
 }
 
 /// What an apply did and how long the guest was stopped.
@@ -168,6 +172,7 @@ fn applied_record(
         module: module.clone(),
         rewrites,
         half_applied: false,
+        reclaimed: false,
     }
 }
 
@@ -197,6 +202,8 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 gpa: patch_gpa,
                 va_base: None,
             },
+            gate: None,
+            consistency: None,
         };
         let reg = s.registry()?;
         if let Some(mapped) = reg.patch_gpa.filter(|&g| g != patch_gpa) {
@@ -312,16 +319,16 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 .map_or(0, |k| kernel::region_pages(&k.layout, bundle)),
         ];
         let need: u64 = sizes.iter().sum();
-        let free = self.pm.layout.size - reg.next_free;
-        if need > free {
-            return Err(memory::MemoryError::Full { need, free }.into());
-        }
         let (va_base, new_pd) = self.mapping(&reg)?;
+        let Some((at, reused)) = reg.alloc(need, self.pm.layout.size) else {
+            let free = reg.largest_free(self.pm.layout.size);
+            return Err(memory::MemoryError::Full { need, free }.into());
+        };
         let offs = [
-            reg.next_free,
-            reg.next_free + sizes[0],
-            reg.next_free + sizes[0] + sizes[1],
-            reg.next_free + sizes[0] + sizes[1] + sizes[2],
+            at,
+            at + sizes[0],
+            at + sizes[0] + sizes[1],
+            at + sizes[0] + sizes[1] + sizes[2],
         ];
         let bases = Regions {
             text: va_base + offs[0],
@@ -368,16 +375,20 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
 
         // Nothing has been written yet: everything above may refuse.
         let mut undo = Undo::default();
-        let header =
-            match self.record_and_stage(&header, &mut reg, (&new_pd, first), &staged, &mut undo) {
-                Ok(h) => h,
-                Err(e) => {
-                    self.rollback(undo);
-                    return Err(e);
-                }
-            };
+        let header = match self.record_and_stage(
+            &header,
+            &mut reg,
+            (&new_pd, first, reused),
+            &staged,
+            &mut undo,
+        ) {
+            Ok(h) => h,
+            Err(e) => {
+                self.rollback(undo);
+                return Err(e);
+            }
+        };
         reg.map_pending = false;
-        reg.next_free += need;
         let switch: Vec<(&Site, [u8; 5])> = sites.iter().zip(jmps).collect();
         let edit = match (&kmods, &module_record) {
             (Some(k), Some(m)) => KernelEdit::Link(k, m.clone(), jump_sites),

@@ -11,6 +11,7 @@
 
 mod alternatives;
 mod bundle;
+pub mod completion;
 pub mod elf;
 pub mod engine;
 pub mod kmod;
@@ -20,6 +21,7 @@ mod manifest;
 pub mod memory;
 mod pack;
 pub mod policy;
+pub mod refs;
 pub mod registry;
 mod reloc;
 mod returns;
@@ -31,7 +33,8 @@ pub mod trust;
 pub use alternatives::{apply_alternatives, CpuFeatures};
 pub use bundle::{Bundle, BundleError, MANIFEST_SECTION};
 pub use engine::{
-    page_offset_base, reset_registry, ApplyReport, EngineError, ResetReport, RevertReport, Session,
+    page_offset_base, reset_registry, ApplyReport, Consistency, EngineError, Gate, GateSite,
+    Reclaimed, ResetReport, Retry, RevertReport, Session,
 };
 pub use layout::{
     DroppedSection, FentrySite, Linked, PlacedSection, RegionKind, RegionPlan, Regions,

@@ -5,7 +5,8 @@
 //! - `0..4K` registry header, then two registry slots (never mapped);
 //! - `PT_OFFSET..` one page table per 2 MiB of patch memory (lucos-owned,
 //!   hung into the kernel's page directory);
-//! - `alloc_start..size` code and data of bundles, bump-allocated per page,
+//! - `alloc_start..size` code and data of bundles, allocated per page (reverted
+//!   bundles' pages are reused once reclaimed, see `crate::engine::reclaim`),
 //!   mapped at `va_base + offset` with per-page permissions.
 //!
 //! The virtual range is a hole in the kernel-image region
@@ -35,7 +36,7 @@ pub enum MemoryError {
         "patch memory of {0} bytes is too small or not a multiple of 2 MiB (need at least 4 MiB)"
     )]
     BadSize(u64),
-    #[error("patch memory is full: the bundle needs {need} bytes, {free} are left. Restart the VM with a larger --patch-mem (ranges are never reused, even after revert)")]
+    #[error("patch memory is full: the bundle needs {need} bytes, {free} are left. Revert bundles no longer needed and run `lucos reclaim` once they are complete, or restart the VM with a larger --patch-mem")]
     Full { need: u64, free: u64 },
     #[error("no free {size_mib} MiB range for patch memory in the kernel image region next to the kernel ({text:#x}..{end:#x}); use a smaller --patch-mem")]
     NoVirtualRange { size_mib: u64, text: u64, end: u64 },

@@ -119,6 +119,9 @@ pub struct BundleRecord {
     /// at each site) can finish the job; a revert clears it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub half_applied: bool,
+    /// A reverted bundle whose memory went back to `Registry::free` (nothing referenced it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reclaimed: bool,
 }
 
 /// One object a bundle rewrote in place.
@@ -161,13 +164,17 @@ pub struct Registry {
     /// tables point there, so it must not move (a guest reassigning PCI BARs).
     #[serde(default)]
     pub patch_gpa: Option<u64>,
-    /// Next free offset in the allocatable area; ranges are never reused.
+    /// Next free offset in the allocatable area, past every range ever handed out.
     pub next_free: u64,
+    /// Reclaimed ranges below `next_free`, (offset, length), sorted and merged: reverted
+    /// bundles' memory that no stack, vCPU or detectable pointer referenced any more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub free: Vec<(u64, u64)>,
     pub bundles: Vec<BundleRecord>,
     /// Bumped on every commit.
     pub generation: u64,
     /// Reverted records dropped from `bundles` to bound the registry's size
-    /// (their memory stays allocated: `next_free` only grows).
+    /// (memory not reclaimed before stays allocated for good).
     #[serde(default)]
     pub reverted_dropped: u64,
     /// The module tree's address bounds before lucos first widened them, to narrow them
@@ -211,6 +218,49 @@ impl Registry {
             .last()
     }
 
+    /// Takes `need` bytes: the lowest reclaimed range that fits (then `true`: the pages held
+    /// code before and must be written coherently), else fresh memory at `next_free`.
+    /// `None` when neither has room.
+    pub fn alloc(&mut self, need: u64, size: u64) -> Option<(u64, bool)> {
+        if let Some(i) = self.free.iter().position(|&(_, len)| len >= need) {
+            let (off, len) = self.free[i];
+            if len == need {
+                self.free.remove(i);
+            } else {
+                self.free[i] = (off + need, len - need);
+            }
+            return Some((off, true));
+        }
+        let off = self.next_free;
+        (size.checked_sub(off)? >= need).then(|| {
+            self.next_free += need;
+            (off, false)
+        })
+    }
+
+    /// Bytes an allocation can get at most: the largest reclaimed range or the fresh rest.
+    pub fn largest_free(&self, size: u64) -> u64 {
+        let fresh = size.saturating_sub(self.next_free);
+        self.free.iter().map(|&(_, l)| l).fold(fresh, u64::max)
+    }
+
+    /// Gives a range back, merging it with its neighbours.
+    pub fn release(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let i = self.free.partition_point(|&(o, _)| o < offset);
+        self.free.insert(i, (offset, len));
+        let mut merged: Vec<(u64, u64)> = Vec::with_capacity(self.free.len());
+        for &(o, l) in &self.free {
+            match merged.last_mut() {
+                Some(last) if last.0 + last.1 == o => last.1 += l,
+                _ => merged.push((o, l)),
+            }
+        }
+        self.free = merged;
+    }
+
     /// Drops the oldest reverted records beyond [`KEEP_REVERTED`]. Applied
     /// records are never dropped: they are needed to revert.
     pub fn prune(&mut self) {
@@ -243,15 +293,20 @@ impl Registry {
         self.map_pending = true;
     }
 
-    /// Length of this registry's JSON once every bundle in it is reverted and every number
-    /// in it is at its widest: no revert or pause record can take it past this, since
-    /// those only change states and numbers (and pruning only removes records).
+    /// Length of this registry's JSON once every bundle in it is reverted and reclaimed and
+    /// every number in it is at its widest: no revert, reclaim or pause record can take it
+    /// past this, since those only change states and numbers and add one free entry per
+    /// range at most (and pruning only removes records).
     pub fn worst_case_len(&self) -> usize {
         let mut w = self.clone();
         w.generation = u64::MAX;
         w.reverted_dropped = u64::MAX;
+        // Reclaiming may split every range into a free entry of its own.
+        let ranges: usize = w.bundles.iter().map(|b| b.ranges.len()).sum();
+        w.free = vec![(u64::MAX, u64::MAX); w.free.len() + ranges];
         for b in &mut w.bundles {
             b.state = BundleState::Reverted;
+            b.reclaimed = true;
             b.applied_unix_ms = u64::MAX;
             b.reverted_unix_ms = Some(u64::MAX);
             b.apply_pause_us = u64::MAX;
@@ -414,6 +469,7 @@ mod tests {
             module: None,
             rewrites: Vec::new(),
             half_applied: false,
+            reclaimed: false,
         };
         reg.bundles.push(rec("base".into(), BundleState::Applied));
         for i in 0..KEEP_REVERTED + 5 {
@@ -469,6 +525,7 @@ mod tests {
             // record does not leave room is refused by `reserve` like any other.
             rewrites: Vec::new(),
             half_applied: false,
+            reclaimed: false,
         }
     }
 
@@ -520,6 +577,24 @@ mod tests {
             let b = reg.bundles.last_mut().unwrap();
             b.state = BundleState::Reverted;
         }
+    }
+
+    #[test]
+    fn reclaimed_ranges_are_reused_first_and_merge() {
+        let layout = PatchMemLayout::new(8 << 20).unwrap();
+        let mut reg = Registry::empty(&layout);
+        let start = reg.next_free;
+        assert_eq!(reg.alloc(0x3000, 8 << 20), Some((start, false)));
+        assert_eq!(reg.alloc(0x2000, 8 << 20), Some((start + 0x3000, false)));
+        reg.release(start + 0x3000, 0x2000);
+        reg.release(start, 0x3000);
+        assert_eq!(reg.free, vec![(start, 0x5000)], "neighbours merge");
+        assert_eq!(reg.alloc(0x1000, 8 << 20), Some((start, true)), "reused");
+        assert_eq!(reg.free, vec![(start + 0x1000, 0x4000)]);
+        assert_eq!(reg.alloc(0x4000, 8 << 20), Some((start + 0x1000, true)));
+        assert!(reg.free.is_empty());
+        assert_eq!(reg.alloc(8 << 20, 8 << 20), None, "full");
+        assert_eq!(reg.largest_free(8 << 20), (8 << 20) - reg.next_free);
     }
 
     #[test]

@@ -98,6 +98,7 @@ fn a_malformed_site_record_makes_the_registry_corrupt() {
         module: None,
         rewrites: Vec::new(),
         half_applied: false,
+        reclaimed: false,
     });
     let (h, json) = reg.encode(&Header::default()).unwrap();
     let json = String::from_utf8(json).unwrap();

@@ -401,6 +401,7 @@ fn record(id: &str, state: BundleState, sites: Vec<SiteRecord>) -> BundleRecord 
         module: None,
         rewrites: Vec::new(),
         half_applied: false,
+        reclaimed: false,
     }
 }
 

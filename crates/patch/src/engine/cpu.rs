@@ -31,7 +31,11 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         // calls through them are mitigated as built-in code's, at one extra jump, except
         // under ITS, where the kernel rewrites each call site instead.
         let indirect = returns::indirect_thunk_refs(bundle);
-        if indirect > 0 && cpu.has(returns::FEATURE_INDIRECT_THUNK_ITS).unwrap_or(false) {
+        if indirect > 0
+            && cpu
+                .has(returns::FEATURE_INDIRECT_THUNK_ITS)
+                .unwrap_or(false)
+        {
             return Err(crate::LinkError::IndirectThunksNeedIts { count: indirect }.into());
         }
         if let Some(&thunk) = linked.resolved.get(returns::RETURN_THUNK) {

@@ -128,4 +128,14 @@ pub enum EngineError {
     Symbols(#[from] SymbolError),
     #[error(transparent)]
     Machine(#[from] MachineError),
+    #[error("cannot reclaim '{id}': {why}")]
+    NotReclaimable { id: String, why: String },
+    #[error("consistent switch gave up after {tries} pauses ({paused_us} us paused in all): at every one, a task had a replaced function on its stack ({holders}); the guest was left unchanged. Retry when it is idle, or give more --tries")]
+    NotQuiescent {
+        tries: u32,
+        paused_us: u64,
+        holders: String,
+    },
+    #[error("checking the stacks inside the pause: {0}; the guest was left unchanged")]
+    Gate(String),
 }

@@ -72,24 +72,39 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         &mut self,
         header: &Header,
         reg: &mut Registry,
-        new_pd: (&[(u64, u64)], bool),
+        (new_pd, first, reused): (&[(u64, u64)], bool, bool),
         staged: &[(RangeRecord, &[u8])],
         undo: &mut Undo,
     ) -> Result<Header, EngineError> {
-        let header = if new_pd.0.is_empty() {
+        let header = if new_pd.is_empty() {
             header.clone()
         } else {
             self.record_mapping(header, reg, undo)?
         };
-        self.stage(new_pd, staged, undo)?;
+        self.stage((new_pd, first, reused), staged, undo)?;
         Ok(header)
     }
 
     fn write_undoable(&mut self, undo: &mut Undo, pa: u64, data: &[u8]) -> Result<(), EngineError> {
+        self.write_undoable_as(undo, pa, data, false)
+    }
+
+    /// With `coherent`, through the path that drops cached translations of the bytes.
+    fn write_undoable_as(
+        &mut self,
+        undo: &mut Undo,
+        pa: u64,
+        data: &[u8],
+        coherent: bool,
+    ) -> Result<(), EngineError> {
         let mut old = vec![0u8; data.len()];
         self.m.read_phys(pa, &mut old)?;
         undo.writes.push((pa, old));
-        self.m.write_phys_data(pa, data)?;
+        if coherent {
+            self.m.write_phys(pa, data)?;
+        } else {
+            self.m.write_phys_data(pa, data)?;
+        }
         Ok(())
     }
 
@@ -97,7 +112,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
     /// until the sites are switched.
     pub(super) fn stage(
         &mut self,
-        (new_pd, first): (&[(u64, u64)], bool),
+        (new_pd, first, reused): (&[(u64, u64)], bool, bool),
         staged: &[(RangeRecord, &[u8])],
         undo: &mut Undo,
     ) -> Result<(), EngineError> {
@@ -105,9 +120,11 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         for (r, image) in staged {
             let mut bytes = image.to_vec();
             bytes.resize(r.len as usize, 0);
-            // Never-used pages: no vCPU has executed them, so no translation
-            // can be stale and the fast data path is coherent enough.
-            self.write_undoable(undo, self.pm.pa(r.offset), &bytes)?;
+            // Never-used pages: no vCPU has executed them, so no translation can be stale
+            // and the fast data path is coherent enough. Reclaimed pages held a reverted
+            // bundle's code, which an engine may still have translated (TCG): every page
+            // is overwritten whole, through the coherent path.
+            self.write_undoable_as(undo, self.pm.pa(r.offset), &bytes, reused)?;
             let mut ptes = Vec::new();
             let mut off = r.offset;
             while off < r.offset + r.len {

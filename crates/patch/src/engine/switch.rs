@@ -1,7 +1,7 @@
 //! The site switch: the only part of an apply or revert that runs with the
 //! guest stopped.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lucos_introspect::{Machine, MachineError};
 
@@ -49,16 +49,19 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             *reg = before.clone();
             fail(e)
         })?;
-        let t = Instant::now();
-        if let Err(e) = self.m.pause() {
-            *reg = before;
-            let resumed = if was_paused {
-                Ok(())
-            } else {
-                self.resume_if_paused()
-            };
-            return Err(fail(still_paused(e.into(), resumed)));
-        }
+        let t = match self.pause_for_switch(sites, was_paused) {
+            Ok(t) => t,
+            Err(e) => {
+                *reg = before;
+                // The stop may have happened even though its reply was lost.
+                let resumed = if was_paused {
+                    Ok(())
+                } else {
+                    self.resume_if_paused()
+                };
+                return Err(fail(still_paused(e, resumed)));
+            }
+        };
         // Every site that may hold its new bytes if the switch fails.
         let mut touched: Vec<&Site> = Vec::new();
         let mut done = Vec::new();

@@ -1,0 +1,290 @@
+//! Completion of updates (`lucos status`, `lucos wait`), reclaim of reverted bundles'
+//! memory (`lucos reclaim`) and consistent applies (`lucos apply --consistent`): all decided
+//! from a full stack scan of the paused guest.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use lucos_introspect::stacks::{Scan, Scanner};
+use lucos_introspect::Machine;
+use lucos_patch::completion::{self, Completion, Holder, Phase};
+use lucos_patch::registry::{BundleState, Registry};
+use lucos_patch::{refs, ApplyReport, Bundle, Consistency, Retry, Session};
+use serde::Serialize;
+
+use crate::info::{with_pause, Attached};
+use crate::show::{esc, json};
+
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    pub vm: String,
+    /// The bundle id, as `lucos status` shows it.
+    pub bundle: String,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ReclaimArgs {
+    pub vm: String,
+    /// Only these reverted bundles (default: every reverted bundle not reclaimed yet).
+    pub bundles: Vec<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `struct module`s of reverted bundles whose memory is still there: their code may still
+/// be on a stack, and their ORC is what unwinds through it.
+pub fn unlinked(reg: &Registry) -> Vec<u64> {
+    reg.bundles
+        .iter()
+        .filter(|b| b.state == BundleState::Reverted && !b.reclaimed)
+        .filter_map(|b| b.module.as_ref().map(|m| m.va))
+        .collect()
+}
+
+/// Scans with the VM paused: every task's stack and every vCPU's rip.
+fn scan_paused(
+    vm: &mut lucos_backend::Vm,
+    scanner: &Scanner,
+    a: (
+        &lucos_introspect::KernelSymbols,
+        &lucos_introspect::KernelLayout,
+    ),
+    reg: &Registry,
+) -> Result<(Scan, Vec<u64>)> {
+    let scan = scanner
+        .scan_with(vm, a.0, a.1, &unlinked(reg))
+        .context("scanning the guest's stacks")?;
+    // Through the monitor, the way the scan itself reads each vCPU's registers.
+    let rips = (0..vm.vcpu_count())
+        .map(|i| vm.vcpu_regs(i).map(|r| r.rip))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((scan, rips))
+}
+
+fn scanner(a: &mut Attached) -> Result<Scanner> {
+    Scanner::new(&a.vm, &a.syms, &a.layout).context("reading the kernel's unwind data")
+}
+
+/// Every recorded bundle's completion, from one scan.
+pub fn completion(a: &mut Attached, reg: &Registry) -> Result<Vec<Completion>> {
+    let s = scanner(a)?;
+    let (syms, layout) = (&a.syms, &a.layout);
+    let (scan, rips) = with_pause(&mut a.vm, |vm| scan_paused(vm, &s, (syms, layout), reg))?;
+    Ok(completion::completion(reg, syms, layout, &scan, &rips))
+}
+
+pub fn describe(h: &Holder) -> String {
+    let at = h.addr.map(|a| format!(" at {a:#x}")).unwrap_or_default();
+    let cpu = h.vcpu.map(|v| format!(" on vCPU {v}")).unwrap_or_default();
+    format!("{} {}{cpu}: {}{at}", h.pid, esc(&h.comm), esc(&h.what))
+}
+
+pub fn print_completion(c: &[Completion]) {
+    for c in c {
+        let what = match c.phase {
+            Phase::Apply => "old code it replaced",
+            Phase::Revert => "its patch code",
+        };
+        if c.complete {
+            println!(
+                "{}: complete (no task runs or returns into {what})",
+                esc(&c.id)
+            );
+            continue;
+        }
+        println!(
+            "{}: NOT complete, {} task(s) in {what}:",
+            esc(&c.id),
+            c.holders.len()
+        );
+        for h in &c.holders {
+            println!("  {}", describe(h));
+        }
+    }
+}
+
+/// The registry as JSON with each bundle's completion next to it.
+pub fn status_json(reg: &Registry, c: Option<&[Completion]>) -> Result<String> {
+    let mut v = serde_json::to_value(reg)?;
+    if let (Some(c), Some(o)) = (c, v.as_object_mut()) {
+        o.insert("completion".into(), serde_json::to_value(c)?);
+    }
+    Ok(json(serde_json::to_string_pretty(&v)?))
+}
+
+/// `lucos wait`: until the bundle's update is complete, scanning every 200 ms.
+pub fn wait(args: WaitArgs) -> Result<()> {
+    let mut a = crate::info::attach(&args.vm)?;
+    let reg = crate::patchcmd::session(&mut a)?.registry()?;
+    if !reg.bundles.iter().any(|b| b.id == args.bundle) {
+        bail!(
+            "no bundle '{}' in '{}' (see `lucos status {}`)",
+            esc(&args.bundle),
+            args.vm,
+            args.vm
+        );
+    }
+    let s = scanner(&mut a)?;
+    let t = Instant::now();
+    let deadline = Duration::from_secs(args.timeout);
+    let mut scans = 0u32;
+    loop {
+        scans += 1;
+        let (syms, layout) = (&a.syms, &a.layout);
+        let (scan, rips) = with_pause(&mut a.vm, |vm| scan_paused(vm, &s, (syms, layout), &reg))?;
+        let c = completion::completion(&reg, syms, layout, &scan, &rips);
+        let mine = c.iter().rev().find(|c| c.id == args.bundle);
+        let Some(mine) = mine else {
+            println!("{}: complete (its memory was reclaimed)", esc(&args.bundle));
+            return Ok(());
+        };
+        if mine.complete {
+            println!(
+                "{}: complete after {:.1} s ({scans} scans)",
+                esc(&mine.id),
+                t.elapsed().as_secs_f64()
+            );
+            return Ok(());
+        }
+        if t.elapsed() >= deadline {
+            let who: Vec<String> = mine.holders.iter().map(describe).collect();
+            bail!(
+                "'{}' is not complete after {} s: {}; wait longer (--timeout) or find out why \
+                 these tasks stay there",
+                esc(&mine.id),
+                args.timeout,
+                who.join("; ")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReclaimOutcome {
+    pub id: String,
+    /// Bytes freed, none when the bundle is still referenced.
+    pub freed: Option<u64>,
+    pub holders: Vec<Holder>,
+    pub pointers: Vec<refs::Pointer>,
+}
+
+/// Reclaims every candidate that no stack, vCPU or scanned pointer references, checking and
+/// unmapping inside one pause.
+pub fn reclaim_bundles(a: &mut Attached, only: &[String]) -> Result<Vec<ReclaimOutcome>> {
+    let s = scanner(a)?;
+    let w = a.vm.patch_window()?;
+    let (syms, layout) = (&a.syms, &a.layout);
+    with_pause(&mut a.vm, |vm| {
+        let reg = Session::new(&mut *vm, syms, layout.clone(), w.gpa, w.size)?.registry()?;
+        let (scan, rips) = scan_paused(vm, &s, (syms, layout), &reg)?;
+        let mut sess = Session::new(vm, syms, layout.clone(), w.gpa, w.size)?;
+        let percpu: Vec<u64> = scan.cpus.iter().map(|c| c.percpu_offset).collect();
+        let areas = refs::data_areas(syms, layout, &percpu, &reg)?;
+        let cands: Vec<_> = reg
+            .bundles
+            .iter()
+            .filter(|b| b.state == BundleState::Reverted && !b.reclaimed)
+            .filter(|b| only.is_empty() || only.contains(&b.id))
+            .cloned()
+            .collect();
+        for id in only {
+            if !cands.iter().any(|b| &b.id == id) {
+                bail!(
+                    "'{}' is not a reverted bundle whose memory is still allocated (see `lucos status`)",
+                    esc(id)
+                );
+            }
+        }
+        let mut out = Vec::new();
+        for b in cands {
+            let holders = completion::holders(&completion::patch_code(&b), &scan, &rips);
+            let pointers = refs::pointers_into(sess.machine(), layout.cr3, &areas, &b)?;
+            let freed = if holders.is_empty() && pointers.is_empty() {
+                Some(sess.reclaim(&b)?.bytes)
+            } else {
+                None
+            };
+            out.push(ReclaimOutcome {
+                id: b.id.clone(),
+                freed,
+                holders,
+                pointers,
+            });
+        }
+        Ok(out)
+    })
+}
+
+pub fn reclaim(args: ReclaimArgs) -> Result<()> {
+    let mut a = crate::info::attach(&args.vm)?;
+    let out = reclaim_bundles(&mut a, &args.bundles)?;
+    if args.json {
+        println!("{}", json(serde_json::to_string_pretty(&out)?));
+        return Ok(());
+    }
+    if out.is_empty() {
+        println!("nothing to reclaim: no reverted bundle holds memory");
+    }
+    for o in &out {
+        match o.freed {
+            Some(n) => println!("{}: reclaimed {n} bytes", esc(&o.id)),
+            None => {
+                println!("{}: still referenced, kept", esc(&o.id));
+                for h in &o.holders {
+                    println!("  stack: {}", describe(h));
+                }
+                for p in &o.pointers {
+                    println!(
+                        "  pointer {:#x} at {:#x} ({})",
+                        p.value,
+                        p.at,
+                        esc(&p.place)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies `bundle` so that the switch happens at a pause in which no task has a replaced
+/// function on its stack; returns the report and the tries it took.
+pub fn apply_consistent(
+    a: &mut Attached,
+    bundle: &Bundle,
+    retry: Retry,
+) -> Result<(ApplyReport, Consistency)> {
+    let s = scanner(a)?;
+    let w = a.vm.patch_window()?;
+    let id = bundle.manifest().id.clone();
+    let (syms, layout) = (&a.syms, &a.layout);
+    let reg = Session::new(&mut a.vm, syms, layout.clone(), w.gpa, w.size)?.registry()?;
+    let mut gate = move |vm: &mut lucos_backend::Vm, sites: &[lucos_patch::GateSite]| {
+        let (scan, rips) =
+            scan_paused(vm, &s, (syms, layout), &reg).map_err(|e| format!("{e:#}"))?;
+        let ranges: Vec<_> = sites
+            .iter()
+            .flat_map(|g| {
+                completion::replaced_code(
+                    &reg,
+                    (syms, layout, &scan.modules),
+                    (&g.function, g.func_addr, g.site_addr, g.module.as_ref()),
+                    &g.current,
+                )
+            })
+            .collect();
+        let h = completion::holders(&ranges, &scan, &rips);
+        Ok((!h.is_empty()).then(|| h.iter().map(describe).collect::<Vec<_>>().join("; ")))
+    };
+    let mut sess = Session::new(&mut a.vm, syms, layout.clone(), w.gpa, w.size)?;
+    sess.set_gate(&mut gate, retry);
+    let r = sess.apply(bundle);
+    let stats = sess.consistency().unwrap_or_default();
+    let r = r.with_context(|| format!("applying bundle '{}' consistently", esc(&id)))?;
+    Ok((r, stats))
+}
