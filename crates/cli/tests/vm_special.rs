@@ -248,3 +248,76 @@ fn a_static_branch_in_new_code_starts_live_and_follows_its_key() {
     let log = s.sh("dmesg");
     assert_no_oops(&log);
 }
+
+/// A return of the live code at `va`: `Ok(bytes)` for `ret; int3...`, `Err(target)` for
+/// a `jmp`, read from outside.
+fn live_return(s: &Shared, va: u64) -> Result<[u8; 5], u64> {
+    let mut b = [0u8; 5];
+    lucos_introspect::paging::read_virt(&s.a.vm, s.a.layout.cr3, va, &mut b).unwrap();
+    if b[0] == 0xe9 {
+        let d = i32::from_le_bytes(b[1..5].try_into().unwrap());
+        Err((va + 5).wrapping_add(d as i64 as u64))
+    } else {
+        Ok(b)
+    }
+}
+
+#[test]
+fn new_codes_returns_read_like_the_kernels_own() {
+    let mut s = shared();
+    // The kernel's own first return site, as apply_returns() left it at boot. (Under the
+    // ITS return thunk the form depends on the address; the TCG CPU has no ITS.)
+    let syms = &s.a.syms;
+    let table = syms
+        .lookup("__return_sites")
+        .expect("vmlinux has .return_sites");
+    let rel = i32::from_le_bytes(
+        syms.section_bytes(table.addr, 4)
+            .unwrap()
+            .try_into()
+            .unwrap(),
+    );
+    let kernel_site = table.addr.wrapping_add(rel as i64 as u64);
+    assert_eq!(
+        syms.section_bytes(kernel_site, 1).unwrap()[0],
+        0xe9,
+        "vmlinux: jmp thunk"
+    );
+    let kernel = live_return(&s, s.a.layout.live(kernel_site));
+    let thunk =
+        s.a.layout
+            .live(syms.lookup("__x86_return_thunk").unwrap().addr);
+
+    let b = bundle("uname");
+    let plan = lucos_patch::plan(&b).unwrap();
+    let sites = lucos_patch::return_sites(&b, &plan);
+    assert!(!sites.is_empty(), "the uname bundle has returns");
+    let r = apply_bundle(&mut s.a, &b).unwrap();
+    let reg = lucos::patchcmd::session(&mut s.a)
+        .unwrap()
+        .registry()
+        .unwrap();
+    let rec = reg.find_applied(&r.id).unwrap();
+    let text = rec
+        .ranges
+        .iter()
+        .find(|r| r.kind == lucos_patch::RegionKind::Text)
+        .unwrap()
+        .va;
+    let new: Vec<_> = sites
+        .iter()
+        .map(|off| live_return(&s, text + off))
+        .collect();
+    revert_bundle(&mut s.a, &b.manifest().id).unwrap();
+    for (off, got) in sites.iter().zip(new) {
+        assert_eq!(
+            got, kernel,
+            "return at text+{off:#x} (kernel's own: {kernel:x?})"
+        );
+        assert_ne!(
+            got,
+            Err(thunk),
+            "text+{off:#x} still jumps to __x86_return_thunk"
+        );
+    }
+}

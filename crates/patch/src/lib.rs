@@ -48,7 +48,7 @@ pub use manifest::{
 };
 pub use pack::pack;
 pub use reloc::reloc_name;
-pub use returns::{apply_returns, ReturnMode};
+pub use returns::{apply_returns, return_sites, ReturnMode};
 pub use sections::refused_by_name as section_refusal;
 pub use signing::{SignatureError, Signer};
 pub use site::{check_fentry_site, jmp_rel32, SiteError, SiteKind, ENDBR64, NOP5};

@@ -98,7 +98,7 @@ pub fn apply_returns(
 /// the thunk at a `jmp rel32`, which are exactly the sites objtool lists in `.return_sites`
 /// (which the builder does not carry). A reference to the thunk that is not a `jmp` is
 /// left alone, as the kernel leaves it (with a warning).
-pub(crate) fn return_sites(bundle: &Bundle, plan: &Plan) -> Vec<u64> {
+pub fn return_sites(bundle: &Bundle, plan: &Plan) -> Vec<u64> {
     let obj = &bundle.object;
     let mut sites = Vec::new();
     for (index, sec) in obj.sections.iter().enumerate() {
