@@ -124,6 +124,29 @@ pub struct BundleRecord {
     pub reclaimed: bool,
 }
 
+impl BundleRecord {
+    /// A record with nothing in it yet but its id and state; records are built from it
+    /// with struct-update syntax.
+    pub fn empty(id: &str, state: BundleState) -> Self {
+        BundleRecord {
+            id: id.into(),
+            description: String::new(),
+            sha256: String::new(),
+            state,
+            applied_unix_ms: 0,
+            reverted_unix_ms: None,
+            sites: Vec::new(),
+            ranges: Vec::new(),
+            apply_pause_us: 0,
+            revert_pause_us: None,
+            module: None,
+            rewrites: Vec::new(),
+            half_applied: false,
+            reclaimed: false,
+        }
+    }
+}
+
 /// One object a bundle rewrote in place.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RewriteRecord {
@@ -509,23 +532,13 @@ mod tests {
                 base: u64::MAX,
             }),
         };
+        // Rewrites are bounded too (MAX_REWRITES of MAX_REWRITE bytes); an apply whose
+        // record does not leave room is refused by `reserve` like any other.
         BundleRecord {
-            id,
             description: "\u{1b}".repeat(MAX_DESCRIPTION), // escaped: 6 bytes each in JSON
             sha256: "0".repeat(64),
-            state: BundleState::Applied,
-            applied_unix_ms: 0,
-            reverted_unix_ms: None,
             sites: vec![site; MAX_REPLACEMENTS],
-            ranges: vec![],
-            apply_pause_us: 0,
-            revert_pause_us: None,
-            module: None,
-            // Rewrites are bounded too (MAX_REWRITES of MAX_REWRITE bytes); an apply whose
-            // record does not leave room is refused by `reserve` like any other.
-            rewrites: Vec::new(),
-            half_applied: false,
-            reclaimed: false,
+            ..BundleRecord::empty(&id, BundleState::Applied)
         }
     }
 

@@ -75,12 +75,6 @@ fn a_malformed_site_record_makes_the_registry_corrupt() {
     let syms = symbols();
     let mut reg = mapped_registry();
     reg.bundles.push(BundleRecord {
-        id: "broken".into(),
-        description: String::new(),
-        sha256: String::new(),
-        state: BundleState::Applied,
-        applied_unix_ms: 0,
-        reverted_unix_ms: None,
         sites: vec![SiteRecord {
             function: "f".into(),
             func_addr: 0xffff_ffff_8100_1000,
@@ -92,13 +86,7 @@ fn a_malformed_site_record_makes_the_registry_corrupt() {
             new_symbol: "g".into(),
             module: None,
         }],
-        ranges: Vec::new(),
-        apply_pause_us: 0,
-        revert_pause_us: None,
-        module: None,
-        rewrites: Vec::new(),
-        half_applied: false,
-        reclaimed: false,
+        ..BundleRecord::empty("broken", BundleState::Applied)
     });
     let (h, json) = reg.encode(&Header::default()).unwrap();
     let json = String::from_utf8(json).unwrap();

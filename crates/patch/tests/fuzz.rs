@@ -383,12 +383,6 @@ fn site(func_addr: u64, i: u64) -> SiteRecord {
 
 fn record(id: &str, state: BundleState, sites: Vec<SiteRecord>) -> BundleRecord {
     BundleRecord {
-        id: id.into(),
-        description: String::new(),
-        sha256: String::new(),
-        state,
-        applied_unix_ms: 0,
-        reverted_unix_ms: None,
         sites,
         ranges: vec![RangeRecord {
             offset: 0x10_0000,
@@ -396,12 +390,7 @@ fn record(id: &str, state: BundleState, sites: Vec<SiteRecord>) -> BundleRecord 
             va: 0xffff_ffff_a000_0000,
             kind: RegionKind::Text,
         }],
-        apply_pause_us: 0,
-        revert_pause_us: None,
-        module: None,
-        rewrites: Vec::new(),
-        half_applied: false,
-        reclaimed: false,
+        ..BundleRecord::empty(id, state)
     }
 }
 

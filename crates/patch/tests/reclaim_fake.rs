@@ -11,25 +11,13 @@ use lucos_patch::{EngineError, RegionKind, Session};
 
 fn record(id: &str, state: BundleState, offset: u64) -> BundleRecord {
     BundleRecord {
-        id: id.into(),
-        description: String::new(),
-        sha256: String::new(),
-        state,
-        applied_unix_ms: 0,
-        reverted_unix_ms: None,
-        sites: Vec::new(),
         ranges: vec![RangeRecord {
             offset,
             len: 0x2000,
             va: 0xffff_ffff_a000_0000 + offset,
             kind: RegionKind::Text,
         }],
-        apply_pause_us: 0,
-        revert_pause_us: None,
-        module: None,
-        rewrites: Vec::new(),
-        half_applied: false,
-        reclaimed: false,
+        ..BundleRecord::empty(id, state)
     }
 }
 
