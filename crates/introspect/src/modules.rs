@@ -5,6 +5,8 @@
 //! through the kernel's page tables (a bad one is an error, not a crash), and names are
 //! length-limited.
 
+use std::sync::{Arc, Mutex};
+
 use crate::btf::{Btf, BtfError};
 use crate::kaslr::KernelLayout;
 use crate::machine::PhysMem;
@@ -165,9 +167,35 @@ impl<P: PhysMem + ?Sized> Reader<'_, P> {
     }
 }
 
+/// (build id, live address of the BTF, the parsed BTF).
+type BtfEntry = (Vec<u8>, u64, Arc<Btf>);
+
 /// The running kernel's own BTF (`__start_BTF`..`__stop_BTF` in its memory), so layouts
-/// are those of the kernel that runs, whatever vmlinux lucos was given.
+/// are those of the kernel that runs, whatever vmlinux lucos was given. It is read-only
+/// data of a kernel whose build id matches `syms` (checked at attach), so it is read and
+/// parsed once per process and kernel: one apply used to read its megabytes three times.
 pub fn live_btf(
+    mem: &(impl PhysMem + ?Sized),
+    syms: &KernelSymbols,
+    layout: &KernelLayout,
+) -> Result<Arc<Btf>, ModuleError> {
+    static CACHE: Mutex<Vec<BtfEntry>> = Mutex::new(Vec::new());
+    let id = syms.build_id().map(<[u8]>::to_vec).unwrap_or_default();
+    let va = layout.live(syms.lookup("__start_BTF").map_or(0, |s| s.addr));
+    let mut cache = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    if !id.is_empty() {
+        if let Some((_, _, btf)) = cache.iter().find(|(i, v, _)| *i == id && *v == va) {
+            return Ok(btf.clone());
+        }
+    }
+    let btf = Arc::new(read_live_btf(mem, syms, layout)?);
+    if !id.is_empty() {
+        cache.push((id, va, btf.clone()));
+    }
+    Ok(btf)
+}
+
+fn read_live_btf(
     mem: &(impl PhysMem + ?Sized),
     syms: &KernelSymbols,
     layout: &KernelLayout,
@@ -222,7 +250,7 @@ pub fn loaded(
     syms: &KernelSymbols,
     layout: &KernelLayout,
 ) -> Result<Vec<LoadedModule>, ModuleError> {
-    let off = ModuleOffsets::from_btf(&live_btf(mem, syms, layout)?)?;
+    let off = ModuleOffsets::from_btf(&*live_btf(mem, syms, layout)?)?;
     let head = syms
         .lookup_in_file("kernel/module/main.c", "modules")
         .or_else(|_| syms.lookup("modules"))

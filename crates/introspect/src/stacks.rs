@@ -25,7 +25,7 @@ pub enum ScanError {
 
 /// What stays the same between scans of one boot: layouts and vmlinux's ORC table.
 pub struct Scanner {
-    btf: Btf,
+    btf: std::sync::Arc<Btf>,
     regs: RegsLayout,
     vmlinux_orc: Orc,
     ret_from_fork: u64,

@@ -75,7 +75,7 @@ pub fn probe(
         module_mutex: find("kernel/module/main.c", "module_mutex")?,
         jump_label_mutex: find("kernel/jump_label.c", "jump_label_mutex")?,
     };
-    let layout = KmodLayout::from_btf(&live_btf(mem, syms, kl)?)?;
+    let layout = KmodLayout::from_btf(&*live_btf(mem, syms, kl)?)?;
     Ok(KernelModules { layout, anchors })
 }
 
