@@ -13,7 +13,7 @@
 
 use crate::elf::SymPlace;
 use crate::link::{LinkError, Plan};
-use crate::{Bundle, RegionKind};
+use crate::{Bundle, CpuFeatures, RegionKind};
 
 /// The symbol compiled returns jump to.
 pub const RETURN_THUNK: &str = "__x86_return_thunk";
@@ -123,6 +123,16 @@ fn not_a_site(offset: u64, what: &'static str) -> LinkError {
 /// `X86_FEATURE_INDIRECT_THUNK_ITS` (21*32+5).
 pub const FEATURE_INDIRECT_THUNK_ITS: u16 = 21 * 32 + 5;
 
+/// New code's indirect calls through the shared spectre-v2 thunks are mitigated as the
+/// kernel's own (the thunk bodies were patched at boot), except under ITS, where the
+/// kernel rewrites every call site instead and the shared thunk is not safe.
+pub(crate) fn check_indirect_thunks(cpu: &CpuFeatures, refs: usize) -> Result<(), LinkError> {
+    if refs > 0 && cpu.has(FEATURE_INDIRECT_THUNK_ITS).unwrap_or(false) {
+        return Err(LinkError::IndirectThunksNeedIts { count: refs });
+    }
+    Ok(())
+}
+
 /// How many of new code's relocations reference a `__x86_indirect_thunk_*` (objtool's
 /// `.retpoline_sites`).
 pub(crate) fn indirect_thunk_refs(bundle: &Bundle) -> usize {
@@ -155,6 +165,25 @@ mod tests {
     fn target(t: &[u8], off: u64) -> u64 {
         let d = i32::from_le_bytes(t[off as usize + 1..off as usize + 5].try_into().unwrap());
         (BASE + off + 5).wrapping_add(d as i64 as u64)
+    }
+
+    #[test]
+    fn indirect_thunk_calls_are_refused_only_under_its() {
+        let mut words = vec![0u32; 22];
+        assert!(check_indirect_thunks(
+            &CpuFeatures {
+                words: words.clone()
+            },
+            3
+        )
+        .is_ok());
+        words[21] |= 1 << 5;
+        let its = CpuFeatures { words };
+        assert_eq!(
+            check_indirect_thunks(&its, 3),
+            Err(LinkError::IndirectThunksNeedIts { count: 3 })
+        );
+        assert!(check_indirect_thunks(&its, 0).is_ok());
     }
 
     #[test]

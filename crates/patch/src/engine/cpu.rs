@@ -27,17 +27,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         let cpu = CpuFeatures {
             words: lucos_introspect::modules::cpu_feature_words(&*self.m, self.syms, &self.layout)?,
         };
-        // The spectre-v2 thunks' bodies are patched at boot for the active mitigation, so
-        // calls through them are mitigated as built-in code's, at one extra jump, except
-        // under ITS, where the kernel rewrites each call site instead.
-        let indirect = returns::indirect_thunk_refs(bundle);
-        if indirect > 0
-            && cpu
-                .has(returns::FEATURE_INDIRECT_THUNK_ITS)
-                .unwrap_or(false)
-        {
-            return Err(crate::LinkError::IndirectThunksNeedIts { count: indirect }.into());
-        }
+        returns::check_indirect_thunks(&cpu, returns::indirect_thunk_refs(bundle))?;
         if let Some(&thunk) = linked.resolved.get(returns::RETURN_THUNK) {
             if !sites.is_empty() {
                 let mode = self.return_mode(&cpu)?;
