@@ -149,6 +149,17 @@ struct Undo {
     writes: Vec<(u64, Vec<u8>)>,
 }
 
+/// Where an apply's regions go: the mapping's base, the page-directory entries a first
+/// mapping adds, each region's offset and size in patch memory, and whether the range was
+/// freed by a reclaim (and must be written through the coherent path).
+struct Allocation {
+    va_base: u64,
+    new_pd: Vec<(u64, u64)>,
+    offs: [u64; 4],
+    sizes: [u64; 4],
+    reused: bool,
+}
+
 /// The registry record of a bundle being applied.
 fn applied_record(
     bundle: &Bundle,
@@ -293,6 +304,42 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         })
     }
 
+    /// Room for the bundle's regions (the lowest free range that fits, else new pages) and
+    /// the mapping they are reached through.
+    fn allocate(
+        &self,
+        reg: &mut Registry,
+        bundle: &Bundle,
+        plan: &crate::Plan,
+        kmods: Option<&kmod::KernelModules>,
+    ) -> Result<Allocation, EngineError> {
+        let sizes = [
+            plan.text.page_size(),
+            plan.rodata.page_size(),
+            plan.data.page_size(),
+            kmods.map_or(0, |k| kernel::region_pages(&k.layout, bundle)),
+        ];
+        let need: u64 = sizes.iter().sum();
+        let (va_base, new_pd) = self.mapping(reg)?;
+        let Some((at, reused)) = reg.alloc(need, self.pm.layout.size) else {
+            let free = reg.largest_free(self.pm.layout.size);
+            return Err(memory::MemoryError::Full { need, free }.into());
+        };
+        let offs = [
+            at,
+            at + sizes[0],
+            at + sizes[0] + sizes[1],
+            at + sizes[0] + sizes[1] + sizes[2],
+        ];
+        Ok(Allocation {
+            va_base,
+            new_pd,
+            offs,
+            sizes,
+            reused,
+        })
+    }
+
     /// Applies a bundle. See the module docs for the order of events.
     pub fn apply(&mut self, bundle: &Bundle) -> Result<ApplyReport, EngineError> {
         let start = Instant::now();
@@ -307,29 +354,15 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         let modules = self.modules_for(man)?;
         let sites = self.targets(&reg, man, &modules)?;
 
-        // Allocate (never reusing ranges) and pick the mapping.
         let plan = plan(bundle)?;
         let kmods = self.kernel_modules(bundle)?;
-        let sizes = [
-            plan.text.page_size(),
-            plan.rodata.page_size(),
-            plan.data.page_size(),
-            kmods
-                .as_ref()
-                .map_or(0, |k| kernel::region_pages(&k.layout, bundle)),
-        ];
-        let need: u64 = sizes.iter().sum();
-        let (va_base, new_pd) = self.mapping(&reg)?;
-        let Some((at, reused)) = reg.alloc(need, self.pm.layout.size) else {
-            let free = reg.largest_free(self.pm.layout.size);
-            return Err(memory::MemoryError::Full { need, free }.into());
-        };
-        let offs = [
-            at,
-            at + sizes[0],
-            at + sizes[0] + sizes[1],
-            at + sizes[0] + sizes[1] + sizes[2],
-        ];
+        let Allocation {
+            va_base,
+            new_pd,
+            offs,
+            sizes,
+            reused,
+        } = self.allocate(&mut reg, bundle, &plan, kmods.as_ref())?;
         let bases = Regions {
             text: va_base + offs[0],
             rodata: va_base + offs[1],
