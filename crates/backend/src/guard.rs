@@ -97,12 +97,20 @@ impl Guard {
 
     fn send(&mut self, kind: u8, pa: u64, old: &[u8]) -> Result<(), BackendError> {
         let mut frame = Vec::with_capacity(HEAD + old.len());
-        frame.push(kind);
-        frame.extend_from_slice(&pa.to_le_bytes());
-        frame.extend_from_slice(&(old.len() as u32).to_le_bytes());
-        frame.extend_from_slice(old);
+        push_frame(&mut frame, kind, pa, old);
         let pipe = self.pipe.as_mut().expect("open until drop");
         pipe.write_all(&frame).map_err(guard_err)
+    }
+
+    /// Journals several data writes with one pipe write (one wake-up of the guard instead
+    /// of one per word inside the pause).
+    pub fn journal_all(&mut self, entries: &[(u64, Vec<u8>)]) -> Result<(), BackendError> {
+        let mut frames = Vec::new();
+        for (pa, old) in entries {
+            push_frame(&mut frames, b'D', *pa, old);
+        }
+        let pipe = self.pipe.as_mut().expect("open until drop");
+        pipe.write_all(&frames).map_err(guard_err)
     }
 
     pub fn paused(&mut self) -> Result<(), BackendError> {
@@ -122,6 +130,13 @@ impl Guard {
     pub fn journal(&mut self, coherent: bool, pa: u64, old: &[u8]) -> Result<(), BackendError> {
         self.send(if coherent { b'W' } else { b'D' }, pa, old)
     }
+}
+
+fn push_frame(out: &mut Vec<u8>, kind: u8, pa: u64, old: &[u8]) {
+    out.push(kind);
+    out.extend_from_slice(&pa.to_le_bytes());
+    out.extend_from_slice(&(old.len() as u32).to_le_bytes());
+    out.extend_from_slice(old);
 }
 
 impl Drop for Guard {
@@ -266,10 +281,8 @@ mod tests {
     use super::*;
 
     fn frame(kind: u8, pa: u64, old: &[u8]) -> Vec<u8> {
-        let mut f = vec![kind];
-        f.extend_from_slice(&pa.to_le_bytes());
-        f.extend_from_slice(&(old.len() as u32).to_le_bytes());
-        f.extend_from_slice(old);
+        let mut f = Vec::new();
+        push_frame(&mut f, kind, pa, old);
         f
     }
 

@@ -152,6 +152,21 @@ impl Vm {
         }
     }
 
+    /// A data write through the shared RAM or patch-memory mapping (not journalled).
+    fn write_shared(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+        let len = data.len() as u64;
+        let done = match (self.desc.ram_offset(pa, len), self.patch_offset(pa, len)) {
+            (Some(off), _) => self.ram.write(off as usize, data),
+            (None, Some(off)) => self.patch.write(off as usize, data),
+            (None, None) => false,
+        };
+        if done {
+            Ok(())
+        } else {
+            Err(MachineError::Unbacked { addr: pa, len })
+        }
+    }
+
     fn patch_offset(&self, pa: u64, len: u64) -> Option<u64> {
         let w = self.window?;
         (pa >= w.gpa && pa.checked_add(len)? <= w.gpa + w.size).then(|| pa - w.gpa)
@@ -250,19 +265,27 @@ impl Machine for Vm {
     }
 
     fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
-        let len = data.len() as u64;
         if self.paused_by_us {
             self.journal(false, pa, data.len())?;
         }
-        let done = match (self.desc.ram_offset(pa, len), self.patch_offset(pa, len)) {
-            (Some(off), _) => self.ram.write(off as usize, data),
-            (None, Some(off)) => self.patch.write(off as usize, data),
-            (None, None) => false,
-        };
-        if done {
-            Ok(())
-        } else {
-            Err(MachineError::Unbacked { addr: pa, len })
+        self.write_shared(pa, data)
+    }
+
+    fn write_phys_data_all(&mut self, writes: &[(u64, &[u8])]) -> Result<(), MachineError> {
+        if self.paused_by_us && self.guard.is_some() {
+            let mut old = Vec::with_capacity(writes.len());
+            for &(pa, data) in writes {
+                let mut buf = vec![0u8; data.len()];
+                self.read_phys(pa, &mut buf)?;
+                old.push((pa, buf));
+            }
+            if let Some(g) = &mut self.guard {
+                g.journal_all(&old)?;
+            }
         }
+        for &(pa, data) in writes {
+            self.write_shared(pa, data)?;
+        }
+        Ok(())
     }
 }

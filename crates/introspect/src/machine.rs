@@ -54,4 +54,14 @@ pub trait Machine: PhysMem {
     fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
         self.write_phys(pa, data)
     }
+    /// Several [`Machine::write_phys_data`] writes in order. Engines that journal each
+    /// write made while paused (so that a killed lucos can be undone) may journal them all
+    /// at once before the first write: a journal entry for a write not yet made restores
+    /// bytes that are still there, which is harmless.
+    fn write_phys_data_all(&mut self, writes: &[(u64, &[u8])]) -> Result<(), MachineError> {
+        for &(pa, data) in writes {
+            self.write_phys_data(pa, data)?;
+        }
+        Ok(())
+    }
 }

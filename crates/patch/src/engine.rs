@@ -277,10 +277,11 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         reg.generation += 1;
         reg.prune();
         let (h, json) = reg.encode(header)?;
+        let slot = self.pm.pa(self.pm.layout.slot_offset(h.active));
+        let head = self.pm.pa(self.pm.layout.header_offset());
+        // The slot first, then the header that makes it the active one.
         self.m
-            .write_phys_data(self.pm.pa(self.pm.layout.slot_offset(h.active)), &json)?;
-        self.m
-            .write_phys_data(self.pm.pa(self.pm.layout.header_offset()), &h.encode())?;
+            .write_phys_data_all(&[(slot, &json), (head, &h.encode())])?;
         Ok(())
     }
 

@@ -125,13 +125,20 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         words: &[(u64, u64)],
         undo: &mut KernelUndo,
     ) -> Result<(), EngineError> {
+        let mut writes = Vec::with_capacity(words.len());
         for &(va, value) in words {
             let pa = paging::translate(&*self.m, self.layout.cr3, va)?.pa;
+            writes.push((pa, value.to_le_bytes()));
+        }
+        // Old words read before any is written, so a word written twice is undone to its
+        // value before the pause; the writes themselves go in order, journalled at once.
+        for &(pa, _) in &writes {
             let mut old = [0u8; 8];
             self.m.read_phys(pa, &mut old)?;
             undo.push((pa, old));
-            self.m.write_phys_data(pa, &value.to_le_bytes())?;
         }
+        let all: Vec<(u64, &[u8])> = writes.iter().map(|(pa, b)| (*pa, &b[..])).collect();
+        self.m.write_phys_data_all(&all)?;
         Ok(())
     }
 
