@@ -8,8 +8,8 @@
 //! the [`PhysMem`]/[`Machine`] accessors, the page walker's inputs and outputs,
 //! and the fields that hold an address later read or written. Kernel symbol
 //! values, layout bases and offsets used only for arithmetic, page-table entry
-//! bits, error fields and serialized records stay `u64`; they become typed
-//! where they are handed to an accessor.
+//! bits, error fields, serialized records and the [`fake::FakeMem`] test builder
+//! stay `u64`; they become typed where they are handed to an accessor.
 
 pub mod addr;
 pub mod btf;

@@ -1,7 +1,7 @@
 //! The engine's side of [`crate::kmod`]: building a bundle's `struct module` region at
 //! apply time, and linking or unlinking it inside the switch's pause.
 
-use lucos_introspect::{paging, Machine};
+use lucos_introspect::{paging, GuestPhysAddr, GuestVirtAddr, Machine};
 
 use super::{EngineError, Session};
 use crate::kmod::image::{self, Core, JumpSite};
@@ -18,7 +18,7 @@ pub(super) enum KernelEdit<'k> {
 }
 
 /// Kernel words changed inside a pause: (guest-physical address, old bytes).
-pub(super) type KernelUndo = Vec<(u64, [u8; 8])>;
+pub(super) type KernelUndo = Vec<(GuestPhysAddr, [u8; 8])>;
 
 impl<M: Machine + ?Sized> Session<'_, M> {
     /// The running kernel's module bookkeeping, if a bundle is to use it. A bundle whose
@@ -126,7 +126,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         undo: &mut KernelUndo,
     ) -> Result<(), EngineError> {
         for &(va, value) in words {
-            let pa = paging::translate(&*self.m, self.layout.cr3, va)?.pa;
+            let pa = paging::translate(&*self.m, self.layout.cr3, GuestVirtAddr(va))?.pa;
             let mut old = [0u8; 8];
             self.m.read_phys(pa, &mut old)?;
             undo.push((pa, old));
@@ -140,7 +140,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         let mut all = true;
         for (pa, old) in undo.into_iter().rev() {
             if let Err(e) = self.m.write_phys_data(pa, &old) {
-                tracing::error!(pa, error = %e, "restoring a kernel word failed");
+                tracing::error!(pa = pa.raw(), error = %e, "restoring a kernel word failed");
                 all = false;
             }
         }
