@@ -26,7 +26,7 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
-use lucos_introspect::Machine;
+use lucos_introspect::{GuestPhysAddr, Machine};
 
 use crate::error::BackendError;
 
@@ -249,10 +249,12 @@ fn recover(
     let undo = |vm: &mut crate::Vm| -> Result<(), lucos_introspect::MachineError> {
         if vm.is_paused()? {
             for (coherent, pa, old) in journal.iter().rev() {
+                // The journal's wire frames carry bare numbers.
+                let pa = GuestPhysAddr(*pa);
                 if *coherent {
-                    vm.write_phys(*pa, old)?;
+                    vm.write_phys(pa, old)?;
                 } else {
-                    vm.write_phys_data(*pa, old)?;
+                    vm.write_phys_data(pa, old)?;
                 }
             }
             vm.resume()?;

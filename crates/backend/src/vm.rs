@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use lucos_introspect::{Machine, MachineError, PhysMem, VcpuRegs};
+use lucos_introspect::{GuestPhysAddr, Machine, MachineError, PhysMem, VcpuRegs};
 
 use crate::descriptor::VmDescriptor;
 use crate::error::BackendError;
@@ -132,14 +132,19 @@ impl Vm {
     }
 
     /// Tells the guard what a write while paused replaces.
-    fn journal(&mut self, coherent: bool, pa: u64, len: usize) -> Result<(), MachineError> {
+    fn journal(
+        &mut self,
+        coherent: bool,
+        pa: GuestPhysAddr,
+        len: usize,
+    ) -> Result<(), MachineError> {
         if self.guard.is_none() {
             return Ok(());
         }
         let mut old = vec![0u8; len];
         self.read_phys(pa, &mut old)?;
         if let Some(g) = &mut self.guard {
-            g.journal(coherent, pa, &old)?;
+            g.journal(coherent, pa.raw(), &old)?;
         }
         Ok(())
     }
@@ -153,9 +158,12 @@ impl Vm {
     }
 
     /// A data write through the shared RAM or patch-memory mapping (not journalled).
-    fn write_shared(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+    fn write_shared(&mut self, pa: GuestPhysAddr, data: &[u8]) -> Result<(), MachineError> {
         let len = data.len() as u64;
-        let done = match (self.desc.ram_offset(pa, len), self.patch_offset(pa, len)) {
+        let done = match (
+            self.desc.ram_offset(pa.raw(), len),
+            self.patch_offset(pa, len),
+        ) {
             (Some(off), _) => self.ram.write(off as usize, data),
             (None, Some(off)) => self.patch.write(off as usize, data),
             (None, None) => false,
@@ -163,20 +171,24 @@ impl Vm {
         if done {
             Ok(())
         } else {
-            Err(MachineError::Unbacked { addr: pa, len })
+            Err(MachineError::Unbacked {
+                addr: pa.raw(),
+                len,
+            })
         }
     }
 
-    fn patch_offset(&self, pa: u64, len: u64) -> Option<u64> {
+    fn patch_offset(&self, pa: GuestPhysAddr, len: u64) -> Option<u64> {
         let w = self.window?;
+        let pa = pa.raw();
         (pa >= w.gpa && pa.checked_add(len)? <= w.gpa + w.size).then(|| pa - w.gpa)
     }
 }
 
 impl PhysMem for Vm {
-    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+    fn read_phys(&self, pa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MachineError> {
         let len = buf.len() as u64;
-        if let Some(off) = self.desc.ram_offset(pa, len) {
+        if let Some(off) = self.desc.ram_offset(pa.raw(), len) {
             if self.ram.read(off as usize, buf) {
                 return Ok(());
             }
@@ -186,7 +198,10 @@ impl PhysMem for Vm {
                 return Ok(());
             }
         }
-        Err(MachineError::Unbacked { addr: pa, len })
+        Err(MachineError::Unbacked {
+            addr: pa.raw(),
+            len,
+        })
     }
 }
 
@@ -242,10 +257,13 @@ impl Machine for Vm {
         })
     }
 
-    fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+    fn write_phys(&mut self, pa: GuestPhysAddr, data: &[u8]) -> Result<(), MachineError> {
         let len = data.len() as u64;
-        if self.desc.ram_offset(pa, len).is_none() && self.patch_offset(pa, len).is_none() {
-            return Err(MachineError::Unbacked { addr: pa, len });
+        if self.desc.ram_offset(pa.raw(), len).is_none() && self.patch_offset(pa, len).is_none() {
+            return Err(MachineError::Unbacked {
+                addr: pa.raw(),
+                len,
+            });
         }
         // QEMU's gdbstub treats any byte arriving while the VM runs as an
         // interrupt request and drops it: write only while paused.
@@ -256,7 +274,7 @@ impl Machine for Vm {
         }
         let r = self
             .journal(true, pa, data.len())
-            .and_then(|()| Ok(self.gdb.write_phys(pa, data)?));
+            .and_then(|()| Ok(self.gdb.write_phys(pa.raw(), data)?));
         if pause {
             self.qmp.cont()?;
             self.guard_mark(false)?;
@@ -264,20 +282,23 @@ impl Machine for Vm {
         r
     }
 
-    fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+    fn write_phys_data(&mut self, pa: GuestPhysAddr, data: &[u8]) -> Result<(), MachineError> {
         if self.paused_by_us {
             self.journal(false, pa, data.len())?;
         }
         self.write_shared(pa, data)
     }
 
-    fn write_phys_data_all(&mut self, writes: &[(u64, &[u8])]) -> Result<(), MachineError> {
+    fn write_phys_data_all(
+        &mut self,
+        writes: &[(GuestPhysAddr, &[u8])],
+    ) -> Result<(), MachineError> {
         if self.paused_by_us && self.guard.is_some() {
             let mut old = Vec::with_capacity(writes.len());
             for &(pa, data) in writes {
                 let mut buf = vec![0u8; data.len()];
                 self.read_phys(pa, &mut buf)?;
-                old.push((pa, buf));
+                old.push((pa.raw(), buf));
             }
             if let Some(g) = &mut self.guard {
                 g.journal_all(&old)?;

@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use lucos_backend::Vm;
 use lucos_introspect::{
-    detect_layout, read_virt, verify_build_id, KernelLayout, KernelSymbols, Machine, VcpuRegs,
+    detect_layout, read_virt, verify_build_id, GuestVirtAddr, KernelLayout, KernelSymbols, Machine,
+    VcpuRegs,
 };
 use serde::Serialize;
 
@@ -139,8 +140,13 @@ pub fn facts(a: &mut Attached) -> Result<Facts> {
 pub fn read_kernel_string(a: &Attached, symbol: &str, max: usize) -> Result<String> {
     let sym = a.syms.lookup(symbol)?;
     let mut buf = vec![0u8; max];
-    read_virt(&a.vm, a.layout.cr3, a.layout.live(sym.addr), &mut buf)
-        .with_context(|| format!("reading {symbol}"))?;
+    read_virt(
+        &a.vm,
+        a.layout.cr3,
+        GuestVirtAddr(a.layout.live(sym.addr)),
+        &mut buf,
+    )
+    .with_context(|| format!("reading {symbol}"))?;
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
     Ok(String::from_utf8_lossy(&buf[..end]).into_owned())
 }

@@ -285,9 +285,10 @@ fn status_escapes_bundle_text_and_names_an_interrupted_apply_or_revert() {
         let live = a
             .layout
             .live(a.syms.lookup("cmdline_proc_show").unwrap().addr);
-        let pa = lucos_introspect::translate(&a.vm, a.layout.cr3, live)
-            .unwrap()
-            .pa;
+        let pa =
+            lucos_introspect::translate(&a.vm, a.layout.cr3, lucos_introspect::GuestVirtAddr(live))
+                .unwrap()
+                .pa;
         a.vm.write_phys(pa, &lucos_patch::NOP5).unwrap();
     }
     let out = lucos(&["status", &d.name], None);

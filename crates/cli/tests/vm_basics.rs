@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use lucos::info::{attach_vm, facts, read_kernel_string, with_pause};
 use lucos_backend::Vm;
-use lucos_introspect::{read_virt, translate, Machine, PhysMem};
+use lucos_introspect::{read_virt, translate, GuestVirtAddr, Machine, PhysMem};
 
 #[test]
 fn shell_runs_commands() {
@@ -39,7 +39,7 @@ fn reads_kernel_variables_from_outside() {
     read_virt(
         &s.a.vm,
         s.a.layout.cr3,
-        s.a.layout.live(uts) + 2 * 65,
+        GuestVirtAddr(s.a.layout.live(uts) + 2 * 65),
         &mut release,
     )
     .unwrap();
@@ -72,7 +72,9 @@ fn guest_observes_writes_from_outside() {
         s.a.layout
             .live(s.a.syms.lookup("init_uts_ns").unwrap().addr);
     let nodename = uts + 65;
-    let pa = translate(&s.a.vm, s.a.layout.cr3, nodename).unwrap().pa;
+    let pa = translate(&s.a.vm, s.a.layout.cr3, GuestVirtAddr(nodename))
+        .unwrap()
+        .pa;
     let mut old = [0u8; 65];
     s.a.vm.read_phys(pa, &mut old).unwrap();
     let mut new = [0u8; 65];
@@ -99,7 +101,7 @@ fn pause_stops_the_guest_and_registers_are_read() {
     let cr3 = s.a.layout.cr3;
     let read = |vm: &Vm| {
         let mut b = [0u8; 8];
-        read_virt(vm, cr3, jiffies, &mut b).unwrap();
+        read_virt(vm, cr3, GuestVirtAddr(jiffies), &mut b).unwrap();
         u64::from_le_bytes(b)
     };
     let (a, b) = with_pause(&mut s.a.vm, |vm| {

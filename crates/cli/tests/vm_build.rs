@@ -97,7 +97,7 @@ fn changed_string_literal() {
 /// its exact bytes.
 #[test]
 fn read_only_table_rewritten_in_place_and_restored() {
-    use lucos_introspect::{read_virt, Machine};
+    use lucos_introspect::{read_virt, GuestVirtAddr, Machine};
     let (b, bundle) = bundle_of("15-rodata-task-states.patch");
     assert!(b.replaced.is_empty(), "{:?}", b.replaced);
     assert_eq!(bundle.manifest().rewrites.len(), 1);
@@ -110,7 +110,7 @@ fn read_only_table_rewritten_in_place_and_restored() {
     let table = |s: &mut Shared| {
         let mut bytes = vec![0u8; size];
         s.a.vm.pause().unwrap();
-        read_virt(&s.a.vm, s.a.layout.cr3, va, &mut bytes).unwrap();
+        read_virt(&s.a.vm, s.a.layout.cr3, GuestVirtAddr(va), &mut bytes).unwrap();
         s.a.vm.resume().unwrap();
         bytes
     };
@@ -221,7 +221,13 @@ fn two_statics_of_one_name_from_two_files_each_link_to_their_own() {
             .find(|x| x.function.starts_with(func))
             .unwrap();
         let mut code = vec![0u8; 96];
-        lucos_introspect::read_virt(&s.a.vm, s.a.layout.cr3, site.new_addr, &mut code).unwrap();
+        lucos_introspect::read_virt(
+            &s.a.vm,
+            s.a.layout.cr3,
+            lucos_introspect::GuestVirtAddr(site.new_addr),
+            &mut code,
+        )
+        .unwrap();
         (site.new_addr, code)
     };
     let refers_to = |(at, code): &(u64, Vec<u8>), target: u64| {

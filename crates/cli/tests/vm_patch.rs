@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use lucos::patchcmd::{apply_bundle, revert_bundle, session};
 use lucos_introspect::fake::{Call, Failing};
-use lucos_introspect::{Machine, PhysMem};
+use lucos_introspect::{GuestPhysAddr, GuestVirtAddr, Machine, PhysMem};
 use lucos_patch::{Bundle, EngineError, Session};
 use sha2::{Digest, Sha256};
 
@@ -20,15 +20,21 @@ fn guest_hash(s: &mut Shared) -> [u8; 32] {
     let mut h = Sha256::new();
     let text_len = (a.layout.text_end - a.layout.text_start) as usize;
     let mut buf = vec![0u8; text_len];
-    a.vm.read_phys(a.layout.phys_text, &mut buf).unwrap();
+    a.vm.read_phys(GuestPhysAddr(a.layout.phys_text), &mut buf)
+        .unwrap();
     h.update(&buf);
     let w = a.vm.patch_window().unwrap();
     let mut pm = vec![0u8; w.size as usize];
-    a.vm.read_phys(w.gpa, &mut pm).unwrap();
+    a.vm.read_phys(GuestPhysAddr(w.gpa), &mut pm).unwrap();
     h.update(&pm);
     // The kernel-image page directory, where a first apply hangs lucos's tables.
-    let walk = lucos_introspect::walk(&a.vm, a.layout.cr3, 0xffff_ffff_8000_0000).unwrap();
-    let pd = walk.entry(lucos_introspect::Level::Pd).unwrap().entry_pa & !0xfff;
+    let walk =
+        lucos_introspect::walk(&a.vm, a.layout.cr3, GuestVirtAddr(0xffff_ffff_8000_0000)).unwrap();
+    let pd = walk
+        .entry(lucos_introspect::Level::Pd)
+        .unwrap()
+        .entry_pa
+        .align_down(0x1000);
     let mut page = vec![0u8; 4096];
     a.vm.read_phys(pd, &mut page).unwrap();
     h.update(&page);
@@ -164,9 +170,9 @@ fn refusals_leave_the_guest_byte_identical() {
     revert_bundle(&mut s.a, &good.manifest().id).unwrap();
 }
 
-fn site_of(s: &Shared, func: &str) -> u64 {
+fn site_of(s: &Shared, func: &str) -> GuestPhysAddr {
     let live = s.a.layout.live(s.a.syms.lookup(func).unwrap().addr);
-    lucos_introspect::translate(&s.a.vm, s.a.layout.cr3, live)
+    lucos_introspect::translate(&s.a.vm, s.a.layout.cr3, GuestVirtAddr(live))
         .unwrap()
         .pa
 }
@@ -247,7 +253,9 @@ fn records_of_an_earlier_boot_are_detected_and_reset() {
     // entries. Drop all but the last, so reset must also clear a survivor.
     let (pa, value) = reg.pd_entries[0];
     for &(pa, _) in &reg.pd_entries[..reg.pd_entries.len() - 1] {
-        s.a.vm.write_phys(pa, &0u64.to_le_bytes()).unwrap();
+        s.a.vm
+            .write_phys(GuestPhysAddr(pa), &0u64.to_le_bytes())
+            .unwrap();
     }
     let err = session(&mut s.a)
         .err()

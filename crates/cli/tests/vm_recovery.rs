@@ -7,7 +7,7 @@ use common::*;
 use lucos::info::{attach_vm, Attached};
 use lucos::patchcmd::{apply_bundle, revert_bundle, session};
 use lucos_introspect::fake::{Call, Failing};
-use lucos_introspect::{paging, Machine, PhysMem};
+use lucos_introspect::{paging, GuestPhysAddr, GuestVirtAddr, Machine, PhysMem};
 use lucos_patch::memory::KERNEL_MAP_START;
 use lucos_patch::Session;
 
@@ -16,15 +16,20 @@ use lucos_patch::Session;
 /// patch memory's direct-map address.
 fn kernel_tables(a: &mut Attached) -> Vec<(u64, u64)> {
     let cr3 = a.layout.cr3;
-    let walk = paging::walk(&a.vm, cr3, KERNEL_MAP_START).unwrap();
-    let pd = walk.entry(paging::Level::Pd).unwrap().entry_pa & !0xfff;
+    let walk = paging::walk(&a.vm, cr3, GuestVirtAddr(KERNEL_MAP_START)).unwrap();
+    let pd = walk.entry(paging::Level::Pd).unwrap().entry_pa.raw() & !0xfff;
     let mut out: Vec<(u64, u64)> = (0..512)
-        .map(|i| (pd + 8 * i, a.vm.read_u64(pd + 8 * i).unwrap()))
+        .map(|i| {
+            (
+                pd + 8 * i,
+                a.vm.read_u64(GuestPhysAddr(pd + 8 * i)).unwrap(),
+            )
+        })
         .collect();
     let pob = lucos_patch::page_offset_base(&a.vm, &a.syms, &a.layout).unwrap();
     let gpa = a.vm.patch_window().unwrap().gpa;
-    let dm = paging::walk(&a.vm, cr3, pob + gpa).unwrap();
-    out.extend(dm.entries.iter().map(|e| (e.entry_pa, e.value)));
+    let dm = paging::walk(&a.vm, cr3, GuestVirtAddr(pob + gpa)).unwrap();
+    out.extend(dm.entries.iter().map(|e| (e.entry_pa.raw(), e.value)));
     out
 }
 
@@ -145,7 +150,8 @@ fn reset_clears_unrecorded_entries_into_patch_memory() {
     revert_bundle(&mut a, &b.manifest().id).unwrap();
     // Forget the registry, as if it had never been written.
     let w = a.vm.patch_window().unwrap();
-    a.vm.write_phys_data(w.gpa, &[0u8; 4096]).unwrap();
+    a.vm.write_phys_data(GuestPhysAddr(w.gpa), &[0u8; 4096])
+        .unwrap();
     let r = reset(&mut a).unwrap();
     assert_eq!(r.entries, changed(&before, &mapped).len(), "{r:?}");
     assert_eq!(kernel_tables(&mut a), before);

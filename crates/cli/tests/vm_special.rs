@@ -253,7 +253,13 @@ fn a_static_branch_in_new_code_starts_live_and_follows_its_key() {
 /// a `jmp`, read from outside.
 fn live_return(s: &Shared, va: u64) -> Result<[u8; 5], u64> {
     let mut b = [0u8; 5];
-    lucos_introspect::paging::read_virt(&s.a.vm, s.a.layout.cr3, va, &mut b).unwrap();
+    lucos_introspect::paging::read_virt(
+        &s.a.vm,
+        s.a.layout.cr3,
+        lucos_introspect::GuestVirtAddr(va),
+        &mut b,
+    )
+    .unwrap();
     if b[0] == 0xe9 {
         let d = i32::from_le_bytes(b[1..5].try_into().unwrap());
         Err((va + 5).wrapping_add(d as i64 as u64))

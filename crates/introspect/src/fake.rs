@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use crate::addr::GuestPhysAddr;
 use crate::machine::{Machine, MachineError, PhysMem};
 use crate::paging::{Level, PageSize, ADDR_MASK, PRESENT, PS, RW, US};
 use crate::regs::VcpuRegs;
@@ -100,7 +101,9 @@ impl FakeMem {
                 self.write_u64(entry_pa, pa | leaf_flags | ps);
                 return;
             }
-            let entry = self.read_u64(entry_pa).expect("table page is backed");
+            let entry = self
+                .read_u64(GuestPhysAddr(entry_pa))
+                .expect("table page is backed");
             if entry & PRESENT != 0 {
                 assert_eq!(entry & PS, 0, "{va:#x}: {level} already maps a large page");
                 table = entry & ADDR_MASK;
@@ -114,12 +117,15 @@ impl FakeMem {
 }
 
 impl PhysMem for FakeMem {
-    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+    fn read_phys(&self, pa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MachineError> {
         let len = buf.len() as u64;
-        let unbacked = || MachineError::Unbacked { addr: pa, len };
+        let unbacked = || MachineError::Unbacked {
+            addr: pa.raw(),
+            len,
+        };
         let mut off = 0;
         while off < buf.len() {
-            let cur = pa.checked_add(off as u64).ok_or_else(unbacked)?;
+            let cur = pa.raw().checked_add(off as u64).ok_or_else(unbacked)?;
             let in_page = (cur % PAGE) as usize;
             let n = (buf.len() - off).min(PAGE as usize - in_page);
             let page = self
@@ -170,18 +176,18 @@ impl FakeMachine {
         }
     }
 
-    fn store(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+    fn store(&mut self, pa: GuestPhysAddr, data: &[u8]) -> Result<(), MachineError> {
         // Like real RAM: only backed memory can be written.
         let mut probe = vec![0u8; data.len()];
         self.mem.read_phys(pa, &mut probe)?;
-        self.mem.write(pa, data);
-        self.writes.push((pa, data.to_vec()));
+        self.mem.write(pa.raw(), data);
+        self.writes.push((pa.raw(), data.to_vec()));
         Ok(())
     }
 }
 
 impl PhysMem for FakeMachine {
-    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+    fn read_phys(&self, pa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MachineError> {
         self.mem.read_phys(pa, buf)
     }
 }
@@ -221,12 +227,12 @@ impl Machine for FakeMachine {
             .ok_or(MachineError::NoSuchVcpu(idx))
     }
 
-    fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+    fn write_phys(&mut self, pa: GuestPhysAddr, data: &[u8]) -> Result<(), MachineError> {
         self.check_paused()?;
         self.store(pa, data)
     }
 
-    fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+    fn write_phys_data(&mut self, pa: GuestPhysAddr, data: &[u8]) -> Result<(), MachineError> {
         self.store(pa, data)
     }
 }
@@ -350,7 +356,7 @@ impl<'a, M: Machine + ?Sized> Failing<'a, M> {
 }
 
 impl<M: Machine + ?Sized> PhysMem for Failing<'_, M> {
-    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MachineError> {
+    fn read_phys(&self, pa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MachineError> {
         self.inner.read_phys(pa, buf)
     }
 }
@@ -384,11 +390,11 @@ impl<M: Machine + ?Sized> Machine for Failing<'_, M> {
         self.inner.idt_base(idx)
     }
 
-    fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+    fn write_phys(&mut self, pa: GuestPhysAddr, data: &[u8]) -> Result<(), MachineError> {
         self.run(&[Call::CodeWrite, Call::Write], |m| m.write_phys(pa, data))
     }
 
-    fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+    fn write_phys_data(&mut self, pa: GuestPhysAddr, data: &[u8]) -> Result<(), MachineError> {
         self.run(&[Call::DataWrite, Call::Write], |m| {
             m.write_phys_data(pa, data)
         })
@@ -413,15 +419,15 @@ mod tests {
         assert!(matches!(m.vcpu_rip(0), Err(MachineError::NotPaused)));
         assert!(matches!(m.idt_base(0), Err(MachineError::NotPaused)));
         assert!(matches!(
-            m.write_phys(0x1000, &[1]),
+            m.write_phys(GuestPhysAddr(0x1000), &[1]),
             Err(MachineError::NotPaused)
         ));
-        m.write_phys_data(0x1000, &[2]).unwrap();
+        m.write_phys_data(GuestPhysAddr(0x1000), &[2]).unwrap();
         m.pause().unwrap();
-        m.write_phys(0x1001, &[3]).unwrap();
+        m.write_phys(GuestPhysAddr(0x1001), &[3]).unwrap();
         assert_eq!(m.vcpu_rip(0).unwrap(), 0);
         let mut b = [0u8; 2];
-        m.read_phys(0x1000, &mut b).unwrap();
+        m.read_phys(GuestPhysAddr(0x1000), &mut b).unwrap();
         assert_eq!(b, [2, 3]);
     }
 
@@ -434,12 +440,12 @@ mod tests {
                 .fail_from(Call::DataWrite, 2)
                 .lose_reply(Call::Resume, 1)
                 .fail(Call::Pause, 0);
-            f.write_phys(0x1000, &[1]).unwrap();
-            assert!(f.write_phys(0x1001, &[2]).is_err());
-            f.write_phys(0x1002, &[3]).unwrap();
-            f.write_phys_data(0x1003, &[4]).unwrap();
-            assert!(f.write_phys_data(0x1004, &[5]).is_err());
-            assert!(f.write_phys_data(0x1005, &[6]).is_err());
+            f.write_phys(GuestPhysAddr(0x1000), &[1]).unwrap();
+            assert!(f.write_phys(GuestPhysAddr(0x1001), &[2]).is_err());
+            f.write_phys(GuestPhysAddr(0x1002), &[3]).unwrap();
+            f.write_phys_data(GuestPhysAddr(0x1003), &[4]).unwrap();
+            assert!(f.write_phys_data(GuestPhysAddr(0x1004), &[5]).is_err());
+            assert!(f.write_phys_data(GuestPhysAddr(0x1005), &[6]).is_err());
             assert!(f.resume().is_err(), "the reply was lost");
             assert!(!f.is_paused().unwrap(), "but the resume happened");
             f.pause().unwrap();
@@ -447,7 +453,7 @@ mod tests {
             assert_eq!(f.count(Call::CodeWrite), 3);
         }
         let mut b = [0u8; 6];
-        m.read_phys(0x1000, &mut b).unwrap();
+        m.read_phys(GuestPhysAddr(0x1000), &mut b).unwrap();
         assert_eq!(b, [1, 0, 3, 4, 0, 0]);
     }
 }

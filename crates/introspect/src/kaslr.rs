@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use crate::addr::GuestVirtAddr;
 use crate::machine::{Machine, MachineError, PhysMem};
 use crate::paging::{self, PagingError};
 use crate::symbols::{KernelSymbols, SymbolError, START_KERNEL_MAP};
@@ -157,7 +158,7 @@ pub fn detect_layout(
         let link = lookup_any(syms, names)?;
         let addr = idt.wrapping_add(16 * vector as u64);
         let mut raw = [0u8; 16];
-        paging::read_virt(mem, regs.cr3, addr, &mut raw).map_err(|source| {
+        paging::read_virt(mem, regs.cr3, GuestVirtAddr(addr), &mut raw).map_err(|source| {
             KaslrError::IdtUnreadable {
                 vector,
                 addr,
@@ -194,14 +195,14 @@ pub fn detect_layout(
     // With PTI the vCPU may be on a user PGD, which maps the IDT but not
     // all of the kernel; its kernel twin is the page below.
     let mut cr3 = regs.cr3;
-    let phys_text = match paging::translate(mem, cr3, text_start) {
-        Ok(t) => t.pa,
+    let phys_text = match paging::translate(mem, cr3, GuestVirtAddr(text_start)) {
+        Ok(t) => t.pa.raw(),
         Err(first) if cr3 & PTI_USER_PGD_BIT != 0 => {
             let kernel = cr3 & !PTI_USER_PGD_BIT;
-            match paging::translate(mem, kernel, text_start) {
+            match paging::translate(mem, kernel, GuestVirtAddr(text_start)) {
                 Ok(t) => {
                     cr3 = kernel;
-                    t.pa
+                    t.pa.raw()
                 }
                 Err(_) => return Err(text_not_mapped(text_start, cr3, first)),
             }
@@ -226,7 +227,9 @@ pub fn detect_layout(
         .ok()
         .and_then(|s| layout.image_phys(s.addr))
     {
-        if paging::translate(mem, pgd, text_start).is_ok_and(|t| t.pa == phys_text) {
+        if paging::translate(mem, pgd, GuestVirtAddr(text_start))
+            .is_ok_and(|t| t.pa.raw() == phys_text)
+        {
             layout.cr3 = pgd;
         }
     }
@@ -252,7 +255,7 @@ pub fn verify_build_id(
     let want = syms.build_id()?;
     let addr = layout.live(syms.notes_addr()?);
     let mut got = vec![0u8; want.len()];
-    paging::read_virt(mem, cr3, addr, &mut got)
+    paging::read_virt(mem, cr3, GuestVirtAddr(addr), &mut got)
         .map_err(|source| KaslrError::BuildIdUnreadable { addr, source })?;
     if got != want {
         return Err(KaslrError::BuildIdMismatch {

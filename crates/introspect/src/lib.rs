@@ -3,7 +3,15 @@
 //! Everything here works on the [`Machine`] trait, so the same code runs
 //! against a live QEMU (the `lucos-backend` crate) and against synthetic
 //! memory in unit tests.
+//!
+//! Addresses that index memory are typed ([`GuestPhysAddr`], [`GuestVirtAddr`]):
+//! the [`PhysMem`]/[`Machine`] accessors, the page walker's inputs and outputs,
+//! and the fields that hold an address later read or written. Kernel symbol
+//! values, layout bases and offsets used only for arithmetic, page-table entry
+//! bits, error fields, serialized records and the [`fake::FakeMem`] test builder
+//! stay `u64`; they become typed where they are handed to an accessor.
 
+pub mod addr;
 pub mod btf;
 pub mod fake;
 pub mod kaslr;
@@ -17,6 +25,7 @@ pub mod symbols;
 pub mod tasks;
 pub mod unwind;
 
+pub use addr::{GuestPhysAddr, GuestVirtAddr};
 pub use btf::{Btf, BtfError};
 pub use kaslr::{decode_idt_gate, detect_layout, verify_build_id, KaslrError, KernelLayout};
 pub use machine::{Machine, MachineError, PhysMem};

@@ -1,5 +1,6 @@
 //! The contract between introspection/patching logic and a VM engine.
 
+use crate::addr::GuestPhysAddr;
 use crate::regs::VcpuRegs;
 
 /// Failures of the engine beneath a [`Machine`].
@@ -19,9 +20,9 @@ pub enum MachineError {
 
 /// Read access to guest physical memory.
 pub trait PhysMem {
-    fn read_phys(&self, pa: u64, buf: &mut [u8]) -> Result<(), MachineError>;
+    fn read_phys(&self, pa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MachineError>;
 
-    fn read_u64(&self, pa: u64) -> Result<u64, MachineError> {
+    fn read_u64(&self, pa: GuestPhysAddr) -> Result<u64, MachineError> {
         let mut b = [0u8; 8];
         self.read_phys(pa, &mut b)?;
         Ok(u64::from_le_bytes(b))
@@ -47,18 +48,21 @@ pub trait Machine: PhysMem {
     fn idt_base(&mut self, idx: usize) -> Result<u64, MachineError>;
     /// Coherent write: the guest sees it on its next access, code included.
     /// Engines may pause the VM briefly to do it.
-    fn write_phys(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError>;
+    fn write_phys(&mut self, pa: GuestPhysAddr, data: &[u8]) -> Result<(), MachineError>;
     /// Write of bytes no vCPU has executed (page tables, data, lucos's own
     /// records, code in never-used patch memory): engines may take a faster
     /// path without translation invalidation.
-    fn write_phys_data(&mut self, pa: u64, data: &[u8]) -> Result<(), MachineError> {
+    fn write_phys_data(&mut self, pa: GuestPhysAddr, data: &[u8]) -> Result<(), MachineError> {
         self.write_phys(pa, data)
     }
     /// Several [`Machine::write_phys_data`] writes in order. Engines that journal each
     /// write made while paused (so that a killed lucos can be undone) may journal them all
     /// at once before the first write: a journal entry for a write not yet made restores
     /// bytes that are still there, which is harmless.
-    fn write_phys_data_all(&mut self, writes: &[(u64, &[u8])]) -> Result<(), MachineError> {
+    fn write_phys_data_all(
+        &mut self,
+        writes: &[(GuestPhysAddr, &[u8])],
+    ) -> Result<(), MachineError> {
         for &(pa, data) in writes {
             self.write_phys_data(pa, data)?;
         }

@@ -7,6 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use crate::addr::GuestVirtAddr;
 use crate::btf::{Btf, BtfError};
 use crate::kaslr::KernelLayout;
 use crate::machine::PhysMem;
@@ -137,10 +138,12 @@ struct Reader<'a, P: PhysMem + ?Sized> {
 
 impl<P: PhysMem + ?Sized> Reader<'_, P> {
     fn u64(&self, va: u64) -> Result<u64, ModuleError> {
-        read_virt_u64(self.mem, self.cr3, va).map_err(|source| ModuleError::Read { va, source })
+        read_virt_u64(self.mem, self.cr3, GuestVirtAddr(va))
+            .map_err(|source| ModuleError::Read { va, source })
     }
     fn bytes(&self, va: u64, buf: &mut [u8]) -> Result<(), ModuleError> {
-        read_virt(self.mem, self.cr3, va, buf).map_err(|source| ModuleError::Read { va, source })
+        read_virt(self.mem, self.cr3, GuestVirtAddr(va), buf)
+            .map_err(|source| ModuleError::Read { va, source })
     }
     fn u32(&self, va: u64) -> Result<u32, ModuleError> {
         let mut b = [0u8; 4];
@@ -211,7 +214,8 @@ fn read_live_btf(
     }
     let mut buf = vec![0u8; len as usize];
     let va = layout.live(start.addr);
-    read_virt(mem, layout.cr3, va, &mut buf).map_err(|source| ModuleError::Read { va, source })?;
+    read_virt(mem, layout.cr3, GuestVirtAddr(va), &mut buf)
+        .map_err(|source| ModuleError::Read { va, source })?;
     Ok(Btf::parse(&buf)?)
 }
 
@@ -236,7 +240,8 @@ pub fn cpu_feature_words(
         })?;
     let va = layout.live(bcd.addr) + off;
     let mut buf = vec![0u8; (n * 4) as usize];
-    read_virt(mem, layout.cr3, va, &mut buf).map_err(|source| ModuleError::Read { va, source })?;
+    read_virt(mem, layout.cr3, GuestVirtAddr(va), &mut buf)
+        .map_err(|source| ModuleError::Read { va, source })?;
     Ok(buf
         .chunks_exact(4)
         .map(|w| u32::from_le_bytes(w.try_into().expect("4 bytes")))

@@ -8,6 +8,7 @@ use std::fmt;
 
 use serde::Serialize;
 
+use crate::addr::{GuestPhysAddr, GuestVirtAddr};
 use crate::machine::{Machine, MachineError, PhysMem};
 use crate::regs::VcpuRegs;
 
@@ -101,8 +102,8 @@ impl PageSize {
 /// A resolved virtual address with the permissions in force for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct Translation {
-    pub va: u64,
-    pub pa: u64,
+    pub va: GuestVirtAddr,
+    pub pa: GuestPhysAddr,
     pub page_size: PageSize,
     /// R/W set at every level.
     pub writable: bool,
@@ -116,13 +117,13 @@ pub struct Translation {
 
 impl Translation {
     /// Physical address of the first byte of the page containing `va`.
-    pub fn page_pa(&self) -> u64 {
-        self.pa & !(self.page_size.bytes() - 1)
+    pub fn page_pa(&self) -> GuestPhysAddr {
+        self.pa.align_down(self.page_size.bytes())
     }
 
     /// Bytes from `va` to the end of its page.
     pub fn bytes_left_in_page(&self) -> u64 {
-        self.page_size.bytes() - (self.va & (self.page_size.bytes() - 1))
+        self.page_size.bytes() - (self.va.raw() & (self.page_size.bytes() - 1))
     }
 }
 
@@ -131,7 +132,7 @@ impl Translation {
 pub struct WalkEntry {
     pub level: Level,
     /// Guest physical address of the 8-byte entry (edit it to change the mapping).
-    pub entry_pa: u64,
+    pub entry_pa: GuestPhysAddr,
     pub value: u64,
 }
 
@@ -146,15 +147,15 @@ impl WalkEntry {
     }
 
     /// Physical address of the next table (or the frame of a 4 KiB leaf).
-    pub fn table_pa(&self) -> u64 {
-        self.value & ADDR_MASK
+    pub fn table_pa(&self) -> GuestPhysAddr {
+        GuestPhysAddr(self.value & ADDR_MASK)
     }
 }
 
 /// Every entry a walk read, down to the leaf or the first not-present one.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Walk {
-    pub va: u64,
+    pub va: GuestVirtAddr,
     pub entries: Vec<WalkEntry>,
     /// `None` when the last entry in `entries` is not present.
     pub translation: Option<Translation>,
@@ -177,8 +178,8 @@ impl Walk {
 /// Piece of a virtual range that is physically contiguous (never crosses a page).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct PhysChunk {
-    pub va: u64,
-    pub pa: u64,
+    pub va: GuestVirtAddr,
+    pub pa: GuestPhysAddr,
     pub len: usize,
 }
 
@@ -240,29 +241,33 @@ pub fn check_paging_mode(regs: &VcpuRegs) -> Result<(), PagingError> {
 }
 
 /// Whether bits 63..47 of `va` are all equal (48-bit canonical form).
-pub fn is_canonical(va: u64) -> bool {
-    let top = va >> 47;
+pub fn is_canonical(va: GuestVirtAddr) -> bool {
+    let top = va.raw() >> 47;
     top == 0 || top == 0x1_ffff
 }
 
 /// Walks `va` through the tables at `cr3`, recording every entry read.
 /// A not-present entry is not an error here: the caller gets the entries
 /// (and so the address where a new one must be written).
-pub fn walk(mem: &(impl PhysMem + ?Sized), cr3: u64, va: u64) -> Result<Walk, PagingError> {
+pub fn walk(
+    mem: &(impl PhysMem + ?Sized),
+    cr3: u64,
+    va: GuestVirtAddr,
+) -> Result<Walk, PagingError> {
     if !is_canonical(va) {
-        return Err(PagingError::NonCanonical { va });
+        return Err(PagingError::NonCanonical { va: va.raw() });
     }
-    let mut table = cr3 & ADDR_MASK;
+    let mut table = GuestPhysAddr(cr3 & ADDR_MASK);
     let mut entries = Vec::with_capacity(4);
     let (mut writable, mut user, mut nx) = (true, true, false);
     for level in Level::ALL {
-        let entry_pa = table + 8 * level.index(va) as u64;
+        let entry_pa = table + 8 * level.index(va.raw()) as u64;
         let value = mem
             .read_u64(entry_pa)
             .map_err(|source| PagingError::TableRead {
-                va,
+                va: va.raw(),
                 level,
-                entry_pa,
+                entry_pa: entry_pa.raw(),
                 source,
             })?;
         entries.push(WalkEntry {
@@ -282,19 +287,23 @@ pub fn walk(mem: &(impl PhysMem + ?Sized), cr3: u64, va: u64) -> Result<Walk, Pa
         nx |= value & NX != 0;
         let size = match level {
             Level::Pml4 if value & PS != 0 => {
-                return Err(PagingError::ReservedBit { va, level, value })
+                return Err(PagingError::ReservedBit {
+                    va: va.raw(),
+                    level,
+                    value,
+                })
             }
             Level::Pdpt if value & PS != 0 => PageSize::Size1G,
             Level::Pd if value & PS != 0 => PageSize::Size2M,
             Level::Pt => PageSize::Size4K,
             _ => {
-                table = value & ADDR_MASK;
+                table = GuestPhysAddr(value & ADDR_MASK);
                 continue;
             }
         };
         let translation = Translation {
             va,
-            pa: (value & size.frame_mask()) | (va & (size.bytes() - 1)),
+            pa: GuestPhysAddr((value & size.frame_mask()) | (va.raw() & (size.bytes() - 1))),
             page_size: size,
             writable,
             user,
@@ -314,13 +323,13 @@ pub fn walk(mem: &(impl PhysMem + ?Sized), cr3: u64, va: u64) -> Result<Walk, Pa
 pub fn translate(
     mem: &(impl PhysMem + ?Sized),
     cr3: u64,
-    va: u64,
+    va: GuestVirtAddr,
 ) -> Result<Translation, PagingError> {
     let w = walk(mem, cr3, va)?;
     match w.translation {
         Some(t) => Ok(t),
         None => Err(PagingError::NotMapped {
-            va,
+            va: va.raw(),
             level: w.stopped_at().unwrap_or(Level::Pml4),
         }),
     }
@@ -332,12 +341,12 @@ pub fn translate(
 pub fn virt_to_phys_ranges(
     mem: &(impl PhysMem + ?Sized),
     cr3: u64,
-    va: u64,
+    va: GuestVirtAddr,
     len: usize,
 ) -> Result<Vec<PhysChunk>, PagingError> {
     if len > 0 && va.checked_add(len as u64 - 1).is_none() {
         return Err(PagingError::RangeOverflow {
-            va,
+            va: va.raw(),
             len: len as u64,
         });
     }
@@ -361,15 +370,15 @@ pub fn virt_to_phys_ranges(
 pub fn read_virt(
     mem: &(impl PhysMem + ?Sized),
     cr3: u64,
-    va: u64,
+    va: GuestVirtAddr,
     buf: &mut [u8],
 ) -> Result<(), PagingError> {
     let mut off = 0;
     for c in virt_to_phys_ranges(mem, cr3, va, buf.len())? {
         mem.read_phys(c.pa, &mut buf[off..off + c.len])
             .map_err(|source| PagingError::DataRead {
-                va: c.va,
-                pa: c.pa,
+                va: c.va.raw(),
+                pa: c.pa.raw(),
                 source,
             })?;
         off += c.len;
@@ -378,7 +387,11 @@ pub fn read_virt(
 }
 
 /// Reads a little-endian u64 at a guest virtual address.
-pub fn read_virt_u64(mem: &(impl PhysMem + ?Sized), cr3: u64, va: u64) -> Result<u64, PagingError> {
+pub fn read_virt_u64(
+    mem: &(impl PhysMem + ?Sized),
+    cr3: u64,
+    va: GuestVirtAddr,
+) -> Result<u64, PagingError> {
     let mut b = [0u8; 8];
     read_virt(mem, cr3, va, &mut b)?;
     Ok(u64::from_le_bytes(b))
@@ -390,7 +403,7 @@ pub fn read_virt_u64(mem: &(impl PhysMem + ?Sized), cr3: u64, va: u64) -> Result
 pub fn write_virt(
     machine: &mut (impl Machine + ?Sized),
     cr3: u64,
-    va: u64,
+    va: GuestVirtAddr,
     data: &[u8],
 ) -> Result<(), PagingError> {
     let chunks = virt_to_phys_ranges(&*machine, cr3, va, data.len())?;
@@ -399,8 +412,8 @@ pub fn write_virt(
         machine
             .write_phys(c.pa, &data[off..off + c.len])
             .map_err(|source| PagingError::DataWrite {
-                va: c.va,
-                pa: c.pa,
+                va: c.va.raw(),
+                pa: c.pa.raw(),
                 source,
             })?;
         off += c.len;

@@ -5,6 +5,7 @@
 
 use serde::Serialize;
 
+use crate::addr::GuestVirtAddr;
 use crate::btf::{Btf, BtfError};
 use crate::kaslr::KernelLayout;
 use crate::machine::PhysMem;
@@ -122,7 +123,8 @@ pub(crate) struct Reader<'a, P: PhysMem + ?Sized> {
 
 impl<P: PhysMem + ?Sized> Reader<'_, P> {
     pub fn bytes(&self, va: u64, buf: &mut [u8]) -> Result<(), TaskError> {
-        read_virt(self.mem, self.cr3, va, buf).map_err(|source| TaskError::Read { va, source })
+        read_virt(self.mem, self.cr3, GuestVirtAddr(va), buf)
+            .map_err(|source| TaskError::Read { va, source })
     }
     pub fn u64(&self, va: u64) -> Result<u64, TaskError> {
         let mut b = [0u8; 8];

@@ -9,7 +9,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use lucos_introspect::{KernelLayout, KernelSymbols, LoadedModule, Machine};
+use lucos_introspect::{GuestPhysAddr, KernelLayout, KernelSymbols, LoadedModule, Machine};
 
 use crate::kmod;
 use crate::memory::{self, PatchMem, PatchMemLayout};
@@ -74,7 +74,7 @@ struct Site {
     function: String,
     func_addr: u64,
     site_addr: u64,
-    site_pa: u64,
+    site_pa: GuestPhysAddr,
     current: [u8; 5],
     module: Option<ModuleSite>,
 }
@@ -132,7 +132,7 @@ fn site_records(
             function: site.function.clone(),
             func_addr: site.func_addr,
             site_addr: site.site_addr,
-            site_pa: site.site_pa,
+            site_pa: site.site_pa.raw(),
             original: site.current,
             written: jmp,
             new_addr: target,
@@ -146,7 +146,7 @@ fn site_records(
 /// Bytes written while staging, for rollback.
 #[derive(Default)]
 struct Undo {
-    writes: Vec<(u64, Vec<u8>)>,
+    writes: Vec<(GuestPhysAddr, Vec<u8>)>,
 }
 
 /// Where an apply's regions go: the mapping's base, the page-directory entries a first
@@ -154,7 +154,7 @@ struct Undo {
 /// freed by a reclaim (and must be written through the coherent path).
 struct Allocation {
     va_base: u64,
-    new_pd: Vec<(u64, u64)>,
+    new_pd: Vec<(GuestPhysAddr, u64)>,
     offs: [u64; 4],
     sizes: [u64; 4],
     reused: bool,
@@ -228,7 +228,8 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         // lucos's page-directory entries, and every record is stale.
         // (A pending mapping may lack entries: a lucos killed while writing them.)
         for &(pa, value) in &reg.pd_entries {
-            let now = s.m.read_u64(pa)?;
+            // Registry records keep bare numbers.
+            let now = s.m.read_u64(GuestPhysAddr(pa))?;
             if now != value && !(reg.map_pending && now == 0) {
                 return Err(EngineError::StaleRegistry { pa, value });
             }
@@ -259,7 +260,10 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
     }
 
     /// The exact bytes a commit after `header` would overwrite.
-    fn snapshot_registry(&self, header: &Header) -> Result<Vec<(u64, Vec<u8>)>, EngineError> {
+    fn snapshot_registry(
+        &self,
+        header: &Header,
+    ) -> Result<Vec<(GuestPhysAddr, Vec<u8>)>, EngineError> {
         let slot = self
             .pm
             .pa(self.pm.layout.slot_offset(1 - header.active.min(1)));
@@ -403,7 +407,8 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         let record = applied_record(bundle, &records, &ranges, &module_record, rewrites);
         let first = reg.va_base.is_none() || reg.map_pending;
         if !new_pd.is_empty() {
-            reg.note_mapping(va_base, self.pm.gpa, &new_pd);
+            let recorded: Vec<(u64, u64)> = new_pd.iter().map(|&(pa, v)| (pa.raw(), v)).collect();
+            reg.note_mapping(va_base, self.pm.gpa, &recorded);
         }
         reg.reserve(&record)?;
 
@@ -498,7 +503,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 function: s.function.clone(),
                 func_addr: s.func_addr,
                 site_addr: s.site_addr,
-                site_pa: s.site_pa,
+                site_pa: GuestPhysAddr(s.site_pa),
                 current: s.written,
                 module: s.module.clone(),
             })

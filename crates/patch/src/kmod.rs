@@ -282,7 +282,7 @@ pub fn kernel_words(
     words
         .into_iter()
         .map(|(n, va)| {
-            lucos_introspect::paging::read_virt_u64(mem, cr3, va)
+            lucos_introspect::paging::read_virt_u64(mem, cr3, lucos_introspect::GuestVirtAddr(va))
                 .map(|v| (n, v))
                 .map_err(|source| RegisterError::Read { va, source }.into())
         })

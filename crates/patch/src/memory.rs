@@ -16,7 +16,7 @@
 //! and `-mcmodel=kernel` code reach both ways. See docs/design.md.
 
 use lucos_introspect::paging::{self, Level, ACCESSED, DIRTY, GLOBAL, NX, PRESENT, PS, RW};
-use lucos_introspect::{MachineError, PhysMem};
+use lucos_introspect::{GuestPhysAddr, GuestVirtAddr, MachineError, PhysMem};
 
 use crate::registry::HEADER_LEN;
 use crate::RegionKind;
@@ -109,8 +109,8 @@ impl PatchMem {
         self.va_base.map(|b| b + offset)
     }
 
-    pub fn pa(&self, offset: u64) -> u64 {
-        self.gpa + offset
+    pub fn pa(&self, offset: u64) -> GuestPhysAddr {
+        GuestPhysAddr(self.gpa) + offset
     }
 }
 
@@ -121,18 +121,18 @@ pub fn pd_entries_for(
     cr3: u64,
     pm: &PatchMem,
     va_base: u64,
-) -> Result<Vec<(u64, u64)>, MemoryError> {
+) -> Result<Vec<(GuestPhysAddr, u64)>, MemoryError> {
     let mut out = Vec::new();
     for chunk in 0..pm.layout.pt_pages {
         let va = va_base + chunk * HUGE;
-        let walk = paging::walk(mem, cr3, va)?;
+        let walk = paging::walk(mem, cr3, GuestVirtAddr(va))?;
         if walk.stopped_at() != Some(Level::Pd) {
             return Err(MemoryError::PdEntryInUse { va });
         }
         let pd = walk.entry(Level::Pd).expect("walk reached the PD");
         // The kernel's own flags for a page-table entry (_KERNPG_TABLE): with any other,
         // pmd_bad() holds and vmalloc_to_page() (text_poke(), e.g. for static keys) fails.
-        let value = pm.pa(pm.layout.pt_offset(chunk)) | PRESENT | RW | ACCESSED | DIRTY;
+        let value = pm.pa(pm.layout.pt_offset(chunk)).raw() | PRESENT | RW | ACCESSED | DIRTY;
         out.push((pd.entry_pa, value));
     }
     Ok(out)
@@ -149,13 +149,13 @@ pub fn direct_map_entries(
     cr3: u64,
     pm: &PatchMem,
     page_offset_base: u64,
-) -> Result<Vec<(u64, u64)>, MemoryError> {
+) -> Result<Vec<(GuestPhysAddr, u64)>, MemoryError> {
     let phys = pm.gpa;
     if !phys.is_multiple_of(HUGE) {
         return Err(MemoryError::Unaligned { gpa: phys });
     }
     let va = page_offset_base.wrapping_add(phys);
-    let walk = paging::walk(mem, cr3, va)?;
+    let walk = paging::walk(mem, cr3, GuestVirtAddr(va))?;
     let large = phys | PRESENT | RW | ACCESSED | DIRTY | PS | GLOBAL | NX;
     let table = PRESENT | RW | ACCESSED | DIRTY;
     match walk.stopped_at() {
@@ -168,7 +168,10 @@ pub fn direct_map_entries(
             let pud = walk.entry(Level::Pdpt).expect("walk reached the PDPT");
             let pmd = pm.pa(pm.layout.dm_offset());
             let idx = (va >> 21) & 511;
-            Ok(vec![(pmd + 8 * idx, large), (pud.entry_pa, pmd | table)])
+            Ok(vec![
+                (pmd + 8 * idx, large),
+                (pud.entry_pa, pmd.raw() | table),
+            ])
         }
         _ => Err(MemoryError::PdEntryInUse { va }),
     }
@@ -184,12 +187,12 @@ pub fn entries_into_patch_memory(
     cr3: u64,
     pm: &PatchMem,
     page_offset_base: u64,
-) -> Result<Vec<u64>, MemoryError> {
-    let tables = pm.pa(pm.layout.pt_offset(0))..pm.pa(pm.layout.dm_offset() + PAGE);
+) -> Result<Vec<GuestPhysAddr>, MemoryError> {
+    let tables = pm.pa(pm.layout.pt_offset(0)).raw()..pm.pa(pm.layout.dm_offset() + PAGE).raw();
     let mut out = Vec::new();
-    let walk = paging::walk(mem, cr3, KERNEL_MAP_START)?;
+    let walk = paging::walk(mem, cr3, GuestVirtAddr(KERNEL_MAP_START))?;
     if let Some(pd) = walk.entry(Level::Pd) {
-        let base = pd.entry_pa & !(PAGE - 1);
+        let base = pd.entry_pa.align_down(PAGE);
         let mut page = vec![0u8; PAGE as usize];
         mem.read_phys(base, &mut page)?;
         for (i, e) in page.chunks(8).enumerate() {
@@ -199,11 +202,17 @@ pub fn entries_into_patch_memory(
             }
         }
     }
-    let walk = paging::walk(mem, cr3, page_offset_base.wrapping_add(pm.gpa))?;
+    let walk = paging::walk(
+        mem,
+        cr3,
+        GuestVirtAddr(page_offset_base.wrapping_add(pm.gpa)),
+    )?;
     for e in &walk.entries {
         let target = e.value & paging::ADDR_MASK;
         let ours = match e.level {
-            Level::Pdpt => e.present() && !e.is_leaf() && target == pm.pa(pm.layout.dm_offset()),
+            Level::Pdpt => {
+                e.present() && !e.is_leaf() && target == pm.pa(pm.layout.dm_offset()).raw()
+            }
             Level::Pd => e.is_leaf() && target == pm.gpa,
             _ => false,
         };
@@ -223,7 +232,7 @@ pub fn choose_va_base(
     pm: &PatchMem,
     kernel_text: u64,
     kernel_end: u64,
-) -> Result<(u64, Vec<(u64, u64)>), MemoryError> {
+) -> Result<(u64, Vec<(GuestPhysAddr, u64)>), MemoryError> {
     let size = pm.layout.size;
     let after = kernel_end.next_multiple_of(HUGE) + HUGE;
     let before = (kernel_text.saturating_sub(size + HUGE)) & !(HUGE - 1);
@@ -247,7 +256,7 @@ pub fn choose_va_base(
 /// its kind: text read+execute, rodata read-only, data read+write, never
 /// user-accessible, never writable and executable at once.
 pub fn pte(pm: &PatchMem, offset: u64, kind: RegionKind) -> u64 {
-    let base = pm.pa(offset) | PRESENT | ACCESSED | DIRTY | GLOBAL;
+    let base = pm.pa(offset).raw() | PRESENT | ACCESSED | DIRTY | GLOBAL;
     match kind {
         RegionKind::Text => base,
         RegionKind::Rodata => base | NX,
@@ -256,7 +265,7 @@ pub fn pte(pm: &PatchMem, offset: u64, kind: RegionKind) -> u64 {
 }
 
 /// Guest-physical address of the PTE that maps patch-memory `offset`.
-pub fn pte_pa(pm: &PatchMem, offset: u64) -> u64 {
+pub fn pte_pa(pm: &PatchMem, offset: u64) -> GuestPhysAddr {
     pm.pa(pm.layout.pt_offset(offset / HUGE)) + ((offset % HUGE) / PAGE) * 8
 }
 

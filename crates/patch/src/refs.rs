@@ -7,7 +7,7 @@
 use serde::Serialize;
 
 use lucos_introspect::paging;
-use lucos_introspect::{KernelLayout, KernelSymbols, PhysMem};
+use lucos_introspect::{GuestVirtAddr, KernelLayout, KernelSymbols, PhysMem};
 
 use crate::registry::{BundleRecord, Registry};
 use crate::RegionKind;
@@ -92,7 +92,7 @@ pub fn pointers_into(
         while page < *end {
             let next = ((page & !0xfff) + 0x1000).min(*end);
             buf.resize((next - page) as usize & !7, 0);
-            if paging::read_virt(mem, cr3, page, &mut buf).is_ok() {
+            if paging::read_virt(mem, cr3, GuestVirtAddr(page), &mut buf).is_ok() {
                 for (i, w) in buf.chunks_exact(8).enumerate() {
                     let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
                     if inside(v) {

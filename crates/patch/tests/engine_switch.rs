@@ -7,7 +7,7 @@ mod common;
 use common::fake::GPA;
 use common::kernel::{FakeKernel, OLD_CODE, OPS};
 use lucos_introspect::fake::{Call, Failing, FakeMachine};
-use lucos_introspect::PhysMem;
+use lucos_introspect::{GuestPhysAddr, PhysMem};
 use lucos_patch::registry::{BundleState, Registry};
 use lucos_patch::{Bundle, EngineError, NOP5};
 
@@ -17,7 +17,7 @@ fn registry(k: &FakeKernel, m: &mut FakeMachine) -> Registry {
 
 fn site(m: &FakeMachine, pa: u64) -> [u8; 5] {
     let mut b = [0u8; 5];
-    m.read_phys(pa, &mut b).unwrap();
+    m.read_phys(GuestPhysAddr(pa), &mut b).unwrap();
     b
 }
 
@@ -199,7 +199,8 @@ fn a_site_that_cannot_be_restored_keeps_a_half_applied_record() {
     assert_eq!(site(&m, s1), site(&done, s1), "the first site kept its jmp");
     assert_eq!(site(&m, s2), NOP5);
     let mut ops = [0u8; 16];
-    m.read_phys(k.pa("ops_table"), &mut ops).unwrap();
+    m.read_phys(GuestPhysAddr(k.pa("ops_table")), &mut ops)
+        .unwrap();
     assert_eq!(ops, OPS, "the rewritten words were put back");
     let reg = registry(&k, &mut m);
     let rec = reg.find_applied("two").expect("the record is kept");
@@ -213,8 +214,10 @@ fn a_site_that_cannot_be_restored_keeps_a_half_applied_record() {
     for r in &rec.ranges {
         let mut now = vec![0u8; r.len as usize];
         let mut then = vec![0u8; r.len as usize];
-        m.read_phys(GPA + r.offset, &mut now).unwrap();
-        done.read_phys(GPA + r.offset, &mut then).unwrap();
+        m.read_phys(GuestPhysAddr(GPA + r.offset), &mut now)
+            .unwrap();
+        done.read_phys(GuestPhysAddr(GPA + r.offset), &mut then)
+            .unwrap();
         assert_eq!(now, then, "range at {:#x} was rolled back", r.offset);
     }
     // A following apply is given other pages.
@@ -233,7 +236,7 @@ fn a_site_that_cannot_be_restored_keeps_a_half_applied_record() {
     revert_with(&k, &mut m, "other", |f| f).unwrap();
     let mut code = [0u8; 8];
     for f in ["old_lucos_f1", "old_lucos_f2", "old_lucos_f3"] {
-        m.read_phys(k.pa(f), &mut code).unwrap();
+        m.read_phys(GuestPhysAddr(k.pa(f)), &mut code).unwrap();
         assert_eq!(code, OLD_CODE, "{f}");
     }
 }
@@ -341,11 +344,13 @@ fn a_bundle_applies_and_reverts_on_the_fake_kernel() {
     assert_eq!(site(&m, s1)[0], 0xe9);
     assert_eq!(site(&m, s2)[0], 0xe9);
     let mut ops = [0u8; 16];
-    m.read_phys(k.pa("ops_table"), &mut ops).unwrap();
+    m.read_phys(GuestPhysAddr(k.pa("ops_table")), &mut ops)
+        .unwrap();
     assert_eq!(&ops[..2], &[0x33, 0x33]);
     eprintln!("{} writes", writes.len());
     revert_with(&k, &mut m, "two", |f| f).unwrap();
     assert_eq!(site(&m, s1), NOP5);
-    m.read_phys(k.pa("ops_table"), &mut ops).unwrap();
+    m.read_phys(GuestPhysAddr(k.pa("ops_table")), &mut ops)
+        .unwrap();
     assert_eq!(ops, OPS);
 }

@@ -40,7 +40,7 @@ fn a_reverted_bundle_is_unmapped_and_freed_once() {
     };
     for off in [start, start + 0x1000, start + 0x2000] {
         m.mem
-            .write_u64(pte_pa(&pm, off), pte(&pm, off, RegionKind::Text));
+            .write_u64(pte_pa(&pm, off).raw(), pte(&pm, off, RegionKind::Text));
     }
     let mut s = Session::new(&mut m, &syms, layout(), GPA, SIZE).unwrap();
     let before = s.registry().unwrap();

@@ -236,9 +236,9 @@ fn unmapped_text_is_reported() {
     let mut g = Guest::new(&s, 0x200_0000, false);
     // Clear the PD entry mapping the image.
     let text = s.lookup("_text").unwrap().addr + 0x200_0000;
-    let w = crate::paging::walk(&g.m, g.pml4, text).unwrap();
+    let w = crate::paging::walk(&g.m, g.pml4, crate::GuestVirtAddr(text)).unwrap();
     let pd = w.entry(crate::paging::Level::Pd).unwrap().entry_pa;
-    g.m.mem.write_u64(pd, 0);
+    g.m.mem.write_u64(pd.raw(), 0);
     let e = detect_layout(&mut g.m, 0, &s).unwrap_err();
     assert!(matches!(e, KaslrError::TextNotMapped { .. }), "{e}");
 }

@@ -2,7 +2,7 @@
 //! `module_finalize()` does for a module: return thunks first, then alternatives (the
 //! kernel's order, so a return inside a replacement is rewritten before it is copied).
 
-use lucos_introspect::{paging, Machine};
+use lucos_introspect::{paging, GuestVirtAddr, Machine};
 
 use super::{EngineError, Session};
 use crate::returns::{self, ReturnMode, FEATURE_RETHUNK};
@@ -52,7 +52,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             Ok(self.layout.live(self.syms.lookup(name)?.addr))
         };
         let ptr = live("x86_return_thunk")?;
-        let thunk = paging::read_virt_u64(&*self.m, self.layout.cr3, ptr)?;
+        let thunk = paging::read_virt_u64(&*self.m, self.layout.cr3, GuestVirtAddr(ptr))?;
         let its = live("its_return_thunk").ok();
         Ok(ReturnMode::live(true, thunk, its))
     }

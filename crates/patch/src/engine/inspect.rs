@@ -2,7 +2,7 @@
 //! and the registry (its fentry site, the bytes the bundle expects), before anything is
 //! written. Every refusal here leaves the guest untouched.
 
-use lucos_introspect::{paging, LoadedModule, Machine, SymbolKind};
+use lucos_introspect::{paging, GuestVirtAddr, LoadedModule, Machine, SymbolKind};
 
 use super::{EngineError, Session, Site};
 use crate::registry::Registry;
@@ -38,7 +38,12 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         };
         let site_addr = func_addr + u64::from(rep.site_offset);
         let mut live = vec![0u8; rep.expect.len()];
-        paging::read_virt(&*self.m, self.layout.cr3, func_addr, &mut live)?;
+        paging::read_virt(
+            &*self.m,
+            self.layout.cr3,
+            GuestVirtAddr(func_addr),
+            &mut live,
+        )?;
         let so = rep.site_offset as usize;
         let current: [u8; 5] = live[so..so + 5].try_into().expect("expect covers the site");
         let kind = check_fentry_site(&current, site_addr).map_err(|source| EngineError::Site {
@@ -76,7 +81,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                 live: hex::encode(&cmp),
             });
         }
-        let site_pa = paging::translate(&*self.m, self.layout.cr3, site_addr)?.pa;
+        let site_pa = paging::translate(&*self.m, self.layout.cr3, GuestVirtAddr(site_addr))?.pa;
         Ok(Site {
             function,
             func_addr,

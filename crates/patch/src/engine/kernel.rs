@@ -1,7 +1,7 @@
 //! The engine's side of [`crate::kmod`]: building a bundle's `struct module` region at
 //! apply time, and linking or unlinking it inside the switch's pause.
 
-use lucos_introspect::{paging, Machine};
+use lucos_introspect::{paging, GuestPhysAddr, GuestVirtAddr, Machine};
 
 use super::{EngineError, Session};
 use crate::kmod::image::{self, Core, JumpSite};
@@ -18,7 +18,7 @@ pub(super) enum KernelEdit<'k> {
 }
 
 /// Kernel words changed inside a pause: (guest-physical address, old bytes).
-pub(super) type KernelUndo = Vec<(u64, [u8; 8])>;
+pub(super) type KernelUndo = Vec<(GuestPhysAddr, [u8; 8])>;
 
 impl<M: Machine + ?Sized> Session<'_, M> {
     /// The running kernel's module bookkeeping, if a bundle is to use it. A bundle whose
@@ -127,7 +127,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
     ) -> Result<(), EngineError> {
         let mut writes = Vec::with_capacity(words.len());
         for &(va, value) in words {
-            let pa = paging::translate(&*self.m, self.layout.cr3, va)?.pa;
+            let pa = paging::translate(&*self.m, self.layout.cr3, GuestVirtAddr(va))?.pa;
             writes.push((pa, value.to_le_bytes()));
         }
         // Old words read before any is written, so a word written twice is undone to its
@@ -137,7 +137,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             self.m.read_phys(pa, &mut old)?;
             undo.push((pa, old));
         }
-        let all: Vec<(u64, &[u8])> = writes.iter().map(|(pa, b)| (*pa, &b[..])).collect();
+        let all: Vec<(GuestPhysAddr, &[u8])> = writes.iter().map(|(pa, b)| (*pa, &b[..])).collect();
         self.m.write_phys_data_all(&all)?;
         Ok(())
     }
@@ -147,7 +147,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         let mut all = true;
         for (pa, old) in undo.into_iter().rev() {
             if let Err(e) = self.m.write_phys_data(pa, &old) {
-                tracing::error!(pa, error = %e, "restoring a kernel word failed");
+                tracing::error!(pa = pa.raw(), error = %e, "restoring a kernel word failed");
                 all = false;
             }
         }

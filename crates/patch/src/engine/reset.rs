@@ -1,7 +1,7 @@
 //! `lucos reset`: clearing records that no longer describe the running kernel, and every
 //! page-table entry lucos may have written into it.
 
-use lucos_introspect::Machine;
+use lucos_introspect::{GuestPhysAddr, Machine};
 
 use super::EngineError;
 use crate::memory::{self, PatchMem, PatchMemLayout};
@@ -30,20 +30,22 @@ pub fn reset_registry<M: Machine + ?Sized>(
     patch_size: u64,
 ) -> Result<ResetReport, EngineError> {
     let layout = PatchMemLayout::new(patch_size)?;
+    let base = GuestPhysAddr(patch_gpa);
     let mut hb = [0u8; HEADER_LEN];
-    m.read_phys(patch_gpa + layout.header_offset(), &mut hb)?;
+    m.read_phys(base + layout.header_offset(), &mut hb)?;
     let header = Header::decode(&hb)?;
     let old = match &header {
         Some(h) => {
             let mut slot = vec![0u8; memory::REGISTRY_SLOT_SIZE];
-            m.read_phys(patch_gpa + layout.slot_offset(h.active), &mut slot)?;
+            m.read_phys(base + layout.slot_offset(h.active), &mut slot)?;
             h.registry(&slot)?
         }
         None => Registry::empty(&layout),
     };
     let mut stale = false;
     for &(pa, value) in &old.pd_entries {
-        stale |= m.read_u64(pa)? != value;
+        // Registry records keep bare numbers.
+        stale |= m.read_u64(GuestPhysAddr(pa))? != value;
     }
     // A completed mapping that matches the kernel belongs to it (its bundles may run).
     if !stale && old.va_base.is_some() && (!old.map_pending || !old.bundles.is_empty()) {
@@ -70,8 +72,8 @@ pub fn reset_registry<M: Machine + ?Sized>(
     fresh.generation = old.generation + 1;
     fresh.reverted_dropped = old.reverted_dropped + old.bundles.len() as u64;
     let (h, json) = fresh.encode(header.as_ref().expect("checked above"))?;
-    m.write_phys_data(patch_gpa + layout.slot_offset(h.active), &json)?;
-    m.write_phys_data(patch_gpa + layout.header_offset(), &h.encode())?;
+    m.write_phys_data(base + layout.slot_offset(h.active), &json)?;
+    m.write_phys_data(base + layout.header_offset(), &h.encode())?;
     Ok(ResetReport {
         records: old.bundles.len(),
         entries: entries.len(),

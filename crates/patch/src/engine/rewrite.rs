@@ -11,7 +11,7 @@
 //! The words are written through guest-physical memory (read-only pages are read-only
 //! only to the guest) and undone like the other kernel words of a switch if it fails.
 
-use lucos_introspect::{paging, LoadedModule, Machine};
+use lucos_introspect::{paging, GuestVirtAddr, LoadedModule, Machine};
 
 use super::{EngineError, Session};
 use crate::registry::{BundleRecord, RewriteRecord};
@@ -46,7 +46,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                 reason,
             })?;
             let mut live = vec![0u8; rw.expect.len()];
-            paging::read_virt(&*self.m, self.layout.cr3, va, &mut live)?;
+            paging::read_virt(&*self.m, self.layout.cr3, GuestVirtAddr(va), &mut live)?;
             rw.matches(&live)
                 .map_err(|offset| EngineError::RewriteMismatch {
                     object: object.clone(),
@@ -72,7 +72,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         let mut words = Vec::new();
         for r in &rec.rewrites {
             let mut live = vec![0u8; r.written.len()];
-            paging::read_virt(&*self.m, self.layout.cr3, r.va, &mut live)?;
+            paging::read_virt(&*self.m, self.layout.cr3, GuestVirtAddr(r.va), &mut live)?;
             if live != r.written {
                 return Err(EngineError::RewriteChanged {
                     id: rec.id.clone(),
@@ -93,7 +93,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         let mut w = va & !7;
         while w < end {
             let mut word = [0u8; 8];
-            paging::read_virt(&*self.m, self.layout.cr3, w, &mut word)?;
+            paging::read_virt(&*self.m, self.layout.cr3, GuestVirtAddr(w), &mut word)?;
             for (i, b) in word.iter_mut().enumerate() {
                 let at = w + i as u64;
                 if at >= va && at < end {

@@ -1,7 +1,7 @@
 //! Staging: code, data and page tables written while the guest runs, into memory nothing
 //! reaches until the switch; and their rollback.
 
-use lucos_introspect::{KernelLayout, KernelSymbols, Machine};
+use lucos_introspect::{GuestPhysAddr, GuestVirtAddr, KernelLayout, KernelSymbols, Machine};
 
 use super::{EngineError, Session, Undo};
 use crate::memory::{self, PAGE};
@@ -20,15 +20,26 @@ pub fn page_offset_base<M: Machine + ?Sized>(
             function: "page_offset_base".into(),
             source,
         })?;
-    Ok(paging::read_virt_u64(m, layout.cr3, layout.live(pob.addr))?)
+    Ok(paging::read_virt_u64(
+        m,
+        layout.cr3,
+        GuestVirtAddr(layout.live(pob.addr)),
+    )?)
 }
 
 impl<M: Machine + ?Sized> Session<'_, M> {
     /// Where patch memory is (or will be) mapped, and the page-directory entries this apply
     /// must write: all of a first mapping's, or, after an interrupted one, all it recorded.
-    pub(super) fn mapping(&self, reg: &Registry) -> Result<(u64, Vec<(u64, u64)>), EngineError> {
+    pub(super) fn mapping(
+        &self,
+        reg: &Registry,
+    ) -> Result<(u64, Vec<(GuestPhysAddr, u64)>), EngineError> {
         if let (true, Some(base)) = (reg.map_pending, reg.va_base) {
-            return Ok((base, reg.pd_entries.clone()));
+            let recorded = reg.pd_entries.iter();
+            return Ok((
+                base,
+                recorded.map(|&(pa, v)| (GuestPhysAddr(pa), v)).collect(),
+            ));
         }
         let (base, mut entries) = match reg.va_base {
             Some(b) => (b, Vec::new()),
@@ -72,7 +83,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         &mut self,
         header: &Header,
         reg: &mut Registry,
-        (new_pd, first, reused): (&[(u64, u64)], bool, bool),
+        (new_pd, first, reused): (&[(GuestPhysAddr, u64)], bool, bool),
         staged: &[(RangeRecord, &[u8])],
         undo: &mut Undo,
     ) -> Result<Header, EngineError> {
@@ -85,7 +96,12 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         Ok(header)
     }
 
-    fn write_undoable(&mut self, undo: &mut Undo, pa: u64, data: &[u8]) -> Result<(), EngineError> {
+    fn write_undoable(
+        &mut self,
+        undo: &mut Undo,
+        pa: GuestPhysAddr,
+        data: &[u8],
+    ) -> Result<(), EngineError> {
         self.write_undoable_as(undo, pa, data, false)
     }
 
@@ -93,7 +109,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
     fn write_undoable_as(
         &mut self,
         undo: &mut Undo,
-        pa: u64,
+        pa: GuestPhysAddr,
         data: &[u8],
         coherent: bool,
     ) -> Result<(), EngineError> {
@@ -112,7 +128,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
     /// until the sites are switched.
     pub(super) fn stage(
         &mut self,
-        (new_pd, first, reused): (&[(u64, u64)], bool, bool),
+        (new_pd, first, reused): (&[(GuestPhysAddr, u64)], bool, bool),
         staged: &[(RangeRecord, &[u8])],
         undo: &mut Undo,
     ) -> Result<(), EngineError> {
@@ -175,7 +191,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
     pub(super) fn rollback(&mut self, undo: Undo) {
         for (pa, old) in undo.writes.into_iter().rev() {
             if let Err(e) = self.m.write_phys_data(pa, &old) {
-                tracing::error!(pa, error = %e, "rollback write failed");
+                tracing::error!(pa = pa.raw(), error = %e, "rollback write failed");
             }
         }
     }

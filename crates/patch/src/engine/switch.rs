@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use lucos_introspect::{Machine, MachineError};
+use lucos_introspect::{GuestPhysAddr, Machine, MachineError};
 
 use super::kernel::{KernelEdit, KernelUndo};
 use super::rewrite::WordWrite;
@@ -125,7 +125,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         &mut self,
         touched: &[&Site],
         kernel_undo: KernelUndo,
-        saved: Vec<(u64, Vec<u8>)>,
+        saved: Vec<(GuestPhysAddr, Vec<u8>)>,
         (id, applying): (&str, bool),
     ) -> bool {
         let mut unrestored = Vec::new();
@@ -197,7 +197,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         }
     }
 
-    fn site_holds(&self, pa: u64, bytes: &[u8; 5]) -> bool {
+    fn site_holds(&self, pa: GuestPhysAddr, bytes: &[u8; 5]) -> bool {
         let mut now = [0u8; 5];
         self.m.read_phys(pa, &mut now).is_ok() && now == *bytes
     }
@@ -272,7 +272,8 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                     continue;
                 }
                 let mut now = [0u8; 5];
-                self.m.read_phys(s.site_pa, &mut now)?;
+                // A record: its address is a bare number.
+                self.m.read_phys(GuestPhysAddr(s.site_pa), &mut now)?;
                 if now != s.written {
                     out.push((b.id.clone(), s.function.clone(), now.to_vec()));
                 }

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 
 use lucos_introspect::paging::{read_virt_u64, PagingError};
-use lucos_introspect::PhysMem;
+use lucos_introspect::{GuestVirtAddr, PhysMem};
 
 use super::image::{JumpKey, JumpSite};
 use super::layout::KmodLayout;
@@ -82,7 +82,8 @@ impl<P: PhysMem + ?Sized> NodeMem for Overlay<'_, P> {
         if let Some(v) = self.pending.get(&va) {
             return Ok(*v);
         }
-        read_virt_u64(self.mem, self.cr3, va).map_err(|source| RegisterError::Read { va, source })
+        read_virt_u64(self.mem, self.cr3, GuestVirtAddr(va))
+            .map_err(|source| RegisterError::Read { va, source })
     }
     fn set(&mut self, va: u64, value: u64) -> Result<(), RegisterError> {
         if self.pending.insert(va, value).is_none() {
@@ -107,7 +108,7 @@ impl<'a, P: PhysMem + ?Sized> Overlay<'a, P> {
         let mut out = Vec::new();
         for va in std::mem::take(&mut self.order) {
             let value = self.pending[&va];
-            let now = read_virt_u64(self.mem, self.cr3, va)
+            let now = read_virt_u64(self.mem, self.cr3, GuestVirtAddr(va))
                 .map_err(|source| RegisterError::Read { va, source })?;
             if now != value {
                 out.push(WordWrite { va, value });
