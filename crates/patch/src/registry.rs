@@ -478,22 +478,7 @@ mod tests {
     fn prune_keeps_applied_and_recent_reverted() {
         let layout = PatchMemLayout::new(8 << 20).unwrap();
         let mut reg = Registry::empty(&layout);
-        let rec = |id: String, state| BundleRecord {
-            id,
-            description: String::new(),
-            sha256: String::new(),
-            state,
-            applied_unix_ms: 0,
-            reverted_unix_ms: None,
-            sites: vec![],
-            ranges: vec![],
-            apply_pause_us: 0,
-            revert_pause_us: None,
-            module: None,
-            rewrites: Vec::new(),
-            half_applied: false,
-            reclaimed: false,
-        };
+        let rec = |id: String, state| BundleRecord::empty(&id, state);
         reg.bundles.push(rec("base".into(), BundleState::Applied));
         for i in 0..KEEP_REVERTED + 5 {
             reg.bundles
