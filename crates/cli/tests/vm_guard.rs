@@ -35,11 +35,7 @@ fn switch_syscalls(trace: &str) -> Vec<(String, usize)> {
     let mut out = Vec::new();
     let mut start = None;
     for line in trace.lines() {
-        let Some(name) = line
-            .split('(')
-            .next()
-            .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
-        else {
+        let Some(name) = syscall_name(line) else {
             continue;
         };
         let k = counts.entry(name.to_owned()).or_default();
@@ -56,6 +52,35 @@ fn switch_syscalls(trace: &str) -> Vec<(String, usize)> {
         }
     }
     out
+}
+
+/// The syscall a line of an strace log (without -f) shows, if it shows one.
+fn syscall_name(line: &str) -> Option<&str> {
+    line.split('(')
+        .next()
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+}
+
+/// The syscalls strictly inside the last pause of a traced run (the switch's): after the
+/// QMP `stop` was sent, before the `cont` is, each as in [`switch_syscalls`].
+fn pause_syscalls(trace: &str) -> Vec<(String, usize)> {
+    let mut counts = std::collections::HashMap::<String, usize>::new();
+    let (mut pauses, mut inside) = (Vec::new(), None::<Vec<(String, usize)>>);
+    for line in trace.lines() {
+        let Some(name) = syscall_name(line) else {
+            continue;
+        };
+        let k = counts.entry(name.to_owned()).or_default();
+        *k += 1;
+        if line.contains(r#"execute\":\"cont"#) {
+            pauses.extend(inside.take());
+        } else if let Some(calls) = &mut inside {
+            calls.push((name.to_owned(), *k));
+        } else if line.contains(r#"execute\":\"stop"#) {
+            inside = Some(Vec::new());
+        }
+    }
+    pauses.pop().unwrap_or_default()
 }
 
 /// Waits for the guest to answer on its console; returns how long that took.
@@ -207,8 +232,9 @@ fn stop_halfway(
     );
     assert!(traced.status.success(), "{}", text(&traced));
     repair(vm, id, booted);
-    let sys = switch_syscalls(&std::fs::read_to_string(&trace_file).unwrap());
-    // Halfway through the switch: after the stop, before the cont.
+    let sys = pause_syscalls(&std::fs::read_to_string(&trace_file).unwrap());
+    // Halfway through the pause: after the stop, before the cont (a stop after the cont
+    // would leave nothing for the guard to undo).
     let (name, k) = &sys[sys.len() / 2];
     let inject = format!("inject={name}:signal=SIGSTOP:when={k}");
     let log = std::env::temp_dir().join(format!("lucos-stuck-{}.inject", std::process::id()));
