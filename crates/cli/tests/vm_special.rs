@@ -260,11 +260,9 @@ fn live_return(s: &Shared, va: u64) -> Result<[u8; 5], u64> {
         &mut b,
     )
     .unwrap();
-    if b[0] == 0xe9 {
-        let d = i32::from_le_bytes(b[1..5].try_into().unwrap());
-        Err((va + 5).wrapping_add(d as i64 as u64))
-    } else {
-        Ok(b)
+    match lucos_patch::jmp_target(va, &b) {
+        Some(target) => Err(target),
+        None => Ok(b),
     }
 }
 

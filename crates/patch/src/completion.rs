@@ -110,7 +110,7 @@ pub fn replaced_code(
     reg: &Registry,
     ctx: (&KernelSymbols, &KernelLayout, &[LoadedModule]),
     site: (&str, u64, u64, Option<&ModuleSite>),
-    original: &[u8],
+    original: &[u8; 5],
 ) -> Vec<CodeRange> {
     let (syms, layout, modules) = ctx;
     let (name, func_addr, site_addr, module) = site;
@@ -125,9 +125,7 @@ pub fn replaced_code(
             what: name.to_owned(),
         });
     }
-    if let [0xe9, rel @ ..] = original {
-        let rel = i32::from_le_bytes(rel.try_into().unwrap_or([0; 4]));
-        let target = (site_addr + 5).wrapping_add(rel as i64 as u64);
+    if let Some(target) = crate::jmp_target(site_addr, original) {
         if let Some(prev) = reg.bundles.iter().find(|b| {
             b.ranges
                 .iter()

@@ -51,5 +51,5 @@ pub use reloc::reloc_name;
 pub use returns::{apply_returns, return_sites, ReturnMode};
 pub use sections::refused_by_name as section_refusal;
 pub use signing::{SignatureError, Signer};
-pub use site::{check_fentry_site, jmp_rel32, SiteError, SiteKind, ENDBR64, NOP5};
+pub use site::{check_fentry_site, jmp_rel32, jmp_target, SiteError, SiteKind, ENDBR64, NOP5};
 pub use trust::{KeyError, TrustStore};

@@ -13,14 +13,13 @@
 
 use crate::elf::SymPlace;
 use crate::link::{LinkError, Plan};
+use crate::site::{jmp_rel32, jmp_target, PATCHED_RETURN};
 use crate::{Bundle, CpuFeatures, RegionKind};
 
 /// The symbol compiled returns jump to.
 pub const RETURN_THUNK: &str = "__x86_return_thunk";
 
 const JMP32: u8 = 0xe9;
-const RET: u8 = 0xc3;
-const INT3: u8 = 0xcc;
 
 /// What a return site becomes on the live CPU (`cpu_wants_rethunk_at()`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,17 +47,11 @@ impl ReturnMode {
         }
     }
 
-    fn bytes(self, site: u64) -> [u8; 5] {
-        let jmp = |to: u64| {
-            let d = to.wrapping_sub(site + 5) as i64 as i32;
-            let mut b = [JMP32, 0, 0, 0, 0];
-            b[1..].copy_from_slice(&d.to_le_bytes());
-            b
-        };
+    fn bytes(self, site: u64) -> Result<[u8; 5], LinkError> {
         match self {
-            ReturnMode::Thunk(t) => jmp(t),
-            ReturnMode::Its(t) if site & 0x20 == 0 => jmp(t),
-            ReturnMode::Ret | ReturnMode::Its(_) => [RET, INT3, INT3, INT3, INT3],
+            ReturnMode::Thunk(t) => jmp_rel32(site, t),
+            ReturnMode::Its(t) if site & 0x20 == 0 => jmp_rel32(site, t),
+            ReturnMode::Ret | ReturnMode::Its(_) => Ok(PATCHED_RETURN),
         }
     }
 }
@@ -74,22 +67,21 @@ pub fn apply_returns(
     thunk: u64,
     mode: ReturnMode,
 ) -> Result<usize, LinkError> {
-    // Check every site before writing any, so a refusal leaves the code as linked.
+    // Check and encode every site before writing any, so a refusal leaves the code as linked.
+    let mut new = Vec::with_capacity(sites.len());
     for &off in sites {
         let at = off as usize;
         let site = text_base + off;
         let Some(b) = text.get(at..at + 5) else {
             return Err(not_a_site(off, "past the end of the bundle's code"));
         };
-        let disp = i32::from_le_bytes(b[1..5].try_into().expect("4 bytes"));
-        let target = (site + 5).wrapping_add(disp as i64 as u64);
-        if b[0] != JMP32 || target != thunk {
+        if jmp_target(site, b.try_into().expect("5 bytes")) != Some(thunk) {
             return Err(not_a_site(off, "not a `jmp __x86_return_thunk`"));
         }
+        new.push((at, mode.bytes(site)?));
     }
-    for &off in sites {
-        let at = off as usize;
-        text[at..at + 5].copy_from_slice(&mode.bytes(text_base + off));
+    for (at, bytes) in new {
+        text[at..at + 5].copy_from_slice(&bytes);
     }
     Ok(sites.len())
 }
@@ -163,8 +155,11 @@ mod tests {
     }
 
     fn target(t: &[u8], off: u64) -> u64 {
-        let d = i32::from_le_bytes(t[off as usize + 1..off as usize + 5].try_into().unwrap());
-        (BASE + off + 5).wrapping_add(d as i64 as u64)
+        jmp_target(
+            BASE + off,
+            t[off as usize..off as usize + 5].try_into().unwrap(),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -202,7 +197,7 @@ mod tests {
             2
         );
         for off in [0x10, 0x20] {
-            assert_eq!(t[off..off + 5], [RET, INT3, INT3, INT3, INT3]);
+            assert_eq!(t[off..off + 5], PATCHED_RETURN);
         }
     }
 
@@ -221,7 +216,7 @@ mod tests {
         let mut t = code();
         apply_returns(&mut t, BASE, &[0x10, 0x20], THUNK, ReturnMode::Its(its)).unwrap();
         assert_eq!((t[0x10], target(&t, 0x10)), (JMP32, its));
-        assert_eq!(t[0x20..0x25], [RET, INT3, INT3, INT3, INT3]);
+        assert_eq!(t[0x20..0x25], PATCHED_RETURN);
     }
 
     #[test]

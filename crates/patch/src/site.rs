@@ -122,9 +122,17 @@ pub fn jmp_rel32(site_addr: u64, target: u64) -> Result<[u8; 5], LinkError> {
     Ok(out)
 }
 
+/// Where the `jmp rel32` in `bytes`, placed at `site_addr`, lands; `None` if it is not one.
+pub fn jmp_target(site_addr: u64, bytes: &[u8; 5]) -> Option<u64> {
+    let [0xe9, rel @ ..] = *bytes else {
+        return None;
+    };
+    Some((site_addr + 5).wrapping_add(i32::from_le_bytes(rel) as i64 as u64))
+}
+
 /// `ret; int3 x4`: what the kernel's `apply_returns()` writes over a `jmp
 /// __x86_return_thunk` when the CPU needs no return mitigation.
-const PATCHED_RETURN: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
+pub(crate) const PATCHED_RETURN: [u8; 5] = [0xc3, 0xcc, 0xcc, 0xcc, 0xcc];
 
 /// Makes each `jmp __x86_return_thunk` of `expected` read as the kernel patched it,
 /// where `live` holds that patched form: the build knows the compiled bytes, the kernel
@@ -142,9 +150,8 @@ pub fn as_patched_returns(
     while at < n {
         let end = (at + 5).min(n);
         if expected[at] == 0xe9 && live[at..end] == PATCHED_RETURN[..end - at] {
-            if let Some((insn, addr)) = compiled(at).filter(|(i, _)| i[0] == 0xe9) {
-                let rel = i32::from_le_bytes(insn[1..5].try_into().expect("4 bytes"));
-                if (addr + 5).wrapping_add(rel as i64 as u64) == thunk {
+            if let Some((insn, addr)) = compiled(at) {
+                if jmp_target(addr, &insn) == Some(thunk) {
                     expected[at..end].copy_from_slice(&PATCHED_RETURN[..end - at]);
                     at = end;
                     continue;
