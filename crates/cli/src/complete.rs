@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use lucos_introspect::stacks::{Scan, Scanner};
-use lucos_introspect::Machine;
 use lucos_patch::completion::{self, Completion, Holder, Phase};
 use lucos_patch::registry::{BundleState, Registry};
 use lucos_patch::{refs, ApplyReport, Bundle, Consistency, Retry, Session};
@@ -54,15 +53,10 @@ fn scan_paused(
         &lucos_introspect::KernelLayout,
     ),
     reg: &Registry,
-) -> Result<(Scan, Vec<u64>)> {
-    let scan = scanner
+) -> Result<Scan> {
+    scanner
         .scan_with(vm, a.0, a.1, &unlinked(reg))
-        .context("scanning the guest's stacks")?;
-    // Through the monitor, the way the scan itself reads each vCPU's registers.
-    let rips = (0..vm.vcpu_count())
-        .map(|i| vm.vcpu_regs(i).map(|r| r.rip))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((scan, rips))
+        .context("scanning the guest's stacks")
 }
 
 fn scanner(a: &mut Attached) -> Result<Scanner> {
@@ -73,8 +67,8 @@ fn scanner(a: &mut Attached) -> Result<Scanner> {
 pub fn completion(a: &mut Attached, reg: &Registry) -> Result<Vec<Completion>> {
     let s = scanner(a)?;
     let (syms, layout) = (&a.syms, &a.layout);
-    let (scan, rips) = with_pause(&mut a.vm, |vm| scan_paused(vm, &s, (syms, layout), reg))?;
-    Ok(completion::completion(reg, syms, layout, &scan, &rips))
+    let scan = with_pause(&mut a.vm, |vm| scan_paused(vm, &s, (syms, layout), reg))?;
+    Ok(completion::completion(reg, syms, layout, &scan))
 }
 
 pub fn describe(h: &Holder) -> String {
@@ -135,8 +129,8 @@ pub fn wait(args: WaitArgs) -> Result<()> {
     loop {
         scans += 1;
         let (syms, layout) = (&a.syms, &a.layout);
-        let (scan, rips) = with_pause(&mut a.vm, |vm| scan_paused(vm, &s, (syms, layout), &reg))?;
-        let c = completion::completion(&reg, syms, layout, &scan, &rips);
+        let scan = with_pause(&mut a.vm, |vm| scan_paused(vm, &s, (syms, layout), &reg))?;
+        let c = completion::completion(&reg, syms, layout, &scan);
         let mine = c.iter().rev().find(|c| c.id == args.bundle);
         let Some(mine) = mine else {
             println!("{}: complete (its memory was reclaimed)", esc(&args.bundle));
@@ -181,7 +175,7 @@ pub fn reclaim_bundles(a: &mut Attached, only: &[String]) -> Result<Vec<ReclaimO
     let (syms, layout) = (&a.syms, &a.layout);
     with_pause(&mut a.vm, |vm| {
         let reg = Session::new(&mut *vm, syms, layout.clone(), w.gpa, w.size)?.registry()?;
-        let (scan, rips) = scan_paused(vm, &s, (syms, layout), &reg)?;
+        let scan = scan_paused(vm, &s, (syms, layout), &reg)?;
         let mut sess = Session::new(vm, syms, layout.clone(), w.gpa, w.size)?;
         let percpu: Vec<u64> = scan.cpus.iter().map(|c| c.percpu_offset).collect();
         let areas = refs::data_areas(syms, layout, &percpu, &reg)?;
@@ -202,7 +196,7 @@ pub fn reclaim_bundles(a: &mut Attached, only: &[String]) -> Result<Vec<ReclaimO
         }
         let mut out = Vec::new();
         for b in cands {
-            let holders = completion::holders(&completion::patch_code(&b), &scan, &rips);
+            let holders = completion::holders(&completion::patch_code(&b), &scan, &scan.rips);
             let pointers = refs::pointers_into(sess.machine(), layout.cr3, &areas, &b)?;
             let freed = if holders.is_empty() && pointers.is_empty() {
                 Some(sess.reclaim(&b)?.bytes)
@@ -265,8 +259,7 @@ pub fn apply_consistent(
     let (syms, layout) = (&a.syms, &a.layout);
     let reg = Session::new(&mut a.vm, syms, layout.clone(), w.gpa, w.size)?.registry()?;
     let mut gate = move |vm: &mut lucos_backend::Vm, sites: &[lucos_patch::GateSite]| {
-        let (scan, rips) =
-            scan_paused(vm, &s, (syms, layout), &reg).map_err(|e| format!("{e:#}"))?;
+        let scan = scan_paused(vm, &s, (syms, layout), &reg).map_err(|e| format!("{e:#}"))?;
         let ranges: Vec<_> = sites
             .iter()
             .flat_map(|g| {
@@ -278,7 +271,7 @@ pub fn apply_consistent(
                 )
             })
             .collect();
-        let h = completion::holders(&ranges, &scan, &rips);
+        let h = completion::holders(&ranges, &scan, &scan.rips);
         Ok((!h.is_empty()).then(|| h.iter().map(describe).collect::<Vec<_>>().join("; ")))
     };
     let mut sess = Session::new(&mut a.vm, syms, layout.clone(), w.gpa, w.size)?;

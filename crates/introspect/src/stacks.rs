@@ -46,6 +46,9 @@ pub struct Scan {
     pub cpus: Vec<CpuTasks>,
     #[serde(skip)]
     pub modules: Vec<LoadedModule>,
+    /// Each vCPU's rip at the scan (read for the live tasks' unwinds anyway).
+    #[serde(skip)]
+    pub rips: Vec<u64>,
 }
 
 impl Scanner {
@@ -142,6 +145,7 @@ impl Scanner {
             tasks: out,
             cpus,
             modules: mods,
+            rips: regs.iter().map(|r| r.rip).collect(),
         })
     }
 }

@@ -218,12 +218,11 @@ pub fn completion(
     syms: &KernelSymbols,
     layout: &KernelLayout,
     scan: &Scan,
-    rips: &[u64],
 ) -> Vec<Completion> {
     watches(reg, syms, layout, &scan.modules)
         .into_iter()
         .map(|(id, phase, ranges)| {
-            let holders = holders(&ranges, scan, rips);
+            let holders = holders(&ranges, scan, &scan.rips);
             Completion {
                 id,
                 phase,
@@ -268,6 +267,7 @@ mod tests {
             tasks,
             cpus: Vec::new(),
             modules: Vec::new(),
+            rips: Vec::new(),
         }
     }
 
