@@ -194,12 +194,17 @@ pub fn reclaim_bundles(a: &mut Attached, only: &[String]) -> Result<Vec<ReclaimO
                 );
             }
         }
+        let mut found = refs::pointers_into(sess.machine(), layout.cr3, &areas, &cands)?;
         let mut out = Vec::new();
-        for b in cands {
-            let holders = completion::holders(&completion::patch_code(&b), &scan, &scan.rips);
-            let pointers = refs::pointers_into(sess.machine(), layout.cr3, &areas, &b)?;
+        for (i, b) in cands.iter().enumerate() {
+            let holders = completion::holders(&completion::patch_code(b), &scan, &scan.rips);
+            let pointers = std::mem::take(&mut found[i]);
             let freed = if holders.is_empty() && pointers.is_empty() {
-                Some(sess.reclaim(&b)?.bytes)
+                // Its data no longer holds pointers the kernel can follow (it is unmapped).
+                for later in &mut found[i + 1..] {
+                    later.retain(|p| !b.ranges.iter().any(|r| r.contains(p.at)));
+                }
+                Some(sess.reclaim(b)?.bytes)
             } else {
                 None
             };

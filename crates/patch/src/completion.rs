@@ -126,11 +126,11 @@ pub fn replaced_code(
         });
     }
     if let Some(target) = crate::jmp_target(site_addr, original) {
-        if let Some(prev) = reg.bundles.iter().find(|b| {
-            b.ranges
-                .iter()
-                .any(|r| target >= r.va && target < r.va + r.len)
-        }) {
+        if let Some(prev) = reg
+            .bundles
+            .iter()
+            .find(|b| b.ranges.iter().any(|r| r.contains(target)))
+        {
             out.extend(patch_code(prev));
         }
     }

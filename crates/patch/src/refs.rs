@@ -69,21 +69,25 @@ pub fn data_areas(
     Ok(out)
 }
 
-/// Words of `areas` whose value lies in one of `target`'s ranges; the target's own data
-/// does not count (its pointers to itself die with it).
+/// For each of `targets`, the words of `areas` whose value lies in its ranges, read in
+/// one pass over the areas (they are megabytes, and this runs inside a pause); a target's
+/// own data does not count for it (its pointers to itself die with it).
 pub fn pointers_into(
     mem: &(impl PhysMem + ?Sized),
     cr3: u64,
     areas: &[(u64, u64, String)],
-    target: &BundleRecord,
-) -> Result<Vec<Pointer>, RefsError> {
-    let inside = |v: u64| target.ranges.iter().any(|r| v >= r.va && v < r.va + r.len);
-    let own = |a: u64| target.ranges.iter().any(|r| a >= r.va && a < r.va + r.len);
-    let mut out = Vec::new();
+    targets: &[BundleRecord],
+) -> Result<Vec<Vec<Pointer>>, RefsError> {
+    let owns = |t: &BundleRecord, a: u64| t.ranges.iter().any(|r| r.contains(a));
+    let mut out = vec![Vec::new(); targets.len()];
     let mut buf = Vec::new();
     for (start, end, place) in areas {
         let start = start.next_multiple_of(8);
-        if *end <= start || own(start) {
+        // The targets this area may point into: not the ones it belongs to.
+        let wanted: Vec<usize> = (0..targets.len())
+            .filter(|&t| !owns(&targets[t], start))
+            .collect();
+        if *end <= start || wanted.is_empty() {
             continue;
         }
         // Page by page: a page the kernel does not map (a reclaimed bundle's data) holds
@@ -95,8 +99,8 @@ pub fn pointers_into(
             if paging::read_virt(mem, cr3, GuestVirtAddr(page), &mut buf).is_ok() {
                 for (i, w) in buf.chunks_exact(8).enumerate() {
                     let v = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-                    if inside(v) {
-                        out.push(Pointer {
+                    for &t in wanted.iter().filter(|&&t| owns(&targets[t], v)) {
+                        out[t].push(Pointer {
                             at: page + 8 * i as u64,
                             value: v,
                             place: place.clone(),

@@ -86,6 +86,13 @@ pub struct RangeRecord {
     pub kind: RegionKind,
 }
 
+impl RangeRecord {
+    /// Whether live address `va` lies in this range.
+    pub fn contains(&self, va: u64) -> bool {
+        va >= self.va && va < self.va + self.len
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BundleState {
