@@ -21,13 +21,14 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             .sections
             .iter()
             .any(|s| s.name == ".altinstructions");
-        if sites.is_empty() && !alts && returns::indirect_thunk_refs(bundle) == 0 {
+        let indirect = returns::indirect_thunk_refs(bundle);
+        if sites.is_empty() && !alts && indirect == 0 {
             return Ok(());
         }
         let cpu = CpuFeatures {
             words: lucos_introspect::modules::cpu_feature_words(&*self.m, self.syms, &self.layout)?,
         };
-        returns::check_indirect_thunks(&cpu, returns::indirect_thunk_refs(bundle))?;
+        returns::check_indirect_thunks(&cpu, indirect)?;
         if let Some(&thunk) = linked.resolved.get(returns::RETURN_THUNK) {
             if !sites.is_empty() {
                 let mode = self.return_mode(&cpu)?;
