@@ -77,6 +77,9 @@ struct Site {
     site_pa: GuestPhysAddr,
     current: [u8; 5],
     module: Option<ModuleSite>,
+    /// The site is a function's entry whose 5 bytes are not one instruction: no vCPU and
+    /// no stack frame may be inside them at the switch (see [`crate::entry`]).
+    window: bool,
 }
 
 /// A failed switch, and whether every site and kernel word is back to its old bytes (only
@@ -358,6 +361,11 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         }
         let modules = self.modules_for(man)?;
         let sites = self.targets(&reg, man, &modules)?;
+        if let (None, Some(s)) = (&self.gate, sites.iter().find(|s| s.window)) {
+            return Err(EngineError::EntryNeedsStackCheck {
+                function: s.function.clone(),
+            });
+        }
 
         let plan = plan(bundle)?;
         let kmods = self.kernel_modules(bundle)?;
@@ -506,6 +514,8 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 site_pa: GuestPhysAddr(s.site_pa),
                 current: s.written,
                 module: s.module.clone(),
+                // The site holds this bundle's jmp: one instruction.
+                window: false,
             })
             .collect();
         let originals = live.iter().map(|s| s.original);

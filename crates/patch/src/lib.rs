@@ -14,6 +14,7 @@ mod bundle;
 pub mod completion;
 pub mod elf;
 pub mod engine;
+pub mod entry;
 pub mod kmod;
 mod layout;
 mod link;

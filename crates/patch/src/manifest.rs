@@ -124,7 +124,13 @@ pub struct Replacement {
     /// Offset of the 5-byte fentry NOP in `old`: 0, or 4 after `endbr64`.
     #[serde(default)]
     pub site_offset: u32,
-    /// First bytes of `old` as they are in the live kernel at KASLR slide 0 (site as NOP5).
+    /// `old` has no fentry NOP: the `jmp` goes over its first instructions (after
+    /// `endbr64`), which `expect` then covers whole. See [`crate::entry`] for when that is
+    /// safe; the engine checks it again against vmlinux and the stopped guest's stacks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_fentry: bool,
+    /// First bytes of `old` as they are in the live kernel at KASLR slide 0 (site as NOP5,
+    /// unless `no_fentry`).
     #[serde(with = "hex_bytes")]
     pub expect: Vec<u8>,
     /// Absolute-address fields inside `expect` that move with the KASLR slide.
@@ -449,7 +455,14 @@ impl Manifest {
                 "does not start with endbr64 (f3 0f 1e fa) although site_offset is 4",
             ));
         }
-        if r.expect[site..site + 5] != NOP5 {
+        if r.module.is_some() && r.no_fentry {
+            return Err(invalid(
+                f("no_fentry"),
+                "is set for a module function; only vmlinux functions can be redirected \
+                 without an fentry site (their first bytes are checked against vmlinux)",
+            ));
+        }
+        if !r.no_fentry && r.expect[site..site + 5] != NOP5 {
             return Err(invalid(
                 f("expect"),
                 format!(
@@ -477,7 +490,7 @@ impl Manifest {
                     format!("bytes {start}..{end} run past the {n} expected bytes"),
                 ));
             }
-            if start < site + 5 && end > site {
+            if !r.no_fentry && start < site + 5 && end > site {
                 return Err(invalid(name, "overlaps the fentry site"));
             }
             if covered[start..end].iter().any(|&c| c) {

@@ -251,6 +251,13 @@ impl Registry {
             .last()
     }
 
+    /// What `site_addr` held before any applied bundle: the first one's original bytes.
+    pub fn base_of_site(&self, site_addr: u64) -> Option<[u8; 5]> {
+        self.applied()
+            .find_map(|b| b.sites.iter().find(|s| s.site_addr == site_addr))
+            .map(|s| s.original)
+    }
+
     /// Takes `need` bytes: the lowest reclaimed range that fits (then `true`: the pages held
     /// code before and must be written coherently), else fresh memory at `next_free`.
     /// `None` when neither has room.

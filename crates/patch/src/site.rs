@@ -100,6 +100,13 @@ pub fn check_fentry_site(bytes: &[u8], ip: u64) -> Result<SiteKind, SiteError> {
     })
 }
 
+/// True when `bytes` decode as exactly one 5-byte instruction: no instruction boundary
+/// lies inside them, so no vCPU or stack frame can be in their middle.
+pub(crate) fn is_one_instruction(bytes: &[u8; 5]) -> bool {
+    let insn = decode_one(bytes, 0);
+    !insn.is_invalid() && insn.len() == 5
+}
+
 /// True when `bytes` (at least 5) decode as exactly one `call rel32`.
 pub(crate) fn is_call_rel32(bytes: &[u8]) -> bool {
     if bytes.len() < 5 {

@@ -5,11 +5,11 @@
 mod common;
 
 use common::fake::GPA;
-use common::kernel::{FakeKernel, OLD_CODE, OPS};
+use common::kernel::{FakeKernel, ENTRY_CODE, OLD_CODE, OPS};
 use lucos_introspect::fake::{Call, Failing, FakeMachine};
 use lucos_introspect::{GuestPhysAddr, PhysMem};
 use lucos_patch::registry::{BundleState, Registry};
-use lucos_patch::{Bundle, EngineError, NOP5};
+use lucos_patch::{Bundle, EngineError, GateSite, Retry, NOP5};
 
 fn registry(k: &FakeKernel, m: &mut FakeMachine) -> Registry {
     k.session(m).unwrap().registry().unwrap()
@@ -160,23 +160,97 @@ fn a_failed_pause_leaves_the_guest_unchanged_and_running() {
     assert!(m.paused && m.mem == k.fresh.mem);
 }
 
+/// Applies `b` with a stack-check gate that answers `busy` (a holder's description) or
+/// clean, and records the sites it was shown.
+fn apply_gated(
+    k: &FakeKernel,
+    m: &mut FakeMachine,
+    b: &Bundle,
+    faults: impl FnOnce(Failing<'_, FakeMachine>) -> Failing<'_, FakeMachine>,
+    busy: Option<&str>,
+    seen: &mut Vec<(String, bool)>,
+) -> Result<(), EngineError> {
+    let mut f = faults(Failing::new(m));
+    let mut gate = |_: &mut Failing<'_, FakeMachine>, sites: &[GateSite]| {
+        seen.extend(sites.iter().map(|g| (g.function.clone(), g.window)));
+        Ok(busy.map(str::to_owned))
+    };
+    let mut sess = k.session(&mut f)?;
+    let retry = Retry {
+        tries: 2,
+        backoff: std::time::Duration::from_millis(1),
+    };
+    sess.set_gate(&mut gate, retry);
+    sess.apply(b).map(|_| ())
+}
+
 #[test]
 fn a_failed_check_in_the_pause_leaves_the_guest_unchanged_and_running() {
     let k = FakeKernel::new();
-    let b = two(&k);
+    let entry = k.bundle("entry", &["lucos_f1", "lucos_f4"], false);
+    let mut seen = Vec::new();
     let mut m = k.fresh.clone();
-    let err = apply_with(&k, &mut m, &b, |f| f.fail(Call::Registers, 1)).unwrap_err();
+    let err = apply_gated(
+        &k,
+        &mut m,
+        &entry,
+        |f| f.fail(Call::Registers, 1),
+        None,
+        &mut seen,
+    )
+    .unwrap_err();
     assert!(matches!(err, EngineError::Machine(_)), "{err}");
     assert_unchanged(&k, &m, "reading a vCPU's rip failed");
     let mut m = k.fresh.clone();
-    m.regs[0].rip = k.syms.lookup("old_lucos_f2").unwrap().addr + 2;
-    let before = m.clone();
-    let err = apply_with(&k, &mut m, &b, |f| f).unwrap_err();
+    m.regs[0].rip = k.syms.lookup("old_lucos_f4").unwrap().addr + 1;
+    let err = apply_gated(&k, &mut m, &entry, |f| f, None, &mut seen).unwrap_err();
     assert!(
         matches!(err, EngineError::RipInSite { vcpu: 0, .. }),
         "{err}"
     );
-    assert!(m.mem == before.mem && !m.paused);
+    assert_unchanged(&k, &m, "a vCPU inside an entry window");
+    // Fentry sites hold one instruction, so no rip can be inside one: they are not read.
+    let mut m = k.fresh.clone();
+    m.regs[0].rip = k.syms.lookup("old_lucos_f2").unwrap().addr + 2;
+    apply_with(&k, &mut m, &two(&k), |f| f.fail(Call::Registers, 1)).unwrap();
+}
+
+#[test]
+fn an_entry_site_is_switched_only_after_a_stack_check() {
+    let k = FakeKernel::new();
+    let entry = k.bundle("entry", &["lucos_f1", "lucos_f4"], false);
+    let f4 = k.pa("old_lucos_f4");
+    // Without a gate nothing is even staged.
+    let mut m = k.fresh.clone();
+    let err = apply_with(&k, &mut m, &entry, |f| f).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::EntryNeedsStackCheck { function } if function == "old_lucos_f4"),
+        "{err}"
+    );
+    assert_unchanged(&k, &m, "no stack check");
+    assert!(m.writes.is_empty());
+    // A task in the window at every try: refused, unchanged; only f4 is a window.
+    let (mut m, mut seen) = (k.fresh.clone(), Vec::new());
+    let err = apply_gated(&k, &mut m, &entry, |f| f, Some("pid 7"), &mut seen).unwrap_err();
+    assert!(
+        matches!(&err, EngineError::NotQuiescent { tries: 2, holders, .. } if holders == "pid 7"),
+        "{err}"
+    );
+    assert_unchanged(&k, &m, "a task in an entry window");
+    let windows: Vec<bool> = seen.iter().map(|s| s.1).collect();
+    assert_eq!(windows, [false, true, false, true]);
+    // Clean: the entry takes the jmp, and revert puts its own instructions back.
+    let (mut m, mut seen) = (k.fresh.clone(), Vec::new());
+    apply_gated(&k, &mut m, &entry, |f| f, None, &mut seen).unwrap();
+    assert_eq!(site(&m, f4)[0], 0xe9);
+    assert_eq!(
+        registry(&k, &mut m).bundles[0].sites[1].original,
+        ENTRY_CODE[..5]
+    );
+    revert_with(&k, &mut m, "entry", |f| f).unwrap();
+    let mut back = [0u8; 6];
+    m.read_phys(GuestPhysAddr(f4), &mut back).unwrap();
+    assert_eq!(back, ENTRY_CODE);
 }
 
 /// The defect this guards against: a site that cannot be put back while its record was

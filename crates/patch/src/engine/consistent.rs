@@ -19,6 +19,9 @@ pub struct GateSite {
     /// What the site holds now (an earlier bundle's `jmp`, or the function's entry).
     pub current: [u8; 5],
     pub module: Option<ModuleSite>,
+    /// The site is an entry whose 5 bytes span several instructions: no frame may be in
+    /// `site_addr + 1 .. site_addr + 5`, whether or not the switch is consistent.
+    pub window: bool,
 }
 
 /// Decides, with the guest paused, whether the switch may happen now: `Ok(None)` when no
@@ -77,6 +80,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 site_addr: s.site_addr,
                 current: s.current,
                 module: s.module.clone(),
+                window: s.window,
             })
             .collect();
         let mut stats = Consistency::default();

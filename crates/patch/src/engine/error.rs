@@ -130,7 +130,7 @@ pub enum EngineError {
     Machine(#[from] MachineError),
     #[error("cannot reclaim '{id}': {why}")]
     NotReclaimable { id: String, why: String },
-    #[error("consistent switch gave up after {tries} pauses ({paused_us} us paused in all): at every one, a task had a replaced function on its stack ({holders}); the guest was left unchanged. Retry when it is idle, or give more --tries")]
+    #[error("consistent switch gave up after {tries} pauses ({paused_us} us paused in all): at every one, a task was in code the switch must not change under it ({holders}): a replaced function, with --consistent, or the first bytes of a function redirected at its entry; the guest was left unchanged. Retry when it is idle, or give more --tries")]
     NotQuiescent {
         tries: u32,
         paused_us: u64,
@@ -138,4 +138,19 @@ pub enum EngineError {
     },
     #[error("checking the stacks inside the pause: {0}; the guest was left unchanged")]
     Gate(String),
+    #[error("`{function}` has no fentry site, and its entry cannot take a jmp in the running kernel: {source}")]
+    Entry {
+        function: String,
+        #[source]
+        source: crate::entry::EntryError,
+    },
+    #[error("`{function}` has no fentry site; the bundle expects a jmp over its first {manifest} bytes (site at +{site}), but vmlinux's instructions there end at +{vmlinux}. The bundle was built for another kernel or by a broken tool; rebuild it")]
+    EntryMismatch {
+        function: String,
+        site: u32,
+        manifest: usize,
+        vmlinux: u32,
+    },
+    #[error("`{function}` is redirected at its entry (it has no fentry site), so the switch needs every stack checked inside the pause, and this caller set no check up (Session::set_gate); apply it with `lucos apply`")]
+    EntryNeedsStackCheck { function: String },
 }

@@ -46,23 +46,39 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         )?;
         let so = rep.site_offset as usize;
         let current: [u8; 5] = live[so..so + 5].try_into().expect("expect covers the site");
-        let kind = check_fentry_site(&current, site_addr).map_err(|source| EngineError::Site {
-            function: function.clone(),
-            source,
-        })?;
+        let ours = |s: &crate::registry::SiteRecord| s.written == current;
         let mut cmp = live.clone();
-        if let SiteKind::Jmp { target } = kind {
-            match reg.top_of_site(site_addr) {
-                Some((_, s)) if s.written == current => cmp[so..so + 5].copy_from_slice(&NOP5),
-                _ => {
-                    return Err(EngineError::ForeignRedirect {
-                        function,
-                        site: site_addr,
-                        target,
-                    })
+        let window = if rep.no_fentry {
+            self.check_entry(rep, &function, func_addr)?;
+            // An earlier bundle's jmp stands in for the entry bytes; anything else must be
+            // the function's own first instructions, compared below.
+            match (reg.top_of_site(site_addr), reg.base_of_site(site_addr)) {
+                (Some((_, s)), Some(base)) if ours(s) => {
+                    cmp[so..so + 5].copy_from_slice(&base);
+                    false
+                }
+                _ => !crate::site::is_one_instruction(&current),
+            }
+        } else {
+            let kind =
+                check_fentry_site(&current, site_addr).map_err(|source| EngineError::Site {
+                    function: function.clone(),
+                    source,
+                })?;
+            if let SiteKind::Jmp { target } = kind {
+                match reg.top_of_site(site_addr) {
+                    Some((_, s)) if ours(s) => cmp[so..so + 5].copy_from_slice(&NOP5),
+                    _ => {
+                        return Err(EngineError::ForeignRedirect {
+                            function,
+                            site: site_addr,
+                            target,
+                        })
+                    }
                 }
             }
-        }
+            false
+        };
         let mut expected = rep.expected_bytes(self.layout.slide as u64);
         if let (Ok(thunk), None) = (self.syms.lookup("__x86_return_thunk"), &rep.module) {
             // Compared at link addresses, from vmlinux's own bytes.
@@ -89,7 +105,41 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             site_pa,
             current,
             module,
+            window,
         })
+    }
+
+    /// Checks again, against vmlinux, that `rep`'s function may take a jmp at its entry,
+    /// and that the bundle expects exactly the instructions that jmp overlaps.
+    fn check_entry(
+        &self,
+        rep: &Replacement,
+        function: &str,
+        func_addr: u64,
+    ) -> Result<(), EngineError> {
+        let link = func_addr.wrapping_sub(self.layout.slide as u64);
+        let size = self
+            .syms
+            .symbols()
+            .iter()
+            .find(|s| s.addr == link && s.kind == SymbolKind::Func && s.size > 0)
+            .map_or(0, |s| s.size);
+        let w =
+            crate::entry::window_in_vmlinux(self.syms, &rep.old, link, size).map_err(|source| {
+                EngineError::Entry {
+                    function: function.to_owned(),
+                    source,
+                }
+            })?;
+        if w.site_offset != rep.site_offset || w.end as usize > rep.expect.len() {
+            return Err(EngineError::EntryMismatch {
+                function: function.to_owned(),
+                site: rep.site_offset,
+                manifest: rep.expect.len(),
+                vmlinux: w.end,
+            });
+        }
+        Ok(())
     }
 
     /// The bundle's sites in the running kernel, each checked patchable: the refusals

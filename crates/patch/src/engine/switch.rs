@@ -228,12 +228,17 @@ impl<M: Machine + ?Sized> Session<'_, M> {
     /// With the VM paused: no vCPU may be inside a site, and each site must
     /// still hold the bytes inspected before staging, or already the new
     /// bytes (after a crashed attempt; reported as `true`).
+    ///
+    /// Only window sites (an entry's several instructions) are checked against the rips:
+    /// a site that holds one 5-byte instruction has no boundary inside it, and skipping the
+    /// register reads takes two gdbstub round trips per vCPU out of the pause.
     fn check_paused(&mut self, sites: &[(&Site, [u8; 5])]) -> Result<Vec<bool>, EngineError> {
-        for vcpu in 0..self.m.vcpu_count() {
+        let windows = sites.iter().any(|(s, _)| s.window);
+        for vcpu in (0..self.m.vcpu_count()).filter(|_| windows) {
             let rip = self.m.vcpu_rip(vcpu)?;
             if let Some((s, _)) = sites
                 .iter()
-                .find(|(s, _)| rip > s.site_addr && rip < s.site_addr + 5)
+                .find(|(s, _)| s.window && rip > s.site_addr && rip < s.site_addr + 5)
             {
                 return Err(EngineError::RipInSite {
                     vcpu,

@@ -1,5 +1,6 @@
 //! A fake kernel that bundles really apply to: a linked image (with a build id) of three
-//! functions starting with an fentry NOP5, a read-only ops table and `page_offset_base`,
+//! functions starting with an fentry NOP5, one without (`old_lucos_f4`, redirected at its
+//! entry), a read-only ops table and `page_offset_base`,
 //! mapped like Linux maps its image, in a running [`FakeMachine`] with empty patch memory.
 
 use std::process::Command;
@@ -16,6 +17,9 @@ const KERNEL_MAP: u64 = 0xffff_ffff_8000_0000;
 pub const POB: u64 = 0xffff_8880_0000_0000;
 /// Bytes of each old function: NOP5, push %rbp, pop %rbp, ret.
 pub const OLD_CODE: [u8; 8] = [0x0f, 0x1f, 0x44, 0x00, 0x00, 0x55, 0x5d, 0xc3];
+/// `old_lucos_f4`, which has no fentry site: push %rbp; mov %rsp,%rbp; pop %rbp; ret. The
+/// entry jmp overwrites three instructions.
+pub const ENTRY_CODE: [u8; 6] = [0x55, 0x48, 0x89, 0xe5, 0x5d, 0xc3];
 pub const OPS: [u8; 16] = [0x11, 0x11, 0, 0, 0, 0, 0, 0, 0x22, 0x22, 0, 0, 0, 0, 0, 0];
 
 const KERNEL_S: &str = r#"
@@ -33,6 +37,15 @@ old_lucos_f\n:
 	ret
 	.size old_lucos_f\n, .-old_lucos_f\n
 	.endr
+	.balign 16
+	.globl old_lucos_f4
+	.type old_lucos_f4,@function
+old_lucos_f4:
+	push %rbp
+	mov %rsp,%rbp
+	pop %rbp
+	ret
+	.size old_lucos_f4, .-old_lucos_f4
 	.globl _etext
 _etext:
 	.section .rodata
@@ -57,6 +70,7 @@ _end:
 const BUNDLE_C: &str = "int lucos_f1(int x) { return x + 1; }\n\
 int lucos_f2(int x) { return x + 2; }\n\
 int lucos_f3(int x) { return x + 3; }\n\
+int lucos_f4(int x) { return x + 4; }\n\
 const long lucos_ops[2] = { 0x3333, 0x4444 };\n";
 
 pub struct FakeKernel {
@@ -110,6 +124,7 @@ impl FakeKernel {
         for n in 1..=3 {
             mem.write(addr(&format!("old_lucos_f{n}")) - KERNEL_MAP, &OLD_CODE);
         }
+        mem.write(addr("old_lucos_f4") - KERNEL_MAP, &ENTRY_CODE);
         mem.write(addr("ops_table") - KERNEL_MAP, &OPS);
         mem.write_u64(addr("page_offset_base") - KERNEL_MAP, POB);
         // The direct map already covers patch memory's first 2 MiB.
@@ -156,6 +171,10 @@ impl FakeKernel {
         let mut man = super::manifest(news);
         man.id = id.into();
         man.target.build_id = self.syms.build_id_hex().unwrap();
+        for r in man.replacements.iter_mut().filter(|r| r.new == "lucos_f4") {
+            r.no_fentry = true;
+            r.expect = ENTRY_CODE.to_vec();
+        }
         if rewrite {
             man.rewrites.push(Rewrite {
                 old: "ops_table".into(),

@@ -78,6 +78,7 @@ pub fn manifest(news: &[&str]) -> Manifest {
                 module: None,
                 new: n.to_string(),
                 site_offset: 0,
+                no_fentry: false,
                 expect: expect.clone(),
                 expect_abs: vec![],
             })
