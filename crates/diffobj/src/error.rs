@@ -62,6 +62,18 @@ pub enum BuildError {
     NoFentry,
     #[error("`{spec}` has no __fentry__ site (notrace or inlined); lucos cannot redirect it")]
     NoFentrySite { spec: String },
+    #[error("`{spec}` has no __fentry__ site, and its entry cannot take a jmp: {source}")]
+    EntryUnsafe {
+        spec: String,
+        #[source]
+        source: lucos_patch::entry::EntryError,
+    },
+    #[error(
+        "`{spec}` has no __fentry__ site, and the first bytes its entry jmp would overwrite \
+         hold a relocated field the manifest cannot expect (per-CPU, or cut by the {max}-byte \
+         window)"
+    )]
+    EntryNotExpectable { spec: String, max: usize },
     #[error(
         "`{spec}` calls __fentry__ at {site:#x} but ftrace did not record that site \
          (__mcount_loc), so the call is never turned into a NOP and lucos cannot redirect it; \

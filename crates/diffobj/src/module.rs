@@ -155,6 +155,7 @@ impl ModuleObject {
             module: Some(self.name.clone()),
             new: new.to_string(),
             site_offset: site as u32,
+            no_fentry: false,
             expect,
             expect_abs: Vec::new(),
         })

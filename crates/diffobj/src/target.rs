@@ -60,10 +60,17 @@ pub fn find_fentry_site(code: &[u8], addr: u64, fentry: u64) -> Option<u32> {
 /// and the KASLR-relocated fields around them (offsets from the function start; include
 /// those straddling the end of `code`).
 ///
-/// The site becomes the NOP5. `expect` is cut short before any field the manifest cannot
-/// express, so the engine never compares bytes that move with the slide: a field that
-/// straddles the end, or a per-CPU PC32 field (which moves *against* the slide).
-fn expectation(code: &[u8], site: usize, fields: &[RelocField]) -> (Vec<u8>, Vec<AbsField>) {
+/// At an fentry site the site becomes the NOP5. `expect` is cut short before any field the
+/// manifest cannot express, so the engine never compares bytes that move with the slide: a
+/// field that straddles the end, or a per-CPU PC32 field (which moves *against* the slide).
+/// An entry site (`entry_end`: the end of the instructions its `jmp` overlaps) keeps its
+/// own bytes, which must all be expected: `None` if a field cuts them.
+fn expectation(
+    code: &[u8],
+    site: usize,
+    fields: &[RelocField],
+    entry_end: Option<usize>,
+) -> Option<(Vec<u8>, Vec<AbsField>)> {
     let mut len = code.len().min(MAX_EXPECT);
     let mut fields: Vec<RelocField> = fields.to_vec();
     fields.sort_by_key(|f| f.offset);
@@ -73,9 +80,9 @@ fn expectation(code: &[u8], site: usize, fields: &[RelocField]) -> (Vec<u8>, Vec
         if start >= len {
             break;
         }
-        // Only endbr64 can precede the site and the site itself becomes the NOP5, so a
-        // field here cannot occur in real code; it would not matter for the site anyway.
-        if start < site + NOP5.len() {
+        // Only endbr64 can precede an fentry site and the site itself becomes the NOP5, so
+        // a field here cannot occur in real code; it would not matter for the site anyway.
+        if entry_end.is_none() && start < site + NOP5.len() {
             continue;
         }
         if f.kind == RelocKind::InversePc32 || end > len {
@@ -87,9 +94,14 @@ fn expectation(code: &[u8], site: usize, fields: &[RelocField]) -> (Vec<u8>, Vec
             width: f.width() as u8,
         });
     }
+    if entry_end.is_some_and(|e| e > len) {
+        return None;
+    }
     let mut expect = code[..len].to_vec();
-    expect[site..site + NOP5.len()].copy_from_slice(&NOP5);
-    (expect, abs)
+    if entry_end.is_none() {
+        expect[site..site + NOP5.len()].copy_from_slice(&NOP5);
+    }
+    Some((expect, abs))
 }
 
 /// Whether ftrace recorded `site` in vmlinux's `__mcount_loc` table (only recorded sites
@@ -144,18 +156,35 @@ pub fn replacement_for(
     };
     let n = (sym.size as usize).min(MAX_EXPECT);
     let code = syms.expected_bytes(sym.addr, n, 0)?;
-    let site = find_fentry_site(&code, sym.addr, fentry)
-        .ok_or_else(|| BuildError::NoFentrySite { spec: spec.clone() })?;
-    let site_addr = sym.addr + u64::from(site);
-    if mcount_recorded(syms, site_addr)? == Some(false) {
-        return Err(BuildError::SiteNotRecorded {
-            spec,
-            site: site_addr,
-        });
-    }
+    let (site, entry_end) = match find_fentry_site(&code, sym.addr, fentry) {
+        Some(site) => {
+            let site_addr = sym.addr + u64::from(site);
+            if mcount_recorded(syms, site_addr)? == Some(false) {
+                return Err(BuildError::SiteNotRecorded {
+                    spec,
+                    site: site_addr,
+                });
+            }
+            (site, None)
+        }
+        None => {
+            let w = lucos_patch::entry::window_in_vmlinux(syms, &sym.name, sym.addr, sym.size)
+                .map_err(|source| BuildError::EntryUnsafe {
+                    spec: spec.clone(),
+                    source,
+                })?;
+            debug!(old = %sym.qualified_name(), end = w.end, single = w.single, "no fentry site: redirecting at the entry");
+            (w.site_offset, Some(w.end as usize))
+        }
+    };
     // Fields reaching past `n` too, so a straddling one can cut `expect` short.
     let fields = syms.abs_reloc_offsets(sym.addr, n + 8)?;
-    let (expect, expect_abs) = expectation(&code, site as usize, &fields);
+    let (expect, expect_abs) = expectation(&code, site as usize, &fields, entry_end).ok_or(
+        BuildError::EntryNotExpectable {
+            spec: spec.clone(),
+            max: MAX_EXPECT,
+        },
+    )?;
 
     // A local is named with its file so the engine picks this one among same-named
     // statics (and not a global of the same name); prefer the user's path, which is
@@ -202,6 +231,7 @@ pub fn replacement_for(
         old_file,
         new: new.to_string(),
         site_offset: site,
+        no_fentry: entry_end.is_some(),
         expect,
         expect_abs,
     })
@@ -352,7 +382,7 @@ mod tests {
         code.extend_from_slice(&call(a, 4, F));
         // mov $imm32s, %rsi at 9: 48 c7 c6 <abs32s at 12>
         code.extend_from_slice(&[0x48, 0xc7, 0xc6, 0xc0, 0x01, 0xa0, 0x81, 0x90]);
-        let (expect, abs) = expectation(&code, 4, &[field(12, RelocKind::Abs32S)]);
+        let (expect, abs) = expectation(&code, 4, &[field(12, RelocKind::Abs32S)], None).unwrap();
         assert_eq!(expect.len(), 16);
         assert_eq!(&expect[..4], &ENDBR64);
         assert_eq!(&expect[4..9], &NOP5);
@@ -368,7 +398,7 @@ mod tests {
     #[test]
     fn straddling_and_inverse_fields_cut_expect_short() {
         let code = [0u8; 16];
-        let (e, abs) = expectation(&code, 0, &[field(14, RelocKind::Abs32S)]);
+        let (e, abs) = expectation(&code, 0, &[field(14, RelocKind::Abs32S)], None).unwrap();
         assert_eq!((e.len(), abs.len()), (14, 0));
         let (e, abs) = expectation(
             &code,
@@ -377,7 +407,9 @@ mod tests {
                 field(5, RelocKind::Abs64),
                 field(13, RelocKind::InversePc32),
             ],
-        );
+            None,
+        )
+        .unwrap();
         assert_eq!(e.len(), 13);
         assert_eq!(
             abs,
@@ -394,17 +426,39 @@ mod tests {
                 field(7, RelocKind::InversePc32),
                 field(11, RelocKind::Abs32),
             ],
-        );
+            None,
+        )
+        .unwrap();
         assert_eq!((e.len(), abs.len()), (7, 0));
-        let (e, _) = expectation(&code, 0, &[field(16, RelocKind::Abs64)]);
+        let (e, _) = expectation(&code, 0, &[field(16, RelocKind::Abs64)], None).unwrap();
         assert_eq!(e.len(), 16);
     }
 
     #[test]
     fn short_functions_give_short_expect() {
         let code = [0xe8, 1, 2, 3, 4, 0xc3];
-        let (e, abs) = expectation(&code, 0, &[]);
+        let (e, abs) = expectation(&code, 0, &[], None).unwrap();
         assert_eq!(e, vec![0x0f, 0x1f, 0x44, 0x00, 0x00, 0xc3]);
         assert!(abs.is_empty());
+    }
+
+    #[test]
+    fn an_entry_site_keeps_its_bytes_and_may_carry_abs_fields() {
+        // mov $imm32s, %rdi (48 c7 c7 <abs32s at 3>); ret
+        let code = [0x48, 0xc7, 0xc7, 0xc0, 0x01, 0xa0, 0x81, 0xc3];
+        let (e, abs) = expectation(&code, 0, &[field(3, RelocKind::Abs32S)], Some(7)).unwrap();
+        assert_eq!(e, code);
+        assert_eq!(
+            abs,
+            vec![AbsField {
+                offset: 3,
+                width: 4
+            }]
+        );
+        // A per-CPU field inside the window cannot be expected: refused, not cut.
+        assert!(expectation(&code, 0, &[field(3, RelocKind::InversePc32)], Some(7)).is_none());
+        // Past the window it only cuts.
+        let (e, _) = expectation(&code, 0, &[field(7, RelocKind::InversePc32)], Some(7)).unwrap();
+        assert_eq!(e.len(), 7);
     }
 }

@@ -185,6 +185,21 @@ fn fentry_less_static_inline_is_replaced_through_its_caller() {
     );
 }
 
+#[test]
+fn a_function_without_fentry_reached_by_pointer_is_redirected_at_its_entry() {
+    // kernel/trace is built without -pg, and tracefs calls rb_simple_read through its
+    // file_operations: no caller can be replaced instead, so the jmp goes over its entry.
+    let Some(b) = bundle("16-tracing-on-entry.patch") else {
+        return;
+    };
+    assert_eq!(b.replaced, vec!["rb_simple_read@kernel/trace/trace.c"]);
+    let m = Bundle::parse(&b.bundle).unwrap().manifest().clone();
+    let r = &m.replacements[0];
+    assert!(r.no_fentry, "{r:?}");
+    let site = r.site_offset as usize;
+    assert_ne!(r.expect[site..site + 5], lucos_patch::NOP5);
+}
+
 /// The running kernel's symbols as lucos reads them from Debian's dbg vmlinux: names,
 /// statics by file, lookups by address, and the absolute-relocation fields of a function.
 #[test]

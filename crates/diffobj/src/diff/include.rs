@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use object::elf;
 
-use super::compare::{has_fentry, Diff, Status};
+use super::compare::{Diff, Status};
 use super::emit::global_defs;
 use super::error::Refusal;
 use super::names::{cold_parent, is_special_static};
@@ -137,14 +137,8 @@ fn seed_redirects(diffs: &[Diff<'_>], plan: &mut Plan, queue: &mut VecDeque<(usi
             let Some(o) = d.twin[p] else { continue };
             let os = &d.orig.symbols[o];
             let file = d.file.clone();
-            if !has_fentry(d.orig, o) {
-                plan.refusals.push(Refusal::NoFentry {
-                    function: os.name.clone(),
-                    file,
-                    detail: d.no_fentry.get(&p).cloned().unwrap_or_default(),
-                });
-                continue;
-            }
+            // Without an fentry site the redirect goes over the entry instructions, if
+            // vmlinux shows that safe (checked at emit, refused there as NoFentry if not).
             plan.redirects.push(Redirect {
                 obj: oi,
                 sym: p,

@@ -48,6 +48,7 @@ pub use report::{
     Times,
 };
 
+use crate::error::BuildError;
 use crate::tree::KernelTree;
 use compare::Status;
 use compile::Side;
@@ -480,14 +481,31 @@ fn emit_bundle(
             refusals.push(refusal);
             continue;
         }
+        let file = || {
+            r.old_file
+                .clone()
+                .unwrap_or_else(|| diffs[r.obj].file.clone())
+        };
         match crate::target::replacement_for(syms, &spec, new) {
             Ok(rep) => replacements.push(rep),
+            Err(e @ (BuildError::EntryUnsafe { .. } | BuildError::EntryNotExpectable { .. })) => {
+                let entry = match &e {
+                    BuildError::EntryUnsafe { source, .. } => source.to_string(),
+                    _ => "a relocated field in its first bytes cannot be expected".into(),
+                };
+                let detail = match diffs[r.obj].no_fentry.get(&r.sym) {
+                    Some(w) => format!("{w}; and its entry cannot take a jmp: {entry}"),
+                    None => format!("its entry cannot take a jmp: {entry}"),
+                };
+                refusals.push(Refusal::NoFentry {
+                    function: r.old.clone(),
+                    file: file(),
+                    detail,
+                })
+            }
             Err(e) => refusals.push(Refusal::NotRedirectable {
                 function: r.old.clone(),
-                file: r
-                    .old_file
-                    .clone()
-                    .unwrap_or_else(|| diffs[r.obj].file.clone()),
+                file: file(),
                 reason: e.to_string(),
             }),
         }

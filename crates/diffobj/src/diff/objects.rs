@@ -14,7 +14,8 @@ use super::patchfile::LineMap;
 pub struct ObjectDiff {
     /// Functions whose code changed (original names).
     pub changed: Vec<String>,
-    /// Functions that would be redirected (changed, with a `__fentry__` site).
+    /// Functions that would be redirected: changed, at their `__fentry__` site or, without
+    /// one, at their entry if vmlinux shows that safe (checked when the bundle is emitted).
     pub redirected: Vec<String>,
     pub new_functions: Vec<String>,
     pub new_data: Vec<String>,
