@@ -251,31 +251,60 @@ pub fn reclaim(args: ReclaimArgs) -> Result<()> {
     Ok(())
 }
 
-/// Applies `bundle` so that the switch happens at a pause in which no task has a replaced
-/// function on its stack; returns the report and the tries it took.
-pub fn apply_consistent(
+/// What a gated switch must find no task in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Guard {
+    /// Every replaced function (`--consistent`).
+    Consistent,
+    /// Only the first 5 bytes of functions redirected at their entry (no fentry site):
+    /// what any apply of such a bundle needs (see `lucos_patch::entry`).
+    Entries,
+}
+
+/// How an apply of a bundle with entry sites retries when a task is in one: it rarely
+/// is, since interrupted contexts seldom sit in a function's first instructions.
+pub const ENTRY_RETRY: Retry = Retry {
+    tries: 20,
+    backoff: Duration::from_millis(20),
+};
+
+/// Applies `bundle` so that the switch happens at a pause in which no task is in the code
+/// `guard` names; returns the report and the tries it took. Errors are the engine's, so
+/// the caller can tell whether the guest was changed.
+pub fn apply_gated(
     a: &mut Attached,
     bundle: &Bundle,
     retry: Retry,
+    guard: Guard,
 ) -> Result<(ApplyReport, Consistency)> {
     let s = scanner(a)?;
     let w = a.vm.patch_window()?;
-    let id = bundle.manifest().id.clone();
     let (syms, layout) = (&a.syms, &a.layout);
     let reg = Session::new(&mut a.vm, syms, layout.clone(), w.gpa, w.size)?.registry()?;
     let mut gate = move |vm: &mut lucos_backend::Vm, sites: &[lucos_patch::GateSite]| {
         let scan = scan_paused(vm, &s, (syms, layout), &reg).map_err(|e| format!("{e:#}"))?;
-        let ranges: Vec<_> = sites
-            .iter()
-            .flat_map(|g| {
-                completion::replaced_code(
-                    &reg,
-                    (syms, layout, &scan.modules),
-                    (&g.function, g.func_addr, g.site_addr, g.module.as_ref()),
-                    &g.current,
-                )
-            })
-            .collect();
+        let ranges: Vec<_> = match guard {
+            Guard::Consistent => sites
+                .iter()
+                .flat_map(|g| {
+                    completion::replaced_code(
+                        &reg,
+                        (syms, layout, &scan.modules),
+                        (&g.function, g.func_addr, g.site_addr, g.module.as_ref()),
+                        &g.current,
+                    )
+                })
+                .collect(),
+            Guard::Entries => sites
+                .iter()
+                .filter(|g| g.window)
+                .map(|g| completion::CodeRange {
+                    start: g.site_addr + 1,
+                    end: g.site_addr + 5,
+                    what: format!("the entry bytes of {}", g.function),
+                })
+                .collect(),
+        };
         let h = completion::holders(&ranges, &scan, &scan.rips);
         Ok((!h.is_empty()).then(|| h.iter().map(describe).collect::<Vec<_>>().join("; ")))
     };
@@ -283,6 +312,5 @@ pub fn apply_consistent(
     sess.set_gate(&mut gate, retry);
     let r = sess.apply(bundle);
     let stats = sess.consistency().unwrap_or_default();
-    let r = r.with_context(|| format!("applying bundle '{}' consistently", esc(&id)))?;
-    Ok((r, stats))
+    Ok((r?, stats))
 }

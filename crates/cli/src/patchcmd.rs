@@ -8,6 +8,7 @@ use clap::Args;
 use lucos_patch::registry::{BundleState, Registry};
 use lucos_patch::{ApplyReport, Bundle, RevertReport, Session};
 
+use crate::complete::Guard;
 use crate::info::{attach, Attached};
 use crate::show::esc;
 use lucos_introspect::Machine;
@@ -100,17 +101,39 @@ pub fn session(a: &mut Attached) -> Result<Session<'_, lucos_backend::Vm>> {
     )?)
 }
 
+/// Applies `bundle`; one with entry sites (functions without fentry) gets the stack
+/// check its switch needs.
 pub fn apply_bundle(a: &mut Attached, bundle: &Bundle) -> Result<ApplyReport> {
-    let id = bundle.manifest().id.clone();
-    session(a)?.apply(bundle).map_err(|e| {
-        // Only a failed resume comes after the change; every other error undid it.
-        let note = if matches!(e, lucos_patch::EngineError::ResumeFailed(_)) {
-            ""
-        } else {
-            " (the guest was left unchanged)"
-        };
-        anyhow::Error::new(e).context(format!("applying bundle '{id}'{note}"))
-    })
+    let entries = bundle.manifest().replacements.iter().any(|r| r.no_fentry);
+    let r = match entries {
+        true => apply_checked(a, bundle, crate::complete::ENTRY_RETRY, Guard::Entries),
+        false => session(a)?
+            .apply(bundle)
+            .map(|r| (r, Default::default()))
+            .map_err(anyhow::Error::new),
+    };
+    r.map(|(r, _)| r).map_err(|e| apply_context(e, bundle))
+}
+
+/// A gated apply ([`crate::complete::apply_gated`]) whose errors say whether the guest
+/// was changed.
+pub fn apply_checked(
+    a: &mut Attached,
+    bundle: &Bundle,
+    retry: lucos_patch::Retry,
+    guard: Guard,
+) -> Result<(ApplyReport, lucos_patch::Consistency)> {
+    crate::complete::apply_gated(a, bundle, retry, guard).map_err(|e| apply_context(e, bundle))
+}
+
+/// Only a failed resume comes after the change; every other engine error undid it.
+fn apply_context(e: anyhow::Error, bundle: &Bundle) -> anyhow::Error {
+    let id = esc(&bundle.manifest().id);
+    let note = match e.downcast_ref::<lucos_patch::EngineError>() {
+        Some(lucos_patch::EngineError::ResumeFailed(_)) | None => "",
+        Some(_) => " (the guest was left unchanged)",
+    };
+    e.context(format!("applying bundle '{id}'{note}"))
 }
 
 pub fn revert_bundle(a: &mut Attached, id: &str) -> Result<RevertReport> {
@@ -171,7 +194,7 @@ pub fn apply(args: ApplyArgs) -> Result<()> {
             tries: args.tries.max(1),
             backoff: Duration::from_millis(args.backoff_ms),
         };
-        let (r, c) = crate::complete::apply_consistent(&mut a, &bundle, retry)?;
+        let (r, c) = apply_checked(&mut a, &bundle, retry, Guard::Consistent)?;
         print_apply(&r);
         println!(
             "  consistent: {} tries, {} us paused in all (the switch's pause included)",
@@ -441,7 +464,7 @@ pub fn bench(args: BenchArgs) -> Result<()> {
                 tries: 100,
                 backoff: Duration::from_millis(5),
             };
-            let (r, c) = crate::complete::apply_consistent(&mut a, &bundle, retry)?;
+            let (r, c) = apply_checked(&mut a, &bundle, retry, Guard::Consistent)?;
             tries.push(c.tries);
             apply.push(r.pause + c.failed_pause);
             r

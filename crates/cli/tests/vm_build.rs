@@ -243,3 +243,46 @@ fn two_statics_of_one_name_from_two_files_each_link_to_their_own() {
     assert!(refers_to(&orderly, reboot_work) && !refers_to(&orderly, sysrq_work));
     revert_bundle(&mut s.a, &m.id).unwrap();
 }
+
+#[test]
+fn a_function_without_fentry_is_redirected_at_its_entry_and_restored() {
+    use lucos_introspect::{read_virt, GuestVirtAddr, Machine};
+    let (b, bundle) = bundle_of("16-tracing-on-entry.patch");
+    assert_eq!(b.replaced, vec!["rb_simple_read@kernel/trace/trace.c"]);
+    assert!(bundle.manifest().replacements[0].no_fentry);
+    let mut s = shared();
+    let sym =
+        s.a.syms
+            .lookup_in_file("kernel/trace/trace.c", "rb_simple_read")
+            .unwrap();
+    let va = s.a.layout.live(sym.addr);
+    let entry = |s: &mut Shared| {
+        let mut bytes = [0u8; 16];
+        s.a.vm.pause().unwrap();
+        read_virt(&s.a.vm, s.a.layout.cr3, GuestVirtAddr(va), &mut bytes).unwrap();
+        s.a.vm.resume().unwrap();
+        bytes
+    };
+    let cmd =
+        "mkdir -p /tmp/tr; mount -t tracefs nodev /tmp/tr 2>/dev/null; cat /tmp/tr/tracing_on";
+    let (old, before) = (entry(&mut s), s.sh(cmd));
+    assert_eq!(before.trim(), "1", "{before}");
+    let r = apply_bundle(&mut s.a, &bundle).unwrap();
+    let during = s.sh(cmd);
+    assert_eq!(during.trim(), "1 (lucos)", "{during}");
+    let now = entry(&mut s);
+    assert_eq!(now[0], 0xe9, "a jmp at the entry: {now:02x?}");
+    assert_eq!(
+        now[5..],
+        old[5..],
+        "only the 5 bytes of the jmp are written"
+    );
+    assert_eq!(r.sites[0].original, old[..5]);
+    revert_bundle(&mut s.a, &bundle.manifest().id).unwrap();
+    assert_eq!(
+        entry(&mut s),
+        old,
+        "revert restores the entry's exact bytes"
+    );
+    assert_eq!(s.sh(cmd), before);
+}

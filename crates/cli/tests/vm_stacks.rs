@@ -213,7 +213,9 @@ fn sleepers_hold_updates_back_and_reclaimed_memory_is_reused() {
 
     // A reader asleep in the old pipe_read: a consistent apply gives up, changing nothing.
     let pid = reader_in_pipe_read(&s, "cat /tmp/lucos-fifo > /dev/null");
-    let err = lucos::complete::apply_consistent(&mut s.a, &b, retry(3)).unwrap_err();
+    let err =
+        lucos::patchcmd::apply_checked(&mut s.a, &b, retry(3), lucos::complete::Guard::Consistent)
+            .unwrap_err();
     match err.downcast_ref::<EngineError>() {
         Some(EngineError::NotQuiescent { tries, holders, .. }) => {
             assert_eq!(*tries, 3);
@@ -321,7 +323,13 @@ fn sleepers_hold_updates_back_and_reclaimed_memory_is_reused() {
     }
     assert!(head > 0, "head never slept in pipe_read");
     let writer = bg(&s, "sleep 3; echo y > /tmp/lucos-fifo");
-    let (r, c) = lucos::complete::apply_consistent(&mut s.a, &b, retry(400)).unwrap();
+    let (r, c) = lucos::patchcmd::apply_checked(
+        &mut s.a,
+        &b,
+        retry(400),
+        lucos::complete::Guard::Consistent,
+    )
+    .unwrap();
     assert!(
         c.tries > 1,
         "the reader was in pipe_read at the first try: {c:?}"
