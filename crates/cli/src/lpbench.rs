@@ -72,7 +72,7 @@ fn lpbench(console: &Console, args: &str, key: &str) -> Result<u64> {
 
 /// Nanoseconds per read of `path`, minimum over rounds.
 pub fn read_ns(console: &Console, path: &str) -> Result<u64> {
-    lpbench(console, &format!("read {path} 2000 5"), "read_ns")
+    lpbench(console, &format!("read {path} {READS} {ROUNDS}"), "read_ns")
 }
 
 /// Microseconds from `finit_module` to the end of the livepatch transition.
@@ -104,7 +104,14 @@ impl CallCosts {
     }
 }
 
-/// Unpatched and lucos-patched reads interleaved (3 rounds of: unpatched, then each
+/// Reads per timed round, and rounds (the minimum is taken) of one `read_ns`.
+const READS: u32 = 4000;
+const ROUNDS: u32 = 7;
+/// Interleaved repetitions of the whole comparison: the difference measured is one `jmp`
+/// in a call of about 1.5 us, so the minimum must be taken over many runs.
+const INTERLEAVED: u32 = 10;
+
+/// Unpatched and lucos-patched reads interleaved (INTERLEAVED rounds of: unpatched, then each
 /// bundle applied, read, reverted), minimum of each: these machines are noisy, and a
 /// minimum over interleaved runs is the least disturbed figure of each.
 pub fn call_costs(
@@ -119,7 +126,7 @@ pub fn call_costs(
             .map(|b| (b.manifest().id.clone(), u64::MAX))
             .collect(),
     };
-    for _ in 0..3 {
+    for _ in 0..INTERLEAVED {
         c.unpatched = c.unpatched.min(read_ns(console, "/proc/cmdline")?);
         for (b, slot) in bundles.iter().zip(c.lucos.iter_mut()) {
             crate::patchcmd::apply_bundle(a, b)?;
