@@ -40,6 +40,14 @@ pub enum BuildError {
         #[source]
         source: object::read::Error,
     },
+    #[error("module object {path}: {what}: {source}")]
+    BadModule {
+        path: PathBuf,
+        /// What could not be read: the file as ELF, or which section.
+        what: String,
+        #[source]
+        source: object::read::Error,
+    },
     #[error(transparent)]
     Symbols(#[from] SymbolError),
     #[error("`{spec}` is a {kind:?} symbol, not a function; only functions can be redirected")]

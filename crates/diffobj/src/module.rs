@@ -67,7 +67,11 @@ impl ModuleObject {
             path: path.clone(),
             source,
         })?;
-        object::File::parse(&*data).map_err(|e| bad(&path, e.to_string()))?;
+        object::File::parse(&*data).map_err(|source| BuildError::BadModule {
+            path: path.clone(),
+            what: "not a readable ELF file".into(),
+            source,
+        })?;
         Ok(ModuleObject {
             name: name.to_string(),
             path,
@@ -114,7 +118,11 @@ impl ModuleObject {
                 section: sec.name().unwrap_or_default().to_string(),
             });
         }
-        let data = sec.data().map_err(|e| bad(&self.path, e.to_string()))?;
+        let data = sec.data().map_err(|source| BuildError::BadModule {
+            path: self.path.clone(),
+            what: format!("section {} of `{old}`", sec.name().unwrap_or("?")),
+            source,
+        })?;
         let (start, size) = (sym.address(), sym.size());
         let code = data
             .get(start as usize..(start + size) as usize)
