@@ -77,12 +77,14 @@ pub enum BuildError {
     )]
     SiteNotRecorded { spec: String, site: u64 },
     #[error(
-        "the bundle needs kernel symbol `{name}`, which vmlinux cannot provide: {reason}{hint}"
+        "the bundle needs kernel symbol `{name}`, which vmlinux cannot provide: {source}{hint}"
     )]
     Unresolved {
         name: String,
-        reason: String,
+        /// What to do about it, after the lookup's own reason.
         hint: String,
+        #[source]
+        source: SymbolError,
     },
     #[error(
         "`{spec}` resolves to {addr:#x}, but the engine, looking it up as the manifest names \
@@ -92,6 +94,16 @@ pub enum BuildError {
         spec: String,
         addr: u64,
         found: String,
+    },
+    #[error(
+        "`{spec}` resolves to {addr:#x}, but the engine, looking it up as the manifest names \
+         it, would find an error ({source}); qualify the spec as `path/file.c:name`"
+    )]
+    OldLookupFails {
+        spec: String,
+        addr: u64,
+        #[source]
+        source: SymbolError,
     },
     #[error("resolve entry `{name}` → `{file}` does not match vmlinux: {source}")]
     BadResolve {
