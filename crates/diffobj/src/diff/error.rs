@@ -239,6 +239,11 @@ pub enum DiffError {
     },
     #[error("cannot write the bundle: {reason}")]
     Emit { reason: String },
+    #[error("cannot write the bundle: unplanned refusal: {source}")]
+    UnplannedRefusal {
+        #[source]
+        source: Refusal,
+    },
     #[error("the bundle built does not pass lucos's own checks ({0}); this is a lucos bug")]
     Bundle(#[from] lucos_patch::BundleError),
     #[error("the bundle built cannot be linked ({0}); this is a lucos bug unless the message says otherwise")]
