@@ -84,7 +84,7 @@ pub enum BuildError {
         /// What to do about it, after the lookup's own reason.
         hint: String,
         #[source]
-        source: SymbolError,
+        source: Box<SymbolError>,
     },
     #[error(
         "`{spec}` resolves to {addr:#x}, but the engine, looking it up as the manifest names \
@@ -103,7 +103,7 @@ pub enum BuildError {
         spec: String,
         addr: u64,
         #[source]
-        source: SymbolError,
+        source: Box<SymbolError>,
     },
     #[error("resolve entry `{name}` → `{file}` does not match vmlinux: {source}")]
     BadResolve {

@@ -186,7 +186,7 @@ pub fn replacement_for(
             return Err(BuildError::OldLookupFails {
                 spec,
                 addr: sym.addr,
-                source,
+                source: Box::new(source),
             })
         }
     }
@@ -250,7 +250,7 @@ pub fn check_undefined_except(
         let unresolved = |source: SymbolError, hint: String| BuildError::Unresolved {
             name: name.to_string(),
             hint,
-            source,
+            source: Box::new(source),
         };
         match found {
             Ok(_) => {}
