@@ -174,6 +174,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_ko_that_is_not_elf_keeps_the_readers_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("kernel/fs");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join("binfmt_misc.ko"), b"not an object").unwrap();
+        let e = ModuleObject::find(dir.path(), "binfmt-misc").err().unwrap();
+        let BuildError::BadModule { path, .. } = &e else {
+            panic!("expected BadModule, got {e:?}");
+        };
+        assert!(path.ends_with("kernel/fs/binfmt_misc.ko"), "{e}");
+        assert!(std::error::Error::source(&e).is_some(), "{e}");
+    }
+
+    #[test]
     fn specs_name_module_functions_as_kallsyms_does() {
         assert_eq!(
             parse_spec("bm_status_read [binfmt_misc]"),

@@ -184,7 +184,28 @@ fn read_units(data: &[u8]) -> Result<Vec<Unit>, DwarfError> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::layout::tests::{object_with, TRUNCATED_UNIT};
     use super::*;
+
+    #[test]
+    fn unreadable_compile_units_are_typed() {
+        assert!(matches!(
+            read_units(&object_with(None)),
+            Err(DwarfError::NoDebugInfo)
+        ));
+        assert!(matches!(
+            read_units(&object_with(Some(TRUNCATED_UNIT))),
+            Err(DwarfError::Parse {
+                what: "a unit header",
+                ..
+            })
+        ));
+        // Readable, but no unit names init/main.c: the source root is unknown.
+        assert!(matches!(
+            read_units(&object_with(Some(&[]))),
+            Err(DwarfError::NoSourceRoot)
+        ));
+    }
 
     #[test]
     fn paths_are_made_relative_to_either_root() {

@@ -230,8 +230,45 @@ fn record(found: &mut BTreeMap<String, Option<Layout>>, name: String, layout: La
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// An x86-64 ELF object whose `.debug_info` (when given) holds `debug_info`.
+    pub(crate) fn object_with(debug_info: Option<&[u8]>) -> Vec<u8> {
+        use object::write;
+        let mut w = write::Object::new(
+            object::BinaryFormat::Elf,
+            object::Architecture::X86_64,
+            object::Endianness::Little,
+        );
+        if let Some(bytes) = debug_info {
+            let id = w.add_section(
+                Vec::new(),
+                b".debug_info".to_vec(),
+                object::SectionKind::Debug,
+            );
+            w.append_section_data(id, bytes, 1);
+        }
+        w.write().unwrap()
+    }
+
+    /// A unit header claiming 16 bytes of which 2 follow.
+    pub(crate) const TRUNCATED_UNIT: &[u8] = &[16, 0, 0, 0, 5, 0];
+
+    #[test]
+    fn unreadable_dwarf_keeps_the_readers_error() {
+        let e = layouts(b"not an object").unwrap_err();
+        assert!(matches!(e, DwarfError::Object { .. }), "{e}");
+        let e = layouts(&object_with(Some(TRUNCATED_UNIT))).unwrap_err();
+        let DwarfError::Parse { what, source } = &e else {
+            panic!("expected a parse error, got {e:?}");
+        };
+        assert_eq!(*what, "a unit header");
+        assert!(e.to_string().contains(&source.to_string()), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        // No debug info at all is no error: there is nothing to compare.
+        assert!(layouts(&object_with(None)).unwrap().is_empty());
+    }
 
     fn l(size: u64, m: &[(&str, u64)]) -> Layout {
         Layout {
