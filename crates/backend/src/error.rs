@@ -3,8 +3,28 @@ use std::path::PathBuf;
 /// Everything that can go wrong talking to QEMU.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
-    #[error("{0}")]
-    Guard(String),
+    #[error("starting the pause guard {}: {source}", program.display())]
+    GuardSpawn {
+        program: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the pause guard process is gone ({source}); lucos will not pause the guest without it"
+    )]
+    GuardGone {
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "lucos went away with '{name}' paused, and restoring it failed: {source}; run \
+         `lucos status {name}` and `lucos resume {name}`"
+    )]
+    GuardRestore {
+        name: String,
+        #[source]
+        source: lucos_introspect::MachineError,
+    },
     #[error("cannot connect to {what} at {path}: {source}; is the VM still running? (`lucos list` shows live VMs)")]
     Connect {
         what: &'static str,

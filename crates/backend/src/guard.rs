@@ -62,10 +62,8 @@ pub struct Guard {
     pipe: Option<ChildStdin>,
 }
 
-fn guard_err(e: std::io::Error) -> BackendError {
-    BackendError::Guard(format!(
-        "the pause guard process is gone ({e}); lucos will not pause the guest without it"
-    ))
+fn guard_err(source: std::io::Error) -> BackendError {
+    BackendError::GuardGone { source }
 }
 
 impl Guard {
@@ -85,11 +83,9 @@ impl Guard {
             .stdout(Stdio::null());
         // Its own process group: a Ctrl-C at the terminal must not take it with lucos.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let mut child = cmd.spawn().map_err(|e| {
-            BackendError::Guard(format!(
-                "starting the pause guard {}: {e}",
-                cfg.program.display()
-            ))
+        let mut child = cmd.spawn().map_err(|source| BackendError::GuardSpawn {
+            program: cfg.program.clone(),
+            source,
         })?;
         let pipe = child.stdin.take();
         Ok(Some(Guard { child, pipe }))
@@ -261,11 +257,9 @@ fn recover(
         }
         Ok(())
     };
-    undo(&mut vm).map_err(|e| {
-        BackendError::Guard(format!(
-            "lucos went away with '{name}' paused, and restoring it failed: {e}; run \
-             `lucos status {name}` and `lucos resume {name}`"
-        ))
+    undo(&mut vm).map_err(|source| BackendError::GuardRestore {
+        name: name.to_string(),
+        source,
     })?;
     eprintln!(
         "lucos pause guard: lucos went away with '{name}' paused; restored {} range(s) \

@@ -40,6 +40,14 @@ pub enum BuildError {
         #[source]
         source: object::read::Error,
     },
+    #[error("module object {path}: {what}: {source}")]
+    BadModule {
+        path: PathBuf,
+        /// What could not be read: the file as ELF, or which section.
+        what: String,
+        #[source]
+        source: object::read::Error,
+    },
     #[error(transparent)]
     Symbols(#[from] SymbolError),
     #[error("`{spec}` is a {kind:?} symbol, not a function; only functions can be redirected")]
@@ -81,12 +89,14 @@ pub enum BuildError {
     )]
     SiteNotRecorded { spec: String, site: u64 },
     #[error(
-        "the bundle needs kernel symbol `{name}`, which vmlinux cannot provide: {reason}{hint}"
+        "the bundle needs kernel symbol `{name}`, which vmlinux cannot provide: {source}{hint}"
     )]
     Unresolved {
         name: String,
-        reason: String,
+        /// What to do about it, after the lookup's own reason.
         hint: String,
+        #[source]
+        source: Box<SymbolError>,
     },
     #[error(
         "`{spec}` resolves to {addr:#x}, but the engine, looking it up as the manifest names \
@@ -96,6 +106,16 @@ pub enum BuildError {
         spec: String,
         addr: u64,
         found: String,
+    },
+    #[error(
+        "`{spec}` resolves to {addr:#x}, but the engine, looking it up as the manifest names \
+         it, would find an error ({source}); qualify the spec as `path/file.c:name`"
+    )]
+    OldLookupFails {
+        spec: String,
+        addr: u64,
+        #[source]
+        source: Box<SymbolError>,
     },
     #[error("resolve entry `{name}` → `{file}` does not match vmlinux: {source}")]
     BadResolve {

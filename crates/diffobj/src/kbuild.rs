@@ -195,6 +195,7 @@ fn check_tree(build_dir: &Path) -> Result<(), BuildError> {
             return Err(BuildError::Tree(crate::tree::TreeError {
                 path: build_dir.to_owned(),
                 reason: format!("its Kbuild tree has no {f} (is it configured and prepared?)"),
+                source: None,
             }));
         }
     }

@@ -67,7 +67,11 @@ impl ModuleObject {
             path: path.clone(),
             source,
         })?;
-        object::File::parse(&*data).map_err(|e| bad(&path, e.to_string()))?;
+        object::File::parse(&*data).map_err(|source| BuildError::BadModule {
+            path: path.clone(),
+            what: "not a readable ELF file".into(),
+            source,
+        })?;
         Ok(ModuleObject {
             name: name.to_string(),
             path,
@@ -114,7 +118,11 @@ impl ModuleObject {
                 section: sec.name().unwrap_or_default().to_string(),
             });
         }
-        let data = sec.data().map_err(|e| bad(&self.path, e.to_string()))?;
+        let data = sec.data().map_err(|source| BuildError::BadModule {
+            path: self.path.clone(),
+            what: format!("section {} of `{old}`", sec.name().unwrap_or("?")),
+            source,
+        })?;
         let (start, size) = (sym.address(), sym.size());
         let code = data
             .get(start as usize..(start + size) as usize)
@@ -165,6 +173,20 @@ impl ModuleObject {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ko_that_is_not_elf_keeps_the_readers_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("kernel/fs");
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(sub.join("binfmt_misc.ko"), b"not an object").unwrap();
+        let e = ModuleObject::find(dir.path(), "binfmt-misc").err().unwrap();
+        let BuildError::BadModule { path, .. } = &e else {
+            panic!("expected BadModule, got {e:?}");
+        };
+        assert!(path.ends_with("kernel/fs/binfmt_misc.ko"), "{e}");
+        assert!(std::error::Error::source(&e).is_some(), "{e}");
+    }
 
     #[test]
     fn specs_name_module_functions_as_kallsyms_does() {

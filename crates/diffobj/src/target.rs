@@ -211,11 +211,11 @@ pub fn replacement_for(
                 found: format!("{} at {:#x}", s.qualified_name(), s.addr),
             })
         }
-        Err(e) => {
-            return Err(BuildError::OldNotUnique {
+        Err(source) => {
+            return Err(BuildError::OldLookupFails {
                 spec,
                 addr: sym.addr,
-                found: format!("an error ({e})"),
+                source: Box::new(source),
             })
         }
     }
@@ -277,10 +277,10 @@ pub fn check_undefined_except(
             Some(file) => syms.lookup_in_file(file, name),
             None => syms.lookup(name),
         };
-        let unresolved = |reason: String, hint: String| BuildError::Unresolved {
+        let unresolved = |source: SymbolError, hint: String| BuildError::Unresolved {
             name: name.to_string(),
-            reason,
             hint,
+            source: Box::new(source),
         };
         match found {
             Ok(_) => {}
@@ -289,7 +289,7 @@ pub fn check_undefined_except(
             }
             Err(e @ SymbolError::Ambiguous { .. }) => {
                 return Err(unresolved(
-                    e.to_string(),
+                    e,
                     format!(
                         "; say which one in the bundle spec: \"resolve\": {{ \"{name}\": \
                          \"path/file.c\" }}"
@@ -298,13 +298,13 @@ pub fn check_undefined_except(
             }
             Err(e @ SymbolError::NotFound { .. }) => {
                 return Err(unresolved(
-                    e.to_string(),
+                    e,
                     "; the bundle can only use functions and variables that exist in the \
                      running kernel"
                         .into(),
                 ))
             }
-            Err(e) => return Err(unresolved(e.to_string(), String::new())),
+            Err(e) => return Err(unresolved(e, String::new())),
         }
     }
     Ok(())

@@ -29,14 +29,26 @@ pub struct KernelTree {
 }
 
 /// Why a directory is not a usable kernel tree.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[error(
-    "{path} is not a lucos kernel directory: {reason}; pass the directory that \
-     `lucos guest build` prints (it holds vmlinux and build/)"
+    "{path} is not a lucos kernel directory: {reason}{}; pass the directory that \
+     `lucos guest build` prints (it holds vmlinux and build/)",
+    io_detail(.source)
 )]
 pub struct TreeError {
     pub path: PathBuf,
     pub reason: String,
+    /// The file system's error, when one made the tree unusable.
+    #[source]
+    pub source: Option<std::io::Error>,
+}
+
+/// `" (reason)"` of an I/O error, after the `reason` it caused.
+fn io_detail(source: &Option<std::io::Error>) -> String {
+    source
+        .as_ref()
+        .map(|e| format!(" ({e})"))
+        .unwrap_or_default()
 }
 
 impl KernelTree {
@@ -45,8 +57,13 @@ impl KernelTree {
         let bad = |reason: String| TreeError {
             path: dir.to_owned(),
             reason,
+            source: None,
         };
-        let dir = std::fs::canonicalize(dir).map_err(|e| bad(format!("cannot open it ({e})")))?;
+        let dir = std::fs::canonicalize(dir).map_err(|e| TreeError {
+            path: dir.to_owned(),
+            reason: "cannot open it".into(),
+            source: Some(e),
+        })?;
         let root = if dir.join("build/Makefile").is_file() {
             dir.join("build")
         } else {
@@ -90,7 +107,8 @@ impl KernelTree {
             .map(|t| t.trim().to_string())
             .map_err(|e| TreeError {
                 path: self.dir.clone(),
-                reason: format!("cannot read {} ({e})", path.display()),
+                reason: format!("cannot read {}", path.display()),
+                source: Some(e),
             })
     }
 

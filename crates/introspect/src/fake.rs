@@ -2,7 +2,9 @@
 //! builder, and a [`Machine`] over it. Public so other crates' tests can
 //! exercise patching logic without a VM. Builder methods panic on misuse.
 
+use std::cell::Cell;
 use std::collections::HashMap;
+use std::ops::Range;
 
 use crate::addr::GuestPhysAddr;
 use crate::machine::{Machine, MachineError, PhysMem};
@@ -272,13 +274,25 @@ struct Rule {
     fault: Fault,
 }
 
+/// A failing read: the `nth` read overlapping `range` (counted from 1 per rule).
+#[derive(Debug)]
+struct ReadRule {
+    range: Range<u64>,
+    nth: usize,
+    seen: Cell<usize>,
+}
+
 /// A [`Machine`] that passes every call to another and makes chosen ones fail: a VM that
-/// goes away, a reply lost, a lucos killed at some write. Calls are counted per [`Call`]
-/// from 1; a rule with `nth` 0 never fires (handy in tables of cases).
+/// goes away, a reply lost, a lucos killed at some write, a read of some memory refused.
+/// Calls are counted per [`Call`] from 1; a rule with `nth` 0 never fires (handy in
+/// tables of cases). Reads are chosen by the memory they touch instead: which read of
+/// patch memory is the n-th overall depends on page walks the test should not know about.
 pub struct Failing<'a, M: Machine + ?Sized> {
     inner: &'a mut M,
     rules: Vec<Rule>,
     counts: [usize; CALLS],
+    /// Reads take `&self`, so their rules count through cells.
+    reads: Vec<ReadRule>,
 }
 
 impl<'a, M: Machine + ?Sized> Failing<'a, M> {
@@ -287,7 +301,24 @@ impl<'a, M: Machine + ?Sized> Failing<'a, M> {
             inner,
             rules: Vec::new(),
             counts: [0; CALLS],
+            reads: Vec::new(),
         }
+    }
+
+    /// The `nth` `read_phys` that overlaps guest-physical `range` fails (nothing is read).
+    pub fn fail_read(mut self, range: Range<u64>, nth: usize) -> Self {
+        self.reads.push(ReadRule {
+            range,
+            nth,
+            seen: Cell::new(0),
+        });
+        self
+    }
+
+    /// How many reads overlapping the range of read rule `i` (in the order added) were
+    /// made so far, the failed one included.
+    pub fn reads_seen(&self, i: usize) -> usize {
+        self.reads[i].seen.get()
     }
 
     fn rule(mut self, call: Call, nth: usize, and_later: bool, fault: Fault) -> Self {
@@ -357,7 +388,21 @@ impl<'a, M: Machine + ?Sized> Failing<'a, M> {
 
 impl<M: Machine + ?Sized> PhysMem for Failing<'_, M> {
     fn read_phys(&self, pa: GuestPhysAddr, buf: &mut [u8]) -> Result<(), MachineError> {
-        self.inner.read_phys(pa, buf)
+        let (start, end) = (pa.raw(), pa.raw().saturating_add(buf.len() as u64));
+        let mut fired = None;
+        for r in &self.reads {
+            if start < r.range.end && r.range.start < end {
+                let n = r.seen.get() + 1;
+                r.seen.set(n);
+                if r.nth > 0 && n == r.nth && fired.is_none() {
+                    fired = Some(format!("injected failure of read {n} of {:#x?}", r.range));
+                }
+            }
+        }
+        match fired {
+            Some(why) => Err(MachineError::Engine(why.into())),
+            None => self.inner.read_phys(pa, buf),
+        }
     }
 }
 
@@ -455,5 +500,26 @@ mod tests {
         let mut b = [0u8; 6];
         m.read_phys(GuestPhysAddr(0x1000), &mut b).unwrap();
         assert_eq!(b, [1, 0, 3, 4, 0, 0]);
+    }
+
+    #[test]
+    fn failing_reads_fire_on_the_nth_read_of_their_range_only() {
+        let mut m = machine();
+        m.write_phys(GuestPhysAddr(0x1000), &[7; 16]).unwrap();
+        let f = Failing::new(&mut m)
+            .fail_read(0x1008..0x1010, 2)
+            .fail_read(0x1000..0x1001, 0);
+        let mut b = [0u8; 4];
+        // Outside both ranges: counted by neither rule.
+        f.read_phys(GuestPhysAddr(0x1002), &mut b).unwrap();
+        f.read_phys(GuestPhysAddr(0x1006), &mut b).unwrap();
+        assert_eq!(f.reads_seen(0), 1, "0x1006..0x100a overlaps 0x1008..");
+        b = [0; 4];
+        assert!(f.read_phys(GuestPhysAddr(0x100c), &mut b).is_err());
+        assert_eq!(b, [0; 4], "a failed read reads nothing");
+        f.read_phys(GuestPhysAddr(0x100c), &mut b).unwrap();
+        assert_eq!(b, [7; 4], "only the nth read fails");
+        f.read_phys(GuestPhysAddr(0x1000), &mut b).unwrap();
+        assert_eq!((f.reads_seen(0), f.reads_seen(1)), (3, 1));
     }
 }

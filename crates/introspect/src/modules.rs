@@ -36,8 +36,10 @@ pub enum ModuleError {
     TooMany,
     #[error("module {name}: {reason}")]
     Corrupt { name: String, reason: String },
-    #[error("{0}")]
-    Kernel(String),
+    #[error("the kernel's BTF (__start_BTF..__stop_BTF) is {len} bytes, which is implausible")]
+    ImplausibleBtf { len: u64 },
+    #[error("boot_cpu_data.x86_capability has {words} words, which is implausible")]
+    ImplausibleCapabilities { words: u64 },
     #[error("vmlinux has no {what} ({source})")]
     NoSymbol {
         what: &'static str,
@@ -208,9 +210,7 @@ fn read_live_btf(
     };
     let len = stop.addr.saturating_sub(start.addr);
     if len == 0 || len > 64 << 20 {
-        return Err(ModuleError::Kernel(format!(
-            "a BTF of {len} bytes is implausible"
-        )));
+        return Err(ModuleError::ImplausibleBtf { len });
     }
     let mut buf = vec![0u8; len as usize];
     let va = layout.live(start.addr);
@@ -230,7 +230,7 @@ pub fn cpu_feature_words(
     let off = btf.offset_of("cpuinfo_x86", "x86_capability")?;
     let n = btf.array_len("cpuinfo_x86", "x86_capability")?;
     if n == 0 || n > 64 {
-        return Err(ModuleError::Kernel(format!("x86_capability has {n} words")));
+        return Err(ModuleError::ImplausibleCapabilities { words: n });
     }
     let bcd = syms
         .lookup("boot_cpu_data")

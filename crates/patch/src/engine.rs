@@ -294,7 +294,12 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
 
     /// Resolves an undefined bundle symbol in the running kernel: in the modules the bundle
     /// patches first (their own statics), then in vmlinux.
-    fn resolve(&self, man: &Manifest, modules: &[LoadedModule], name: &str) -> Result<u64, String> {
+    fn resolve(
+        &self,
+        man: &Manifest,
+        modules: &[LoadedModule],
+        name: &str,
+    ) -> Result<u64, crate::ResolveError> {
         if let Some(found) = Self::resolve_in_modules(man, modules, name) {
             return found;
         }
@@ -302,8 +307,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             (Some(a), _) => self.syms.lookup_maybe_in(a.file.as_deref(), &a.symbol),
             (None, Some(file)) => self.syms.lookup_in_file(file, name),
             (None, None) => self.syms.lookup(name),
-        }
-        .map_err(|e| e.to_string())?;
+        }?;
         // Per-CPU symbols are offsets from %gs and do not move with KASLR.
         Ok(if sym.percpu {
             sym.addr

@@ -41,7 +41,7 @@ pub use layout::{
     DroppedSection, FentrySite, Linked, PlacedSection, RegionKind, RegionPlan, Regions,
     MAX_REGION_SIZE, PAGE_SIZE,
 };
-pub use link::{link, plan, LinkError, Plan};
+pub use link::{link, plan, LinkError, Plan, ResolveError};
 pub use manifest::{
     AbsField, Alias, Manifest, Replacement, Rewrite, Target, FORMAT_VERSION, MAX_DESCRIPTION,
     MAX_EXPECT, MAX_NAMES, MAX_PATH, MAX_RELEASE, MAX_REPLACEMENTS, MAX_REWRITE, MAX_REWRITES,

@@ -22,7 +22,7 @@ use crate::site::{is_call_rel32, ENDBR64, NOP5};
 
 mod error;
 
-pub use error::LinkError;
+pub use error::{LinkError, ResolveError};
 
 const FENTRY: &str = "__fentry__";
 
@@ -386,7 +386,7 @@ pub fn link(
     bundle: &Bundle,
     plan: &Plan,
     bases: Regions,
-    resolver: &dyn Fn(&str) -> Result<u64, String>,
+    resolver: &dyn Fn(&str) -> Result<u64, ResolveError>,
 ) -> Result<Linked, LinkError> {
     if plan.digest != bundle.sha256() {
         return Err(LinkError::PlanMismatch);
@@ -434,10 +434,10 @@ pub fn link(
                             Ok(v) => v,
                             // Like the module loader: an unresolved weak reference is 0.
                             Err(_) if sym.is_weak() => 0,
-                            Err(reason) => {
+                            Err(source) => {
                                 return Err(LinkError::UnresolvedSymbol {
                                     name: sym.name.clone(),
-                                    reason,
+                                    source,
                                 })
                             }
                         };

@@ -20,6 +20,11 @@ pub const FORMAT: u32 = 1;
 pub enum RegistryError {
     #[error("the patch registry in patch memory is corrupt ({0}); lucos refuses to touch this guest's patches. Something other than lucos wrote patch memory; restart the VM to start from a clean state")]
     Corrupt(String),
+    #[error("the patch registry in patch memory is corrupt (bad JSON: {source}); lucos refuses to touch this guest's patches. Something other than lucos wrote patch memory; restart the VM to start from a clean state")]
+    BadJson {
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("the patch registry has format {0}, this lucos understands {FORMAT}; use a matching lucos version")]
     Format(u32),
     #[error("the patch registry would need {need} bytes, a slot holds {REGISTRY_SLOT_SIZE}; revert and drop old bundles")]

@@ -27,6 +27,12 @@ pub enum KeyError {
     },
     #[error("{}: {reason}", path.display())]
     BadFile { path: PathBuf, reason: String },
+    #[error("{}: {source}", path.display())]
+    BadTrustEntry {
+        path: PathBuf,
+        #[source]
+        source: Box<KeyError>,
+    },
     #[error(
         "{} can be read by other users (mode {mode:o}); a signing key must be private: \
          `chmod 600 {}`",
@@ -126,9 +132,9 @@ impl TrustStore {
                 continue;
             };
             let text = std::fs::read_to_string(&path).map_err(io("reading", &path))?;
-            let key = parse_public(&text).map_err(|e| KeyError::BadFile {
+            let key = parse_public(&text).map_err(|e| KeyError::BadTrustEntry {
                 path: path.clone(),
-                reason: e.to_string(),
+                source: Box::new(e),
             })?;
             keys.push((name.to_owned(), key));
         }

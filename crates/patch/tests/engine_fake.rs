@@ -102,7 +102,7 @@ fn a_malformed_site_record_makes_the_registry_corrupt() {
         .err()
         .expect("a malformed record is refused");
     assert!(
-        matches!(&err, EngineError::Registry(RegistryError::Corrupt(why)) if why.contains("not 5")),
+        matches!(&err, EngineError::Registry(RegistryError::BadJson { source }) if source.to_string().contains("not 5")),
         "{err}"
     );
     assert!(m.mem == before, "a refused session changed guest memory");

@@ -4,11 +4,14 @@
 
 mod common;
 
-use common::fake::GPA;
+use std::ops::Range;
+
+use common::fake::{GPA, SIZE};
 use common::kernel::{FakeKernel, ENTRY_CODE, OLD_CODE, OPS};
 use lucos_introspect::fake::{Call, Failing, FakeMachine};
-use lucos_introspect::{GuestPhysAddr, PhysMem};
-use lucos_patch::registry::{BundleState, Registry};
+use lucos_introspect::{GuestPhysAddr, MachineError, PhysMem};
+use lucos_patch::memory::{PatchMemLayout, REGISTRY_SLOT_SIZE};
+use lucos_patch::registry::{BundleState, Header, Registry, HEADER_LEN};
 use lucos_patch::{Bundle, EngineError, GateSite, Retry, NOP5};
 
 fn registry(k: &FakeKernel, m: &mut FakeMachine) -> Registry {
@@ -427,4 +430,72 @@ fn a_bundle_applies_and_reverts_on_the_fake_kernel() {
     m.read_phys(GuestPhysAddr(k.pa("ops_table")), &mut ops)
         .unwrap();
     assert_eq!(ops, OPS);
+}
+
+/// Guest-physical range of registry slot `slot`.
+fn slot_range(slot: u32) -> Range<u64> {
+    let at = GPA + PatchMemLayout::new(SIZE).unwrap().slot_offset(slot);
+    at..at + REGISTRY_SLOT_SIZE as u64
+}
+
+/// The registry slot a commit would write next: the one the header does not mark active.
+fn inactive_slot(m: &FakeMachine) -> u32 {
+    let mut b = [0u8; HEADER_LEN];
+    m.read_phys(GuestPhysAddr(GPA), &mut b).unwrap();
+    match Header::decode(&b).unwrap() {
+        Some(h) => 1 - h.active,
+        None => 1,
+    }
+}
+
+/// Whether `err` is the read failure `Failing::fail_read` injects.
+fn injected_read(err: &EngineError) -> bool {
+    matches!(err, EngineError::Machine(MachineError::Engine(e))
+        if e.to_string().starts_with("injected failure of read"))
+}
+
+/// The switch saves the bytes a commit overwrites (the inactive slot and the header)
+/// before it pauses; when that read fails, the staged code and page tables are rolled
+/// back and the guest never stops. Only the switch reads the inactive slot of a guest
+/// that already has a mapping (an apply reads the active one), so failing its first read
+/// fails exactly that snapshot.
+#[test]
+fn a_failed_registry_snapshot_read_leaves_the_guest_unchanged_and_running() {
+    let k = FakeKernel::new();
+    let (_, mut m) = dry_run(&k, &k.bundle("first", &["lucos_f3"], false));
+    let before = m.clone();
+    let b = two(&k);
+    let slot = slot_range(inactive_slot(&m));
+    let mut f = Failing::new(&mut m).fail_read(slot, 1);
+    let err = k.session(&mut f).unwrap().apply(&b).unwrap_err();
+    assert!(injected_read(&err), "{err}");
+    assert_eq!(f.reads_seen(0), 1, "nothing else read the slot");
+    assert_eq!(f.count(Call::Pause), 0, "it failed before the pause");
+    assert!(f.count(Call::Write) > 0, "staging had written");
+    drop(f);
+    assert!(m.mem == before.mem, "the staged bundle was not rolled back");
+    assert!(!m.paused);
+    let reg = registry(&k, &mut m);
+    assert!(reg.find_applied("two").is_none() && reg.find_applied("first").is_some());
+    // The guest is as good as before: the same apply now succeeds.
+    apply_with(&k, &mut m, &b, |f| f).unwrap();
+}
+
+/// A first apply also commits the new mapping before staging, after saving what that
+/// commit overwrites (slot 1 of fresh patch memory), and saves again in the switch (slot
+/// 0 then). Either read failing leaves fresh patch memory as it was.
+#[test]
+fn a_failed_snapshot_read_of_a_first_apply_leaves_the_guest_unchanged() {
+    let k = FakeKernel::new();
+    let b = two(&k);
+    for (slot, writes) in [(1, false), (0, true)] {
+        let mut m = k.fresh.clone();
+        let mut f = Failing::new(&mut m).fail_read(slot_range(slot), 1);
+        let err = k.session(&mut f).unwrap().apply(&b).unwrap_err();
+        assert!(injected_read(&err), "slot {slot}: {err}");
+        assert_eq!(f.count(Call::Pause), 0, "slot {slot}");
+        assert_eq!(f.count(Call::Write) > 0, writes, "slot {slot}");
+        drop(f);
+        assert_unchanged(&k, &m, &format!("the snapshot of slot {slot} failed"));
+    }
 }

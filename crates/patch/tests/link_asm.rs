@@ -4,7 +4,8 @@
 mod common;
 
 use common::{assemble, binutils, bundle};
-use lucos_patch::{link, plan, LinkError, Regions, NOP5};
+use lucos_introspect::symbols::SymbolError;
+use lucos_patch::{link, plan, LinkError, Regions, ResolveError, NOP5};
 
 const ASM: &str = r#"
 	.section .text.f,"ax",@progbits
@@ -50,12 +51,15 @@ const PRINTK: u64 = 0xffff_ffff_8100_0000;
 const EXT_A: u64 = 0xffff_ffff_8200_0000;
 const EXT_LOW: u64 = 0x1234;
 
-fn resolver(printk: u64, ext_a: u64, ext_low: u64) -> impl Fn(&str) -> Result<u64, String> {
+fn resolver(printk: u64, ext_a: u64, ext_low: u64) -> impl Fn(&str) -> Result<u64, ResolveError> {
     move |name: &str| match name {
         "printk" => Ok(printk),
         "ext_a" => Ok(ext_a),
         "ext_low" => Ok(ext_low),
-        _ => Err("unknown".into()),
+        _ => Err(ResolveError::Symbol(SymbolError::NotFound {
+            name: name.to_string(),
+            variants: Vec::new(),
+        })),
     }
 }
 
@@ -144,18 +148,19 @@ fn every_relocation_type() {
 fn overflow_checks() {
     let b = bundle(&assemble(ASM), &["f"]);
     let p = plan(&b).unwrap();
-    let overflow =
-        |r: &dyn Fn(&str) -> Result<u64, String>, bases: Regions| match link(&b, &p, bases, r) {
-            Err(LinkError::RelocationOverflow {
-                r_type,
-                symbol,
-                value,
-                offset,
-                section,
-                ..
-            }) => (r_type, symbol, value, offset, section),
-            other => panic!("expected overflow, got {other:?}"),
-        };
+    let overflow = |r: &dyn Fn(&str) -> Result<u64, ResolveError>, bases: Regions| match link(
+        &b, &p, bases, r,
+    ) {
+        Err(LinkError::RelocationOverflow {
+            r_type,
+            symbol,
+            value,
+            offset,
+            section,
+            ..
+        }) => (r_type, symbol, value, offset, section),
+        other => panic!("expected overflow, got {other:?}"),
+    };
 
     // 32S must sign-extend: an address in the low half does not.
     let (ty, sym, value, off, sec) = overflow(&resolver(PRINTK, 0x1_0000_0000, EXT_LOW), BASES);

@@ -7,7 +7,8 @@ use std::collections::HashMap;
 
 use common::{bundle, compile_c};
 use iced_x86::{Code, Decoder, DecoderOptions, Instruction, OpKind};
-use lucos_patch::{link, plan, LinkError, Linked, Regions, ENDBR64, NOP5, PAGE_SIZE};
+use lucos_introspect::symbols::SymbolError;
+use lucos_patch::{link, plan, LinkError, Linked, Regions, ResolveError, ENDBR64, NOP5, PAGE_SIZE};
 
 const SRC: &str = r#"
 extern int printk(const char *fmt, ...);
@@ -36,11 +37,16 @@ fn kernel() -> HashMap<&'static str, u64> {
     HashMap::from([("printk", PRINTK)])
 }
 
-fn resolve(name: &str) -> Result<u64, String> {
-    kernel()
-        .get(name)
-        .copied()
-        .ok_or_else(|| format!("`{name}` is not in kallsyms"))
+/// What the engine's resolver says of a name vmlinux does not have.
+fn not_found(name: &str) -> ResolveError {
+    ResolveError::Symbol(SymbolError::NotFound {
+        name: name.to_string(),
+        variants: Vec::new(),
+    })
+}
+
+fn resolve(name: &str) -> Result<u64, ResolveError> {
+    kernel().get(name).copied().ok_or_else(|| not_found(name))
 }
 
 fn decode_fn(linked: &Linked, name: &str, len: usize) -> Vec<Instruction> {
@@ -260,17 +266,24 @@ fn overflow_and_unresolved() {
         e => panic!("expected overflow, got {e}"),
     }
 
-    let e = link(&b, &p, BASES, &|n: &str| {
-        Err(format!("no `{n}` in this kernel"))
-    })
-    .unwrap_err();
-    assert_eq!(
-        e,
-        LinkError::UnresolvedSymbol {
-            name: "printk".into(),
-            reason: "no `printk` in this kernel".into()
-        }
+    let e = link(&b, &p, BASES, &|n: &str| Err(not_found(n))).unwrap_err();
+    assert!(
+        matches!(
+            &e,
+            LinkError::UnresolvedSymbol {
+                name,
+                source: ResolveError::Symbol(SymbolError::NotFound { name: missing, .. }),
+            } if name == "printk" && missing == "printk"
+        ),
+        "{e:?}"
     );
+    // The message still says why, and the typed cause stays reachable as the source.
+    assert!(
+        e.to_string().contains("no symbol `printk` in vmlinux"),
+        "{e}"
+    );
+    let source = std::error::Error::source(&e).expect("a source");
+    assert_eq!(source.to_string(), not_found("printk").to_string());
 }
 
 #[test]
@@ -301,10 +314,8 @@ fn bad_regions_and_plan_mismatch() {
     assert!(e.to_string().contains("overlap"), "{e}");
 
     let other = bundle(&compile_c(SRC, &["-fcf-protection=branch"]), &["lucos_new"]);
-    assert_eq!(
-        link(&other, &p, BASES, &resolve).unwrap_err(),
-        LinkError::PlanMismatch
-    );
+    let e = link(&other, &p, BASES, &resolve).unwrap_err();
+    assert!(matches!(e, LinkError::PlanMismatch), "{e}");
 }
 
 #[test]
@@ -346,11 +357,9 @@ fn common_symbols_are_refused() {
     let src = "int shared_thing; int lucos_new(int x) { return shared_thing + x; }";
     let b = bundle(&compile_c(src, &["-fcommon"]), &["lucos_new"]);
     let e = plan(&b).unwrap_err();
-    assert_eq!(
-        e,
-        LinkError::CommonSymbol {
-            name: "shared_thing".into()
-        }
+    assert!(
+        matches!(&e, LinkError::CommonSymbol { name } if name == "shared_thing"),
+        "{e}"
     );
     assert!(e.to_string().contains("-fno-common"));
 }

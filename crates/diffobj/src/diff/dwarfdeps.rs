@@ -14,7 +14,7 @@ use std::path::{Component, Path, PathBuf};
 use object::Object;
 use serde::{Deserialize, Serialize};
 
-use super::error::DiffError;
+use super::error::{DiffError, DwarfError};
 
 /// Bump when the index format or its derivation changes.
 const INDEX_FORMAT: u32 = 1;
@@ -48,9 +48,9 @@ impl DepsIndex {
         }
         let started = std::time::Instant::now();
         let data = std::fs::read(vmlinux).map_err(DiffError::io("read", vmlinux))?;
-        let units = read_units(&data).map_err(|reason| DiffError::Tree {
+        let units = read_units(&data).map_err(|source| DiffError::VmlinuxDwarf {
             path: vmlinux.to_owned(),
-            reason: format!("cannot read its DWARF compile units: {reason}"),
+            source,
         })?;
         tracing::info!(
             units = units.len(),
@@ -112,12 +112,12 @@ fn source_root(names: &[(PathBuf, PathBuf)]) -> Option<PathBuf> {
     })
 }
 
-use super::layout::Slice;
+use super::layout::{parse, Slice};
 
-fn read_units(data: &[u8]) -> Result<Vec<Unit>, String> {
-    let file = object::File::parse(data).map_err(|e| e.to_string())?;
+fn read_units(data: &[u8]) -> Result<Vec<Unit>, DwarfError> {
+    let file = object::File::parse(data).map_err(|source| DwarfError::Object { source })?;
     if file.section_by_name(".debug_info").is_none() {
-        return Err("it has no .debug_info (use the -dbg package's vmlinux)".into());
+        return Err(DwarfError::NoDebugInfo);
     }
     let sections = super::layout::dwarf_sections(&file)?;
     let dwarf = super::layout::dwarf(&sections)?;
@@ -125,8 +125,8 @@ fn read_units(data: &[u8]) -> Result<Vec<Unit>, String> {
     // First pass: each unit's name, compilation directory and raw file list.
     let mut raw: Vec<(PathBuf, PathBuf, Vec<PathBuf>)> = Vec::new();
     let mut headers = dwarf.units();
-    while let Some(header) = headers.next().map_err(|e| e.to_string())? {
-        let unit = dwarf.unit(header).map_err(|e| e.to_string())?;
+    while let Some(header) = headers.next().map_err(parse("a unit header"))? {
+        let unit = dwarf.unit(header).map_err(parse("a unit"))?;
         let text = |s: Option<Slice<'_>>| {
             PathBuf::from(
                 s.map(|s| s.to_string_lossy().into_owned())
@@ -141,11 +141,13 @@ fn read_units(data: &[u8]) -> Result<Vec<Unit>, String> {
             for f in h.file_names() {
                 let name = dwarf
                     .attr_string(&unit, f.path_name())
-                    .map_err(|e| e.to_string())?;
+                    .map_err(parse("a line-table file name"))?;
                 let mut path = PathBuf::from(name.to_string_lossy().into_owned());
                 if path.is_relative() {
                     if let Some(dir) = f.directory(h) {
-                        let dir = dwarf.attr_string(&unit, dir).map_err(|e| e.to_string())?;
+                        let dir = dwarf
+                            .attr_string(&unit, dir)
+                            .map_err(parse("a line-table directory"))?;
                         path = PathBuf::from(dir.to_string_lossy().into_owned()).join(path);
                     }
                     if path.is_relative() {
@@ -159,7 +161,7 @@ fn read_units(data: &[u8]) -> Result<Vec<Unit>, String> {
     }
     let names: Vec<(PathBuf, PathBuf)> =
         raw.iter().map(|(n, c, _)| (n.clone(), c.clone())).collect();
-    let src_root = source_root(&names).ok_or("no compile unit for init/main.c")?;
+    let src_root = source_root(&names).ok_or(DwarfError::NoSourceRoot)?;
     let mut units = Vec::with_capacity(raw.len());
     for (name, comp_dir, files) in raw {
         let roots = [src_root.as_path(), comp_dir.as_path()];
@@ -182,7 +184,28 @@ fn read_units(data: &[u8]) -> Result<Vec<Unit>, String> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::layout::tests::{object_with, TRUNCATED_UNIT};
     use super::*;
+
+    #[test]
+    fn unreadable_compile_units_are_typed() {
+        assert!(matches!(
+            read_units(&object_with(None)),
+            Err(DwarfError::NoDebugInfo)
+        ));
+        assert!(matches!(
+            read_units(&object_with(Some(TRUNCATED_UNIT))),
+            Err(DwarfError::Parse {
+                what: "a unit header",
+                ..
+            })
+        ));
+        // Readable, but no unit names init/main.c: the source root is unknown.
+        assert!(matches!(
+            read_units(&object_with(Some(&[]))),
+            Err(DwarfError::NoSourceRoot)
+        ));
+    }
 
     #[test]
     fn paths_are_made_relative_to_either_root() {

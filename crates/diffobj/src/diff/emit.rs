@@ -143,7 +143,7 @@ impl Out<'_> {
         let (oi, sec) = src;
         let o = diffs[oi].patched;
         let resolved = resolve(diffs, globals, oi, sec, r)
-            .map_err(|e| emit_err(format!("unplanned refusal: {e}")))?;
+            .map_err(|source| DiffError::UnplannedRefusal { source })?;
         let (symbol, addend) = match resolved {
             Resolved::Unit { obj, kind, addend } => {
                 let ti = *self.plan.index.get(&(obj, kind)).ok_or_else(|| {

@@ -113,6 +113,35 @@ pub enum Refusal {
     NewExport { symbol: String, file: String },
 }
 
+/// Why an object's DWARF could not be read (a compiled object's struct layouts, vmlinux's
+/// compile units). The reader's own error stays the source, so a caller can tell a corrupt
+/// section from a truncated unit.
+#[derive(Debug, Error)]
+pub enum DwarfError {
+    #[error("it is not a readable ELF object: {source}")]
+    Object {
+        #[source]
+        source: object::read::Error,
+    },
+    #[error("its section {section} cannot be read: {source}")]
+    Section {
+        section: &'static str,
+        #[source]
+        source: object::read::Error,
+    },
+    #[error("{what}: {source}")]
+    Parse {
+        /// What was being read: a unit header, a unit's DIEs, a line-table file name.
+        what: &'static str,
+        #[source]
+        source: gimli::Error,
+    },
+    #[error("it has no .debug_info (use the -dbg package's vmlinux)")]
+    NoDebugInfo,
+    #[error("no compile unit for init/main.c")]
+    NoSourceRoot,
+}
+
 #[derive(Debug, Error)]
 pub enum DiffError {
     #[error("cannot {action} {path}: {source}")]
@@ -163,8 +192,21 @@ pub enum DiffError {
         status: String,
         stderr: String,
     },
-    #[error("cannot read compiled object {object}: {reason}")]
-    BadObject { object: String, reason: String },
+    #[error("cannot read compiled object {object}: its DWARF cannot be read: {source}")]
+    ObjectDwarf {
+        object: String,
+        #[source]
+        source: DwarfError,
+    },
+    #[error(
+        "{path} is not a usable Kbuild tree: cannot read its DWARF compile units: {source}; \
+         pass the cached guest build (`guest/kernel.sh --print-dir`) or its build/ directory"
+    )]
+    VmlinuxDwarf {
+        path: PathBuf,
+        #[source]
+        source: DwarfError,
+    },
     #[error("cannot read compiled object {object}: {source}")]
     Elf {
         object: String,
@@ -197,6 +239,11 @@ pub enum DiffError {
     },
     #[error("cannot write the bundle: {reason}")]
     Emit { reason: String },
+    #[error("cannot write the bundle: unplanned refusal: {source}")]
+    UnplannedRefusal {
+        #[source]
+        source: Refusal,
+    },
     #[error("the bundle built does not pass lucos's own checks ({0}); this is a lucos bug")]
     Bundle(#[from] lucos_patch::BundleError),
     #[error("the bundle built cannot be linked ({0}); this is a lucos bug unless the message says otherwise")]

@@ -12,6 +12,13 @@ use std::collections::BTreeMap;
 
 use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
 
+use super::error::DwarfError;
+
+/// The gimli error of reading `what`, kept as the source.
+pub(crate) fn parse(what: &'static str) -> impl FnOnce(gimli::Error) -> DwarfError {
+    move |source| DwarfError::Parse { what, source }
+}
+
 /// A struct or union as laid out: size and (member, bit offset) in declaration order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Layout {
@@ -51,11 +58,16 @@ pub(crate) type Slice<'a> = gimli::EndianSlice<'a, gimli::RunTimeEndian>;
 /// A debug section's bytes, with the object's absolute relocations applied when it has any
 /// (in a `.o`, string and line offsets are relocations against the string sections; a
 /// linked vmlinux has none, and its sections are borrowed as they are).
-fn relocated<'d>(file: &object::File<'d>, name: &str) -> Result<Cow<'d, [u8]>, String> {
+fn relocated<'d>(file: &object::File<'d>, name: &'static str) -> Result<Cow<'d, [u8]>, DwarfError> {
     let Some(sec) = file.section_by_name(name) else {
         return Ok(Cow::Borrowed(&[]));
     };
-    let mut data = sec.uncompressed_data().map_err(|e| e.to_string())?;
+    let mut data = sec
+        .uncompressed_data()
+        .map_err(|source| DwarfError::Section {
+            section: name,
+            source,
+        })?;
     for (offset, rel) in sec.relocations() {
         let base = match rel.target() {
             RelocationTarget::Symbol(i) => {
@@ -86,7 +98,7 @@ fn relocated<'d>(file: &object::File<'d>, name: &str) -> Result<Cow<'d, [u8]>, S
 /// The DWARF sections of `file` that unit headers, DIEs and line tables need.
 pub(crate) fn dwarf_sections<'d>(
     file: &object::File<'d>,
-) -> Result<BTreeMap<gimli::SectionId, Cow<'d, [u8]>>, String> {
+) -> Result<BTreeMap<gimli::SectionId, Cow<'d, [u8]>>, DwarfError> {
     let mut sections = BTreeMap::new();
     for id in [
         gimli::SectionId::DebugAbbrev,
@@ -106,25 +118,25 @@ pub(crate) fn dwarf_sections<'d>(
 /// gimli's view of sections from [`dwarf_sections`].
 pub(crate) fn dwarf<'a>(
     sections: &'a BTreeMap<gimli::SectionId, Cow<'_, [u8]>>,
-) -> Result<gimli::Dwarf<Slice<'a>>, String> {
+) -> Result<gimli::Dwarf<Slice<'a>>, DwarfError> {
     gimli::Dwarf::load(|id| -> Result<Slice<'a>, gimli::Error> {
         let bytes = sections.get(&id).map(|c| &c[..]).unwrap_or(&[]);
         Ok(gimli::EndianSlice::new(bytes, gimli::RunTimeEndian::Little))
     })
-    .map_err(|e| e.to_string())
+    .map_err(parse("the DWARF sections"))
 }
 
 /// Every named struct and union defined once in the object's DWARF. Empty when the object
 /// has no debug info (then nothing can be checked; the caller says so).
-pub(crate) fn layouts(data: &[u8]) -> Result<BTreeMap<String, Layout>, String> {
-    let file = object::File::parse(data).map_err(|e| e.to_string())?;
+pub(crate) fn layouts(data: &[u8]) -> Result<BTreeMap<String, Layout>, DwarfError> {
+    let file = object::File::parse(data).map_err(|source| DwarfError::Object { source })?;
     let sections = dwarf_sections(&file)?;
     let dwarf = dwarf(&sections)?;
     let mut found: BTreeMap<String, Option<Layout>> = BTreeMap::new();
     let mut units = dwarf.units();
-    while let Some(header) = units.next().map_err(|e| e.to_string())? {
-        let unit = dwarf.unit(header).map_err(|e| e.to_string())?;
-        collect(&dwarf, &unit, &mut found).map_err(|e| e.to_string())?;
+    while let Some(header) = units.next().map_err(parse("a unit header"))? {
+        let unit = dwarf.unit(header).map_err(parse("a unit"))?;
+        collect(&dwarf, &unit, &mut found).map_err(parse("a unit's types"))?;
     }
     Ok(found
         .into_iter()
@@ -218,8 +230,45 @@ fn record(found: &mut BTreeMap<String, Option<Layout>>, name: String, layout: La
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// An x86-64 ELF object whose `.debug_info` (when given) holds `debug_info`.
+    pub(crate) fn object_with(debug_info: Option<&[u8]>) -> Vec<u8> {
+        use object::write;
+        let mut w = write::Object::new(
+            object::BinaryFormat::Elf,
+            object::Architecture::X86_64,
+            object::Endianness::Little,
+        );
+        if let Some(bytes) = debug_info {
+            let id = w.add_section(
+                Vec::new(),
+                b".debug_info".to_vec(),
+                object::SectionKind::Debug,
+            );
+            w.append_section_data(id, bytes, 1);
+        }
+        w.write().unwrap()
+    }
+
+    /// A unit header claiming 16 bytes of which 2 follow.
+    pub(crate) const TRUNCATED_UNIT: &[u8] = &[16, 0, 0, 0, 5, 0];
+
+    #[test]
+    fn unreadable_dwarf_keeps_the_readers_error() {
+        let e = layouts(b"not an object").unwrap_err();
+        assert!(matches!(e, DwarfError::Object { .. }), "{e}");
+        let e = layouts(&object_with(Some(TRUNCATED_UNIT))).unwrap_err();
+        let DwarfError::Parse { what, source } = &e else {
+            panic!("expected a parse error, got {e:?}");
+        };
+        assert_eq!(*what, "a unit header");
+        assert!(e.to_string().contains(&source.to_string()), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
+        // No debug info at all is no error: there is nothing to compare.
+        assert!(layouts(&object_with(None)).unwrap().is_empty());
+    }
 
     fn l(size: u64, m: &[(&str, u64)]) -> Layout {
         Layout {

@@ -164,9 +164,9 @@ pub(crate) fn layout_refusals(
     patched: &[u8],
 ) -> Result<Vec<Refusal>, DiffError> {
     let read = |bytes: &[u8]| {
-        super::layout::layouts(bytes).map_err(|reason| DiffError::BadObject {
+        super::layout::layouts(bytes).map_err(|source| DiffError::ObjectDwarf {
             object: object.to_string(),
-            reason: format!("its DWARF cannot be read: {reason}"),
+            source,
         })
     };
     let (old, new) = (read(orig)?, read(patched)?);

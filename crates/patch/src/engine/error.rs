@@ -98,8 +98,12 @@ pub enum EngineError {
     },
     #[error("the linked bundle has no function `{0}` for its manifest")]
     MissingNew(String),
-    #[error("cannot find read-only object `{object}` to rewrite in the running kernel: {reason}; rebuild the bundle against this kernel")]
-    RewriteSymbol { object: String, reason: String },
+    #[error("cannot find read-only object `{object}` to rewrite in the running kernel: {source}; rebuild the bundle against this kernel")]
+    RewriteSymbol {
+        object: String,
+        #[source]
+        source: crate::ResolveError,
+    },
     #[error("read-only object `{object}` at {addr:#x} does not hold what the bundle expects (first difference at byte {offset}): the bundle was built for other code, or another bundle rewrote it; revert that one first or rebuild against this kernel")]
     RewriteMismatch {
         object: String,

@@ -76,7 +76,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         man: &Manifest,
         modules: &[LoadedModule],
         name: &str,
-    ) -> Option<Result<u64, String>> {
+    ) -> Option<Result<u64, crate::ResolveError>> {
         let mut found = man
             .replacements
             .iter()
@@ -90,10 +90,11 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             });
         let (m, s) = found.next()?;
         if let Some((m2, _)) = found.find(|(m2, s2)| s2.addr != s.addr || m2.name != m.name) {
-            return Some(Err(format!(
-                "`{name}` names several symbols in modules {} and {}",
-                m.name, m2.name
-            )));
+            return Some(Err(crate::ResolveError::AmbiguousInModules {
+                name: name.to_string(),
+                first: m.name.clone(),
+                second: m2.name.clone(),
+            }));
         }
         Some(Ok(s.addr))
     }

@@ -38,12 +38,12 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                     .syms
                     .lookup_in_file(f, &rw.old)
                     .map(|s| self.layout.live(s.addr))
-                    .map_err(|e| e.to_string()),
+                    .map_err(crate::ResolveError::from),
                 None => self.resolve(man, modules, &rw.old),
             }
-            .map_err(|reason| EngineError::RewriteSymbol {
+            .map_err(|source| EngineError::RewriteSymbol {
                 object: object.clone(),
-                reason,
+                source,
             })?;
             let mut live = vec![0u8; rw.expect.len()];
             paging::read_virt(&*self.m, self.layout.cr3, GuestVirtAddr(va), &mut live)?;

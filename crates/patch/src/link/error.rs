@@ -1,10 +1,30 @@
 //! What can stop a bundle from being planned or linked.
 
+use lucos_introspect::symbols::SymbolError;
 use thiserror::Error;
 
 use crate::layout::MAX_REGION_SIZE;
 
-#[derive(Debug, Error, PartialEq, Eq)]
+/// Why a resolver could not give an undefined bundle symbol its address in the running
+/// kernel. Typed so that callers (and [`LinkError::UnresolvedSymbol`]'s source chain) can
+/// tell a missing symbol from an ambiguous one.
+#[derive(Debug, Error)]
+pub enum ResolveError {
+    /// vmlinux's symbol table has no such symbol, or more than one.
+    #[error(transparent)]
+    Symbol(#[from] SymbolError),
+    /// Two modules the bundle patches both define the name at different addresses.
+    #[error("`{name}` names several symbols in modules {first} and {second}")]
+    AmbiguousInModules {
+        name: String,
+        first: String,
+        second: String,
+    },
+}
+
+// Not PartialEq: `UnresolvedSymbol` keeps the resolver's error, whose `SymbolError` can
+// hold an `io::Error`. Tests match on the variant instead.
+#[derive(Debug, Error)]
 pub enum LinkError {
     #[error("section {section} cannot be loaded: {reason}")]
     UnsupportedSection { section: String, reason: String },
@@ -52,8 +72,12 @@ pub enum LinkError {
         target: String,
         reason: String,
     },
-    #[error("cannot resolve `{name}` in the running kernel: {reason}")]
-    UnresolvedSymbol { name: String, reason: String },
+    #[error("cannot resolve `{name}` in the running kernel: {source}")]
+    UnresolvedSymbol {
+        name: String,
+        #[source]
+        source: ResolveError,
+    },
     #[error("`{name}` is a common symbol; build with -fno-common (as the kernel does)")]
     CommonSymbol { name: String },
     #[error("bad __fentry__ reference at {section}+{offset:#x}: {reason}")]

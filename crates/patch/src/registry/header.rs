@@ -62,11 +62,34 @@ impl Header {
         if crc32fast::hash(json) != self.crc[self.active as usize] {
             return Err(RegistryError::Corrupt("checksum mismatch".into()));
         }
-        let reg: Registry = serde_json::from_slice(json)
-            .map_err(|e| RegistryError::Corrupt(format!("bad JSON: {e}")))?;
+        let reg: Registry =
+            serde_json::from_slice(json).map_err(|source| RegistryError::BadJson { source })?;
         if reg.format != FORMAT {
             return Err(RegistryError::Format(reg.format));
         }
         Ok(reg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_with_a_good_checksum_but_bad_json_keeps_the_parser_error() {
+        let json = br#"{"format": 1, "generation": "#;
+        let h = Header {
+            active: 0,
+            generation: 1,
+            len: [json.len() as u32, 0],
+            crc: [crc32fast::hash(json), 0],
+        };
+        let e = h.registry(json).unwrap_err();
+        let RegistryError::BadJson { source } = &e else {
+            panic!("expected BadJson, got {e:?}");
+        };
+        assert!(source.is_eof(), "{source}");
+        assert!(e.to_string().contains("bad JSON"), "{e}");
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

@@ -2,6 +2,9 @@
 //! functions starting with an fentry NOP5, one without (`old_lucos_f4`, redirected at its
 //! entry), a read-only ops table and `page_offset_base`,
 //! mapped like Linux maps its image, in a running [`FakeMachine`] with empty patch memory.
+//! [`FakeKernel::with_modules`] adds the module bookkeeping a bundle's `struct module` is
+//! linked into (an empty module list, bug list and module tree, free mutexes) and the BTF
+//! that describes it, so that applies there link a module inside the pause.
 
 use std::process::Command;
 
@@ -67,6 +70,71 @@ page_offset_base:
 _end:
 "#;
 
+/// The kernel's module bookkeeping, laid out as Linux 6.1 lays it out (members lucos does
+/// not use left out), compiled with `-gbtf` so that the BTF describes these very types.
+const KMOD_C: &str = r#"
+struct list_head { struct list_head *next, *prev; };
+struct rb_node { unsigned long __rb_parent_color; struct rb_node *rb_right, *rb_left; };
+struct rb_root { struct rb_node *rb_node; };
+struct latch_tree_node { struct rb_node node[2]; };
+typedef struct { unsigned int sequence; } seqcount_latch_t;
+struct latch_tree_root { seqcount_latch_t seq; struct rb_root tree[2]; };
+struct module;
+struct mod_tree_node { struct module *mod; struct latch_tree_node node; };
+struct module_layout {
+	void *base; unsigned int size, text_size, ro_size, ro_after_init_size;
+	struct mod_tree_node mtn;
+};
+struct mod_tree_root { struct latch_tree_root root; unsigned long addr_min, addr_max; };
+struct mod_kallsyms { void *symtab; unsigned int num_symtab; char *strtab; char *typetab; };
+struct mod_arch_specific { unsigned int num_orcs; int *orc_unwind_ip; void *orc_unwind; };
+struct static_key { int enabled; union { unsigned long type; void *entries; void *next; }; };
+struct static_key_mod { struct static_key_mod *next; void *entries; struct module *mod; };
+typedef struct { long counter; } atomic_long_t;
+struct mutex { atomic_long_t owner; int wait_lock; struct list_head wait_list; };
+struct module {
+	int state;
+	struct list_head list;
+	char name[56];
+	unsigned char build_id[20];
+	struct module_layout core_layout, init_layout;
+	struct mod_arch_specific arch;
+	unsigned long taints;
+	unsigned int num_bugs;
+	struct list_head bug_list;
+	void *bug_table;
+	struct mod_kallsyms *kallsyms;
+	struct mod_kallsyms core_kallsyms;
+	struct list_head source_list, target_list;
+	struct { int counter; } refcnt;
+	unsigned int num_exentries;
+	void *extable;
+	void *jump_entries;
+	unsigned int num_jump_entries;
+};
+struct list_head modules = { &modules, &modules };
+struct list_head module_bug_list = { &module_bug_list, &module_bug_list };
+struct mod_tree_root mod_tree = { .addr_min = -1UL };
+struct mutex module_mutex = { .wait_list = { &module_mutex.wait_list, &module_mutex.wait_list } };
+struct mutex jump_label_mutex = {
+	.wait_list = { &jump_label_mutex.wait_list, &jump_label_mutex.wait_list }
+};
+/* Only so that the BTF has these types. */
+struct module *lucos_module_type = 0;
+struct static_key_mod *lucos_skm_type = 0;
+struct static_key *lucos_key_type = 0;
+"#;
+
+/// The BTF of [`KMOD_C`] in the image, between the symbols the kernel's BTF has.
+const BTF_S: &str = r#"
+	.section .rodata.btf,"a"
+	.globl __start_BTF
+__start_BTF:
+	.incbin "btf.bin"
+	.globl __stop_BTF
+__stop_BTF:
+"#;
+
 const BUNDLE_C: &str = "int lucos_f1(int x) { return x + 1; }\n\
 int lucos_f2(int x) { return x + 2; }\n\
 int lucos_f3(int x) { return x + 3; }\n\
@@ -93,27 +161,95 @@ fn run(cmd: &mut Command) {
     );
 }
 
+/// The objects of the module bookkeeping in `dir`: the variables, and their BTF placed in
+/// the image (extracted from the first object's `.BTF`, which gcc does not load).
+fn kmod_objects(dir: &std::path::Path) -> [&'static str; 2] {
+    std::fs::write(dir.join("kmod.c"), KMOD_C).unwrap();
+    std::fs::write(dir.join("btf.S"), BTF_S).unwrap();
+    run(Command::new("gcc").current_dir(dir).args([
+        "-c",
+        "-gbtf",
+        "-fno-zero-initialized-in-bss",
+        "kmod.c",
+        "-o",
+        "kmod.o",
+    ]));
+    run(Command::new("objcopy").current_dir(dir).args([
+        "--dump-section",
+        ".BTF=btf.bin",
+        "kmod.o",
+        "kmod.tmp",
+    ]));
+    run(Command::new("gcc")
+        .current_dir(dir)
+        .args(["-c", "btf.S", "-o", "btf.o"]));
+    ["kmod.o", "btf.o"]
+}
+
+/// Every allocated section of the image at its physical address (slide 0), `.bss` as
+/// zeros, so that the kernel's initialised variables hold their values.
+fn load_image(mem: &mut FakeMem, vmlinux: &[u8]) {
+    use object::{Object, ObjectSection, SectionFlags, SectionKind};
+    let file = object::File::parse(vmlinux).unwrap();
+    for sec in file.sections() {
+        let alloc = match sec.flags() {
+            SectionFlags::Elf { sh_flags } => sh_flags & u64::from(object::elf::SHF_ALLOC) != 0,
+            _ => false,
+        };
+        if !alloc || sec.size() == 0 {
+            continue;
+        }
+        let pa = sec.address() - KERNEL_MAP;
+        match sec.kind() {
+            SectionKind::UninitializedData => mem.write(pa, &vec![0u8; sec.size() as usize]),
+            _ => mem.write(pa, sec.data().unwrap()),
+        }
+    }
+}
+
 impl FakeKernel {
     pub fn new() -> Self {
+        Self::build(false)
+    }
+
+    /// A kernel with module bookkeeping: every bundle applied to it gets a `struct module`,
+    /// linked into the kernel's lists and tree inside the pause.
+    pub fn with_modules() -> Self {
+        Self::build(true)
+    }
+
+    fn build(modules: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("k.S"), KERNEL_S).unwrap();
         run(Command::new("gcc")
             .current_dir(dir.path())
             .args(["-c", "k.S", "-o", "k.o"]));
-        run(Command::new("gcc").current_dir(dir.path()).args([
-            "-nostdlib",
-            "-static",
-            "-no-pie",
-            "-Wl,--build-id=sha1",
-            "-Wl,-e,0",
-            &format!("-Wl,-Ttext-segment={IMAGE:#x}"),
-            "-o",
-            "vmlinux",
-            "k.o",
-        ]));
+        let mut objects = vec!["k.o"];
+        if modules {
+            objects.extend(kmod_objects(dir.path()));
+        }
+        run(Command::new("gcc")
+            .current_dir(dir.path())
+            .args([
+                "-nostdlib",
+                "-static",
+                "-no-pie",
+                "-Wl,--build-id=sha1",
+                "-Wl,-e,0",
+                &format!("-Wl,-Ttext-segment={IMAGE:#x}"),
+                "-o",
+                "vmlinux",
+            ])
+            .args(&objects));
         let syms = KernelSymbols::load(dir.path().join("vmlinux")).unwrap();
         let addr = |n: &str| syms.lookup(n).unwrap().addr;
         let mut mem = FakeMem::new();
+        if modules {
+            load_image(
+                &mut mem,
+                &std::fs::read(dir.path().join("vmlinux")).unwrap(),
+            );
+        }
         let cr3 = mem.new_pml4();
         let end = addr("_end").next_multiple_of(2 << 20);
         let mut va = IMAGE & !((2 << 20) - 1);

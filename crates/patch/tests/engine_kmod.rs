@@ -1,0 +1,207 @@
+//! The kernel edit of a switch (linking the bundle's `struct module` into the kernel's module
+//! list, bug list and module tree, inside the pause) failing, on a fake kernel with module
+//! bookkeeping (no QEMU). Each case checks the guest's memory afterwards: the edit comes
+//! after the registry commit, so its failure must undo the kernel words written so far,
+//! the commit and the staged code.
+
+mod common;
+
+use common::fake::GPA;
+use common::kernel::FakeKernel;
+use lucos_introspect::fake::{Call, Failing, FakeMachine};
+use lucos_introspect::{GuestPhysAddr, PhysMem};
+use lucos_patch::kmod::{KmodError, RegisterError};
+use lucos_patch::{Bundle, EngineError};
+
+fn bundle(k: &FakeKernel) -> Bundle {
+    k.bundle("one", &["lucos_f1"], false)
+}
+
+fn read_u64(m: &FakeMachine, pa: u64) -> u64 {
+    let mut b = [0u8; 8];
+    m.read_phys(GuestPhysAddr(pa), &mut b).unwrap();
+    u64::from_le_bytes(b)
+}
+
+/// The writes of a successful apply, and the guest after it.
+fn dry_run(k: &FakeKernel, b: &Bundle) -> (Vec<(u64, Vec<u8>)>, FakeMachine) {
+    let mut m = k.fresh.clone();
+    k.session(&mut m).unwrap().apply(b).unwrap();
+    (m.writes.clone(), m)
+}
+
+/// 1-based positions, among the writes of a successful apply, of the kernel edit: the
+/// writes after the commit inside the pause (its header write) and before the site.
+fn edit_writes(k: &FakeKernel, writes: &[(u64, Vec<u8>)]) -> std::ops::Range<usize> {
+    let site = writes
+        .iter()
+        .position(|w| w.0 == k.pa("old_lucos_f1"))
+        .unwrap();
+    let commit = writes[..site].iter().rposition(|w| w.0 == GPA).unwrap();
+    commit + 2..site + 1
+}
+
+fn assert_unchanged(before: &FakeMachine, m: &FakeMachine, what: &str) {
+    assert!(m.mem == before.mem, "{what}: the guest's memory changed");
+    assert!(!m.paused, "{what}: the VM was left paused");
+}
+
+/// Guards the fake itself: on it an apply does link a module into the kernel's list, so
+/// the failures below are failures of a real kernel edit.
+#[test]
+fn an_apply_links_the_bundles_module_into_the_kernel() {
+    let k = FakeKernel::with_modules();
+    let (writes, m) = dry_run(&k, &bundle(&k));
+    let head = k.pa("modules");
+    assert_eq!(
+        read_u64(&k.fresh, head),
+        k.syms.lookup("modules").unwrap().addr
+    );
+    let first = read_u64(&m, head);
+    assert_ne!(
+        first,
+        k.syms.lookup("modules").unwrap().addr,
+        "no module linked"
+    );
+    let edit = edit_writes(&k, &writes);
+    assert!(
+        writes[edit.start - 1..edit.end - 1]
+            .iter()
+            .any(|w| w.0 == head),
+        "the list head is written in the edit"
+    );
+    let reg = k.session(&mut m.clone()).unwrap().registry().unwrap();
+    let rec = reg.find_applied("one").unwrap();
+    assert_eq!(
+        rec.module.as_ref().unwrap().va + 8,
+        first,
+        "list at offset 8"
+    );
+}
+
+#[test]
+fn every_failed_write_of_the_kernel_edit_is_undone() {
+    let k = FakeKernel::with_modules();
+    let b = bundle(&k);
+    let edit = edit_writes(&k, &dry_run(&k, &b).0);
+    assert!(
+        edit.len() >= 6,
+        "list, bug list, latch, two trees, bounds: {edit:?}"
+    );
+    for n in edit {
+        let mut m = k.fresh.clone();
+        let mut f = Failing::new(&mut m).fail(Call::Write, n);
+        let err = k.session(&mut f).unwrap().apply(&b).unwrap_err();
+        assert!(matches!(err, EngineError::Machine(_)), "write {n}: {err}");
+        assert_eq!(f.count(Call::Pause), 1, "write {n} is inside the pause");
+        drop(f);
+        assert_unchanged(&k.fresh, &m, &format!("kernel edit write {n} failed"));
+    }
+}
+
+/// The kernel holds `module_mutex`: the edit is refused inside the pause, after the commit.
+#[test]
+fn a_kernel_edit_refused_in_the_pause_leaves_the_guest_unchanged() {
+    let k = FakeKernel::with_modules();
+    let b = bundle(&k);
+    let mut m = k.fresh.clone();
+    m.mem.write_u64(k.pa("module_mutex"), 0xffff_8880_0123_4000);
+    let before = m.clone();
+    let mut f = Failing::new(&mut m);
+    let err = k.session(&mut f).unwrap().apply(&b).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Kmod(KmodError::Register(RegisterError::Busy {
+                lock: "module_mutex",
+                ..
+            }))
+        ),
+        "{err}"
+    );
+    assert_eq!(f.count(Call::Pause), 1);
+    drop(f);
+    assert!(
+        m.writes[before.writes.len()..].iter().any(|w| w.0 == GPA),
+        "the record was committed before the edit"
+    );
+    assert_unchanged(&before, &m, "the edit was refused");
+}
+
+/// Reading the kernel's state for the edit fails (the first read of `module_mutex`, which
+/// only the edit reads).
+#[test]
+fn a_failed_read_for_the_kernel_edit_leaves_the_guest_unchanged() {
+    let k = FakeKernel::with_modules();
+    let b = bundle(&k);
+    let mut m = k.fresh.clone();
+    let mutex = k.pa("module_mutex");
+    let mut f = Failing::new(&mut m).fail_read(mutex..mutex + 8, 1);
+    let err = k.session(&mut f).unwrap().apply(&b).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            EngineError::Kmod(KmodError::Register(RegisterError::Read { .. }))
+        ),
+        "{err}"
+    );
+    assert_eq!(f.count(Call::Pause), 1, "the edit is read inside the pause");
+    drop(f);
+    assert_unchanged(&k.fresh, &m, "the edit's read failed");
+}
+
+/// A kernel edit that fails and whose undo fails too: as the switch documents, the record
+/// is kept, marked half-applied, with its module (the kernel may still link it) and its
+/// pages (not rolled back), and without sites (none was written). A revert then unlinks
+/// what is linked and leaves the kernel's bookkeeping as before the apply.
+#[test]
+fn a_kernel_edit_that_cannot_be_undone_keeps_a_half_applied_record() {
+    let k = FakeKernel::with_modules();
+    let b = bundle(&k);
+    let (writes, _) = dry_run(&k, &b);
+    let edit = edit_writes(&k, &writes);
+    // The second word fails after the first landed; then the first word of the undo.
+    let n = edit.start + 1;
+    let mut m = k.fresh.clone();
+    let err = {
+        let mut f = Failing::new(&mut m)
+            .fail(Call::Write, n)
+            .fail(Call::Write, n + 1);
+        k.session(&mut f).unwrap().apply(&b).unwrap_err()
+    };
+    assert!(matches!(err, EngineError::Machine(_)), "{err}");
+    assert!(!m.paused);
+    let site = k.pa("old_lucos_f1");
+    assert_eq!(
+        read_u64(&m, site),
+        read_u64(&k.fresh, site),
+        "no site was written"
+    );
+    let reg = k.session(&mut m).unwrap().registry().unwrap();
+    let rec = reg.find_applied("one").expect("the record is kept").clone();
+    assert!(rec.half_applied && rec.sites.is_empty());
+    let module = rec.module.as_ref().expect("the module record is kept");
+    let mut region = vec![0u8; 16];
+    let staged = GPA + rec.ranges.iter().map(|r| r.offset).max().unwrap();
+    m.read_phys(GuestPhysAddr(staged), &mut region).unwrap();
+    assert_ne!(region, [0u8; 16], "the staged module was not rolled back");
+    assert!(module.va != 0);
+
+    k.session(&mut m).unwrap().revert("one").unwrap();
+    for name in ["modules", "module_bug_list", "mod_tree"] {
+        let len = k.syms.lookup(name).unwrap().size as usize;
+        assert!(len >= 16, "{name}");
+        let mut now = vec![0u8; len];
+        let mut then = vec![0u8; len];
+        m.read_phys(GuestPhysAddr(k.pa(name)), &mut now).unwrap();
+        k.fresh
+            .read_phys(GuestPhysAddr(k.pa(name)), &mut then)
+            .unwrap();
+        if name == "mod_tree" {
+            // The latch sequence moves on with every change, as the kernel's does.
+            now[..4].fill(0);
+            then[..4].fill(0);
+        }
+        assert_eq!(now, then, "{name} after the revert");
+    }
+}
