@@ -30,6 +30,16 @@ fn bundle_of(patch: &str) -> (Box<Built>, Bundle) {
     }
 }
 
+/// `len` bytes of kernel memory at `va`, read with the guest paused (a consistent copy).
+fn live_bytes(s: &mut Shared, va: u64, len: usize) -> Vec<u8> {
+    use lucos_introspect::{read_virt, GuestVirtAddr, Machine};
+    let mut bytes = vec![0u8; len];
+    s.a.vm.pause().unwrap();
+    read_virt(&s.a.vm, s.a.layout.cr3, GuestVirtAddr(va), &mut bytes).unwrap();
+    s.a.vm.resume().unwrap();
+    bytes
+}
+
 /// Applies the bundle built from `patch`, runs `cmd` before, during and after.
 fn apply_observe_revert(patch: &str, cmd: &str) -> (String, String, String) {
     let (_, b) = bundle_of(patch);
@@ -97,7 +107,6 @@ fn changed_string_literal() {
 /// its exact bytes.
 #[test]
 fn read_only_table_rewritten_in_place_and_restored() {
-    use lucos_introspect::{read_virt, GuestVirtAddr, Machine};
     let (b, bundle) = bundle_of("15-rodata-task-states.patch");
     assert!(b.replaced.is_empty(), "{:?}", b.replaced);
     assert_eq!(bundle.manifest().rewrites.len(), 1);
@@ -107,13 +116,7 @@ fn read_only_table_rewritten_in_place_and_restored() {
             .lookup_in_file("fs/proc/array.c", "task_state_array")
             .unwrap();
     let (va, size) = (s.a.layout.live(sym.addr), sym.size as usize);
-    let table = |s: &mut Shared| {
-        let mut bytes = vec![0u8; size];
-        s.a.vm.pause().unwrap();
-        read_virt(&s.a.vm, s.a.layout.cr3, GuestVirtAddr(va), &mut bytes).unwrap();
-        s.a.vm.resume().unwrap();
-        bytes
-    };
+    let table = |s: &mut Shared| live_bytes(s, va, size);
     // The shell reading its own status runs; init, waiting for the shell, sleeps.
     let cmd = "grep State /proc/self/status /proc/1/status";
     let (before_bytes, before) = (table(&mut s), s.sh(cmd));
@@ -246,7 +249,6 @@ fn two_statics_of_one_name_from_two_files_each_link_to_their_own() {
 
 #[test]
 fn a_function_without_fentry_is_redirected_at_its_entry_and_restored() {
-    use lucos_introspect::{read_virt, GuestVirtAddr, Machine};
     let (b, bundle) = bundle_of("16-tracing-on-entry.patch");
     assert_eq!(b.replaced, vec!["rb_simple_read@kernel/trace/trace.c"]);
     assert!(bundle.manifest().replacements[0].no_fentry);
@@ -256,13 +258,7 @@ fn a_function_without_fentry_is_redirected_at_its_entry_and_restored() {
             .lookup_in_file("kernel/trace/trace.c", "rb_simple_read")
             .unwrap();
     let va = s.a.layout.live(sym.addr);
-    let entry = |s: &mut Shared| {
-        let mut bytes = [0u8; 16];
-        s.a.vm.pause().unwrap();
-        read_virt(&s.a.vm, s.a.layout.cr3, GuestVirtAddr(va), &mut bytes).unwrap();
-        s.a.vm.resume().unwrap();
-        bytes
-    };
+    let entry = |s: &mut Shared| live_bytes(s, va, 16);
     let cmd =
         "mkdir -p /tmp/tr; mount -t tracefs nodev /tmp/tr 2>/dev/null; cat /tmp/tr/tracing_on";
     let (old, before) = (entry(&mut s), s.sh(cmd));
