@@ -292,6 +292,16 @@ fn functions_without_a_site_are_redirected_at_their_entry() {
         r.expect[..w.end as usize],
         syms.section_bytes(s.addr, w.end as usize).unwrap()[..]
     );
+    // Entry and early boot code run on page tables without patch memory.
+    for f in ["asm_load_gs_index", "verify_cpu"] {
+        match replacement_for(syms, f, "lucos_x") {
+            Err(BuildError::EntryUnsafe {
+                source: lucos_patch::entry::EntryError::Placement { .. },
+                ..
+            }) => {}
+            other => panic!("{f}: {other:?}"),
+        }
+    }
     let e = replacement_for(syms, "saved_command_line", "lucos_x").unwrap_err();
     assert!(matches!(e, BuildError::NotAFunction { .. }), "{e}");
     // Base name or path both find the static.

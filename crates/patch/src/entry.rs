@@ -50,6 +50,11 @@ pub enum EntryError {
     IndirectJump { at: u64, insn: String },
     #[error("a {table} entry points at {at:#x}, inside the 5 bytes the jmp overwrites")]
     TableEntry { table: &'static str, at: u64 },
+    #[error(
+        "it is in {what}, which runs on page tables (PTI's user ones, or boot's) that do not \
+         map patch memory"
+    )]
+    Placement { what: &'static str },
     #[error("reading vmlinux")]
     Symbols(#[from] SymbolError),
 }
@@ -270,6 +275,30 @@ pub fn window_in_vmlinux(
 ) -> Result<EntryWindow, EntryError> {
     if size < 5 {
         return Err(EntryError::TooSmall { size });
+    }
+    let at = |name: &str| syms.lookup(name).ok().map(|s| s.addr);
+    // Entry code switches CR3 itself; head code also runs on CPU bring-up, before paging
+    // is the kernel's. Both are without fentry (mostly assembly).
+    if let (Some(a), Some(b)) = (at("__entry_text_start"), at("__entry_text_end")) {
+        if (a..b).contains(&addr) {
+            return Err(EntryError::Placement {
+                what: ".entry.text",
+            });
+        }
+    }
+    // vmlinux keeps no bounds of .head.text (it starts `.text`); its code comes from these
+    // files, and verify_cpu there runs again when a CPU is brought up.
+    let head = syms.symbols().iter().any(|s| {
+        s.addr == addr
+            && s.name == name
+            && s.file
+                .as_deref()
+                .is_some_and(|f| f.starts_with("head_64") || f.starts_with("head64"))
+    });
+    if head {
+        return Err(EntryError::Placement {
+            what: ".head.text (early boot and CPU bring-up code)",
+        });
     }
     let code = syms.section_bytes(addr, size as usize)?;
     let prefix = format!("{name}.cold");
