@@ -211,83 +211,109 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
             budget: 0,
             seconds: 0.0,
         },
-        None => build_once(p.kernel_dir, &trimmed, &diff_path, &text, p.bundles, jobs)?,
+        None => Once {
+            kernel_dir: p.kernel_dir,
+            bundle_dir: p.bundles,
+            jobs,
+            only: None,
+        }
+        .build(&trimmed, &diff_path, &text)?,
     };
     r.left_out = left_out;
     let alone_failed =
         matches!(&r.built, Built::ToolError { kind, .. } if kind == "does not compile alone");
     if alone_failed && !unit.candidates.is_empty() {
+        // Every header it needs, however widely used: only the unit's own objects are
+        // recompiled with them (a header's other users are the header's own unit), so the
+        // budget does not apply.
         let mut with = trimmed.clone();
         with.files.extend(unit.candidates.iter().cloned());
-        let (with, left_out) = budget.trim(&with);
+        let own: Vec<String> = trimmed
+            .files
+            .iter()
+            .filter(|f| f.ends_with(".c"))
+            .cloned()
+            .collect();
         let text = unit_diff(p.from, p.to, &with)?;
         std::fs::write(&diff_path, &text)?;
-        r = build_once(p.kernel_dir, &with, &diff_path, &text, p.bundles, jobs)?;
+        let once = Once {
+            kernel_dir: p.kernel_dir,
+            bundle_dir: p.bundles,
+            jobs,
+            only: Some(own),
+        };
+        r = once.build(&with, &diff_path, &text)?;
         r.with_headers = true;
-        r.left_out = left_out;
+        r.left_out = Vec::new();
     }
     r.budget = budget.max_objects;
     r.seconds = started.elapsed().as_secs_f64();
     Ok(r)
 }
 
-fn build_once(
-    kernel_dir: &Path,
-    unit: &Unit,
-    diff_path: &Path,
-    text: &str,
-    bundle_dir: &Path,
+/// One build of a unit's diff.
+struct Once<'a> {
+    kernel_dir: &'a Path,
+    bundle_dir: &'a Path,
     jobs: usize,
-) -> Result<BuildResult> {
-    let options = BuildOptions {
-        id: Some(unit.id.clone()),
-        description: Some(format!("corpus unit {}: {}", unit.id, unit.files.join(" "))),
-        jobs,
-        ..BuildOptions::default()
-    };
-    let result = diff::build(kernel_dir, diff_path, &options, &diff::NoProgress);
-    let (built, functions) = match result {
-        Ok(BuildOutcome::Bundle(b)) => {
-            let path = bundle_dir.join(format!("{}.lcb", unit.id));
-            std::fs::write(&path, crate::signing::sign(&b.bundle)?)
-                .with_context(|| format!("writing {}", path.display()))?;
-            let f = functions_of(&b.report);
-            (
-                Built::Bundle {
-                    bundle: path,
-                    replaced: b.replaced.clone(),
-                },
-                f,
-            )
-        }
-        Ok(BuildOutcome::NoChange { report, reason }) => {
-            (Built::NoChange { reason }, functions_of(&report))
-        }
-        Err(DiffError::Refused { refusals, report }) => {
-            let mut f = functions_of(&report);
-            if report.objects.is_empty() {
-                f = hunk_functions(text);
+    /// Sources whose objects alone are recompiled (see `BuildOptions::only_sources`).
+    only: Option<Vec<String>>,
+}
+
+impl Once<'_> {
+    fn build(self, unit: &Unit, diff_path: &Path, text: &str) -> Result<BuildResult> {
+        let (kernel_dir, bundle_dir) = (self.kernel_dir, self.bundle_dir);
+        let options = BuildOptions {
+            id: Some(unit.id.clone()),
+            description: Some(format!("corpus unit {}: {}", unit.id, unit.files.join(" "))),
+            jobs: self.jobs,
+            only_sources: self.only,
+            ..BuildOptions::default()
+        };
+        let result = diff::build(kernel_dir, diff_path, &options, &diff::NoProgress);
+        let (built, functions) = match result {
+            Ok(BuildOutcome::Bundle(b)) => {
+                let path = bundle_dir.join(format!("{}.lcb", unit.id));
+                std::fs::write(&path, crate::signing::sign(&b.bundle)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                let f = functions_of(&b.report);
+                (
+                    Built::Bundle {
+                        bundle: path,
+                        replaced: b.replaced.clone(),
+                    },
+                    f,
+                )
             }
-            (
-                Built::Refused {
-                    refusals: refusals
-                        .iter()
-                        .map(|r| (r.cause(), r.to_string()))
-                        .collect(),
-                },
-                f,
-            )
-        }
-        Err(e) => (tool_error(&e), hunk_functions(text)),
-    };
-    Ok(BuildResult {
-        built,
-        functions,
-        with_headers: false,
-        left_out: Vec::new(),
-        budget: 0,
-        seconds: 0.0,
-    })
+            Ok(BuildOutcome::NoChange { report, reason }) => {
+                (Built::NoChange { reason }, functions_of(&report))
+            }
+            Err(DiffError::Refused { refusals, report }) => {
+                let mut f = functions_of(&report);
+                if report.objects.is_empty() {
+                    f = hunk_functions(text);
+                }
+                (
+                    Built::Refused {
+                        refusals: refusals
+                            .iter()
+                            .map(|r| (r.cause(), r.to_string()))
+                            .collect(),
+                    },
+                    f,
+                )
+            }
+            Err(e) => (tool_error(&e), hunk_functions(text)),
+        };
+        Ok(BuildResult {
+            built,
+            functions,
+            with_headers: false,
+            left_out: Vec::new(),
+            budget: 0,
+            seconds: 0.0,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -139,6 +139,16 @@ pub fn units(scope: &Scope, objects: &[KbuildObject], tree: &Path) -> Vec<Unit> 
             .cloned()
             .collect();
         deps.extend(direct_includes(tree, source, &headers));
+        // What those headers include among the changed ones: a header's new version may
+        // need its neighbour's (net/ip.h's new code calls dst_dev() from net/dst.h).
+        let mut todo: Vec<String> = deps.iter().cloned().collect();
+        while let Some(h) = todo.pop() {
+            for inc in direct_includes(tree, &h, &headers) {
+                if deps.insert(inc.clone()) {
+                    todo.push(inc);
+                }
+            }
+        }
         deps.extend(unlisted.iter().cloned());
         out.push(Unit {
             id: unit_id(out.len() + 1, source),
@@ -192,6 +202,13 @@ mod tests {
             "#include <linux/macros.h>\n#include \"internal.h\"\n#include <linux/other.h>\n",
         )
         .unwrap();
+        // A changed header that includes another changed one brings it along.
+        std::fs::create_dir_all(t.path().join("include/linux")).unwrap();
+        std::fs::write(
+            t.path().join("include/linux/macros.h"),
+            "#include <linux/net.h>\n",
+        )
+        .unwrap();
         let objects = [KbuildObject {
             object: "fs/pipe.o".into(),
             source: "fs/pipe.c".into(),
@@ -223,7 +240,8 @@ mod tests {
             [
                 "fs/internal.h",
                 "include/linux/fs.h",
-                "include/linux/macros.h"
+                "include/linux/macros.h",
+                "include/linux/net.h"
             ]
         );
         assert_eq!(u[4].files, ["include/linux/net.h"]);

@@ -115,7 +115,10 @@ pub fn build(
         let symbols = scope.spawn(|| KernelSymbols::load(&tree.vmlinux));
         let t = Instant::now();
         let objects = cmdfile::objects(&tree)?;
-        let (affected, refusals) = affected_objects(&objects, &changes);
+        let (mut affected, refusals) = affected_objects(&objects, &changes);
+        if let Some(only) = &options.only_sources {
+            affected.retain(|o| only.iter().any(|s| *s == o.source));
+        }
         if !refusals.is_empty() {
             return Err(DiffError::Refused {
                 refusals,

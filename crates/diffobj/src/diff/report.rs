@@ -56,6 +56,11 @@ pub struct BuildOptions {
     pub use_cache: bool,
     /// Compiles run in parallel.
     pub jobs: usize,
+    /// Recompile only the objects built from these sources, although changed headers have
+    /// other users: a corpus unit measures one file's fix with the headers it needs to
+    /// compile, and the headers' effect on their other users is the headers' own unit.
+    /// `None` (what `lucos build` uses): every object that depends on a changed file.
+    pub only_sources: Option<Vec<String>>,
 }
 
 impl Default for BuildOptions {
@@ -66,6 +71,7 @@ impl Default for BuildOptions {
             cache_dir: None,
             use_cache: true,
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
+            only_sources: None,
         }
     }
 }
