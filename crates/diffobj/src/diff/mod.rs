@@ -117,7 +117,7 @@ pub fn build(
         let objects = cmdfile::objects(&tree)?;
         let (mut affected, refusals) = affected_objects(&objects, &changes);
         if let Some(only) = &options.only_sources {
-            affected.retain(|o| only.iter().any(|s| *s == o.source));
+            affected.retain(|o| only.contains(&o.source));
         }
         if !refusals.is_empty() {
             return Err(DiffError::Refused {
