@@ -25,13 +25,14 @@ const FLAGS: &[&str] = &[
     "-c",
 ];
 
-fn cc(dir: &Path, name: &str, src: &str) -> Vec<u8> {
+fn cc(dir: &Path, name: &str, src: &str, extra: &[&str]) -> Vec<u8> {
     let c = dir.join(format!("{name}.c"));
     let o = dir.join(format!("{name}.o"));
     std::fs::write(&c, src).unwrap();
     // Relative source path, so `__FILE__` is the same for both versions.
     let out = Command::new("gcc")
         .args(FLAGS)
+        .args(extra)
         .arg(format!("{name}.c"))
         .arg("-o")
         .arg(&o)
@@ -49,13 +50,18 @@ fn cc(dir: &Path, name: &str, src: &str) -> Vec<u8> {
 /// Compiles both versions (as `t.c`, so `__FILE__` is the same) and compares them, with the
 /// line map of their `diff -u`.
 fn diff(orig: &str, patched: &str) -> ObjectDiff {
+    diff_with(orig, patched, &[])
+}
+
+/// [`diff`] with extra compiler flags (`-g`: type layouts are compared from DWARF).
+fn diff_with(orig: &str, patched: &str, extra: &[&str]) -> ObjectDiff {
     let dir = tempfile::tempdir().unwrap();
     let a = dir.path().join("a");
     let b = dir.path().join("b");
     std::fs::create_dir_all(&a).unwrap();
     std::fs::create_dir_all(&b).unwrap();
-    let o = cc(&a, "t", orig);
-    let p = cc(&b, "t", patched);
+    let o = cc(&a, "t", orig, extra);
+    let p = cc(&b, "t", patched, extra);
     let text = Command::new("diff")
         .args(["-u", "--label", "a/t.c", "--label", "b/t.c"])
         .arg(a.join("t.c"))
@@ -583,5 +589,35 @@ fn a_new_export_is_refused() {
     assert!(d.object.is_none());
     // An export that was there before is no change of its own.
     let d = diff(&patched, &patched.replace("+ 2", "+ 3"));
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+}
+
+/// A member wrapped in an anonymous union with a same-size alias keeps every byte where it
+/// was (6.1.190's `struct dst_entry`: `dev` became `union { dev; dev_rcu; }`); an overlay of
+/// another size does not.
+#[test]
+fn a_member_wrapped_in_a_union_with_an_alias_keeps_its_layout() {
+    let src = |t: &str, k: i32| {
+        format!(
+            "{PRELUDE}struct box {{ int a; {t}; long b; }};\n\
+             int get(struct box *p) {{ return ext(p->a) + {k} + (p->dev != 0) + (int)p->b; }}\n"
+        )
+    };
+    let old = src("void *dev", 1);
+    let d = diff_with(
+        &old,
+        &src("union { void *dev; void *dev_rcu; }", 2),
+        &["-g"],
+    );
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.redirected, vec!["get"]);
+    let d = diff_with(&old, &src("union { void *dev; int half; }", 2), &["-g"]);
+    assert!(
+        matches!(&d.refusals[..], [Refusal::TypeLayout { type_name, .. }] if type_name == "struct box"),
+        "{:?}",
+        d.refusals
+    );
+    // A nested anonymous struct with the same members at the same places is no change either.
+    let d = diff_with(&old, &src("struct { void *dev; }", 2), &["-g"]);
     assert!(d.refusals.is_empty(), "{:?}", d.refusals);
 }

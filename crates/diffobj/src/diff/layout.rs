@@ -6,6 +6,13 @@
 //! original object already knew is compared, by size and by each member's name and offset
 //! (bit offset for bit-fields); any difference is refused until lucos can transfer data.
 //! A type only the patched object has is new and cannot be in use yet.
+//!
+//! One difference keeps every byte where it was: a member wrapped in an anonymous union
+//! with new aliases of the same size (`struct dst_entry`'s `dev` became `union { dev;
+//! dev_rcu; }` in 6.1.190). Members of anonymous structs and unions are flattened into
+//! leaves (name, bit offset, bit size); when every old leaf is still there, unchanged,
+//! and every new leaf covers exactly the bytes of an old one, old and new code read and
+//! write the same bytes for the same members, and the change is not refused.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -19,15 +26,54 @@ pub(crate) fn parse(what: &'static str) -> impl FnOnce(gimli::Error) -> DwarfErr
     move |source| DwarfError::Parse { what, source }
 }
 
-/// A struct or union as laid out: size and (member, bit offset) in declaration order.
+/// A struct or union as laid out: size and (member, bit offset) in declaration order,
+/// and the members of anonymous structs and unions flattened.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Layout {
     pub size: u64,
     pub members: Vec<(String, u64)>,
+    pub leaves: Vec<Leaf>,
 }
 
-/// The first difference between two layouts of one type, for the refusal.
+/// A member reached by name (through anonymous structs and unions): bit offset and size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Leaf {
+    pub name: String,
+    pub bits: u64,
+    /// `None` when DWARF does not say (then nothing is proven about it).
+    pub size_bits: Option<u64>,
+}
+
+/// Whether `new` only adds aliases: same size, every old leaf unchanged, and every new
+/// leaf exactly over an old one (same bit offset and size), as a union member does.
+fn only_aliases(old: &Layout, new: &Layout) -> bool {
+    let known = |l: &Leaf| l.size_bits.is_some();
+    old.size == new.size
+        && !old.leaves.is_empty()
+        && old
+            .leaves
+            .iter()
+            .all(|o| known(o) && new.leaves.contains(o))
+        && new
+            .leaves
+            .iter()
+            .filter(|n| !old.leaves.contains(n))
+            .all(|n| {
+                known(n)
+                    && old
+                        .leaves
+                        .iter()
+                        .any(|o| o.bits == n.bits && o.size_bits == n.size_bits)
+            })
+}
+
+/// The first difference between two layouts of one type, for the refusal; `None` also
+/// when the new layout only adds aliases of old members (see the module docs).
 pub(crate) fn first_difference(old: &Layout, new: &Layout) -> Option<String> {
+    if old.members != new.members && only_aliases(old, new) {
+        tracing::debug!(?old.leaves, ?new.leaves, "layout differs only by aliases");
+        return None;
+    }
     for (i, n) in new.members.iter().enumerate() {
         match old.members.get(i) {
             Some(o) if o == n => {}
@@ -169,17 +215,19 @@ fn collect(
         }
         match (&mut current, e.tag()) {
             (Some((_, d, layout)), gimli::DW_TAG_member) if depth == *d + 1 => {
-                let bits = match e.attr_value(gimli::DW_AT_data_bit_offset) {
-                    Some(v) => v.udata_value().unwrap_or(0),
-                    None => {
-                        e.attr_value(gimli::DW_AT_data_member_location)
-                            .and_then(|v| v.udata_value())
-                            .unwrap_or(0)
-                            * 8
-                    }
-                };
-                let name = name_of(e).unwrap_or_else(|| "(anonymous)".into());
-                layout.members.push((name, bits));
+                let bits = member_offset(e);
+                let name = name_of(e);
+                match &name {
+                    Some(n) => layout.leaves.push(Leaf {
+                        name: n.clone(),
+                        bits,
+                        size_bits: member_bits(unit, e),
+                    }),
+                    None => anonymous_leaves(unit, e, bits, &name_of, &mut layout.leaves, 0)?,
+                }
+                layout
+                    .members
+                    .push((name.unwrap_or_else(|| "(anonymous)".into()), bits));
             }
             (None, gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type) => {
                 if e.has_attr(gimli::DW_AT_declaration) {
@@ -203,6 +251,7 @@ fn collect(
                     Layout {
                         size,
                         members: Vec::new(),
+                        leaves: Vec::new(),
                     },
                 ));
             }
@@ -211,6 +260,113 @@ fn collect(
     }
     if let Some((name, _, layout)) = current {
         record(found, name, layout);
+    }
+    Ok(())
+}
+
+type Entry<'a> = gimli::DebuggingInformationEntry<Slice<'a>>;
+
+/// The bit offset of a member within its struct.
+fn member_offset(e: &Entry<'_>) -> u64 {
+    match e.attr_value(gimli::DW_AT_data_bit_offset) {
+        Some(v) => v.udata_value().unwrap_or(0),
+        None => {
+            e.attr_value(gimli::DW_AT_data_member_location)
+                .and_then(|v| v.udata_value())
+                .unwrap_or(0)
+                * 8
+        }
+    }
+}
+
+/// A member's size in bits: its bit-field width, or its type's byte size.
+fn member_bits(unit: &gimli::Unit<Slice<'_>>, e: &Entry<'_>) -> Option<u64> {
+    if let Some(v) = e.attr_value(gimli::DW_AT_bit_size) {
+        return v.udata_value();
+    }
+    type_bytes(unit, e, 0).map(|b| b * 8)
+}
+
+/// The byte size of `e`'s type, through typedefs and qualifiers, and arrays of known
+/// bounds. Bounded depth: DWARF from a compiler has no cycles here, a damaged one might.
+fn type_bytes(unit: &gimli::Unit<Slice<'_>>, e: &Entry<'_>, depth: u32) -> Option<u64> {
+    let Some(gimli::AttributeValue::UnitRef(off)) = e.attr_value(gimli::DW_AT_type) else {
+        return None;
+    };
+    let t = unit.entry(off).ok()?;
+    if let Some(v) = t.attr_value(gimli::DW_AT_byte_size) {
+        return v.udata_value();
+    }
+    if depth > 16 {
+        return None;
+    }
+    match t.tag() {
+        gimli::DW_TAG_typedef
+        | gimli::DW_TAG_const_type
+        | gimli::DW_TAG_volatile_type
+        | gimli::DW_TAG_restrict_type
+        | gimli::DW_TAG_atomic_type => type_bytes(unit, &t, depth + 1),
+        gimli::DW_TAG_array_type => {
+            let elem = type_bytes(unit, &t, depth + 1)?;
+            let mut tree = unit.entries_tree(Some(off)).ok()?;
+            let root = tree.root().ok()?;
+            let mut children = root.children();
+            let mut count = 1u64;
+            while let Some(c) = children.next().ok()? {
+                let c = c.entry();
+                if c.tag() != gimli::DW_TAG_subrange_type {
+                    continue;
+                }
+                let n = match (
+                    c.attr_value(gimli::DW_AT_count)
+                        .and_then(|v| v.udata_value()),
+                    c.attr_value(gimli::DW_AT_upper_bound)
+                        .and_then(|v| v.udata_value()),
+                ) {
+                    (Some(n), _) => n,
+                    (None, Some(u)) => u + 1,
+                    _ => return None,
+                };
+                count = count.checked_mul(n)?;
+            }
+            elem.checked_mul(count)
+        }
+        _ => None,
+    }
+}
+
+/// The leaves of the anonymous struct or union member `e` at bit offset `base`.
+fn anonymous_leaves(
+    unit: &gimli::Unit<Slice<'_>>,
+    e: &Entry<'_>,
+    base: u64,
+    name_of: &dyn Fn(&Entry<'_>) -> Option<String>,
+    out: &mut Vec<Leaf>,
+    depth: u32,
+) -> Result<(), gimli::Error> {
+    let Some(gimli::AttributeValue::UnitRef(off)) = e.attr_value(gimli::DW_AT_type) else {
+        return Ok(());
+    };
+    if depth > 8 {
+        return Ok(());
+    }
+    let mut tree = unit.entries_tree(Some(off))?;
+    let root = tree.root()?;
+    let mut children = root.children();
+    while let Some(c) = children.next()? {
+        let m = c.entry();
+        if m.tag() != gimli::DW_TAG_member {
+            continue;
+        }
+        let bits = base + member_offset(m);
+        match name_of(m) {
+            Some(name) => out.push(Leaf {
+                name,
+                bits,
+                size_bits: member_bits(unit, m),
+            }),
+            None => anonymous_leaves(unit, m, bits, name_of, out, depth + 1)?,
+        }
     }
     Ok(())
 }
@@ -274,7 +430,38 @@ pub(crate) mod tests {
         Layout {
             size,
             members: m.iter().map(|(n, o)| (n.to_string(), *o)).collect(),
+            leaves: m
+                .iter()
+                .map(|(n, o)| Leaf {
+                    name: n.to_string(),
+                    bits: *o,
+                    size_bits: Some(64),
+                })
+                .collect(),
         }
+    }
+
+    #[test]
+    fn aliases_of_old_members_are_no_difference() {
+        let old = l(16, &[("a", 0), ("dev", 64)]);
+        let mut new = l(16, &[("a", 0), ("(anonymous)", 64)]);
+        new.leaves = old.leaves.clone();
+        let alias = |name: &str, size| Leaf {
+            name: name.into(),
+            bits: 64,
+            size_bits: size,
+        };
+        new.leaves.push(alias("dev_rcu", Some(64)));
+        assert_eq!(first_difference(&old, &new), None);
+        // Not an alias: another size, an unknown size, or an old member gone.
+        for bad in [Some(32), None] {
+            let mut n = new.clone();
+            n.leaves[2] = alias("half", bad);
+            assert!(first_difference(&old, &n).is_some(), "{bad:?}");
+        }
+        let mut gone = new.clone();
+        gone.leaves.remove(1);
+        assert!(first_difference(&old, &gone).is_some());
     }
 
     #[test]
