@@ -251,6 +251,21 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
     Ok(r)
 }
 
+/// The manifest description of a unit: its files, or with many headers (a retry takes
+/// every header it needs) a count of them, within the manifest's 1024 bytes.
+fn describe_unit(unit: &Unit) -> String {
+    let all = format!("corpus unit {}: {}", unit.id, unit.files.join(" "));
+    if all.len() <= 512 {
+        return all;
+    }
+    format!(
+        "corpus unit {}: {} and {} more changed files",
+        unit.id,
+        unit.files[0],
+        unit.files.len() - 1
+    )
+}
+
 /// One build of a unit's diff.
 struct Once<'a> {
     kernel_dir: &'a Path,
@@ -265,7 +280,7 @@ impl Once<'_> {
         let (kernel_dir, bundle_dir) = (self.kernel_dir, self.bundle_dir);
         let options = BuildOptions {
             id: Some(unit.id.clone()),
-            description: Some(format!("corpus unit {}: {}", unit.id, unit.files.join(" "))),
+            description: Some(describe_unit(unit)),
             jobs: self.jobs,
             only_sources: self.only,
             ..BuildOptions::default()
@@ -319,6 +334,28 @@ impl Once<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_unit_with_many_headers_has_a_short_description() {
+        let files: Vec<String> = std::iter::once("net/ipv4/tcp.c".to_string())
+            .chain((0..60).map(|i| format!("include/net/header_number_{i}.h")))
+            .collect();
+        let u = Unit {
+            id: "u001-net-ipv4-tcp.c".into(),
+            kind: super::super::units::UnitKind::Source,
+            main: files[0].clone(),
+            files,
+            candidates: Vec::new(),
+        };
+        let d = describe_unit(&u);
+        assert_eq!(
+            d,
+            "corpus unit u001-net-ipv4-tcp.c: net/ipv4/tcp.c and 60 more changed files"
+        );
+        let mut small = u.clone();
+        small.files.truncate(2);
+        assert!(describe_unit(&small).ends_with("tcp.c include/net/header_number_0.h"));
+    }
 
     #[test]
     fn hunk_headers_estimate_changed_functions() {
