@@ -178,6 +178,34 @@ pub struct Paths<'a> {
     pub kernel_dir: &'a Path,
     pub diffs: &'a Path,
     pub bundles: &'a Path,
+    /// The update's changed vmlinux sources: where a symbol a unit misses may come from.
+    pub sources: &'a [String],
+}
+
+/// Changed sources other than `unit`'s whose diff adds a line naming one of `missing`
+/// followed by `(`: the files that likely define what the unit's fix calls (one upstream
+/// fix spread over files). A wrong guess only compiles more; the build still decides.
+fn partners(p: &Paths<'_>, unit: &Unit, missing: &[String]) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for f in p.sources.iter().filter(|f| !unit.files.contains(f)) {
+        let d = source::file_diff(p.from, p.to, f)?;
+        let adds = d
+            .lines()
+            .filter(|l| l.starts_with('+') && !l.starts_with("+++"));
+        let defines = |l: &str| {
+            missing.iter().any(|m| {
+                l.match_indices(m.as_str()).any(|(i, _)| {
+                    let before = l[..i].chars().next_back();
+                    let after = l[i + m.len()..].chars().next();
+                    !before.is_some_and(|c| c.is_alphanumeric() || c == '_') && after == Some('(')
+                })
+            })
+        };
+        if adds.clone().any(defines) {
+            out.push(f.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Builds `unit`: alone first, then with its candidate headers if it does not compile
@@ -202,15 +230,18 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
         }),
         _ => None,
     };
-    let mut r = match early {
-        Some(built) => BuildResult {
-            built,
-            functions: hunk_functions(&text),
-            with_headers: false,
-            left_out: Vec::new(),
-            budget: 0,
-            seconds: 0.0,
-        },
+    let (mut r, mut missing) = match early {
+        Some(built) => (
+            BuildResult {
+                built,
+                functions: hunk_functions(&text),
+                with_headers: false,
+                left_out: Vec::new(),
+                budget: 0,
+                seconds: 0.0,
+            },
+            Vec::new(),
+        ),
         None => Once {
             kernel_dir: p.kernel_dir,
             bundle_dir: p.bundles,
@@ -222,6 +253,7 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
     r.left_out = left_out;
     let alone_failed =
         matches!(&r.built, Built::ToolError { kind, .. } if kind == "does not compile alone");
+    let mut with_headers = None;
     if alone_failed && !unit.candidates.is_empty() {
         // Every header it needs, however widely used: only the unit's own objects are
         // recompiled with them (a header's other users are the header's own unit), so the
@@ -242,10 +274,13 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
             jobs,
             only: Some(own),
         };
-        r = once.build(&with, &diff_path, &text)?;
+        (r, missing) = once.build(&with, &diff_path, &text)?;
         r.with_headers = true;
         r.left_out = Vec::new();
+        with_headers = Some(with);
     }
+    let current = with_headers.unwrap_or(trimmed);
+    r = with_partners(p, unit, (current, &missing), &diff_path, (r, jobs))?;
     r.budget = budget.max_objects;
     r.seconds = started.elapsed().as_secs_f64();
     Ok(r)
@@ -266,6 +301,53 @@ fn describe_unit(unit: &Unit) -> String {
     )
 }
 
+/// A unit refused for symbols the running kernel lacks is built again with the changed
+/// sources that add them (recompiling only the unit's objects); the retry's result is
+/// kept when it gets further: it builds, or no longer misses anything.
+fn with_partners(
+    p: &Paths<'_>,
+    unit: &Unit,
+    (current, missing): (Unit, &[String]),
+    diff_path: &Path,
+    (r, jobs): (BuildResult, usize),
+) -> Result<BuildResult> {
+    if !matches!(r.built, Built::Refused { .. }) || missing.is_empty() {
+        return Ok(r);
+    }
+    let extra = partners(p, unit, missing)?;
+    if extra.is_empty() {
+        return Ok(r);
+    }
+    tracing::info!(unit = %unit.id, ?missing, ?extra, "retrying with the files that add them");
+    let previous = unit_diff(p.from, p.to, &current)?;
+    let mut with = current;
+    with.files.extend(extra);
+    let text = unit_diff(p.from, p.to, &with)?;
+    std::fs::write(diff_path, &text)?;
+    let (mut again, still) = Once {
+        kernel_dir: p.kernel_dir,
+        bundle_dir: p.bundles,
+        jobs,
+        only: Some(own_sources(&with)),
+    }
+    .build(&with, diff_path, &text)?;
+    if matches!(again.built, Built::Bundle { .. }) || still.is_empty() {
+        again.with_headers = r.with_headers;
+        again.left_out = r.left_out;
+        return Ok(again);
+    }
+    std::fs::write(diff_path, previous)?;
+    Ok(r)
+}
+
+fn own_sources(unit: &Unit) -> Vec<String> {
+    unit.files
+        .iter()
+        .filter(|f| f.ends_with(".c"))
+        .cloned()
+        .collect()
+}
+
 /// One build of a unit's diff.
 struct Once<'a> {
     kernel_dir: &'a Path,
@@ -276,7 +358,12 @@ struct Once<'a> {
 }
 
 impl Once<'_> {
-    fn build(self, unit: &Unit, diff_path: &Path, text: &str) -> Result<BuildResult> {
+    fn build(
+        self,
+        unit: &Unit,
+        diff_path: &Path,
+        text: &str,
+    ) -> Result<(BuildResult, Vec<String>)> {
         let (kernel_dir, bundle_dir) = (self.kernel_dir, self.bundle_dir);
         let options = BuildOptions {
             id: Some(unit.id.clone()),
@@ -286,6 +373,7 @@ impl Once<'_> {
             ..BuildOptions::default()
         };
         let result = diff::build(kernel_dir, diff_path, &options, &diff::NoProgress);
+        let mut missing = Vec::new();
         let (built, functions) = match result {
             Ok(BuildOutcome::Bundle(b)) => {
                 let path = bundle_dir.join(format!("{}.lcb", unit.id));
@@ -304,6 +392,17 @@ impl Once<'_> {
                 (Built::NoChange { reason }, functions_of(&report))
             }
             Err(DiffError::Refused { refusals, report }) => {
+                missing = refusals
+                    .iter()
+                    .filter_map(|r| match r {
+                        lucos_diffobj::diff::Refusal::Reference { symbol, reason, .. }
+                            if reason.contains("running kernel does not have") =>
+                        {
+                            Some(symbol.clone())
+                        }
+                        _ => None,
+                    })
+                    .collect();
                 let mut f = functions_of(&report);
                 if report.objects.is_empty() {
                     f = hunk_functions(text);
@@ -320,20 +419,68 @@ impl Once<'_> {
             }
             Err(e) => (tool_error(&e), hunk_functions(text)),
         };
-        Ok(BuildResult {
+        let r = BuildResult {
             built,
             functions,
             with_headers: false,
             left_out: Vec::new(),
             budget: 0,
             seconds: 0.0,
-        })
+        };
+        Ok((r, missing))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_files_that_add_a_missing_function_are_its_partners() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let write = |d: &Path, f: &str, t: &str| {
+            std::fs::create_dir_all(d.join(f).parent().unwrap()).unwrap();
+            std::fs::write(d.join(f), t).unwrap();
+        };
+        write(a.path(), "kernel/x.c", "int old(void) { return 0; }\n");
+        write(
+            b.path(),
+            "kernel/x.c",
+            "int old(void) { return 0; }\nint helper(void) { return 1; }\n",
+        );
+        write(a.path(), "kernel/y.c", "int y(void) { return 0; }\n");
+        write(
+            b.path(),
+            "kernel/y.c",
+            "int y(void) { return my_helper(2); }\n",
+        );
+        write(a.path(), "kernel/u.c", "int u(void) { return 0; }\n");
+        write(b.path(), "kernel/u.c", "int u(void) { return helper(); }\n");
+        let sources: Vec<String> = ["kernel/u.c", "kernel/x.c", "kernel/y.c"]
+            .map(String::from)
+            .to_vec();
+        let p = Paths {
+            from: a.path(),
+            to: b.path(),
+            kernel_dir: a.path(),
+            diffs: a.path(),
+            bundles: a.path(),
+            sources: &sources,
+        };
+        let u = Unit {
+            id: "u001-kernel-u.c".into(),
+            kind: super::super::units::UnitKind::Source,
+            main: "kernel/u.c".into(),
+            files: vec!["kernel/u.c".into()],
+            candidates: Vec::new(),
+        };
+        // y.c calls `my_helper(`, which is not `helper(`; u.c is the unit itself.
+        assert_eq!(
+            partners(&p, &u, &["helper".into()]).unwrap(),
+            ["kernel/x.c"]
+        );
+        assert!(partners(&p, &u, &["absent".into()]).unwrap().is_empty());
+    }
 
     #[test]
     fn a_unit_with_many_headers_has_a_short_description() {

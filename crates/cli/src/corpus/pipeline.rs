@@ -284,6 +284,7 @@ pub(super) fn run(
         kernel_dir: &g.kernel_dir,
         diffs: &diffs,
         bundles: &bundles,
+        sources: &st.scope.builtin.clone(),
     };
     let multi = std::io::stdout().is_terminal().then(MultiProgress::new);
     let mut bsteps = Steps::new(multi.as_ref(), "build", build.len());
