@@ -303,7 +303,7 @@ fn describe_unit(unit: &Unit) -> String {
 
 /// A unit refused for symbols the running kernel lacks is built again with the changed
 /// sources that add them (recompiling only the unit's objects); the retry's result is
-/// kept when it gets further: it builds, or no longer misses anything.
+/// kept when it gets further: it builds, or is refused without missing anything.
 fn with_partners(
     p: &Paths<'_>,
     unit: &Unit,
@@ -331,7 +331,12 @@ fn with_partners(
         only: Some(own_sources(&with)),
     }
     .build(&with, diff_path, &text)?;
-    if matches!(again.built, Built::Bundle { .. }) || still.is_empty() {
+    let further = match again.built {
+        Built::Bundle { .. } => true,
+        Built::Refused { .. } => still.is_empty(),
+        _ => false,
+    };
+    if further {
         again.with_headers = r.with_headers;
         again.left_out = r.left_out;
         return Ok(again);
