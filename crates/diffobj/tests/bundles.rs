@@ -292,6 +292,14 @@ fn functions_without_a_site_are_redirected_at_their_entry() {
         r.expect[..w.end as usize],
         syms.section_bytes(s.addr, w.end as usize).unwrap()[..]
     );
+    // A static-call trampoline is rewritten by the kernel.
+    match replacement_for(syms, "__SCT__might_resched", "lucos_x") {
+        Err(BuildError::EntryUnsafe {
+            source: lucos_patch::entry::EntryError::KernelPoked { .. },
+            ..
+        }) => {}
+        other => panic!("__SCT__might_resched: {other:?}"),
+    }
     // Entry and early boot code run on page tables without patch memory.
     for f in ["asm_load_gs_index", "verify_cpu"] {
         match replacement_for(syms, f, "lucos_x") {

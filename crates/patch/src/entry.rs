@@ -55,6 +55,8 @@ pub enum EntryError {
          map patch memory"
     )]
     Placement { what: &'static str },
+    #[error("it is {what}, whose first bytes the kernel itself rewrites at run time")]
+    KernelPoked { what: &'static str },
     #[error("reading vmlinux")]
     Symbols(#[from] SymbolError),
 }
@@ -203,6 +205,13 @@ pub fn check_window(
             size: code.len() as u64,
         });
     }
+    if code[off..off + 5] == crate::NOP5 {
+        // A function without fentry that starts with the NOP5 has a patchable entry
+        // (`patchable_function_entry`), which its owner pokes with text_poke.
+        return Err(EntryError::KernelPoked {
+            what: "a patchable entry (a NOP5 without fentry)",
+        });
+    }
     let insns = decode_all(code, addr)?;
     let site = addr + off as u64;
     let inner = (site + 1, site + 5);
@@ -283,6 +292,15 @@ pub fn window_in_vmlinux(
         if (a..b).contains(&addr) {
             return Err(EntryError::Placement {
                 what: ".entry.text",
+            });
+        }
+    }
+    // Static-call trampolines (`__SCT__*`) are rewritten by static_call_update().
+    let calls = (at("__static_call_text_start"), at("__static_call_text_end"));
+    if let (Some(a), Some(b)) = calls {
+        if (a..b).contains(&addr) {
+            return Err(EntryError::KernelPoked {
+                what: "a static-call trampoline (.static_call.text)",
             });
         }
     }

@@ -147,3 +147,13 @@ fn short_undecodable_or_long_entries_are_refused() {
         EntryError::WindowTooLong { len: 18, .. }
     ));
 }
+
+#[test]
+fn a_patchable_entry_belongs_to_the_kernel() {
+    let mut code = crate::NOP5.to_vec();
+    code.push(0xc3);
+    assert!(matches!(
+        check(&code).unwrap_err(),
+        EntryError::KernelPoked { .. }
+    ));
+}
