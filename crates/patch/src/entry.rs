@@ -306,7 +306,7 @@ pub fn window_in_vmlinux(
     }
     // vmlinux keeps no bounds of .head.text (it starts `.text`); its code comes from these
     // files, and verify_cpu there runs again when a CPU is brought up.
-    let head = syms.symbols().iter().any(|s| {
+    let head = syms.all_named(name).any(|s| {
         s.addr == addr
             && s.name == name
             && s.file

@@ -17,10 +17,11 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         modules: &[LoadedModule],
     ) -> Result<Site, EngineError> {
         let function = rep.label();
-        let (module, func_addr) = match &rep.module {
+        // The vmlinux symbol's size, for an entry site's check (module functions have none).
+        let (module, func_addr, size) = match &rep.module {
             Some(name) => {
                 let (m, addr) = Self::module_function(rep, name, modules)?;
-                (Some(m), addr)
+                (Some(m), addr, 0)
             }
             None => {
                 let sym = self
@@ -33,7 +34,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                 if sym.kind != SymbolKind::Func {
                     return Err(EngineError::NotAFunction { function });
                 }
-                (None, self.layout.live(sym.addr))
+                (None, self.layout.live(sym.addr), sym.size)
             }
         };
         let site_addr = func_addr + u64::from(rep.site_offset);
@@ -49,7 +50,7 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         let ours = |s: &crate::registry::SiteRecord| s.written == current;
         let mut cmp = live.clone();
         let window = if rep.no_fentry {
-            self.check_entry(rep, &function, func_addr)?;
+            self.check_entry(rep, &function, (func_addr, size))?;
             // An earlier bundle's jmp stands in for the entry bytes; anything else must be
             // the function's own first instructions, compared below.
             match (reg.top_of_site(site_addr), reg.base_of_site(site_addr)) {
@@ -115,15 +116,9 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         &self,
         rep: &Replacement,
         function: &str,
-        func_addr: u64,
+        (func_addr, size): (u64, u64),
     ) -> Result<(), EngineError> {
         let link = func_addr.wrapping_sub(self.layout.slide as u64);
-        let size = self
-            .syms
-            .symbols()
-            .iter()
-            .find(|s| s.addr == link && s.kind == SymbolKind::Func && s.size > 0)
-            .map_or(0, |s| s.size);
         let w =
             crate::entry::window_in_vmlinux(self.syms, &rep.old, link, size).map_err(|source| {
                 EngineError::Entry {
