@@ -332,7 +332,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             kmods.map_or(0, |k| kernel::region_pages(&k.layout, bundle)),
         ];
         let need: u64 = sizes.iter().sum();
-        let (va_base, new_pd) = self.mapping(reg)?;
+        let (va_base, new_pd) = self.mapping(reg, kmod::pokes_code(bundle))?;
         let Some((at, reused)) = reg.alloc(need, self.pm.layout.size) else {
             let free = reg.largest_free(self.pm.layout.size);
             return Err(memory::MemoryError::Full { need, free }.into());

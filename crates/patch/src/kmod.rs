@@ -88,6 +88,16 @@ pub fn needs_module(bundle: &Bundle) -> bool {
         .any(|s| [EXTABLE, BUG_TABLE, JUMP_TABLE].contains(&s.name.as_str()) && s.size > 0)
 }
 
+/// Whether the kernel will rewrite the bundle's code itself: its static-branch sites,
+/// which `text_poke()` reaches through the direct map of lucos's page tables.
+pub fn pokes_code(bundle: &Bundle) -> bool {
+    bundle
+        .object
+        .sections
+        .iter()
+        .any(|s| s.name == JUMP_TABLE && s.size > 0)
+}
+
 fn err(section: &str, reason: impl Into<String>) -> KmodError {
     KmodError::Table {
         section: section.to_string(),

@@ -42,6 +42,8 @@ pub enum MemoryError {
     NoVirtualRange { size_mib: u64, text: u64, end: u64 },
     #[error("the page-directory entry for {va:#x} is already in use by the guest; lucos will not map patch memory over it")]
     PdEntryInUse { va: u64 },
+    #[error("the kernel's direct map has no table for patch memory's physical address (at {va:#x}, the walk stops at the {level:?} level), so the kernel could not rewrite static-branch sites in patch memory; this bundle has such sites. Apply it after a reboot of the guest (its direct map moves with KASLR), or build it without static keys")]
+    DirectMapUnreachable { va: u64, level: Level },
     #[error("patch memory at {gpa:#x} is not 2 MiB aligned in guest-physical memory")]
     Unaligned { gpa: u64 },
     #[error("page tables: {0}")]
@@ -173,7 +175,10 @@ pub fn direct_map_entries(
                 (pud.entry_pa, pmd.raw() | table),
             ])
         }
-        _ => Err(MemoryError::PdEntryInUse { va }),
+        // A top-level slot of its own (page_offset_base lies near the end of one) or a
+        // 4 KiB table: an entry there would not reach every address space, or would be
+        // the kernel's to manage.
+        Some(level) => Err(MemoryError::DirectMapUnreachable { va, level }),
     }
 }
 
@@ -344,5 +349,26 @@ mod tests {
         for e in [t, r, d] {
             assert_eq!(e & lucos_introspect::paging::US, 0, "never user-accessible");
         }
+    }
+
+    /// page_offset_base 1 GiB below the end of a top-level slot: patch memory's physical
+    /// address (near 4 GiB) lands in the next slot, which the kernel never populated.
+    #[test]
+    fn direct_map_in_an_empty_top_level_slot_is_refused_by_name() {
+        use lucos_introspect::PageSize;
+        let (mut mem, cr3) = kernel_at(0xffff_ffff_8100_0000, 0xffff_ffff_8240_0000);
+        let slot_end = 0xffff_8900_0000_0000u64;
+        let pob = slot_end - (1 << 30);
+        mem.map(cr3, pob, 0, PageSize::Size2M, PRESENT | RW);
+        let err = direct_map_entries(&mem, cr3, &pm(16 << 20), pob).unwrap_err();
+        assert!(
+            matches!(err, MemoryError::DirectMapUnreachable { level: Level::Pml4, va } if va == pob + 0xfe00_0000),
+            "{err}"
+        );
+        // Inside a populated slot, the PDPT entry gets a table of lucos's own.
+        let low = slot_end - (512 << 30);
+        mem.map(cr3, low, 0, PageSize::Size2M, PRESENT | RW);
+        let entries = direct_map_entries(&mem, cr3, &pm(16 << 20), low).unwrap();
+        assert_eq!(entries.len(), 2);
     }
 }

@@ -205,3 +205,26 @@ fn a_kernel_edit_that_cannot_be_undone_keeps_a_half_applied_record() {
         assert_eq!(now, then, "{name} after the revert");
     }
 }
+
+/// A boot whose direct map puts patch memory in an empty top-level slot (page_offset_base
+/// 1 GiB below the end of one): a bundle without static-branch sites, which the kernel
+/// never rewrites, applies all the same, and nothing is written into the direct map.
+#[test]
+fn a_bundle_the_kernel_never_pokes_applies_where_the_direct_map_cannot_reach() {
+    let k = FakeKernel::with_modules();
+    let mut m = k.fresh.clone();
+    let pob = 0xffff_8900_0000_0000u64 - (1 << 30);
+    m.mem.write_u64(k.pa("page_offset_base"), pob);
+    let before = m.clone();
+    k.session(&mut m).unwrap().apply(&bundle(&k)).unwrap();
+    let reg = k.session(&mut m).unwrap().registry().unwrap();
+    assert!(reg.find_applied("one").is_some());
+    let dm = lucos_patch::memory::PatchMem {
+        layout: lucos_patch::memory::PatchMemLayout::new(common::fake::SIZE).unwrap(),
+        gpa: GPA,
+        va_base: reg.va_base,
+    };
+    let err = lucos_patch::memory::direct_map_entries(&m, k.layout.cr3, &dm, pob).unwrap_err();
+    assert!(err.to_string().contains("direct map"), "{err}");
+    assert!(m.mem != before.mem, "the apply wrote nothing");
+}

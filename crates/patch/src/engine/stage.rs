@@ -30,9 +30,13 @@ pub fn page_offset_base<M: Machine + ?Sized>(
 impl<M: Machine + ?Sized> Session<'_, M> {
     /// Where patch memory is (or will be) mapped, and the page-directory entries this apply
     /// must write: all of a first mapping's, or, after an interrupted one, all it recorded.
+    /// The direct map of patch memory's page tables is only needed when the kernel will
+    /// rewrite code there itself (`pokes`: the bundle's static-branch sites); on a boot whose
+    /// direct map cannot take it, other bundles go without it.
     pub(super) fn mapping(
         &self,
         reg: &Registry,
+        pokes: bool,
     ) -> Result<(u64, Vec<(GuestPhysAddr, u64)>), EngineError> {
         if let (true, Some(base)) = (reg.map_pending, reg.va_base) {
             let recorded = reg.pd_entries.iter();
@@ -52,12 +56,13 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             )?,
         };
         let pob = page_offset_base(&*self.m, self.syms, &self.layout)?;
-        entries.extend(memory::direct_map_entries(
-            &*self.m,
-            self.layout.cr3,
-            &self.pm,
-            pob,
-        )?);
+        match memory::direct_map_entries(&*self.m, self.layout.cr3, &self.pm, pob) {
+            Ok(dm) => entries.extend(dm),
+            Err(e @ memory::MemoryError::DirectMapUnreachable { .. }) if !pokes => {
+                tracing::info!(error = %e, "patch memory stays out of the direct map");
+            }
+            Err(e) => return Err(e.into()),
+        }
         Ok((base, entries))
     }
 
