@@ -308,7 +308,6 @@ pub fn window_in_vmlinux(
     // files, and verify_cpu there runs again when a CPU is brought up.
     let head = syms.all_named(name).any(|s| {
         s.addr == addr
-            && s.name == name
             && s.file
                 .as_deref()
                 .is_some_and(|f| f.starts_with("head_64") || f.starts_with("head64"))

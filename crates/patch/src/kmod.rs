@@ -81,21 +81,21 @@ pub fn probe(
 
 /// Whether the bundle has entries that only work once the kernel knows the module.
 pub fn needs_module(bundle: &Bundle) -> bool {
-    bundle
-        .object
-        .sections
-        .iter()
-        .any(|s| [EXTABLE, BUG_TABLE, JUMP_TABLE].contains(&s.name.as_str()) && s.size > 0)
+    has_table(bundle, &[EXTABLE, BUG_TABLE, JUMP_TABLE])
 }
 
 /// Whether the kernel will rewrite the bundle's code itself: its static-branch sites,
 /// which `text_poke()` reaches through the direct map of lucos's page tables.
 pub fn pokes_code(bundle: &Bundle) -> bool {
+    has_table(bundle, &[JUMP_TABLE])
+}
+
+fn has_table(bundle: &Bundle, names: &[&str]) -> bool {
     bundle
         .object
         .sections
         .iter()
-        .any(|s| s.name == JUMP_TABLE && s.size > 0)
+        .any(|s| names.contains(&s.name.as_str()) && s.size > 0)
 }
 
 fn err(section: &str, reason: impl Into<String>) -> KmodError {

@@ -201,7 +201,7 @@ fn partners(p: &Paths<'_>, unit: &Unit, missing: &[String]) -> Result<Vec<String
                 })
             })
         };
-        if adds.clone().any(defines) {
+        if adds.into_iter().any(defines) {
             out.push(f.clone());
         }
     }
