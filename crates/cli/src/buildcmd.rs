@@ -117,6 +117,13 @@ pub fn build(args: BuildArgs) -> Result<()> {
                 );
             }
             println!("replaces: {}", crate::show::esc(&b.replaced.join(", ")));
+            if !b.manifest.frame_types.is_empty() {
+                println!(
+                    "changes the layout of {}, which only frames of the replaced functions \
+                     hold: apply and revert switch consistently (every stack checked)",
+                    crate::show::esc(&b.manifest.frame_types.join(", "))
+                );
+            }
             let out = args
                 .output
                 .clone()

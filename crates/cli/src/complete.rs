@@ -9,7 +9,9 @@ use clap::Args;
 use lucos_introspect::stacks::{Scan, Scanner};
 use lucos_patch::completion::{self, Completion, Holder, Phase};
 use lucos_patch::registry::{BundleState, Registry};
-use lucos_patch::{refs, ApplyReport, Bundle, Consistency, Retry, Session};
+use lucos_patch::{
+    refs, ApplyReport, Bundle, Consistency, GateScope, Retry, RevertReport, Session,
+};
 use serde::Serialize;
 
 use crate::info::{with_pause, Attached};
@@ -277,6 +279,26 @@ pub fn apply_gated(
     retry: Retry,
     guard: Guard,
 ) -> Result<(ApplyReport, Consistency)> {
+    gated(a, retry, guard, |sess| sess.apply(bundle))
+}
+
+/// Reverts bundle `id` so that the switch happens at a pause in which no task is in its
+/// code: what a bundle with frame-local types needs (`Manifest::frame_types`).
+pub fn revert_consistent(
+    a: &mut Attached,
+    id: &str,
+    retry: Retry,
+) -> Result<(RevertReport, Consistency)> {
+    gated(a, retry, Guard::Consistent, |sess| sess.revert(id))
+}
+
+/// Runs `op` on a session whose switches pass the stack check `guard` names.
+fn gated<R>(
+    a: &mut Attached,
+    retry: Retry,
+    guard: Guard,
+    op: impl FnOnce(&mut Session<'_, lucos_backend::Vm>) -> Result<R, lucos_patch::EngineError>,
+) -> Result<(R, Consistency)> {
     let s = scanner(a)?;
     let w = a.vm.patch_window()?;
     let (syms, layout) = (&a.syms, &a.layout);
@@ -308,9 +330,13 @@ pub fn apply_gated(
         let h = completion::holders(&ranges, &scan, &scan.rips);
         Ok((!h.is_empty()).then(|| h.iter().map(describe).collect::<Vec<_>>().join("; ")))
     };
+    let scope = match guard {
+        Guard::Consistent => GateScope::Functions,
+        Guard::Entries => GateScope::EntryWindows,
+    };
     let mut sess = Session::new(&mut a.vm, syms, layout.clone(), w.gpa, w.size)?;
-    sess.set_gate(&mut gate, retry);
-    let r = sess.apply(bundle);
+    sess.set_gate(&mut gate, retry, scope);
+    let r = op(&mut sess);
     let stats = sess.consistency().unwrap_or_default();
     Ok((r?, stats))
 }

@@ -18,14 +18,15 @@ pub struct ApplyArgs {
     pub vm: String,
     pub bundle: PathBuf,
     /// Switch only at a pause in which no task has a replaced function on its stack;
-    /// otherwise resume and try again.
+    /// otherwise resume and try again. A bundle that changes a frame-local type (`lucos
+    /// bundle show` lists them as `frame_types`) is always applied and reverted this way.
     #[arg(long)]
     pub consistent: bool,
     /// With --consistent: pauses to try before giving up.
-    #[arg(long, default_value_t = 50, requires = "consistent")]
+    #[arg(long, default_value_t = CONSISTENT_RETRY.tries, requires = "consistent")]
     pub tries: u32,
     /// With --consistent: the guest runs this long after a failed try (doubling, up to 8x).
-    #[arg(long, default_value_t = 20, requires = "consistent")]
+    #[arg(long, default_value_t = CONSISTENT_RETRY.backoff.as_millis() as u64, requires = "consistent")]
     pub backoff_ms: u64,
 }
 
@@ -101,13 +102,16 @@ pub fn session(a: &mut Attached) -> Result<Session<'_, lucos_backend::Vm>> {
     )?)
 }
 
-/// Applies `bundle`; one with entry sites (functions without fentry) gets the stack
-/// check its switch needs.
+/// Applies `bundle` with the stack check its switch needs: a consistent one for a bundle
+/// that changes a frame-local type, one of the entry bytes for a bundle with entry sites
+/// (functions without fentry), none otherwise.
 pub fn apply_bundle(a: &mut Attached, bundle: &Bundle) -> Result<ApplyReport> {
-    let entries = bundle.manifest().replacements.iter().any(|r| r.no_fentry);
-    let r = match entries {
-        true => apply_checked(a, bundle, crate::complete::ENTRY_RETRY, Guard::Entries),
-        false => session(a)?
+    let man = bundle.manifest();
+    let entries = man.replacements.iter().any(|r| r.no_fentry);
+    let r = match (man.frame_types.is_empty(), entries) {
+        (false, _) => apply_checked(a, bundle, CONSISTENT_RETRY, Guard::Consistent),
+        (true, true) => apply_checked(a, bundle, crate::complete::ENTRY_RETRY, Guard::Entries),
+        (true, false) => session(a)?
             .apply(bundle)
             .map(|r| (r, Default::default()))
             .map_err(anyhow::Error::new),
@@ -136,10 +140,26 @@ fn apply_context(e: anyhow::Error, bundle: &Bundle) -> anyhow::Error {
     e.context(format!("applying bundle '{id}'{note}"))
 }
 
+/// How a switch that must be consistent retries by default (`lucos apply --consistent`'s
+/// defaults): tasks leave the scheduler's and other hot functions within milliseconds.
+pub const CONSISTENT_RETRY: lucos_patch::Retry = lucos_patch::Retry {
+    tries: 50,
+    backoff: Duration::from_millis(20),
+};
+
+/// Reverts bundle `id`; one that changed a frame-local type is reverted consistently, as
+/// it was applied.
 pub fn revert_bundle(a: &mut Attached, id: &str) -> Result<RevertReport> {
-    session(a)?
-        .revert(id)
-        .with_context(|| format!("reverting bundle '{id}'"))
+    let mut sess = session(a)?;
+    let reg = sess.registry()?;
+    let frames = reg
+        .find_applied(id)
+        .is_some_and(|b| !b.frame_types.is_empty());
+    let r = match frames {
+        true => crate::complete::revert_consistent(a, id, CONSISTENT_RETRY).map(|(r, _)| r),
+        false => sess.revert(id).map_err(anyhow::Error::new),
+    };
+    r.with_context(|| format!("reverting bundle '{id}'"))
 }
 
 pub fn print_apply(r: &ApplyReport) {

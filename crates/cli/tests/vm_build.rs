@@ -282,3 +282,42 @@ fn a_function_without_fentry_is_redirected_at_its_entry_and_restored() {
     );
     assert_eq!(s.sh(cmd), before);
 }
+
+/// `struct lb_env` gains a member that moves every later one (sample 17). Only
+/// load-balancing frames hold one, so the bundle is applied and reverted at pauses in which
+/// no task is in the code it replaces, and the guest keeps balancing busy loops on both
+/// vCPUs through the new layout, and then the old one, without a fault.
+#[test]
+fn a_frame_local_layout_change_is_switched_consistently() {
+    let (b, bundle) = bundle_of("17-sched-frame-local-layout.patch");
+    assert_eq!(b.manifest.frame_types, ["struct lb_env"]);
+    let mut s = shared();
+    let faults = "dmesg | grep -cE 'Oops|BUG:|general protection|RIP:' || true";
+    let load = "for i in 1 2 3 4; do (i=0; while [ $i -lt 2000 ]; do i=$((i+1)); done) & done; \
+                wait";
+    assert_eq!(s.sh(faults).trim(), "0");
+    // A session without a consistent stack check may not switch it.
+    let err = lucos::patchcmd::session(&mut s.a)
+        .unwrap()
+        .apply(&bundle)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            lucos_patch::EngineError::FrameTypeNeedsConsistency { .. }
+        ),
+        "{err}"
+    );
+    apply_bundle(&mut s.a, &bundle).unwrap();
+    let reg = lucos::patchcmd::session(&mut s.a)
+        .unwrap()
+        .registry()
+        .unwrap();
+    let rec = reg.find_applied(&bundle.manifest().id).unwrap();
+    assert_eq!(rec.frame_types, ["struct lb_env"]);
+    s.sh(load);
+    assert_eq!(s.sh(faults).trim(), "0", "{}", s.sh("dmesg | tail -30"));
+    revert_bundle(&mut s.a, &bundle.manifest().id).unwrap();
+    s.sh(load);
+    assert_eq!(s.sh(faults).trim(), "0", "{}", s.sh("dmesg | tail -30"));
+}

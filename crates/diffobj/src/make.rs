@@ -91,6 +91,7 @@ pub fn make_bundle_with(
         resolve: spec.resolve.clone(),
         aliases: Default::default(),
         rewrites: Vec::new(),
+        frame_types: Vec::new(),
     };
     manifest.validate()?;
 

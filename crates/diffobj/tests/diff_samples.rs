@@ -200,6 +200,25 @@ fn a_function_without_fentry_reached_by_pointer_is_redirected_at_its_entry() {
     assert_ne!(r.expect[site..site + 5], lucos_patch::NOP5);
 }
 
+/// `struct lb_env` (kernel/sched/fair.c) gains a member that moves every later one. Only
+/// load-balancing frames hold one, so the change builds, and the bundle asks for
+/// consistent switches; a type kept anywhere else would be refused (diff_units).
+#[test]
+fn a_frame_local_type_changes_layout_under_a_consistent_switch() {
+    let Some(b) = bundle("17-sched-frame-local-layout.patch") else {
+        return;
+    };
+    assert_eq!(b.manifest.frame_types, vec!["struct lb_env"]);
+    for f in [
+        "load_balance",
+        "active_load_balance_cpu_stop",
+        "can_migrate_task",
+    ] {
+        let label = format!("{f}@kernel/sched/fair.c");
+        assert!(b.replaced.contains(&label), "{f}: {:?}", b.replaced);
+    }
+}
+
 /// The running kernel's symbols as lucos reads them from Debian's dbg vmlinux: names,
 /// statics by file, lookups by address, and the absolute-relocation fields of a function.
 #[test]

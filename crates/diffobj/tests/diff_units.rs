@@ -120,6 +120,7 @@ fn check_bundle(object: &[u8], d: &ObjectDiff) {
                 skip: Vec::new(),
             })
             .collect(),
+        frame_types: d.frame_types.clone(),
     };
     let bundle = lucos_patch::pack(object, &manifest).expect("pack");
     let parsed = Bundle::parse(&bundle).expect("bundle parses");
@@ -620,4 +621,61 @@ fn a_member_wrapped_in_a_union_with_an_alias_keeps_its_layout() {
     // A nested anonymous struct with the same members at the same places is no change either.
     let d = diff_with(&old, &src("struct { void *dev; }", 2), &["-g"]);
     assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+}
+
+/// A type the file declares and only frames hold (as `struct lb_env` of kernel/sched/fair.c)
+/// may change layout: no object of it outlives the call that made it, so the bundle only
+/// asks for a consistent switch. Any other place that could keep one is refused by name.
+#[test]
+fn a_type_only_frames_hold_may_change_layout() {
+    let src = |member: &str, extra: &str| {
+        format!(
+            "{PRELUDE}struct env {{ int a; {member} long b; }};\n{extra}\n\
+             static __attribute__((noinline)) int helper(struct env *e)\n\
+             {{ return ext(e->a) + (int)e->b; }}\n\
+             int owner(int x) {{ struct env e = {{ .a = x, .b = ext(x) }}; return helper(&e); }}\n"
+        )
+    };
+    let d = diff_with(&src("", ""), &src("int pad;", ""), &["-g"]);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.frame_types, vec!["struct env"]);
+    assert!(d.redirected.contains(&"owner".to_string()), "{d:?}");
+
+    let kept_elsewhere = [
+        ("struct env *saved;", "variable `saved`"),
+        (
+            "struct holder { struct env *e; }; struct holder held;",
+            "member `e`",
+        ),
+        (
+            "int peek(void *p) { struct env *e = p; return ext(e->a); }",
+            "local variable `e` of `peek`",
+        ),
+        (
+            "struct env *make(void *p) { return p; }",
+            "`make` returns a pointer",
+        ),
+    ];
+    for (extra, why) in kept_elsewhere {
+        let d = diff_with(&src("", extra), &src("int pad;", extra), &["-g"]);
+        assert!(d.frame_types.is_empty(), "{extra}: {:?}", d.frame_types);
+        let [Refusal::TypeLayout { lives, .. }] = &d.refusals[..] else {
+            panic!("{extra}: expected one layout refusal, got {:?}", d.refusals);
+        };
+        assert!(lives.contains(why), "{extra}: {lives}");
+    }
+    // A header's type may be named by objects this build does not compile.
+    let header = |member: &str| {
+        src(member, "")
+            .replacen("struct env", "\n#line 1 \"t.h\"\nstruct env", 1)
+            .replacen("};\n", "};\n#line 20 \"t.c\"\n", 1)
+    };
+    let d = diff_with(&header(""), &header("int pad;"), &["-g"]);
+    let [Refusal::TypeLayout { lives, .. }] = &d.refusals[..] else {
+        panic!("expected one layout refusal, got {:?}", d.refusals);
+    };
+    assert!(
+        lives.contains("t.h, which other objects may include"),
+        "{lives}"
+    );
 }

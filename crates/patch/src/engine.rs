@@ -31,7 +31,7 @@ mod rewrite;
 mod stage;
 mod switch;
 
-pub use consistent::{Consistency, Gate, GateSite, Retry};
+pub use consistent::{Consistency, Gate, GateScope, GateSite, Retry};
 pub use error::EngineError;
 pub use reclaim::Reclaimed;
 pub use reset::{reset_registry, ResetReport};
@@ -43,7 +43,11 @@ pub struct Session<'a, M: Machine + ?Sized> {
     syms: &'a KernelSymbols,
     layout: KernelLayout,
     pm: PatchMem,
-    gate: Option<(consistent::Gate<'a, M>, consistent::Retry)>,
+    gate: Option<(
+        consistent::Gate<'a, M>,
+        consistent::Retry,
+        consistent::GateScope,
+    )>,
     consistency: Option<consistent::Consistency>,
 }
 
@@ -185,6 +189,7 @@ fn applied_record(
         revert_pause_us: None,
         module: module.clone(),
         rewrites,
+        frame_types: man.frame_types.clone(),
         half_applied: false,
         reclaimed: false,
     }
@@ -370,6 +375,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 function: s.function.clone(),
             });
         }
+        self.check_frame_types(&man.id, &man.frame_types)?;
 
         let plan = plan(bundle)?;
         let kmods = self.kernel_modules(bundle)?;
@@ -496,6 +502,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 }
             }
         }
+        self.check_frame_types(id, &rec.frame_types)?;
         // Revert switches each site from this bundle's jmp back to what it replaced, except
         // in a module unloaded since: its code is gone and the memory may be another's.
         let gone = self.gone_sites(&rec.sites)?;

@@ -34,8 +34,8 @@ pub mod trust;
 pub use alternatives::{apply_alternatives, CpuFeatures};
 pub use bundle::{Bundle, BundleError, MANIFEST_SECTION};
 pub use engine::{
-    page_offset_base, reset_registry, ApplyReport, Consistency, EngineError, Gate, GateSite,
-    Reclaimed, ResetReport, Retry, RevertReport, Session,
+    page_offset_base, reset_registry, ApplyReport, Consistency, EngineError, Gate, GateScope,
+    GateSite, Reclaimed, ResetReport, Retry, RevertReport, Session,
 };
 pub use layout::{
     DroppedSection, FentrySite, Linked, PlacedSection, RegionKind, RegionPlan, Regions,
@@ -44,8 +44,8 @@ pub use layout::{
 pub use link::{link, plan, LinkError, Plan, ResolveError};
 pub use manifest::{
     AbsField, Alias, Manifest, Replacement, Rewrite, Target, FORMAT_VERSION, MAX_DESCRIPTION,
-    MAX_EXPECT, MAX_NAMES, MAX_PATH, MAX_RELEASE, MAX_REPLACEMENTS, MAX_REWRITE, MAX_REWRITES,
-    MAX_SYMBOL,
+    MAX_EXPECT, MAX_FRAME_TYPES, MAX_NAMES, MAX_PATH, MAX_RELEASE, MAX_REPLACEMENTS, MAX_REWRITE,
+    MAX_REWRITES, MAX_SYMBOL,
 };
 pub use pack::pack;
 pub use reloc::reloc_name;

@@ -47,7 +47,16 @@ pub struct Manifest {
     /// ops table that now points to a new function), restored on revert.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rewrites: Vec<Rewrite>,
+    /// Types (`struct name`, `union name`) whose layout the bundle changes and whose
+    /// instances live only in the frames of the functions it replaces (as lucos build
+    /// proves from DWARF). Safe only if no task is in the code a switch leaves, so every
+    /// switch of the bundle, apply and revert, must be consistent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frame_types: Vec<String>,
 }
+
+/// The most frame-local types one bundle may change.
+pub const MAX_FRAME_TYPES: usize = 16;
 
 /// The largest read-only object a bundle may rewrite in place.
 pub const MAX_REWRITE: usize = 1024;
@@ -341,6 +350,12 @@ impl Manifest {
                 "entries",
             ),
             ("rewrites", self.rewrites.len(), MAX_REWRITES, "entries"),
+            (
+                "frame_types",
+                self.frame_types.len(),
+                MAX_FRAME_TYPES,
+                "entries",
+            ),
             ("resolve", self.resolve.len(), MAX_NAMES, "entries"),
             ("aliases", self.aliases.len(), MAX_NAMES, "entries"),
         ];
@@ -395,6 +410,23 @@ impl Manifest {
             check_symbol_name(&format!("aliases.{alias}.symbol"), &a.symbol)?;
             if let Some(file) = &a.file {
                 check_source_path(&format!("aliases.{alias}.file"), file)?;
+            }
+        }
+        for (i, t) in self.frame_types.iter().enumerate() {
+            let name = t
+                .strip_prefix("struct ")
+                .or_else(|| t.strip_prefix("union "));
+            let ident = |n: &str| {
+                n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    && !n.is_empty()
+                    && n.len() <= MAX_SYMBOL
+                    && !n.as_bytes()[0].is_ascii_digit()
+            };
+            if !name.is_some_and(ident) {
+                return Err(invalid(
+                    format!("frame_types[{i}]"),
+                    format!("`{t}` is not `struct <name>` or `union <name>` with a C name"),
+                ));
             }
         }
         for (sym, file) in &self.resolve {

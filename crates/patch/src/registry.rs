@@ -128,6 +128,10 @@ pub struct BundleRecord {
     /// Read-only objects rewritten in place, with what they held.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rewrites: Vec<RewriteRecord>,
+    /// The bundle's frame-local types (`Manifest::frame_types`): its revert must be
+    /// consistent too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub frame_types: Vec<String>,
     /// Set when a switch of this bundle failed and could not put every site back: each
     /// site listed may hold either its `original` or its `written` bytes. The record stays
     /// applied, so its pages stay allocated and `lucos revert` (which accepts either bytes
@@ -156,6 +160,7 @@ impl BundleRecord {
             revert_pause_us: None,
             module: None,
             rewrites: Vec::new(),
+            frame_types: Vec::new(),
             half_applied: false,
             reclaimed: false,
         }

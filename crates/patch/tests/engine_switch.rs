@@ -12,7 +12,7 @@ use lucos_introspect::fake::{Call, Failing, FakeMachine};
 use lucos_introspect::{GuestPhysAddr, MachineError, PhysMem};
 use lucos_patch::memory::{PatchMemLayout, REGISTRY_SLOT_SIZE};
 use lucos_patch::registry::{BundleState, Header, Registry, HEADER_LEN};
-use lucos_patch::{Bundle, EngineError, GateSite, Retry, NOP5};
+use lucos_patch::{Bundle, EngineError, GateScope, GateSite, Retry, Session, NOP5};
 
 fn registry(k: &FakeKernel, m: &mut FakeMachine) -> Registry {
     k.session(m).unwrap().registry().unwrap()
@@ -183,8 +183,74 @@ fn apply_gated(
         tries: 2,
         backoff: std::time::Duration::from_millis(1),
     };
-    sess.set_gate(&mut gate, retry);
+    sess.set_gate(&mut gate, retry, GateScope::EntryWindows);
     sess.apply(b).map(|_| ())
+}
+
+/// Runs `op` on a session whose gate checks `scope` and answers `busy` or clean.
+fn gated<R>(
+    k: &FakeKernel,
+    m: &mut FakeMachine,
+    scope: GateScope,
+    busy: Option<&str>,
+    op: impl FnOnce(&mut Session<'_, FakeMachine>) -> Result<R, EngineError>,
+) -> Result<R, EngineError> {
+    let mut gate = |_: &mut FakeMachine, _: &[GateSite]| Ok(busy.map(str::to_owned));
+    let mut sess = k.session(m)?;
+    let retry = Retry {
+        tries: 2,
+        backoff: std::time::Duration::from_millis(1),
+    };
+    sess.set_gate(&mut gate, retry, scope);
+    op(&mut sess)
+}
+
+/// A bundle that changes a frame-local type (`Manifest::frame_types`) is safe only if
+/// no task is in the code a switch leaves: without a consistent check, its apply and its
+/// revert are refused and the guest is left as it was.
+#[test]
+fn a_frame_local_layout_change_switches_only_consistently() {
+    let k = FakeKernel::new();
+    let b = k.bundle_with("frames", &["lucos_f1"], false, |m| {
+        m.frame_types = vec!["struct lb_env".into()];
+    });
+    let refused = |e: &EngineError| {
+        matches!(e, EngineError::FrameTypeNeedsConsistency { id, type_name }
+            if id == "frames" && type_name == "struct lb_env")
+    };
+    let mut m = k.fresh.clone();
+    let err = apply_with(&k, &mut m, &b, |f| f).unwrap_err();
+    assert!(refused(&err), "{err}");
+    let err = gated(&k, &mut m, GateScope::EntryWindows, None, |s| s.apply(&b)).unwrap_err();
+    assert!(refused(&err), "{err}");
+    assert_unchanged(&k, &m, "no consistent check");
+    assert!(m.writes.is_empty());
+    // A task in the replaced code at every try: refused, unchanged.
+    let err = gated(&k, &mut m, GateScope::Functions, Some("pid 9"), |s| {
+        s.apply(&b)
+    });
+    assert!(
+        matches!(err, Err(EngineError::NotQuiescent { .. })),
+        "{err:?}"
+    );
+    assert_unchanged(&k, &m, "a task in replaced code");
+    // Clean: applied, and the record keeps the types for the revert.
+    gated(&k, &mut m, GateScope::Functions, None, |s| s.apply(&b)).unwrap();
+    let f1 = k.pa("old_lucos_f1");
+    assert_eq!(site(&m, f1)[0], 0xe9);
+    assert_eq!(
+        registry(&k, &mut m).bundles[0].frame_types,
+        ["struct lb_env"]
+    );
+    let applied = m.mem.clone();
+    let err = revert_with(&k, &mut m, "frames", |f| f).unwrap_err();
+    assert!(refused(&err), "{err}");
+    assert!(m.mem == applied, "a refused revert changed the guest");
+    gated(&k, &mut m, GateScope::Functions, None, |s| {
+        s.revert("frames")
+    })
+    .unwrap();
+    assert_eq!(site(&m, f1), NOP5);
 }
 
 #[test]

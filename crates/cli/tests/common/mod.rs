@@ -227,6 +227,7 @@ pub fn snippet_bundle(id: &str, source: &str) -> lucos_patch::Bundle {
         resolve: Default::default(),
         aliases: Default::default(),
         rewrites: Vec::new(),
+        frame_types: Vec::new(),
     };
     sign_and_store(&lucos_patch::pack(&obj, &manifest).unwrap())
 }

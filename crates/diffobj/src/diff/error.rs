@@ -25,15 +25,17 @@ pub enum Refusal {
         new: u64,
     },
     #[error(
-        "`{type_name}` changes layout as {file} sees it: {what}. The running kernel's \
-         objects of this type keep the old layout, and new code compiled against the new \
-         one would misread them (a data-transfer feature is coming); keep the type's layout, \
-         and put new state in a new variable or a shadow structure"
+        "`{type_name}` changes layout as {file} sees it: {what}. Its objects outlive a \
+         call ({lives}): the running kernel's keep the old layout, and new code compiled \
+         against the new one would misread them (a data-transfer feature is coming); keep \
+         the type's layout, and put new state in a new variable or a shadow structure"
     )]
     TypeLayout {
         type_name: String,
         file: String,
         what: String,
+        /// Why its instances are not only in frames (see `frames`).
+        lives: String,
     },
     #[error(
         "the initial value of `{symbol}` ({file}) changed: the running kernel's copy holds live \

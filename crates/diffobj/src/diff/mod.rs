@@ -17,6 +17,7 @@ mod correlate;
 mod dwarfdeps;
 mod emit;
 mod error;
+mod frames;
 mod include;
 mod keys;
 mod layout;
@@ -194,7 +195,8 @@ pub fn build(
 
         let t = Instant::now();
         progress.start(Stage::Emit, plan.redirects.len() as u64);
-        let built = match emit_bundle(&diffs, &plan, &syms, &release, diff, options, progress) {
+        let target = (release.as_str(), &report.frame_types[..]);
+        let built = match emit_bundle(&diffs, &plan, &syms, target, diff, options, progress) {
             Err(DiffError::Refused { refusals, .. }) => {
                 return Err(DiffError::Refused {
                     refusals,
@@ -288,12 +290,13 @@ fn parse_compiled<'a>(
 ) -> Result<CompiledPairs<'a>, DiffError> {
     let mut objs = Vec::new();
     for ((&obj, b), (orig_bytes, patched_bytes)) in affected.iter().zip(built).zip(bytes) {
-        refusals.extend(verify::layout_refusals(
-            &obj.object,
-            &obj.source,
-            orig_bytes,
-            patched_bytes,
-        )?);
+        let layout = verify::layout_check(&obj.object, &obj.source, orig_bytes, patched_bytes)?;
+        refusals.extend(layout.refusals);
+        for t in layout.frame_types {
+            if !report.frame_types.contains(&t) {
+                report.frame_types.push(t);
+            }
+        }
         let orig = Obj::parse(&obj.object, orig_bytes)?;
         let patched = Obj::parse(&obj.object, patched_bytes)?;
         refusals.extend(verify::new_exports(&orig, &patched, &obj.source));
@@ -464,7 +467,7 @@ fn emit_bundle(
     diffs: &[compare::Diff<'_>],
     plan: &include::Plan,
     syms: &KernelSymbols,
-    release: &str,
+    (release, frame_types): (&str, &[String]),
     diff: &Path,
     options: &BuildOptions,
     progress: &dyn Progress,
@@ -574,6 +577,7 @@ fn emit_bundle(
         resolve,
         aliases,
         rewrites: emit::rewrites(diffs, plan),
+        frame_types: frame_types.to_vec(),
     };
     let bundle = lucos_patch::pack(&object, &manifest)?;
     let parsed = Bundle::parse(&bundle)?;

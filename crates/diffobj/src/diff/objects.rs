@@ -32,6 +32,8 @@ pub struct ObjectDiff {
     /// Kernel symbols the bundle would link against.
     pub external: Vec<String>,
     pub refusals: Vec<Refusal>,
+    /// Types whose layout changes but whose instances only frames hold.
+    pub frame_types: Vec<String>,
     /// The bundle's ELF object (no manifest yet), when nothing was refused and some
     /// function changed.
     pub object: Option<Vec<u8>>,
@@ -72,7 +74,9 @@ pub fn compare_objects(
     out.rewritten = plan.rewrites.iter().map(|(_, r)| r.old.clone()).collect();
     out.external = plan.externals.keys().cloned().collect();
     // The same object-level checks as a build: type layouts and exports.
-    out.refusals = super::verify::layout_refusals(file, file, orig, patched)?;
+    let layout = super::verify::layout_check(file, file, orig, patched)?;
+    out.refusals = layout.refusals;
+    out.frame_types = layout.frame_types;
     out.refusals
         .extend(super::verify::new_exports(&o, &p, file));
     out.refusals.extend(plan.refusals.iter().cloned());

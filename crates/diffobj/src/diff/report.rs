@@ -113,6 +113,9 @@ pub struct BuildReport {
     pub objects: Vec<ObjectReport>,
     /// Assembly objects that depend on a changed file but assemble to the same code.
     pub unchanged_assembly: Vec<String>,
+    /// Types whose layout changes but whose instances only frames hold: the bundle's
+    /// switches must be consistent (`Manifest::frame_types`).
+    pub frame_types: Vec<String>,
     pub times: Times,
 }
 

@@ -10,6 +10,8 @@
 //! means another compiler, another config or another source version: then the "changed
 //! function" lucos found is not a change of *this* kernel, and nothing is emitted.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use iced_x86::{Decoder, DecoderOptions, Instruction};
 use lucos_introspect::symbols::KernelSymbols;
 use object::elf;
@@ -155,20 +157,28 @@ pub(crate) fn new_exports(orig: &Obj, patched: &Obj, file: &str) -> Vec<Refusal>
         .collect()
 }
 
-/// Refusals for every struct or union the original object knew whose layout the patched
-/// one changes.
-pub(crate) fn layout_refusals(
+/// What the layout check of one object found: refusals, and the types whose layout changes
+/// but whose instances live only in frames ([`super::frames`]), so that a consistent switch
+/// makes the change safe.
+#[derive(Debug, Default)]
+pub(crate) struct LayoutCheck {
+    pub refusals: Vec<Refusal>,
+    pub frame_types: Vec<String>,
+}
+
+/// Checks every struct or union the original object knew whose layout the patched one
+/// changes: frame-local in both compiles, or refused.
+pub(crate) fn layout_check(
     object: &str,
     source: &str,
     orig: &[u8],
     patched: &[u8],
-) -> Result<Vec<Refusal>, DiffError> {
-    let read = |bytes: &[u8]| {
-        super::layout::layouts(bytes).map_err(|source| DiffError::ObjectDwarf {
-            object: object.to_string(),
-            source,
-        })
+) -> Result<LayoutCheck, DiffError> {
+    let dwarf_error = |source| DiffError::ObjectDwarf {
+        object: object.to_string(),
+        source,
     };
+    let read = |bytes: &[u8]| super::layout::layouts(bytes).map_err(dwarf_error);
     let (old, new) = (read(orig)?, read(patched)?);
     if old.is_empty() {
         tracing::warn!(
@@ -177,17 +187,43 @@ pub(crate) fn layout_refusals(
              CONFIG_DEBUG_INFO)"
         );
     }
-    Ok(old
+    let changed: BTreeMap<String, String> = old
         .iter()
         .filter_map(|(name, o)| {
             let what = super::layout::first_difference(o, new.get(name)?)?;
-            Some(Refusal::TypeLayout {
-                type_name: name.clone(),
-                file: source.to_string(),
-                what,
-            })
+            Some((name.clone(), what))
         })
-        .collect())
+        .collect();
+    let mut out = LayoutCheck::default();
+    if changed.is_empty() {
+        return Ok(out);
+    }
+    let names: BTreeSet<String> = changed.keys().cloned().collect();
+    let before = super::frames::frame_local(orig, &names).map_err(dwarf_error)?;
+    let after = super::frames::frame_local(patched, &names).map_err(dwarf_error)?;
+    for (name, what) in changed {
+        let verdict = |v: &BTreeMap<String, Result<_, String>>| v.get(&name).cloned();
+        match (verdict(&before), verdict(&after)) {
+            (Some(Ok(owners)), Some(Ok(_))) => {
+                tracing::info!(%name, ?owners, %what, "layout changes, but only frames hold it");
+                out.frame_types.push(name);
+            }
+            (b, a) => {
+                let why = [b, a]
+                    .into_iter()
+                    .flatten()
+                    .find_map(Result::err)
+                    .unwrap_or_else(|| "its debug info does not describe it".into());
+                out.refusals.push(Refusal::TypeLayout {
+                    type_name: name,
+                    file: source.to_string(),
+                    what,
+                    lives: why,
+                });
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

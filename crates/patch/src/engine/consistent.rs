@@ -31,6 +31,15 @@ pub struct GateSite {
 pub type Gate<'a, M> =
     &'a mut (dyn FnMut(&mut M, &[GateSite]) -> Result<Option<String>, String> + 'a);
 
+/// What a gate checks, so that the engine can tell whether it is enough for a bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateScope {
+    /// No task in any code a switch leaves (every replaced function, whole): consistent.
+    Functions,
+    /// Only no task inside an entry's first 5 bytes (a site without fentry).
+    EntryWindows,
+}
+
 /// How often and how patiently to try.
 #[derive(Debug, Clone, Copy)]
 pub struct Retry {
@@ -49,9 +58,22 @@ pub struct Consistency {
 }
 
 impl<'a, M: Machine + ?Sized> Session<'a, M> {
-    /// Makes the next applies consistent: each switch first passes `gate`.
-    pub fn set_gate(&mut self, gate: Gate<'a, M>, retry: Retry) {
-        self.gate = Some((gate, retry));
+    /// Makes each next switch first pass `gate`, which checks what `scope` says.
+    pub fn set_gate(&mut self, gate: Gate<'a, M>, retry: Retry, scope: GateScope) {
+        self.gate = Some((gate, retry, scope));
+    }
+
+    /// A bundle that changes a frame-local type is safe only if every switch of it is
+    /// consistent (see `Manifest::frame_types`); `id` is refused otherwise, unchanged.
+    pub(super) fn check_frame_types(&self, id: &str, types: &[String]) -> Result<(), EngineError> {
+        let consistent = matches!(&self.gate, Some((_, _, GateScope::Functions)));
+        match types.first() {
+            Some(t) if !consistent => Err(EngineError::FrameTypeNeedsConsistency {
+                id: id.to_owned(),
+                type_name: t.clone(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The cost of the last consistent switch.
@@ -67,7 +89,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         sites: &[(&Site, [u8; 5])],
         was_paused: bool,
     ) -> Result<Instant, EngineError> {
-        let Some((gate, retry)) = self.gate.take() else {
+        let Some((gate, retry, scope)) = self.gate.take() else {
             let t = Instant::now();
             self.m.pause()?;
             return Ok(t);
@@ -118,7 +140,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
             backoff = (backoff * 2).min(retry.backoff * 8);
         };
         self.consistency = Some(stats);
-        self.gate = Some((gate, retry));
+        self.gate = Some((gate, retry, scope));
         out
     }
 }

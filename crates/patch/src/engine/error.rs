@@ -157,4 +157,6 @@ pub enum EngineError {
     },
     #[error("`{function}` is redirected at its entry (it has no fentry site), so the switch needs every stack checked inside the pause, and this caller set no check up (Session::set_gate); apply it with `lucos apply`")]
     EntryNeedsStackCheck { function: String },
+    #[error("bundle '{id}' changes the layout of `{type_name}`, whose objects live only in the frames of the functions it replaces: that is safe only if no task is in that code at the switch, and this caller set no consistent check up (Session::set_gate with GateScope::Functions); apply and revert it with `lucos apply` and `lucos revert`, which check every stack")]
+    FrameTypeNeedsConsistency { id: String, type_name: String },
 }

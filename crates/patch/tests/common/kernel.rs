@@ -11,7 +11,7 @@ use std::process::Command;
 use lucos_introspect::fake::{FakeMachine, FakeMem};
 use lucos_introspect::paging::{PRESENT, RW};
 use lucos_introspect::{KernelLayout, KernelSymbols, Machine, PageSize};
-use lucos_patch::{pack, signing, Bundle, EngineError, Rewrite, Session, TrustStore};
+use lucos_patch::{pack, signing, Bundle, EngineError, Manifest, Rewrite, Session, TrustStore};
 
 use super::fake::{GPA, SIZE};
 
@@ -304,6 +304,17 @@ impl FakeKernel {
     /// A signed, opened bundle `id` replacing `old_<n>` by each `n` of `news`, and with
     /// `rewrite`, also rewriting `ops_table` to `lucos_ops`.
     pub fn bundle(&self, id: &str, news: &[&str], rewrite: bool) -> Bundle {
+        self.bundle_with(id, news, rewrite, |_| {})
+    }
+
+    /// [`Self::bundle`] with its manifest edited by `edit` before it is signed.
+    pub fn bundle_with(
+        &self,
+        id: &str,
+        news: &[&str],
+        rewrite: bool,
+        edit: impl FnOnce(&mut Manifest),
+    ) -> Bundle {
         let mut man = super::manifest(news);
         man.id = id.into();
         man.target.build_id = self.syms.build_id_hex().unwrap();
@@ -320,6 +331,7 @@ impl FakeKernel {
                 skip: Vec::new(),
             });
         }
+        edit(&mut man);
         let signed = signing::sign(&pack(&self.object, &man).unwrap(), &self.key);
         Bundle::open(&signed, &self.trust).unwrap()
     }

@@ -86,6 +86,7 @@ pub fn manifest(news: &[&str]) -> Manifest {
         resolve: Default::default(),
         aliases: Default::default(),
         rewrites: Vec::new(),
+        frame_types: Vec::new(),
     }
 }
 
