@@ -679,3 +679,39 @@ fn a_type_only_frames_hold_may_change_layout() {
         "{lives}"
     );
 }
+
+/// `NL_SET_ERR_MSG`'s `static const char __msg[]` strings are numbered in order, so a new
+/// message renumbers the others (net/sched/act_api.c in 6.1.190). They hold no state: each
+/// replaced function carries its own copies instead of being paired with strings of other
+/// sizes, which was refused as a data size change.
+#[test]
+fn extack_messages_travel_with_their_function() {
+    let src = |first: &str| {
+        format!(
+            "{PRELUDE}struct ext {{ const char *msg; }};\n\
+             #define MSG(e, m) do {{ static const char __msg[] = m; (e)->msg = __msg; }} while (0)\n\
+             int check(struct ext *e, int x) {{\n\
+             {first}\
+             if (x == 1) {{ MSG(e, \"a short one\"); return -1; }}\n\
+             if (x == 2) {{ MSG(e, \"a message of another length\"); return -2; }}\n\
+             return ext(x); }}\n"
+        )
+    };
+    let d = diff(
+        &src(""),
+        &src("if (x == 3) { MSG(e, \"new\"); return -3; }\n"),
+    );
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.redirected, vec!["check"]);
+    let copies = d
+        .included
+        .iter()
+        .filter(|n| n.starts_with("__msg."))
+        .count();
+    assert_eq!(copies, 3, "{:?}", d.included);
+    assert!(
+        d.rewritten.is_empty(),
+        "live strings rewritten: {:?}",
+        d.rewritten
+    );
+}

@@ -41,8 +41,8 @@ pub fn is_numbered(name: &str) -> bool {
 
 /// Compiler- or macro-generated statics that are never matched with the running kernel's:
 /// a replaced function gets its own fresh copy (a WARN_ONCE flag, a ratelimit state, a
-/// `__func__` string, a switch table ...). Matching them by name would be unreliable and
-/// sharing them buys nothing.
+/// `__func__` string, a switch table, a netlink extack message ...). Matching them by name
+/// would be unreliable and sharing them buys nothing.
 pub fn is_special_static(name: &str, section: &str) -> bool {
     const PREFIXES: &[&str] = &[
         "__key.",
@@ -55,6 +55,11 @@ pub fn is_special_static(name: &str, section: &str) -> bool {
         "CSWTCH.",
         "_entry.",
         "_entry_ptr.",
+        // `NL_SET_ERR_MSG`'s `static const char __msg[]`: a string only ever read through
+        // `extack->_msg`. A new message renumbers the others, so matching by number paired
+        // strings of other sizes (net/sched/act_api.c in 6.1.190), and vmlinux cannot tell
+        // apart two files' `__msg.0` of one base name (net/{core,ipv4}/fib_rules.c).
+        "__msg.",
     ];
     section == ".data.once"
         || section == ".data..once"
