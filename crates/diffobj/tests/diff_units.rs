@@ -715,3 +715,47 @@ fn extack_messages_travel_with_their_function() {
         d.rewritten
     );
 }
+
+/// `static_cpu_has()` puts its run-time test in `.altinstr_aux`, one for each use, and each
+/// jumps back into its user. The section travels whole, so the test of an `__init` user
+/// (arch/x86/mm/pkeys.c's `create_init_pkru_value`) came along and was refused as a
+/// reference to freed code. Only that user's own site leads there: the bundle points its
+/// jumps at a `ud2` trap instead, and the rest builds.
+#[test]
+fn an_init_functions_cpu_feature_test_is_dead_code_in_a_bundle() {
+    let src = |k: i32| {
+        format!(
+            "{PRELUDE}extern char ext_flag;\n\
+             static inline __attribute__((always_inline)) int has(void) {{\n\
+             asm goto(\"jmp 6f\\n\\t.pushsection .altinstr_aux,\\\"ax\\\"\\n\"\n\
+             \"6: testb $1, ext_flag(%%rip)\\n\\tjnz %l[yes]\\n\\tjmp %l[no]\\n\\t.popsection\"\n\
+             : : : : yes, no);\n\
+             yes: return 1;\n no: return 0; }}\n\
+             __attribute__((section(\".init.text\"))) int boot_f(void) {{ return has() + ext(1); }}\n\
+             int run_f(int x) {{ return has() ? ext(x) : {k}; }}\n"
+        )
+    };
+    let d = diff(&src(1), &src(2));
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.redirected, vec!["run_f"]);
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let bytes = d.object.as_deref().expect("a bundle object");
+    let o = object::File::parse(bytes).unwrap();
+    let trap = o
+        .section_by_name(".text.lucos_unreachable")
+        .expect("a trap");
+    assert_eq!(trap.data().unwrap(), [0x0f, 0x0b]);
+    let aux = o
+        .section_by_name(".altinstr_aux")
+        .expect("the tests travel");
+    let to_trap = aux
+        .relocations()
+        .filter(|(_, r)| match r.target() {
+            object::RelocationTarget::Symbol(i) => {
+                o.symbol_by_index(i).ok().and_then(|s| s.section_index()) == Some(trap.index())
+            }
+            _ => false,
+        })
+        .count();
+    assert_eq!(to_trap, 2, "the init user's jnz and jmp");
+}

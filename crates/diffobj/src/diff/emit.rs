@@ -96,7 +96,16 @@ pub(crate) fn write_object(diffs: &[Diff<'_>], plan: &Plan) -> Result<Vec<u8>, D
         plan,
         sections,
         externals: HashMap::new(),
+        trap: None,
     };
+    if plan.trap {
+        let (name, code) = super::include::TRAP;
+        let id = out
+            .w
+            .add_section(Vec::new(), name.into(), SectionKind::Text);
+        out.w.set_section_data(id, code.to_vec(), 16);
+        out.trap = Some(out.w.section_symbol(id));
+    }
     for (ui, unit) in plan.units.iter().enumerate() {
         let o = diffs[unit.obj].patched;
         let (sec, start, end) = match unit.kind {
@@ -123,6 +132,8 @@ struct Out<'p> {
     /// Per unit: its section, its symbol, and its start in the source section.
     sections: Vec<(SectionId, SymbolId, u64)>,
     externals: HashMap<String, SymbolId>,
+    /// The symbol of the [`super::include::TRAP`] section, when the plan needs one.
+    trap: Option<SymbolId>,
 }
 
 impl Out<'_> {
@@ -173,6 +184,14 @@ impl Out<'_> {
                     })
                 });
                 (id, addend)
+            }
+            Resolved::Dead => {
+                let trap = self
+                    .trap
+                    .ok_or_else(|| emit_err("a dead field without a trap"))?;
+                // The field is the end of a jmp or jcc: -4 lands on the trap itself.
+                let pc_relative = matches!(r.r_type, elf::R_X86_64_PC32 | elf::R_X86_64_PLT32);
+                (trap, if pc_relative { -4 } else { 0 })
             }
             Resolved::Null(_) => {
                 return Err(emit_err(format!(

@@ -37,6 +37,10 @@ pub(crate) struct Unit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Resolved {
     Null(i64),
+    /// A field of code that nothing in the bundle can reach: a `static_cpu_has()` test of
+    /// `.altinstr_aux` jumping back into an `__init` function, whose own site is the only
+    /// way in. It is pointed at a `ud2` trap ([`TRAP`]) rather than at freed memory.
+    Dead,
     /// Into an included unit; the addend is relative to the unit's start.
     Unit {
         obj: usize,
@@ -87,6 +91,8 @@ pub(crate) struct Plan {
     /// Read-only objects rewritten in place: (unit holding the new content, the object).
     pub rewrites: Vec<(usize, Redirect)>,
     pub refusals: Vec<Refusal>,
+    /// Some field is [`Resolved::Dead`]: the object gets the [`TRAP`] section.
+    pub trap: bool,
 }
 
 impl Plan {
@@ -246,6 +252,7 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
                     plan.add_external(name, file, &from, weak);
                 }
                 Ok(Resolved::Null(_)) => {}
+                Ok(Resolved::Dead) => plan.trap = true,
                 Err(r) => refuse(r, &mut plan),
             }
         }
@@ -303,6 +310,15 @@ fn unit_name(d: &Diff<'_>, kind: UnitKind, taken: &mut BTreeSet<String>) -> Stri
     name
 }
 
+/// The trap section that [`Resolved::Dead`] fields point at: `ud2`.
+pub(crate) const TRAP: (&str, &[u8]) = (".text.lucos_unreachable", &[0x0f, 0x0b]);
+
+/// `static_cpu_has()`'s run-time tests: each jumps back into the function whose site
+/// jumped to it, so one that jumps into `__init` code belongs to `__init` code.
+fn is_aux(section: &str) -> bool {
+    section == ".altinstr_aux"
+}
+
 /// Where relocation `r` in section `sec` of object `oi` must point in the bundle.
 pub(crate) fn resolve(
     diffs: &[Diff<'_>],
@@ -341,6 +357,9 @@ pub(crate) fn resolve(
                 });
             };
             let tname = &o.sections[tsec].name;
+            if special::is_init(tname) && is_aux(&o.sections[sec].name) {
+                return Ok(Resolved::Dead);
+            }
             if special::is_init(tname) {
                 return Err(refuse(
                     &s.name,
@@ -399,6 +418,9 @@ pub(crate) fn resolve(
         }
         Target::Anon { sec: t, addend, .. } => {
             let ts = &o.sections[t];
+            if special::is_init(&ts.name) && is_aux(&o.sections[sec].name) {
+                return Ok(Resolved::Dead);
+            }
             if special::is_init(&ts.name) {
                 return Err(refuse(&ts.name, "is __init data, freed after boot"));
             }
