@@ -92,6 +92,7 @@ pub fn make_bundle_with(
         aliases: Default::default(),
         rewrites: Vec::new(),
         frame_types: Vec::new(),
+        exports: Vec::new(),
     };
     manifest.validate()?;
 

@@ -17,7 +17,7 @@ use lucos_introspect::PhysMem;
 
 use crate::elf::SymPlace;
 use crate::{Bundle, Linked, Plan, RegionKind};
-use image::{BugEntry, Counts, ExEntry, JumpSite, KSym, OrcEntry, Tables};
+use image::{BugEntry, Counts, ExEntry, JumpSite, KExport, KSym, OrcEntry, Tables};
 pub use layout::KmodLayout;
 pub use register::{Anchors, Bounds, RegisterError};
 
@@ -79,9 +79,10 @@ pub fn probe(
     Ok(KernelModules { layout, anchors })
 }
 
-/// Whether the bundle has entries that only work once the kernel knows the module.
+/// Whether the bundle has entries (or exports) that only work once the kernel knows the
+/// module.
 pub fn needs_module(bundle: &Bundle) -> bool {
-    has_table(bundle, &[EXTABLE, BUG_TABLE, JUMP_TABLE])
+    has_table(bundle, &[EXTABLE, BUG_TABLE, JUMP_TABLE]) || !bundle.manifest().exports.is_empty()
 }
 
 /// Whether the kernel will rewrite the bundle's code itself: its static-branch sites,
@@ -154,8 +155,14 @@ fn rel(bytes: &[u8], at: usize, va: u64) -> u64 {
     va.wrapping_add(at as u64).wrapping_add(d as i64 as u64)
 }
 
-/// The kernel-facing tables of a linked bundle, decoded to absolute addresses.
-pub fn tables(bundle: &Bundle, plan: &Plan, linked: &Linked) -> Result<Tables, KmodError> {
+/// The kernel-facing tables of a linked bundle, decoded to absolute addresses; `kernel`
+/// gives the live address of a kernel symbol a new export names.
+pub fn tables(
+    bundle: &Bundle,
+    plan: &Plan,
+    linked: &Linked,
+    kernel: &dyn Fn(&str) -> Option<u64>,
+) -> Result<Tables, KmodError> {
     let mut t = Tables::default();
     for (va, b) in placed(bundle, plan, linked, EXTABLE) {
         whole(EXTABLE, b, 12)?;
@@ -215,6 +222,25 @@ pub fn tables(bundle: &Bundle, plan: &Plan, linked: &Linked) -> Result<Tables, K
         }
     }
     t.symbols = symbols(bundle, plan, linked);
+    for e in &bundle.manifest().exports {
+        let addr = match &e.symbol {
+            Some(s) => t.symbols.iter().find(|k| &k.name == s).map(|k| k.addr),
+            None => kernel(&e.name),
+        };
+        let addr = addr.ok_or_else(|| {
+            let what = e.symbol.as_deref().unwrap_or("the running kernel's symbol");
+            err(
+                "exports",
+                format!("`{}` names {what}, which is not there", e.name),
+            )
+        })?;
+        t.exports.push(KExport {
+            name: e.name.clone(),
+            addr,
+            gpl: e.gpl,
+            namespace: e.namespace.clone(),
+        });
+    }
     Ok(t)
 }
 
@@ -261,7 +287,13 @@ pub fn counts(bundle: &Bundle) -> Counts {
     let (n, names) = syms.fold((0, 0), |(n, b), s| {
         (n + 1, b + s.name.len().min(255) as u64 + 1)
     });
+    let exports = &bundle.manifest().exports;
     Counts {
+        exports: exports.len() as u64,
+        export_names: exports
+            .iter()
+            .map(|e| e.name.len() as u64 + 2 + e.namespace.as_ref().map_or(0, |n| n.len() as u64))
+            .sum(),
         ex: size(EXTABLE, 12),
         bugs: size(BUG_TABLE, 12),
         orcs: size(ORC_IP, 4),

@@ -53,6 +53,29 @@ pub struct Manifest {
     /// switch of the bundle, apply and revert, must be consistent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub frame_types: Vec<String>,
+    /// Symbols the update newly exports (`EXPORT_SYMBOL`): the bundle's module exports
+    /// them, so that modules loaded later link against them as they would against the new
+    /// kernel's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exports: Vec<Export>,
+}
+
+/// One new export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Export {
+    /// The exported name.
+    pub name: String,
+    /// The bundle object's symbol it names (a new function the bundle carries); `None`:
+    /// the running kernel's symbol `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub symbol: Option<String>,
+    /// `EXPORT_SYMBOL_GPL`: only GPL-compatible modules may use it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gpl: bool,
+    /// `EXPORT_SYMBOL_NS`: a user must import this namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
 }
 
 /// The most frame-local types one bundle may change.
@@ -357,6 +380,7 @@ impl Manifest {
                 "entries",
             ),
             ("resolve", self.resolve.len(), MAX_NAMES, "entries"),
+            ("exports", self.exports.len(), MAX_NAMES, "entries"),
             ("aliases", self.aliases.len(), MAX_NAMES, "entries"),
         ];
         for (field, len, max, unit) in limits {
@@ -426,6 +450,21 @@ impl Manifest {
                 return Err(invalid(
                     format!("frame_types[{i}]"),
                     format!("`{t}` is not `struct <name>` or `union <name>` with a C name"),
+                ));
+            }
+        }
+        for (i, e) in self.exports.iter().enumerate() {
+            check_symbol_name(&format!("exports[{i}].name"), &e.name)?;
+            if let Some(s) = &e.symbol {
+                check_symbol_name(&format!("exports[{i}].symbol"), s)?;
+            }
+            if let Some(ns) = &e.namespace {
+                check_symbol_name(&format!("exports[{i}].namespace"), ns)?;
+            }
+            if self.exports[..i].iter().any(|o| o.name == e.name) {
+                return Err(invalid(
+                    format!("exports[{i}].name"),
+                    format!("`{}` is exported twice", e.name),
                 ));
             }
         }

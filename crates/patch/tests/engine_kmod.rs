@@ -228,3 +228,109 @@ fn a_bundle_the_kernel_never_pokes_applies_where_the_direct_map_cannot_reach() {
     assert!(err.to_string().contains("direct map"), "{err}");
     assert!(m.mem != before.mem, "the apply wrote nothing");
 }
+
+/// New exports go into the export tables of the bundle's module, sorted by name, each
+/// entry pointing at its symbol, its name and its namespace. A module that links against
+/// them holds the bundle: its revert is refused, leaving the guest unchanged, until that
+/// module is gone.
+#[test]
+fn new_exports_are_the_modules_and_a_user_holds_the_revert() {
+    use lucos_introspect::paging::{read_virt, read_virt_u64};
+    use lucos_introspect::GuestVirtAddr;
+    use lucos_patch::Export;
+    let k = FakeKernel::with_modules();
+    let export = |name: &str, symbol: Option<&str>, gpl, ns: Option<&str>| Export {
+        name: name.into(),
+        symbol: symbol.map(Into::into),
+        gpl,
+        namespace: ns.map(Into::into),
+    };
+    let b = k.bundle_with("ex", &["lucos_f1", "lucos_f2"], false, |m| {
+        m.exports = vec![
+            export("old_lucos_f3", None, false, None),
+            export("lucos_f2", Some("lucos_f2"), false, None),
+            export("lucos_gpl", Some("lucos_f1"), true, Some("LUCOS_NS")),
+        ];
+    });
+    let mut m = k.fresh.clone();
+    k.session(&mut m).unwrap().apply(&b).unwrap();
+    let cr3 = k.layout.cr3;
+    let l = lucos_patch::kmod::probe(&m, &k.syms, &k.layout)
+        .unwrap()
+        .layout;
+    let reg = k.session(&mut m).unwrap().registry().unwrap();
+    let rec = reg.find_applied("ex").unwrap().clone();
+    let module = rec.module.as_ref().unwrap().va;
+    let new_addr = |f: &str| {
+        rec.sites
+            .iter()
+            .find(|s| s.new_symbol == f)
+            .unwrap()
+            .new_addr
+    };
+    let word = |va: u64| read_virt_u64(&m, cr3, GuestVirtAddr(va)).unwrap();
+    let rel = |va: u64| va.wrapping_add(word(va) as u32 as i32 as i64 as u64);
+    let text = |va: u64| {
+        let mut b = [0u8; 16];
+        read_virt(&m, cr3, GuestVirtAddr(va), &mut b).unwrap();
+        let end = b.iter().position(|&c| c == 0).unwrap();
+        String::from_utf8(b[..end].to_vec()).unwrap()
+    };
+    let table = |field: u64, count: u64| (word(module + field), word(module + count) as u32);
+    let (plain, n) = table(l.syms, l.num_syms);
+    assert_eq!(n, 2);
+    let f3 = k.layout.live(k.syms.lookup("old_lucos_f3").unwrap().addr);
+    for (i, (name, addr)) in [("lucos_f2", new_addr("lucos_f2")), ("old_lucos_f3", f3)]
+        .into_iter()
+        .enumerate()
+    {
+        let at = plain + 12 * i as u64;
+        assert_eq!((rel(at), text(rel(at + 4))), (addr, name.to_string()));
+        assert_eq!(word(at + 8) as u32, 0, "{name}: no namespace");
+    }
+    let (gpl, n) = table(l.gpl_syms, l.num_gpl_syms);
+    assert_eq!(n, 1);
+    assert_eq!(rel(gpl), new_addr("lucos_f1"));
+    assert_eq!(text(rel(gpl + 4)), "lucos_gpl");
+    assert_eq!(text(rel(gpl + 8)), "LUCOS_NS");
+
+    // A module that uses the exports: `ref_module()` put a `struct module_use` on the
+    // bundle module's source_list. It is built in the unused tail of the module's range
+    // (sized from a bound), with the user's name where its `struct module` has it.
+    let r = rec
+        .ranges
+        .iter()
+        .find(|r| (r.va..r.va + r.len).contains(&module))
+        .unwrap();
+    let spare = r.va + r.len - 0x40;
+    assert_eq!(word(spare) | word(spare + 0x38), 0, "the tail is unused");
+    let pa = |va: u64| {
+        lucos_introspect::paging::translate(&m, cr3, GuestVirtAddr(va))
+            .unwrap()
+            .pa
+            .0
+    };
+    let (use_va, user) = (spare, spare + 0x38 - l.name);
+    let head = module + l.source_list;
+    let mut with_user = m.clone();
+    let w = &mut with_user.mem;
+    w.write_u64(pa(head), use_va + l.use_source_list);
+    w.write_u64(pa(head + 8), use_va + l.use_source_list);
+    w.write_u64(pa(use_va + l.use_source_list), head);
+    w.write_u64(pa(use_va + l.use_source_list + 8), head);
+    w.write_u64(pa(use_va + l.use_source), user);
+    w.write_u64(pa(user + l.name), u64::from_le_bytes(*b"usermod\0"));
+    let before = with_user.clone();
+    let err = k.session(&mut with_user).unwrap().revert("ex").unwrap_err();
+    assert!(
+        matches!(&err, EngineError::Kmod(KmodError::Register(RegisterError::InUse { users }))
+            if users == "usermod"),
+        "{err}"
+    );
+    assert!(
+        with_user.mem == before.mem,
+        "a refused revert changed the guest"
+    );
+    // Without the user, the revert goes through.
+    k.session(&mut m).unwrap().revert("ex").unwrap();
+}

@@ -228,6 +228,7 @@ pub fn snippet_bundle(id: &str, source: &str) -> lucos_patch::Bundle {
         aliases: Default::default(),
         rewrites: Vec::new(),
         frame_types: Vec::new(),
+        exports: Vec::new(),
     };
     sign_and_store(&lucos_patch::pack(&obj, &manifest).unwrap())
 }

@@ -107,12 +107,6 @@ pub enum Refusal {
          lucos does not do yet; use an ordinary variable"
     )]
     NewPercpu { symbol: String, file: String },
-    #[error(
-        "{file} newly exports `{symbol}` (EXPORT_SYMBOL): modules look exports up in the \
-         running kernel's symbol tables, which a patch cannot extend; keep the export list \
-         as it is"
-    )]
-    NewExport { symbol: String, file: String },
 }
 
 /// Why an object's DWARF could not be read (a compiled object's struct layouts, vmlinux's
@@ -276,7 +270,6 @@ impl Refusal {
             Refusal::File { .. } => "unsupported file".into(),
             Refusal::Reference { .. } => "reference to a missing symbol".into(),
             Refusal::NewPercpu { .. } => "new per-CPU variable".into(),
-            Refusal::NewExport { .. } => "new export".into(),
         }
     }
 }

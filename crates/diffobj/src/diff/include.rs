@@ -93,6 +93,9 @@ pub(crate) struct Plan {
     pub refusals: Vec<Refusal>,
     /// Some field is [`Resolved::Dead`]: the object gets the [`TRAP`] section.
     pub trap: bool,
+    /// New exports, with the unit of the new function or object each names (`None`: the
+    /// running kernel has the symbol, and its own address is exported).
+    pub exports: Vec<(super::verify::NewExport, Option<usize>)>,
 }
 
 impl Plan {
@@ -180,6 +183,7 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
             queue.push_back((oi, UnitKind::Item(p)));
         }
     }
+    let exports = queue_exports(diffs, &mut queue);
     let mut seen_refusals: BTreeSet<String> = plan.refusals.iter().map(|r| r.to_string()).collect();
     let mut names: BTreeSet<String> = BTreeSet::new();
     while let Some((oi, kind)) = queue.pop_front() {
@@ -261,7 +265,37 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
         let unit = plan.index[&(r.obj, UnitKind::Item(r.sym))];
         plan.rewrites.push((unit, r));
     }
+    plan.exports = exports
+        .into_iter()
+        .map(|(e, item)| (e, item.and_then(|k| plan.index.get(&k).copied())))
+        .collect();
     plan
+}
+
+/// The new exports of every object; a symbol the running kernel lacks (a new function)
+/// is queued, so the bundle carries what its module exports.
+fn queue_exports(
+    diffs: &[Diff<'_>],
+    queue: &mut VecDeque<(usize, UnitKind)>,
+) -> Vec<(super::verify::NewExport, Option<(usize, UnitKind)>)> {
+    let mut out = Vec::new();
+    for (oi, d) in diffs.iter().enumerate() {
+        for e in super::verify::new_exports(d.orig, d.patched) {
+            let new = (0..d.patched.symbols.len()).find(|&p| {
+                let s = &d.patched.symbols[p];
+                s.name == e.name
+                    && !s.is_local()
+                    && s.section().is_some()
+                    && d.status[p] == Status::New
+            });
+            let item = new.map(|p| (oi, UnitKind::Item(p)));
+            if let Some(k) = item {
+                queue.push_back(k);
+            }
+            out.push((e, item));
+        }
+    }
+    out
 }
 
 /// The relocations (section, relocation) of the entries of `table` that belong to item `p`.

@@ -299,7 +299,6 @@ fn parse_compiled<'a>(
         }
         let orig = Obj::parse(&obj.object, orig_bytes)?;
         let patched = Obj::parse(&obj.object, patched_bytes)?;
-        refusals.extend(verify::new_exports(&orig, &patched, &obj.source));
         if obj.is_assembly() {
             if obj::same_allocated_contents(&orig, &patched) {
                 report.unchanged_assembly.push(obj.object.clone());
@@ -578,6 +577,16 @@ fn emit_bundle(
         aliases,
         rewrites: emit::rewrites(diffs, plan),
         frame_types: frame_types.to_vec(),
+        exports: plan
+            .exports
+            .iter()
+            .map(|(e, unit)| lucos_patch::Export {
+                name: e.name.clone(),
+                symbol: unit.map(|u| plan.units[u].name.clone()),
+                gpl: e.gpl,
+                namespace: e.namespace.clone(),
+            })
+            .collect(),
     };
     let bundle = lucos_patch::pack(&object, &manifest)?;
     let parsed = Bundle::parse(&bundle)?;

@@ -34,6 +34,8 @@ pub struct ObjectDiff {
     pub refusals: Vec<Refusal>,
     /// Types whose layout changes but whose instances only frames hold.
     pub frame_types: Vec<String>,
+    /// Symbols the patched object newly exports (the bundle's module exports them).
+    pub exports: Vec<String>,
     /// The bundle's ELF object (no manifest yet), when nothing was refused and some
     /// function changed.
     pub object: Option<Vec<u8>>,
@@ -77,9 +79,8 @@ pub fn compare_objects(
     let layout = super::verify::layout_check(file, file, orig, patched)?;
     out.refusals = layout.refusals;
     out.frame_types = layout.frame_types;
-    out.refusals
-        .extend(super::verify::new_exports(&o, &p, file));
     out.refusals.extend(plan.refusals.iter().cloned());
+    out.exports = plan.exports.iter().map(|(e, _)| e.name.clone()).collect();
     if out.refusals.is_empty() && !(plan.redirects.is_empty() && plan.rewrites.is_empty()) {
         out.object = Some(emit::write_object(&diffs, &plan)?);
     }

@@ -133,26 +133,46 @@ pub(crate) fn run_pre(
     first.map(at).and_then(refuse)
 }
 
+/// A symbol the patched object exports and the original did not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct NewExport {
+    pub name: String,
+    pub gpl: bool,
+    /// `EXPORT_SYMBOL_NS`'s namespace (`__kstrtabns_<name>`), if any.
+    pub namespace: Option<String>,
+}
+
 /// Exports (`___ksymtab+name` / `___ksymtab_gpl+name` sections) the patched object has and
 /// the original had not. The comparison ignores export tables, since existing exports do
-/// not change with a fix; a new one would be lost without a word.
-pub(crate) fn new_exports(orig: &Obj, patched: &Obj, file: &str) -> Vec<Refusal> {
-    let exports = |o: &Obj| -> std::collections::BTreeSet<String> {
+/// not change with a fix; a new one would be lost without a word, so the bundle's module
+/// exports it.
+pub(crate) fn new_exports(orig: &Obj, patched: &Obj) -> Vec<NewExport> {
+    let exports = |o: &Obj| -> BTreeMap<String, bool> {
         o.sections
             .iter()
             .filter_map(|s| {
-                let (_, name) = s.name.strip_prefix("___ksymtab")?.split_once('+')?;
-                Some(name.to_string())
+                let (kind, name) = s.name.strip_prefix("___ksymtab")?.split_once('+')?;
+                Some((name.to_string(), kind == "_gpl"))
             })
             .collect()
     };
     let old = exports(orig);
     exports(patched)
         .into_iter()
-        .filter(|n| !old.contains(n))
-        .map(|symbol| Refusal::NewExport {
-            symbol,
-            file: file.to_string(),
+        .filter(|(n, _)| !old.contains_key(n))
+        .map(|(name, gpl)| {
+            let ns = format!("__kstrtabns_{name}");
+            let namespace = (0..patched.symbols.len())
+                .find(|&i| patched.symbols[i].name == ns)
+                .map(|i| patched.sym_bytes(i))
+                .map(|b| b.split(|&c| c == 0).next().unwrap_or_default())
+                .filter(|b| !b.is_empty())
+                .map(|b| String::from_utf8_lossy(b).into_owned());
+            NewExport {
+                name,
+                gpl,
+                namespace,
+            }
         })
         .collect()
 }

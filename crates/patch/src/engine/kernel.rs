@@ -58,7 +58,13 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             ro_size: sizes[0] + sizes[1],
         };
         let va = va_base + offs[3];
-        let tables = kmod::tables(bundle, plan, linked)?;
+        let kernel = |name: &str| {
+            self.syms
+                .lookup(name)
+                .ok()
+                .map(|s| self.layout.live(s.addr))
+        };
+        let tables = kmod::tables(bundle, plan, linked, &kernel)?;
         let name = unique_name(reg, &bundle.manifest().id, km.layout.name_len);
         let (bytes, jump_keys) =
             image::build(&km.layout, va, &name, &bundle.sha256(), core, &tables);

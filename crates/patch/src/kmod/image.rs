@@ -68,6 +68,22 @@ pub struct KSym {
     pub kind: u8,
 }
 
+/// A symbol the module exports: name, address, and whether only GPL modules may use it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KExport {
+    pub name: String,
+    pub addr: u64,
+    pub gpl: bool,
+    pub namespace: Option<String>,
+}
+
+impl KExport {
+    /// Bytes of its strings in the module: the name and the namespace, NUL-terminated.
+    fn strings(&self) -> u64 {
+        self.name.len() as u64 + 1 + self.namespace.as_ref().map_or(0, |n| n.len() as u64 + 1)
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tables {
     pub ex: Vec<ExEntry>,
@@ -75,6 +91,7 @@ pub struct Tables {
     pub orc: Vec<OrcEntry>,
     pub jumps: Vec<JumpSite>,
     pub symbols: Vec<KSym>,
+    pub exports: Vec<KExport>,
 }
 
 impl Tables {
@@ -108,8 +125,16 @@ struct Pieces {
     symtab: u64,
     strtab: u64,
     typetab: u64,
+    /// `struct kernel_symbol` arrays (plain, then GPL-only) and their name strings.
+    ksymtab: u64,
+    ksymtab_gpl: u64,
+    kstrtab: u64,
     end: u64,
 }
+
+/// `struct kernel_symbol` with `CONFIG_HAVE_ARCH_PREL32_RELOCATIONS` (x86-64): value,
+/// name and namespace, each an `int` offset from the field itself.
+const KERNEL_SYMBOL: u64 = 12;
 
 const ELF64_SYM: u64 = 24;
 const TAINT_LIVEPATCH: u64 = 15;
@@ -133,6 +158,11 @@ fn pieces(l: &KmodLayout, t: &Tables) -> Pieces {
         .map(|s| s.name.len() as u64 + 1)
         .sum::<u64>();
     let typetab = strtab + strings;
+    let gpl = t.exports.iter().filter(|e| e.gpl).count() as u64;
+    let ksymtab = a(typetab + nsyms);
+    let ksymtab_gpl = ksymtab + KERNEL_SYMBOL * (t.exports.len() as u64 - gpl);
+    let kstrtab = ksymtab_gpl + KERNEL_SYMBOL * gpl;
+    let kstrings: u64 = t.exports.iter().map(KExport::strings).sum();
     Pieces {
         ex,
         bugs,
@@ -143,7 +173,10 @@ fn pieces(l: &KmodLayout, t: &Tables) -> Pieces {
         symtab,
         strtab,
         typetab,
-        end: typetab + nsyms,
+        ksymtab,
+        ksymtab_gpl,
+        kstrtab,
+        end: kstrtab + kstrings,
     }
 }
 
@@ -158,6 +191,9 @@ pub fn region_size_bound(l: &KmodLayout, c: Counts) -> u64 {
         + (ELF64_SYM + 2) * (c.syms + 1)
         + c.names
         + 1
+        + 8
+        + (KERNEL_SYMBOL + 1) * c.exports
+        + c.export_names
 }
 
 /// Entry counts of a bundle's tables, known before linking.
@@ -169,6 +205,8 @@ pub struct Counts {
     pub jumps: u64,
     pub syms: u64,
     pub names: u64,
+    pub exports: u64,
+    pub export_names: u64,
 }
 
 fn put(buf: &mut [u8], at: u64, bytes: &[u8]) {
@@ -256,6 +294,7 @@ pub fn build(
         put(&mut b, p.orc + 6 * i as u64, &e.orc);
     }
     write_kallsyms(&mut b, l, &p, va, t);
+    write_exports(&mut b, l, &p, va, t);
     let keys = write_jumps(&mut b, l, &p, va, t);
 
     let mut ptr = |field: u64, piece: u64, count: usize, count_field: u64| {
@@ -302,6 +341,35 @@ fn write_jumps(b: &mut [u8], l: &KmodLayout, p: &Pieces, va: u64, t: &Tables) ->
     put(b, l.jump_entries, &table.to_le_bytes());
     put(b, l.num_jump_entries, &(jumps.len() as u32).to_le_bytes());
     keys
+}
+
+/// The export tables, sorted by name as `find_exported_symbol_in_section()`'s binary
+/// search needs, a namespace offset of 0 for none, and no CRCs (`crcs` stays NULL, which
+/// `check_version()` accepts).
+fn write_exports(b: &mut [u8], l: &KmodLayout, p: &Pieces, va: u64, t: &Tables) {
+    let mut str_at = p.kstrtab;
+    for (gpl, table, field, count_field) in [
+        (false, p.ksymtab, l.syms, l.num_syms),
+        (true, p.ksymtab_gpl, l.gpl_syms, l.num_gpl_syms),
+    ] {
+        let mut list: Vec<&KExport> = t.exports.iter().filter(|e| e.gpl == gpl).collect();
+        list.sort_by(|x, y| x.name.as_bytes().cmp(y.name.as_bytes()));
+        for (i, e) in list.iter().enumerate() {
+            let at = table + KERNEL_SYMBOL * i as u64;
+            put(b, at, &rel32(e.addr, va + at));
+            put(b, at + 4, &rel32(va + str_at, va + at + 4));
+            put(b, str_at, e.name.as_bytes());
+            str_at += e.name.len() as u64 + 1;
+            if let Some(ns) = &e.namespace {
+                put(b, at + 8, &rel32(va + str_at, va + at + 8));
+                put(b, str_at, ns.as_bytes());
+                str_at += ns.len() as u64 + 1;
+            }
+        }
+        let ptr = if list.is_empty() { 0 } else { va + table };
+        put(b, field, &ptr.to_le_bytes());
+        put(b, count_field, &(list.len() as u32).to_le_bytes());
+    }
 }
 
 /// `core_kallsyms`, which `kallsyms` points at: symbol 0 is the null symbol.

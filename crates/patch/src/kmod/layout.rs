@@ -62,6 +62,16 @@ pub struct KmodLayout {
     /// module's init layout as well as to its core layout).
     pub layout_base: u64,
     pub layout_node: u64,
+    /// The module's export tables (`struct kernel_symbol` arrays, sorted by name) and
+    /// their counts: `syms`/`num_syms`, and the GPL-only `gpl_syms`/`num_gpl_syms`.
+    pub syms: u64,
+    pub num_syms: u64,
+    pub gpl_syms: u64,
+    pub num_gpl_syms: u64,
+    /// `struct module_use`: `source_list` (on the used module's `source_list`) and
+    /// `source`, the module that uses it.
+    pub use_source_list: u64,
+    pub use_source: u64,
 }
 
 impl KmodLayout {
@@ -116,6 +126,12 @@ impl KmodLayout {
             mutex_owner: btf.offset_of("mutex", "owner")?,
             layout_base: btf.offset_of("module_layout", "base")?,
             layout_node: btf.offset_of("module_layout", "mtn.node")?,
+            syms: m("syms")?,
+            num_syms: m("num_syms")?,
+            gpl_syms: m("gpl_syms")?,
+            num_gpl_syms: m("num_gpl_syms")?,
+            use_source_list: btf.offset_of("module_use", "source_list")?,
+            use_source: btf.offset_of("module_use", "source")?,
         })
     }
 

@@ -34,6 +34,10 @@ pub enum RegisterError {
     },
     #[error("the static-branch site at {code:#x} holds {found}, neither a jump nor a NOP of 2 or 5 bytes")]
     JumpSite { code: u64, found: String },
+    #[error(
+        "module {users} uses symbols this bundle exports; unload it first (rmmod), then revert"
+    )]
+    InUse { users: String },
 }
 
 /// Live addresses of the kernel objects lucos links into.
@@ -374,6 +378,33 @@ pub fn bounds<P: PhysMem + ?Sized>(
 /// or a call after a failed link, finds nothing to do), and narrow the tree's bounds back
 /// to `before` widened by every module still linked (`others`: each one's layouts as
 /// `(base, size)`).
+/// The modules that use module `module`'s exports (its `source_list` of `struct
+/// module_use`, which `ref_module()` fills when a loading module links against one).
+fn users<P: PhysMem + ?Sized>(
+    o: &mut Overlay<'_, P>,
+    l: &KmodLayout,
+    module: u64,
+) -> Result<Vec<String>, RegisterError> {
+    let head = module + l.source_list;
+    let mut out = Vec::new();
+    let mut next = o.get(head)?;
+    // Bounded: a damaged list must not hold the pause forever.
+    while next != head && out.len() < 64 {
+        let user = o.get(next - l.use_source_list + l.use_source)?;
+        let mut name = Vec::new();
+        for w in 0..l.name_len.div_ceil(8).min(8) {
+            name.extend(o.get(user + l.name + 8 * w)?.to_le_bytes());
+            if name.contains(&0) {
+                break;
+            }
+        }
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        out.push(String::from_utf8_lossy(&name[..end]).into_owned());
+        next = o.get(next)?;
+    }
+    Ok(out)
+}
+
 pub fn unlink<P: PhysMem + ?Sized>(
     mem: &P,
     cr3: u64,
@@ -386,6 +417,12 @@ pub fn unlink<P: PhysMem + ?Sized>(
     let module = span.module;
     let mut o = Overlay::new(mem, cr3);
     o.check_unlocked(l, a)?;
+    let users = users(&mut o, l, module)?;
+    if !users.is_empty() {
+        return Err(RegisterError::InUse {
+            users: users.join(", "),
+        });
+    }
     for k in keys {
         o.unlink_key(l, k)?;
     }

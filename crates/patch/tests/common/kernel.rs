@@ -111,6 +111,16 @@ struct module {
 	void *extable;
 	void *jump_entries;
 	unsigned int num_jump_entries;
+	const void *syms;
+	const int *crcs;
+	unsigned int num_syms;
+	unsigned int num_gpl_syms;
+	const void *gpl_syms;
+	const int *gpl_crcs;
+};
+struct module_use {
+	struct list_head source_list, target_list;
+	struct module *source, *target;
 };
 struct list_head modules = { &modules, &modules };
 struct list_head module_bug_list = { &module_bug_list, &module_bug_list };
@@ -123,6 +133,7 @@ struct mutex jump_label_mutex = {
 struct module *lucos_module_type = 0;
 struct static_key_mod *lucos_skm_type = 0;
 struct static_key *lucos_key_type = 0;
+struct module_use *lucos_use_type = 0;
 "#;
 
 /// The BTF of [`KMOD_C`] in the image, between the symbols the kernel's BTF has.

@@ -87,6 +87,7 @@ pub fn manifest(news: &[&str]) -> Manifest {
         aliases: Default::default(),
         rewrites: Vec::new(),
         frame_types: Vec::new(),
+        exports: Vec::new(),
     }
 }
 
