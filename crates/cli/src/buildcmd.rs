@@ -117,6 +117,13 @@ pub fn build(args: BuildArgs) -> Result<()> {
                 );
             }
             println!("replaces: {}", crate::show::esc(&b.replaced.join(", ")));
+            for e in &b.manifest.exports {
+                println!(
+                    "exports {}{} (the bundle's module; for modules loaded later)",
+                    crate::show::esc(&e.name),
+                    if e.gpl { " (GPL only)" } else { "" }
+                );
+            }
             if !b.manifest.frame_types.is_empty() {
                 println!(
                     "changes the layout of {}, which only frames of the replaced functions \

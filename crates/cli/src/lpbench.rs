@@ -16,9 +16,27 @@ const T: Duration = Duration::from_secs(300);
 
 /// The module built by `guest/livepatch.sh` (its last stdout line is the path).
 pub fn build_module() -> Result<PathBuf> {
-    let script = crate::guest::guest_dir().join("livepatch.sh");
+    build_with(&["livepatch.sh"])
+}
+
+/// Module `name` of directory `guest/<dir>`, built by `guest/module.sh` against Debian's
+/// headers with the extra make arguments `make`.
+pub fn build_guest_module(dir: &str, name: &str, make: &[&str]) -> Result<PathBuf> {
+    let src = crate::guest::guest_dir().join(dir);
+    let src = src.to_string_lossy();
+    let args: Vec<&str> = ["module.sh", &src, name]
+        .into_iter()
+        .chain(make.iter().copied())
+        .collect();
+    build_with(&args)
+}
+
+/// Runs guest script `args[0]` with the rest as arguments; its last stdout line is a path.
+fn build_with(args: &[&str]) -> Result<PathBuf> {
+    let script = crate::guest::guest_dir().join(args[0]);
     let out = Command::new("bash")
         .arg(&script)
+        .args(&args[1..])
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     if !out.status.success() {
@@ -34,10 +52,20 @@ pub fn build_module() -> Result<PathBuf> {
 
 /// `initrd` with an overlay holding `ko` at [`GUEST_KO`] appended.
 pub fn initrd_with(initrd: &Path, ko: &Path) -> Result<PathBuf> {
-    let dir = std::env::temp_dir().join(format!("lucos-lpbench-{}", std::process::id()));
-    std::fs::create_dir_all(dir.join("root/lib/lucos"))?;
-    std::fs::copy(ko, dir.join("root").join(&GUEST_KO[1..]))
-        .with_context(|| format!("copying {}", ko.display()))?;
+    initrd_with_files(initrd, &[(ko, GUEST_KO)])
+}
+
+/// `initrd` with an overlay appended that holds each (host file, absolute guest path).
+pub fn initrd_with_files(initrd: &Path, files: &[(&Path, &str)]) -> Result<PathBuf> {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("lucos-overlay-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for (host, guest) in files {
+        let to = dir.join("root").join(guest.trim_start_matches('/'));
+        std::fs::create_dir_all(to.parent().expect("an absolute guest path"))?;
+        std::fs::copy(host, &to).with_context(|| format!("copying {}", host.display()))?;
+    }
     let st = Command::new("sh")
         .arg("-c")
         .arg(
@@ -47,7 +75,7 @@ pub fn initrd_with(initrd: &Path, ko: &Path) -> Result<PathBuf> {
         .status()
         .context("running cpio")?;
     if !st.success() {
-        bail!("packing the livepatch overlay failed (are cpio and gzip installed?)");
+        bail!("packing the initrd overlay failed (are cpio and gzip installed?)");
     }
     let mut bytes =
         std::fs::read(initrd).with_context(|| format!("reading {}", initrd.display()))?;

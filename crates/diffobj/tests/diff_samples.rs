@@ -219,6 +219,22 @@ fn a_frame_local_type_changes_layout_under_a_consistent_switch() {
     }
 }
 
+/// A new exported function: no function changes, the bundle carries the new one and its
+/// module exports it (GPL only, as `EXPORT_SYMBOL_GPL` says).
+#[test]
+fn a_new_export_is_carried_and_exported() {
+    let Some(b) = bundle("18-new-export.patch") else {
+        return;
+    };
+    assert!(b.replaced.is_empty(), "{:?}", b.replaced);
+    let e = &b.manifest.exports;
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].name, "lucos_sample_answer");
+    assert!(e[0].gpl);
+    let symbol = e[0].symbol.as_deref().expect("the bundle's new function");
+    assert!(b.included.iter().any(|i| i == symbol), "{:?}", b.included);
+}
+
 /// The running kernel's symbols as lucos reads them from Debian's dbg vmlinux: names,
 /// statics by file, lookups by address, and the absolute-relocation fields of a function.
 #[test]

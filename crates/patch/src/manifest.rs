@@ -401,10 +401,11 @@ impl Manifest {
                 "is empty; give the kernel release, e.g. 6.1.0",
             ));
         }
-        if self.replacements.is_empty() && self.rewrites.is_empty() {
+        if self.replacements.is_empty() && self.rewrites.is_empty() && self.exports.is_empty() {
             return Err(invalid(
                 "replacements",
-                "is empty; a bundle must replace at least one function or rewrite an object",
+                "is empty; a bundle must replace at least one function, rewrite an object or \
+                 export a symbol",
             ));
         }
         for (i, r) in self.rewrites.iter().enumerate() {
