@@ -86,6 +86,12 @@ struct Site {
     window: bool,
 }
 
+/// A registry commit, encoded: the slot's JSON, then the header that activates it.
+struct PreparedCommit {
+    slot: (GuestPhysAddr, Vec<u8>),
+    head: (GuestPhysAddr, Vec<u8>),
+}
+
 /// A failed switch, and whether every site and kernel word is back to its old bytes (only
 /// then may staged code be taken away; otherwise a half-applied record keeps it).
 struct SwitchFailure {
@@ -286,14 +292,33 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
     }
 
     fn commit(&mut self, header: &Header, reg: &mut Registry) -> Result<(), EngineError> {
+        let p = self.prepare_commit(header, reg)?;
+        self.write_commit(&p)
+    }
+
+    /// The writes that commit `reg` (its generation advanced), encoded: a switch encodes
+    /// before the pause and writes inside it.
+    fn prepare_commit(
+        &self,
+        header: &Header,
+        reg: &mut Registry,
+    ) -> Result<PreparedCommit, EngineError> {
         reg.generation += 1;
         reg.prune();
         let (h, json) = reg.encode(header)?;
-        let slot = self.pm.pa(self.pm.layout.slot_offset(h.active));
-        let head = self.pm.pa(self.pm.layout.header_offset());
+        Ok(PreparedCommit {
+            slot: (self.pm.pa(self.pm.layout.slot_offset(h.active)), json),
+            head: (
+                self.pm.pa(self.pm.layout.header_offset()),
+                h.encode().to_vec(),
+            ),
+        })
+    }
+
+    fn write_commit(&mut self, p: &PreparedCommit) -> Result<(), EngineError> {
         // The slot first, then the header that makes it the active one.
         self.m
-            .write_phys_data_all(&[(slot, &json), (head, &h.encode())])?;
+            .write_phys_data_all(&[(p.slot.0, &p.slot.1), (p.head.0, &p.head.1)])?;
         Ok(())
     }
 

@@ -11,12 +11,12 @@ use super::{EngineError, Session, Site, SwitchFailure};
 use crate::registry::{BundleState, Header, Registry};
 
 impl<M: Machine + ?Sized> Session<'_, M> {
-    /// Pauses, checks every vCPU and site, switches the sites to their new
-    /// bytes, lets `update` record the change, commits the registry and
-    /// resumes (unless the VM was paused before). With `record_first` the
-    /// registry is committed before the sites are written (apply: a crash in
-    /// between leaves a record that an idempotent revert clears, never a
-    /// live `jmp` nobody knows about); otherwise after (revert). On failure
+    /// Lets `update` record the change and encodes the registry, pauses, checks the
+    /// sites (and the vCPUs of entry sites), switches the sites to their new bytes and
+    /// resumes (unless the VM was paused before). With `record_first` the registry is
+    /// committed before the pause (apply: a crash in between leaves a record that an
+    /// idempotent revert clears, never a live `jmp` nobody knows about); otherwise inside
+    /// the pause, after the sites (revert). On failure
     /// the sites, the kernel words of `edit` and the registry are restored before resuming;
     /// when a site or word cannot be restored, the record of bundle `id` stays, marked
     /// half-applied (see [`Session::keep_half_applied`]).
@@ -38,37 +38,52 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         };
         let was_paused = self.m.is_paused().map_err(|e| fail(e.into()))?;
         let before = reg.clone();
-        let mut update = Some(update);
-        // Work that does not need the guest stopped happens before the stop: the record
-        // itself (record first) and the bytes a commit overwrites, so that a failure
-        // leaves even the inactive registry slot as it was.
-        if record_first {
-            (update.take().expect("once"))(reg);
-        }
+        // Work that does not need the guest stopped happens before the stop: the bytes a
+        // commit overwrites, the new record encoded, and for an apply (record first) its
+        // commit. The guest never reads the registry, and a lucos killed between that
+        // commit and the switch leaves a record whose sites still hold their old bytes,
+        // as one killed inside the pause did (status warns, an idempotent revert clears
+        // it). A revert's record is written inside the pause, after its sites.
+        update(reg);
         let saved = self.snapshot_registry(header).map_err(|e| {
             *reg = before.clone();
             fail(e)
         })?;
+        let prepared = self.prepare_commit(header, reg).map_err(|e| {
+            *reg = before.clone();
+            fail(e)
+        })?;
+        if record_first {
+            if let Err(e) = self.write_commit(&prepared) {
+                *reg = before;
+                let restored = self.put_back_registry(&saved);
+                return Err(SwitchFailure {
+                    error: e,
+                    sites_restored: restored,
+                });
+            }
+        }
         let t = match self.pause_for_switch(sites, was_paused) {
             Ok(t) => t,
             Err(e) => {
                 *reg = before;
+                let restored = !record_first || self.put_back_registry(&saved);
                 // The stop may have happened even though its reply was lost.
                 let resumed = if was_paused {
                     Ok(())
                 } else {
                     self.resume_if_paused()
                 };
-                return Err(fail(still_paused(e, resumed)));
+                return Err(SwitchFailure {
+                    error: still_paused(e, resumed),
+                    sites_restored: restored,
+                });
             }
         };
         // Every site that may hold its new bytes if the switch fails.
         let mut touched: Vec<&Site> = Vec::new();
         let mut done = Vec::new();
         let mut result = self.check_paused(sites).map(|d| done = d);
-        if result.is_ok() && record_first {
-            result = self.commit(header, reg);
-        }
         let mut kernel_undo = KernelUndo::new();
         if result.is_ok() {
             result = self.edit_kernel(edit, before.module_bounds, &mut kernel_undo);
@@ -91,11 +106,8 @@ impl<M: Machine + ?Sized> Session<'_, M> {
                 }
             }
         }
-        if result.is_ok() {
-            if let Some(update) = update.take() {
-                update(reg);
-                result = self.commit(header, reg);
-            }
+        if result.is_ok() && !record_first {
+            result = self.write_commit(&prepared);
         }
         let mut sites_restored = true;
         if result.is_err() {
@@ -142,12 +154,21 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             self.keep_half_applied(id, applying, &unrestored, kernel_restored);
             return false;
         }
-        for (pa, bytes) in saved {
-            if let Err(e) = self.m.write_phys_data(pa, &bytes) {
+        self.put_back_registry(&saved);
+        true
+    }
+
+    /// Writes back the registry bytes a commit overwrote; whether that worked.
+    fn put_back_registry(&mut self, saved: &[(GuestPhysAddr, Vec<u8>)]) -> bool {
+        let writes: Vec<(GuestPhysAddr, &[u8])> =
+            saved.iter().map(|(pa, b)| (*pa, b.as_slice())).collect();
+        match self.m.write_phys_data_all(&writes) {
+            Ok(()) => true,
+            Err(e) => {
                 tracing::error!(error = %e, "restoring the registry failed");
+                false
             }
         }
-        true
     }
 
     /// After a failed pause request: resumes the VM if it stopped anyway (the reply was
