@@ -180,6 +180,8 @@ pub struct Paths<'a> {
     pub bundles: &'a Path,
     /// The update's changed vmlinux sources: where a symbol a unit misses may come from.
     pub sources: &'a [String],
+    /// Every unit: a partner source comes with the changed headers its own unit has.
+    pub units: &'a [Unit],
 }
 
 /// Changed sources other than `unit`'s whose diff adds a line naming one of `missing`
@@ -321,7 +323,7 @@ fn with_partners(
     tracing::info!(unit = %unit.id, ?missing, ?extra, "retrying with the files that add them");
     let previous = unit_diff(p.from, p.to, &current)?;
     let mut with = current;
-    with.files.extend(extra);
+    with.files = with_partner_files(p.units, &with.files, &extra);
     let text = unit_diff(p.from, p.to, &with)?;
     std::fs::write(diff_path, &text)?;
     let (mut again, still) = Once {
@@ -341,8 +343,26 @@ fn with_partners(
         again.left_out = r.left_out;
         return Ok(again);
     }
+    tracing::info!(unit = %unit.id, outcome = ?again.built, "the retry got no further");
     std::fs::write(diff_path, previous)?;
     Ok(r)
+}
+
+/// `files` with the partner sources `extra` and the changed headers each partner's own
+/// unit may need: a partner built against the unit's new headers may need its own too
+/// (kernel/rcu/tree.c, against the new rcutree.h, needs the new tree_nocb.h it includes).
+fn with_partner_files(units: &[Unit], files: &[String], extra: &[String]) -> Vec<String> {
+    let mut out = files.to_vec();
+    let theirs = units
+        .iter()
+        .filter(|u| u.kind == UnitKind::Source && extra.contains(&u.main))
+        .flat_map(|u| u.candidates.iter());
+    for f in extra.iter().chain(theirs) {
+        if !out.contains(f) {
+            out.push(f.clone());
+        }
+    }
+    out
 }
 
 fn own_sources(unit: &Unit) -> Vec<String> {
@@ -471,6 +491,7 @@ mod tests {
             diffs: a.path(),
             bundles: a.path(),
             sources: &sources,
+            units: &[],
         };
         let u = Unit {
             id: "u001-kernel-u.c".into(),
@@ -485,6 +506,36 @@ mod tests {
             ["kernel/x.c"]
         );
         assert!(partners(&p, &u, &["absent".into()]).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_partner_brings_the_headers_of_its_own_unit() {
+        let unit = |main: &str, candidates: &[&str]| Unit {
+            id: format!("u-{main}"),
+            kind: super::super::units::UnitKind::Source,
+            main: main.into(),
+            files: vec![main.into()],
+            candidates: candidates.iter().map(|c| c.to_string()).collect(),
+        };
+        let units = [
+            unit("kernel/stop_machine.c", &["include/linux/rcutree.h"]),
+            unit(
+                "kernel/rcu/tree.c",
+                &["include/linux/rcutree.h", "kernel/rcu/tree_nocb.h"],
+            ),
+            unit("kernel/other.c", &["include/other.h"]),
+        ];
+        let files = ["kernel/stop_machine.c", "include/linux/rcutree.h"].map(String::from);
+        let got = with_partner_files(&units, &files, &["kernel/rcu/tree.c".into()]);
+        assert_eq!(
+            got,
+            [
+                "kernel/stop_machine.c",
+                "include/linux/rcutree.h",
+                "kernel/rcu/tree.c",
+                "kernel/rcu/tree_nocb.h"
+            ]
+        );
     }
 
     #[test]

@@ -285,6 +285,7 @@ pub(super) fn run(
         diffs: &diffs,
         bundles: &bundles,
         sources: &st.scope.builtin.clone(),
+        units: &st.units.clone(),
     };
     let multi = std::io::stdout().is_terminal().then(MultiProgress::new);
     let mut bsteps = Steps::new(multi.as_ref(), "build", build.len());
