@@ -349,6 +349,20 @@ pub(crate) fn global_defs<'a>(diffs: &'a [Diff<'_>]) -> HashMap<&'a str, (usize,
     globals
 }
 
+/// The manifest entries of the plan's new exports, naming the bundle's unit of each new
+/// function (or none: the running kernel's symbol).
+pub(crate) fn exports(plan: &Plan) -> Vec<lucos_patch::Export> {
+    plan.exports
+        .iter()
+        .map(|(e, unit)| lucos_patch::Export {
+            name: e.name.clone(),
+            symbol: unit.map(|u| plan.units[u].name.clone()),
+            gpl: e.gpl,
+            namespace: e.namespace.clone(),
+        })
+        .collect()
+}
+
 /// The manifest entries of the objects the plan rewrites in place: the original compile's
 /// bytes as the run-pre check, with its relocated fields (addresses) left unchecked.
 pub(crate) fn rewrites(diffs: &[Diff<'_>], plan: &Plan) -> Vec<lucos_patch::Rewrite> {

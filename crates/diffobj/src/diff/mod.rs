@@ -577,16 +577,7 @@ fn emit_bundle(
         aliases,
         rewrites: emit::rewrites(diffs, plan),
         frame_types: frame_types.to_vec(),
-        exports: plan
-            .exports
-            .iter()
-            .map(|(e, unit)| lucos_patch::Export {
-                name: e.name.clone(),
-                symbol: unit.map(|u| plan.units[u].name.clone()),
-                gpl: e.gpl,
-                namespace: e.namespace.clone(),
-            })
-            .collect(),
+        exports: emit::exports(plan),
     };
     let bundle = lucos_patch::pack(&object, &manifest)?;
     let parsed = Bundle::parse(&bundle)?;

@@ -1,0 +1,201 @@
+//! Object-level checks on small objects compiled here from C snippets (helpers in
+//! `units/`): new exports, type layouts (aliases, frame-local types), statics that travel
+//! with their function, and `.altinstr_aux` code of `__init` users.
+
+mod units;
+
+use units::*;
+
+/// A new `EXPORT_SYMBOL` (an entry in section `___ksymtab+f`) is no refusal: the bundle's
+/// module exports it, with the kernel's own `f`, or with a new function the bundle carries.
+#[test]
+fn a_new_export_travels_with_the_bundle() {
+    let export = |f: &str| {
+        format!(
+            "static const void *__ksymtab_{f} __attribute__((section(\"___ksymtab+{f}\"), used)) \
+             = {f};\n"
+        )
+    };
+    let orig = format!("{PRELUDE}int f(int x) {{ return ext(x) + 1; }}\n");
+    let patched = format!(
+        "{PRELUDE}int f(int x) {{ return ext(x) + 2; }}\n{}\
+         int g(int x) {{ return ext(x) * 3; }}\n{}",
+        export("f"),
+        export("g")
+    );
+    let d = diff(&orig, &patched);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.exports, vec!["f", "g"]);
+    assert_eq!(d.redirected, vec!["f"]);
+    assert!(d.included.contains(&"g".to_string()), "{:?}", d.included);
+    // An export that was there before is no new one.
+    let d = diff(&patched, &patched.replace("+ 2", "+ 3"));
+    assert!(d.refusals.is_empty() && d.exports.is_empty(), "{d:?}");
+}
+
+/// A member wrapped in an anonymous union with a same-size alias keeps every byte where it
+/// was (6.1.190's `struct dst_entry`: `dev` became `union { dev; dev_rcu; }`); an overlay of
+/// another size does not.
+#[test]
+fn a_member_wrapped_in_a_union_with_an_alias_keeps_its_layout() {
+    let src = |t: &str, k: i32| {
+        format!(
+            "{PRELUDE}struct box {{ int a; {t}; long b; }};\n\
+             int get(struct box *p) {{ return ext(p->a) + {k} + (p->dev != 0) + (int)p->b; }}\n"
+        )
+    };
+    let old = src("void *dev", 1);
+    let d = diff_with(
+        &old,
+        &src("union { void *dev; void *dev_rcu; }", 2),
+        &["-g"],
+    );
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.redirected, vec!["get"]);
+    let d = diff_with(&old, &src("union { void *dev; int half; }", 2), &["-g"]);
+    assert!(
+        matches!(&d.refusals[..], [Refusal::TypeLayout { type_name, .. }] if type_name == "struct box"),
+        "{:?}",
+        d.refusals
+    );
+    // A nested anonymous struct with the same members at the same places is no change either.
+    let d = diff_with(&old, &src("struct { void *dev; }", 2), &["-g"]);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+}
+
+/// A type the file declares and only frames hold (as `struct lb_env` of kernel/sched/fair.c)
+/// may change layout: no object of it outlives the call that made it, so the bundle only
+/// asks for a consistent switch. Any other place that could keep one is refused by name.
+#[test]
+fn a_type_only_frames_hold_may_change_layout() {
+    let src = |member: &str, extra: &str| {
+        format!(
+            "{PRELUDE}struct env {{ int a; {member} long b; }};\n{extra}\n\
+             static __attribute__((noinline)) int helper(struct env *e)\n\
+             {{ return ext(e->a) + (int)e->b; }}\n\
+             int owner(int x) {{ struct env e = {{ .a = x, .b = ext(x) }}; return helper(&e); }}\n"
+        )
+    };
+    let d = diff_with(&src("", ""), &src("int pad;", ""), &["-g"]);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.frame_types, vec!["struct env"]);
+    assert!(d.redirected.contains(&"owner".to_string()), "{d:?}");
+
+    let kept_elsewhere = [
+        ("struct env *saved;", "variable `saved`"),
+        (
+            "struct holder { struct env *e; }; struct holder held;",
+            "member `e`",
+        ),
+        (
+            "int peek(void *p) { struct env *e = p; return ext(e->a); }",
+            "local variable `e` of `peek`",
+        ),
+        (
+            "struct env *make(void *p) { return p; }",
+            "`make` returns a pointer",
+        ),
+    ];
+    for (extra, why) in kept_elsewhere {
+        let d = diff_with(&src("", extra), &src("int pad;", extra), &["-g"]);
+        assert!(d.frame_types.is_empty(), "{extra}: {:?}", d.frame_types);
+        let [Refusal::TypeLayout { lives, .. }] = &d.refusals[..] else {
+            panic!("{extra}: expected one layout refusal, got {:?}", d.refusals);
+        };
+        assert!(lives.contains(why), "{extra}: {lives}");
+    }
+    // A header's type may be named by objects this build does not compile.
+    let header = |member: &str| {
+        src(member, "")
+            .replacen("struct env", "\n#line 1 \"t.h\"\nstruct env", 1)
+            .replacen("};\n", "};\n#line 20 \"t.c\"\n", 1)
+    };
+    let d = diff_with(&header(""), &header("int pad;"), &["-g"]);
+    let [Refusal::TypeLayout { lives, .. }] = &d.refusals[..] else {
+        panic!("expected one layout refusal, got {:?}", d.refusals);
+    };
+    assert!(
+        lives.contains("t.h, which other objects may include"),
+        "{lives}"
+    );
+}
+
+/// `NL_SET_ERR_MSG`'s `static const char __msg[]` strings are numbered in order, so a new
+/// message renumbers the others (net/sched/act_api.c in 6.1.190). They hold no state: each
+/// replaced function carries its own copies instead of being paired with strings of other
+/// sizes, which was refused as a data size change.
+#[test]
+fn extack_messages_travel_with_their_function() {
+    let src = |first: &str| {
+        format!(
+            "{PRELUDE}struct ext {{ const char *msg; }};\n\
+             #define MSG(e, m) do {{ static const char __msg[] = m; (e)->msg = __msg; }} while (0)\n\
+             int check(struct ext *e, int x) {{\n\
+             {first}\
+             if (x == 1) {{ MSG(e, \"a short one\"); return -1; }}\n\
+             if (x == 2) {{ MSG(e, \"a message of another length\"); return -2; }}\n\
+             return ext(x); }}\n"
+        )
+    };
+    let d = diff(
+        &src(""),
+        &src("if (x == 3) { MSG(e, \"new\"); return -3; }\n"),
+    );
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.redirected, vec!["check"]);
+    let copies = d
+        .included
+        .iter()
+        .filter(|n| n.starts_with("__msg."))
+        .count();
+    assert_eq!(copies, 3, "{:?}", d.included);
+    assert!(
+        d.rewritten.is_empty(),
+        "live strings rewritten: {:?}",
+        d.rewritten
+    );
+}
+
+/// `static_cpu_has()` puts its run-time test in `.altinstr_aux`, one for each use, and each
+/// jumps back into its user. The section travels whole, so the test of an `__init` user
+/// (arch/x86/mm/pkeys.c's `create_init_pkru_value`) came along and was refused as a
+/// reference to freed code. Only that user's own site leads there: the bundle points its
+/// jumps at a `ud2` trap instead, and the rest builds.
+#[test]
+fn an_init_functions_cpu_feature_test_is_dead_code_in_a_bundle() {
+    let src = |k: i32| {
+        format!(
+            "{PRELUDE}extern char ext_flag;\n\
+             static inline __attribute__((always_inline)) int has(void) {{\n\
+             asm goto(\"jmp 6f\\n\\t.pushsection .altinstr_aux,\\\"ax\\\"\\n\"\n\
+             \"6: testb $1, ext_flag(%%rip)\\n\\tjnz %l[yes]\\n\\tjmp %l[no]\\n\\t.popsection\"\n\
+             : : : : yes, no);\n\
+             yes: return 1;\n no: return 0; }}\n\
+             __attribute__((section(\".init.text\"))) int boot_f(void) {{ return has() + ext(1); }}\n\
+             int run_f(int x) {{ return has() ? ext(x) : {k}; }}\n"
+        )
+    };
+    let d = diff(&src(1), &src(2));
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.redirected, vec!["run_f"]);
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let bytes = d.object.as_deref().expect("a bundle object");
+    let o = object::File::parse(bytes).unwrap();
+    let trap = o
+        .section_by_name(".text.lucos_unreachable")
+        .expect("a trap");
+    assert_eq!(trap.data().unwrap(), [0x0f, 0x0b]);
+    let aux = o
+        .section_by_name(".altinstr_aux")
+        .expect("the tests travel");
+    let to_trap = aux
+        .relocations()
+        .filter(|(_, r)| match r.target() {
+            object::RelocationTarget::Symbol(i) => {
+                o.symbol_by_index(i).ok().and_then(|s| s.section_index()) == Some(trap.index())
+            }
+            _ => false,
+        })
+        .count();
+    assert_eq!(to_trap, 2, "the init user's jnz and jmp");
+}
