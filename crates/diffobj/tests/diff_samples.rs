@@ -235,6 +235,64 @@ fn a_new_export_is_carried_and_exported() {
     assert!(b.included.iter().any(|i| i == symbol), "{:?}", b.included);
 }
 
+/// New code that calls a function the running kernel does not have is refused with the
+/// typed `Absent` refusal, which `lucos corpus` answers by adding the changed files that
+/// define the symbol.
+#[test]
+fn a_call_to_a_function_the_kernel_lacks_is_refused_as_absent() {
+    let Some(tree) = tree() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let file = "fs/proc/cmdline.c";
+    let old = std::fs::read_to_string(tree.join("build").join(file)).unwrap();
+    let new = old.replace(
+        "\tseq_puts(m, saved_command_line);",
+        "\tlucos_absent_helper();\n\tseq_puts(m, saved_command_line);",
+    );
+    let new = new.replace(
+        "static int cmdline_proc_show",
+        "void lucos_absent_helper(void);\n\nstatic int cmdline_proc_show",
+    );
+    assert_ne!(old, new);
+    for (d, t) in [(&a, &old), (&b, &new)] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join("cmdline.c"), t).unwrap();
+    }
+    let text = std::process::Command::new("diff")
+        .args([
+            "-u",
+            "--label",
+            "a/fs/proc/cmdline.c",
+            "--label",
+            "b/fs/proc/cmdline.c",
+        ])
+        .arg(a.join("cmdline.c"))
+        .arg(b.join("cmdline.c"))
+        .output()
+        .unwrap()
+        .stdout;
+    let patch = dir.path().join("absent.patch");
+    std::fs::write(&patch, text).unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let e = match build(&tree, &patch, &options(cache.path()), &NoProgress) {
+        Err(e) => e,
+        Ok(_) => panic!("a call to a missing function must be refused"),
+    };
+    let absent: Vec<&str> = e
+        .refusals()
+        .iter()
+        .filter_map(|r| match r {
+            lucos_diffobj::diff::Refusal::Absent { symbol, .. } => Some(symbol.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(absent, ["lucos_absent_helper"], "{e}");
+    assert!(
+        e.to_string().contains("the running kernel does not have"),
+        "{e}"
+    );
+}
+
 /// The running kernel's symbols as lucos reads them from Debian's dbg vmlinux: names,
 /// statics by file, lookups by address, and the absolute-relocation fields of a function.
 #[test]

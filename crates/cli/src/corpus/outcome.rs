@@ -420,11 +420,7 @@ impl Once<'_> {
                 missing = refusals
                     .iter()
                     .filter_map(|r| match r {
-                        lucos_diffobj::diff::Refusal::Reference { symbol, reason, .. }
-                            if reason.contains("running kernel does not have") =>
-                        {
-                            Some(symbol.clone())
-                        }
+                        lucos_diffobj::diff::Refusal::Absent { symbol, .. } => Some(symbol.clone()),
                         _ => None,
                     })
                     .collect();

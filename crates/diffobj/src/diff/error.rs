@@ -102,6 +102,18 @@ pub enum Refusal {
         symbol: String,
         reason: String,
     },
+    /// The running kernel has no such symbol: another changed file of the update may add
+    /// it (`lucos corpus` retries with those files).
+    #[error(
+        "`{from}` ({file}) refers to `{symbol}`, which the running kernel does not have: {lookup}"
+    )]
+    Absent {
+        from: String,
+        file: String,
+        symbol: String,
+        /// Why the lookup in vmlinux failed.
+        lookup: String,
+    },
     #[error(
         "new per-CPU variable `{symbol}` ({file}): per-CPU data needs per-CPU allocation, which \
          lucos does not do yet; use an ordinary variable"
@@ -268,7 +280,9 @@ impl Refusal {
             Refusal::Assembly { .. } | Refusal::AssemblyDependent { .. } => "assembly".into(),
             Refusal::SpecialSection { section, .. } => format!("special section {section}"),
             Refusal::File { .. } => "unsupported file".into(),
-            Refusal::Reference { .. } => "reference to a missing symbol".into(),
+            Refusal::Reference { .. } | Refusal::Absent { .. } => {
+                "reference to a missing symbol".into()
+            }
             Refusal::NewPercpu { .. } => "new per-CPU variable".into(),
         }
     }

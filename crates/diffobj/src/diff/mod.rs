@@ -541,11 +541,11 @@ fn emit_bundle(
                 }
             }
             Err(_) if ext.weak => {}
-            Err(e) => refusals.push(Refusal::Reference {
+            Err(e) => refusals.push(Refusal::Absent {
                 from: ext.from.clone(),
                 file: ext.file.clone().unwrap_or_default(),
                 symbol: name.clone(),
-                reason: format!("the running kernel does not have: {e}"),
+                lookup: e.to_string(),
             }),
         }
     }
