@@ -148,16 +148,14 @@ pub const CONSISTENT_RETRY: lucos_patch::Retry = lucos_patch::Retry {
 };
 
 /// Reverts bundle `id`; one that changed a frame-local type is reverted consistently, as
-/// it was applied.
+/// it was applied: the engine refuses it otherwise, before it changes anything, and that
+/// refusal is the cue (its record is read once, by the engine).
 pub fn revert_bundle(a: &mut Attached, id: &str) -> Result<RevertReport> {
-    let mut sess = session(a)?;
-    let reg = sess.registry()?;
-    let frames = reg
-        .find_applied(id)
-        .is_some_and(|b| !b.frame_types.is_empty());
-    let r = match frames {
-        true => crate::complete::revert_consistent(a, id, CONSISTENT_RETRY).map(|(r, _)| r),
-        false => sess.revert(id).map_err(anyhow::Error::new),
+    let r = match session(a)?.revert(id) {
+        Err(lucos_patch::EngineError::FrameTypeNeedsConsistency { .. }) => {
+            crate::complete::revert_consistent(a, id, CONSISTENT_RETRY).map(|(r, _)| r)
+        }
+        other => other.map_err(anyhow::Error::new),
     };
     r.with_context(|| format!("reverting bundle '{id}'"))
 }

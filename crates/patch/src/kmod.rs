@@ -292,7 +292,7 @@ pub fn counts(bundle: &Bundle) -> Counts {
         exports: exports.len() as u64,
         export_names: exports
             .iter()
-            .map(|e| e.name.len() as u64 + 2 + e.namespace.as_ref().map_or(0, |n| n.len() as u64))
+            .map(|e| image::export_strings(&e.name, e.namespace.as_deref()))
             .sum(),
         ex: size(EXTABLE, 12),
         bugs: size(BUG_TABLE, 12),

@@ -99,6 +99,11 @@ pub(crate) struct Plan {
 }
 
 impl Plan {
+    /// Whether the bundle would do nothing: no redirect, no rewrite, no export.
+    pub fn is_empty(&self) -> bool {
+        self.redirects.is_empty() && self.rewrites.is_empty() && self.exports.is_empty()
+    }
+
     /// Records a kernel symbol the new code uses, once per (name, file).
     fn add_external(&mut self, name: String, file: Option<String>, from: &str, weak: bool) {
         let key = (name.clone(), file.clone());
@@ -391,10 +396,10 @@ pub(crate) fn resolve(
                 });
             };
             let tname = &o.sections[tsec].name;
-            if special::is_init(tname) && is_aux(&o.sections[sec].name) {
-                return Ok(Resolved::Dead);
-            }
             if special::is_init(tname) {
+                if is_aux(&o.sections[sec].name) {
+                    return Ok(Resolved::Dead);
+                }
                 return Err(refuse(
                     &s.name,
                     "is __init/__exit code or data, freed after boot",
@@ -452,10 +457,10 @@ pub(crate) fn resolve(
         }
         Target::Anon { sec: t, addend, .. } => {
             let ts = &o.sections[t];
-            if special::is_init(&ts.name) && is_aux(&o.sections[sec].name) {
-                return Ok(Resolved::Dead);
-            }
             if special::is_init(&ts.name) {
+                if is_aux(&o.sections[sec].name) {
+                    return Ok(Resolved::Dead);
+                }
                 return Err(refuse(&ts.name, "is __init data, freed after boot"));
             }
             if ts.is_write() {

@@ -187,7 +187,7 @@ pub fn build(
                 report: Box::new(report),
             });
         }
-        if plan.redirects.is_empty() && plan.rewrites.is_empty() && plan.exports.is_empty() {
+        if plan.is_empty() {
             report.times.total = started.elapsed();
             let reason = no_change_reason(&report);
             return Ok(BuildOutcome::NoChange { report, reason });

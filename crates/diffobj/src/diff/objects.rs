@@ -81,9 +81,7 @@ pub fn compare_objects(
     out.frame_types = layout.frame_types;
     out.refusals.extend(plan.refusals.iter().cloned());
     out.exports = plan.exports.iter().map(|(e, _)| e.name.clone()).collect();
-    if out.refusals.is_empty()
-        && !(plan.redirects.is_empty() && plan.rewrites.is_empty() && plan.exports.is_empty())
-    {
+    if out.refusals.is_empty() && !plan.is_empty() {
         out.object = Some(emit::write_object(&diffs, &plan)?);
     }
     Ok(out)

@@ -58,12 +58,9 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             ro_size: sizes[0] + sizes[1],
         };
         let va = va_base + offs[3];
-        let kernel = |name: &str| {
-            self.syms
-                .lookup(name)
-                .ok()
-                .map(|s| self.layout.live(s.addr))
-        };
+        // A kernel symbol an export names resolves as the bundle's own references do (no
+        // loaded module's: a module's symbols are its own to export).
+        let kernel = |name: &str| self.resolve(bundle.manifest(), &[], name).ok();
         let tables = kmod::tables(bundle, plan, linked, &kernel)?;
         let name = unique_name(reg, &bundle.manifest().id, km.layout.name_len);
         let (bytes, jump_keys) =

@@ -77,11 +77,10 @@ pub struct KExport {
     pub namespace: Option<String>,
 }
 
-impl KExport {
-    /// Bytes of its strings in the module: the name and the namespace, NUL-terminated.
-    fn strings(&self) -> u64 {
-        self.name.len() as u64 + 1 + self.namespace.as_ref().map_or(0, |n| n.len() as u64 + 1)
-    }
+/// Bytes an export's strings take in the module: its name and its namespace (if any),
+/// each NUL-terminated.
+pub fn export_strings(name: &str, namespace: Option<&str>) -> u64 {
+    name.len() as u64 + 1 + namespace.map_or(0, |n| n.len() as u64 + 1)
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -162,7 +161,11 @@ fn pieces(l: &KmodLayout, t: &Tables) -> Pieces {
     let ksymtab = a(typetab + nsyms);
     let ksymtab_gpl = ksymtab + KERNEL_SYMBOL * (t.exports.len() as u64 - gpl);
     let kstrtab = ksymtab_gpl + KERNEL_SYMBOL * gpl;
-    let kstrings: u64 = t.exports.iter().map(KExport::strings).sum();
+    let kstrings: u64 = t
+        .exports
+        .iter()
+        .map(|e| export_strings(&e.name, e.namespace.as_deref()))
+        .sum();
     Pieces {
         ex,
         bugs,

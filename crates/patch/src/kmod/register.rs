@@ -374,10 +374,6 @@ pub fn bounds<P: PhysMem + ?Sized>(
     })
 }
 
-/// Stores that unlink `module` from whatever it is still linked into (so a second call,
-/// or a call after a failed link, finds nothing to do), and narrow the tree's bounds back
-/// to `before` widened by every module still linked (`others`: each one's layouts as
-/// `(base, size)`).
 /// The modules that use module `module`'s exports (its `source_list` of `struct
 /// module_use`, which `ref_module()` fills when a loading module links against one).
 fn users<P: PhysMem + ?Sized>(
@@ -405,6 +401,10 @@ fn users<P: PhysMem + ?Sized>(
     Ok(out)
 }
 
+/// Stores that unlink `module` from whatever it is still linked into (so a second call,
+/// or a call after a failed link, finds nothing to do), and narrow the tree's bounds back
+/// to `before` widened by every module still linked (`others`: each one's layouts as
+/// `(base, size)`).
 pub fn unlink<P: PhysMem + ?Sized>(
     mem: &P,
     cr3: u64,
