@@ -7,7 +7,9 @@
 //! and resumed, and the report can be printed from it at any time.
 
 mod live;
+mod needs;
 mod outcome;
+mod partners;
 mod pipeline;
 mod report;
 mod scope;

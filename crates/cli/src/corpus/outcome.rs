@@ -1,6 +1,6 @@
 //! Building one unit: its diff, the bundle, and what became of it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -8,8 +8,8 @@ use anyhow::{Context, Result};
 use lucos_diffobj::diff::{self, BuildOptions, BuildOutcome, BuildReport, DiffError};
 use serde::{Deserialize, Serialize};
 
-use super::source;
 use super::units::{Unit, UnitKind};
+use super::{needs, source};
 
 /// What building a unit gave.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +50,9 @@ pub struct BuildResult {
     /// The candidate headers were added because the source did not compile alone.
     #[serde(default)]
     pub with_headers: bool,
+    /// The candidate headers the unit took to compile.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<String>,
     /// Changed headers left out of the unit for the budget.
     #[serde(default)]
     pub left_out: Vec<String>,
@@ -57,6 +60,10 @@ pub struct BuildResult {
     #[serde(default)]
     pub budget: usize,
     pub seconds: f64,
+    /// The names the compiler complained about, read off its whole output (the stored
+    /// message is cut short): what the header retry works from. Not stored.
+    #[serde(skip)]
+    pub complained: BTreeSet<String>,
 }
 
 impl BuildResult {
@@ -184,32 +191,6 @@ pub struct Paths<'a> {
     pub units: &'a [Unit],
 }
 
-/// Changed sources other than `unit`'s whose diff adds a line naming one of `missing`
-/// followed by `(`: the files that likely define what the unit's fix calls (one upstream
-/// fix spread over files). A wrong guess only compiles more; the build still decides.
-fn partners(p: &Paths<'_>, unit: &Unit, missing: &[String]) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for f in p.sources.iter().filter(|f| !unit.files.contains(f)) {
-        let d = source::file_diff(p.from, p.to, f)?;
-        let adds = d
-            .lines()
-            .filter(|l| l.starts_with('+') && !l.starts_with("+++"));
-        let defines = |l: &str| {
-            missing.iter().any(|m| {
-                l.match_indices(m.as_str()).any(|(i, _)| {
-                    let before = l[..i].chars().next_back();
-                    let after = l[i + m.len()..].chars().next();
-                    !before.is_some_and(|c| c.is_alphanumeric() || c == '_') && after == Some('(')
-                })
-            })
-        };
-        if adds.into_iter().any(defines) {
-            out.push(f.clone());
-        }
-    }
-    Ok(out)
-}
-
 /// Builds `unit`: alone first, then with its candidate headers if it does not compile
 /// alone; headers over the budget are left out (and said so).
 pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Result<BuildResult> {
@@ -238,9 +219,11 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
                 built,
                 functions: hunk_functions(&text),
                 with_headers: false,
+                headers: Vec::new(),
                 left_out: Vec::new(),
                 budget: 0,
                 seconds: 0.0,
+                complained: BTreeSet::new(),
             },
             Vec::new(),
         ),
@@ -257,35 +240,88 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
         matches!(&r.built, Built::ToolError { kind, .. } if kind == "does not compile alone");
     let mut with_headers = None;
     if alone_failed && !unit.candidates.is_empty() {
-        // Every header it needs, however widely used: only the unit's own objects are
-        // recompiled with them (a header's other users are the header's own unit), so the
-        // budget does not apply.
-        let mut with = trimmed.clone();
-        with.files.extend(unit.candidates.iter().cloned());
-        let own: Vec<String> = trimmed
-            .files
-            .iter()
-            .filter(|f| f.ends_with(".c"))
-            .cloned()
-            .collect();
-        let text = unit_diff(p.from, p.to, &with)?;
-        std::fs::write(&diff_path, &text)?;
-        let once = Once {
-            kernel_dir: p.kernel_dir,
-            bundle_dir: p.bundles,
-            jobs,
-            only: Some(own),
+        let needed = with_needed_headers(p, unit, (&trimmed, &r), &diff_path, jobs)?;
+        let (again, still, with) = match needed {
+            Some(found) => found,
+            None => {
+                // Every header it may need, however widely used: only the unit's own
+                // objects are recompiled with them (a header's other users are the
+                // header's own unit), so the budget does not apply.
+                let mut with = trimmed.clone();
+                with.files.extend(unit.candidates.iter().cloned());
+                let (again, still) = once_with(p, &with, &diff_path, jobs)?;
+                (again, still, with)
+            }
         };
-        (r, missing) = once.build(&with, &diff_path, &text)?;
+        (r, missing) = (again, still);
         r.with_headers = true;
+        r.headers = with.files[trimmed.files.len()..].to_vec();
         r.left_out = Vec::new();
         with_headers = Some(with);
     }
     let current = with_headers.unwrap_or(trimmed);
-    r = with_partners(p, unit, (current, &missing), &diff_path, (r, jobs))?;
+    r = super::partners::with_partners(p, unit, (current, &missing), &diff_path, (r, jobs))?;
     r.budget = budget.max_objects;
     r.seconds = started.elapsed().as_secs_f64();
     Ok(r)
+}
+
+/// Builds `with` recompiling only its own sources' objects.
+pub(super) fn once_with(
+    p: &Paths<'_>,
+    with: &Unit,
+    diff_path: &Path,
+    jobs: usize,
+) -> Result<(BuildResult, Vec<String>)> {
+    let text = unit_diff(p.from, p.to, with)?;
+    std::fs::write(diff_path, &text)?;
+    Once {
+        kernel_dir: p.kernel_dir,
+        bundle_dir: p.bundles,
+        jobs,
+        only: Some(own_sources(with)),
+    }
+    .build(with, diff_path, &text)
+}
+
+/// Retries that each add the candidate headers the last compile error names (see
+/// [`needs`]), at most this many.
+const HEADER_ROUNDS: usize = 8;
+
+/// `unit` (as `trimmed`, which failed to compile as `failed`) built with only the
+/// candidate headers its compile errors ask for; `None` when the errors stop naming one.
+fn with_needed_headers(
+    p: &Paths<'_>,
+    unit: &Unit,
+    (trimmed, failed): (&Unit, &BuildResult),
+    diff_path: &Path,
+    jobs: usize,
+) -> Result<Option<(BuildResult, Vec<String>, Unit)>> {
+    let diffs = unit
+        .candidates
+        .iter()
+        .map(|h| Ok((h.clone(), source::file_diff(p.from, p.to, h)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut complained = failed.complained.clone();
+    let mut taken: Vec<String> = Vec::new();
+    for _ in 0..HEADER_ROUNDS {
+        let more = needs::wanted(&complained, &diffs, &taken);
+        if more.is_empty() {
+            return Ok(None);
+        }
+        taken.extend(more.into_iter().map(String::from));
+        let mut with = trimmed.clone();
+        with.files.extend(taken.iter().cloned());
+        tracing::info!(unit = %unit.id, headers = ?taken, "retrying with the headers its errors name");
+        let (r, missing) = once_with(p, &with, diff_path, jobs)?;
+        match &r.built {
+            Built::ToolError { kind, .. } if kind == "does not compile alone" => {
+                complained = r.complained;
+            }
+            _ => return Ok(Some((r, missing, with))),
+        }
+    }
+    Ok(None)
 }
 
 /// The manifest description of a unit: its files, or with many headers (a retry takes
@@ -301,68 +337,6 @@ fn describe_unit(unit: &Unit) -> String {
         unit.files[0],
         unit.files.len() - 1
     )
-}
-
-/// A unit refused for symbols the running kernel lacks is built again with the changed
-/// sources that add them (recompiling only the unit's objects); the retry's result is
-/// kept when it gets further: it builds, or is refused without missing anything.
-fn with_partners(
-    p: &Paths<'_>,
-    unit: &Unit,
-    (current, missing): (Unit, &[String]),
-    diff_path: &Path,
-    (r, jobs): (BuildResult, usize),
-) -> Result<BuildResult> {
-    if !matches!(r.built, Built::Refused { .. }) || missing.is_empty() {
-        return Ok(r);
-    }
-    let extra = partners(p, unit, missing)?;
-    if extra.is_empty() {
-        return Ok(r);
-    }
-    tracing::info!(unit = %unit.id, ?missing, ?extra, "retrying with the files that add them");
-    let previous = unit_diff(p.from, p.to, &current)?;
-    let mut with = current;
-    with.files = with_partner_files(p.units, &with.files, &extra);
-    let text = unit_diff(p.from, p.to, &with)?;
-    std::fs::write(diff_path, &text)?;
-    let (mut again, still) = Once {
-        kernel_dir: p.kernel_dir,
-        bundle_dir: p.bundles,
-        jobs,
-        only: Some(own_sources(&with)),
-    }
-    .build(&with, diff_path, &text)?;
-    let further = match again.built {
-        Built::Bundle { .. } => true,
-        Built::Refused { .. } => still.is_empty(),
-        _ => false,
-    };
-    if further {
-        again.with_headers = r.with_headers;
-        again.left_out = r.left_out;
-        return Ok(again);
-    }
-    tracing::info!(unit = %unit.id, outcome = ?again.built, "the retry got no further");
-    std::fs::write(diff_path, previous)?;
-    Ok(r)
-}
-
-/// `files` with the partner sources `extra` and the changed headers each partner's own
-/// unit may need: a partner built against the unit's new headers may need its own too
-/// (kernel/rcu/tree.c, against the new rcutree.h, needs the new tree_nocb.h it includes).
-fn with_partner_files(units: &[Unit], files: &[String], extra: &[String]) -> Vec<String> {
-    let mut out = files.to_vec();
-    let theirs = units
-        .iter()
-        .filter(|u| u.kind == UnitKind::Source && extra.contains(&u.main))
-        .flat_map(|u| u.candidates.iter());
-    for f in extra.iter().chain(theirs) {
-        if !out.contains(f) {
-            out.push(f.clone());
-        }
-    }
-    out
 }
 
 fn own_sources(unit: &Unit) -> Vec<String> {
@@ -399,6 +373,7 @@ impl Once<'_> {
         };
         let result = diff::build(kernel_dir, diff_path, &options, &diff::NoProgress);
         let mut missing = Vec::new();
+        let mut complained = BTreeSet::new();
         let (built, functions) = match result {
             Ok(BuildOutcome::Bundle(b)) => {
                 let path = bundle_dir.join(format!("{}.lcb", unit.id));
@@ -438,15 +413,20 @@ impl Once<'_> {
                     f,
                 )
             }
-            Err(e) => (tool_error(&e), hunk_functions(text)),
+            Err(e) => {
+                complained = needs::quoted_names(&e.to_string());
+                (tool_error(&e), hunk_functions(text))
+            }
         };
         let r = BuildResult {
             built,
             functions,
             with_headers: false,
+            headers: Vec::new(),
             left_out: Vec::new(),
             budget: 0,
             seconds: 0.0,
+            complained,
         };
         Ok((r, missing))
     }
@@ -455,84 +435,6 @@ impl Once<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_files_that_add_a_missing_function_are_its_partners() {
-        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let write = |d: &Path, f: &str, t: &str| {
-            std::fs::create_dir_all(d.join(f).parent().unwrap()).unwrap();
-            std::fs::write(d.join(f), t).unwrap();
-        };
-        write(a.path(), "kernel/x.c", "int old(void) { return 0; }\n");
-        write(
-            b.path(),
-            "kernel/x.c",
-            "int old(void) { return 0; }\nint helper(void) { return 1; }\n",
-        );
-        write(a.path(), "kernel/y.c", "int y(void) { return 0; }\n");
-        write(
-            b.path(),
-            "kernel/y.c",
-            "int y(void) { return my_helper(2); }\n",
-        );
-        write(a.path(), "kernel/u.c", "int u(void) { return 0; }\n");
-        write(b.path(), "kernel/u.c", "int u(void) { return helper(); }\n");
-        let sources: Vec<String> = ["kernel/u.c", "kernel/x.c", "kernel/y.c"]
-            .map(String::from)
-            .to_vec();
-        let p = Paths {
-            from: a.path(),
-            to: b.path(),
-            kernel_dir: a.path(),
-            diffs: a.path(),
-            bundles: a.path(),
-            sources: &sources,
-            units: &[],
-        };
-        let u = Unit {
-            id: "u001-kernel-u.c".into(),
-            kind: super::super::units::UnitKind::Source,
-            main: "kernel/u.c".into(),
-            files: vec!["kernel/u.c".into()],
-            candidates: Vec::new(),
-        };
-        // y.c calls `my_helper(`, which is not `helper(`; u.c is the unit itself.
-        assert_eq!(
-            partners(&p, &u, &["helper".into()]).unwrap(),
-            ["kernel/x.c"]
-        );
-        assert!(partners(&p, &u, &["absent".into()]).unwrap().is_empty());
-    }
-
-    #[test]
-    fn a_partner_brings_the_headers_of_its_own_unit() {
-        let unit = |main: &str, candidates: &[&str]| Unit {
-            id: format!("u-{main}"),
-            kind: super::super::units::UnitKind::Source,
-            main: main.into(),
-            files: vec![main.into()],
-            candidates: candidates.iter().map(|c| c.to_string()).collect(),
-        };
-        let units = [
-            unit("kernel/stop_machine.c", &["include/linux/rcutree.h"]),
-            unit(
-                "kernel/rcu/tree.c",
-                &["include/linux/rcutree.h", "kernel/rcu/tree_nocb.h"],
-            ),
-            unit("kernel/other.c", &["include/other.h"]),
-        ];
-        let files = ["kernel/stop_machine.c", "include/linux/rcutree.h"].map(String::from);
-        let got = with_partner_files(&units, &files, &["kernel/rcu/tree.c".into()]);
-        assert_eq!(
-            got,
-            [
-                "kernel/stop_machine.c",
-                "include/linux/rcutree.h",
-                "kernel/rcu/tree.c",
-                "kernel/rcu/tree_nocb.h"
-            ]
-        );
-    }
 
     #[test]
     fn a_unit_with_many_headers_has_a_short_description() {

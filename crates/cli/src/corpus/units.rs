@@ -7,8 +7,9 @@
 //! changed header it depends on: those its object was compiled with (DWARF) and those it
 //! includes directly, and the changed kernel headers no object's DWARF lists (which may
 //! contribute only macros, and cost no recompiles). A source
-//! is first built alone (most fixes are one file) and with those headers only when it does
-//! not compile alone. Every changed header is also a unit of its own, for which the builder
+//! is first built alone (most fixes are one file); when it does not compile alone, with
+//! the candidates its compile errors name (`needs`), and with all of them only when the
+//! errors stop naming one. Every changed header is also a unit of its own, for which the builder
 //! recompiles every object that uses it. The whole update is one more unit: what a user
 //! would install. How many objects one unit may recompile is bounded at build time (see
 //! `outcome::Budget`).
