@@ -23,7 +23,8 @@ use super::special;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Status {
     Same,
-    /// Only `__LINE__` immediates moved.
+    /// Only `__LINE__` immediates moved, or a dynamic-debug call site (see
+    /// `special::dyndbg_same_site`).
     LineOnly,
     Changed,
     New,
@@ -312,7 +313,7 @@ pub(crate) fn compare<'a>(
                 old: so.size,
                 new: s.size,
             });
-        } else if keys_o == keys_p && special::dyndbg_line_only(&sec.name, bo, bp, moved) {
+        } else if special::dyndbg_same_site(&sec.name, (bo, bp), (&keys_o, &keys_p), moved) {
             status[p] = Status::LineOnly;
         } else if bo != bp || keys_o != keys_p {
             if tracing::enabled!(tracing::Level::DEBUG) {

@@ -9,6 +9,7 @@
 
 use lucos_patch::policy::{section_rule, Link, Role};
 
+use super::keys::Key;
 use super::obj::{Obj, Target};
 
 /// A table of fixed-size entries pointing into code ([`Role::Table`] of the section policy).
@@ -152,13 +153,20 @@ pub(crate) fn entries(o: &Obj, si: usize, t: &Table) -> Vec<Entry> {
 /// Offset of `lineno:18` (the low bits of a `u32`) in `struct _ddebug` (Linux 6.1: four
 /// pointers first).
 const DYNDBG_LINENO: usize = 32;
+/// Offset of `function` (the `__func__` of the call site) in `struct _ddebug`.
+const DYNDBG_FUNCTION: u64 = 8;
 
-/// Whether a dynamic-debug descriptor (`__dyndbg`) differs only in its line number, and the
-/// diff really moved that line: then it is the same call site, shifted.
-pub(crate) fn dyndbg_line_only(
+/// Whether a changed dynamic-debug descriptor (`__dyndbg`) is the same call site, moved:
+/// only its line number changed (and the diff really moved that line), or the same
+/// message (same module, file and format) now sits in another function (a helper split
+/// out of its caller, drivers/base/core.c's `__dev_probe_failed`). The rest of the
+/// descriptor, its flags and static key, is what the kernel and the user set at run
+/// time, so new code keeps using the live descriptor; only what
+/// `/proc/dynamic_debug/control` lists for it (line, function) stays the old.
+pub(crate) fn dyndbg_same_site(
     section: &str,
-    a: &[u8],
-    b: &[u8],
+    (a, b): (&[u8], &[u8]),
+    (keys_a, keys_b): (&[(u64, u32, Key)], &[(u64, u32, Key)]),
     moved: &dyn Fn(u64, u64) -> bool,
 ) -> bool {
     let lineno = |x: &[u8]| {
@@ -168,15 +176,27 @@ pub(crate) fn dyndbg_line_only(
     let (Some(la), Some(lb)) = (lineno(a), lineno(b)) else {
         return false;
     };
+    if !section.starts_with("__dyndbg") || keys_a.len() != keys_b.len() {
+        return false;
+    }
+    let mut function_moved = false;
+    for (ka, kb) in keys_a.iter().zip(keys_b) {
+        if ka == kb {
+            continue;
+        }
+        let both_function = ka.0 == DYNDBG_FUNCTION && kb.0 == DYNDBG_FUNCTION && ka.1 == kb.1;
+        if !both_function {
+            return false;
+        }
+        function_moved = true;
+    }
     const MASK: u32 = (1 << 18) - 1;
     let rest_same = a.len() == b.len()
         && a[..DYNDBG_LINENO] == b[..DYNDBG_LINENO]
         && a[DYNDBG_LINENO + 4..] == b[DYNDBG_LINENO + 4..]
         && la & !MASK == lb & !MASK;
-    section.starts_with("__dyndbg")
-        && rest_same
-        && la != lb
-        && moved(u64::from(la & MASK), u64::from(lb & MASK))
+    let line_moved = la != lb && moved(u64::from(la & MASK), u64::from(lb & MASK));
+    rest_same && (function_moved || line_moved)
 }
 
 pub(crate) fn table(name: &str) -> Option<Table> {
@@ -252,20 +272,38 @@ mod tests {
     }
 
     #[test]
-    fn a_dynamic_debug_descriptor_whose_line_moved_is_the_same_site() {
+    fn a_dynamic_debug_descriptor_whose_line_or_function_moved_is_the_same_site() {
         let desc = |line: u32, flags: u32| {
             let mut d = vec![0u8; 56];
             d[..8].copy_from_slice(&[1; 8]);
             d[32..36].copy_from_slice(&(line | flags << 24).to_le_bytes());
             d
         };
+        let keys = |function: &str, format: &str| {
+            vec![
+                (
+                    8,
+                    1,
+                    Key::Special("__func__".into(), function.len() as u64, 0),
+                ),
+                (24, 1, Key::Str(format.as_bytes().to_vec(), 0)),
+            ]
+        };
         let moved = |a: u64, b: u64| (a, b) == (100, 103);
+        let same = |a: &[u8], b: &[u8], ka: &[_], kb: &[_]| {
+            dyndbg_same_site("__dyndbg", (a, b), (ka, kb), &moved)
+        };
         let (a, b) = (desc(100, 0), desc(103, 0));
-        assert!(dyndbg_line_only("__dyndbg", &a, &b, &moved));
-        // Not a descriptor, a line the diff did not move, or another field changed too.
-        assert!(!dyndbg_line_only(".data", &a, &b, &moved));
-        assert!(!dyndbg_line_only("__dyndbg", &a, &desc(104, 0), &moved));
-        assert!(!dyndbg_line_only("__dyndbg", &a, &desc(103, 1), &moved));
-        assert!(!dyndbg_line_only("__dyndbg", &a, &a, &moved));
+        let (k, k_fn, k_fmt) = (keys("f", "x"), keys("g_helper", "x"), keys("f", "y"));
+        assert!(same(&a, &b, &k, &k));
+        // The same message, now in another function: any line.
+        assert!(same(&a, &desc(250, 0), &k, &k_fn));
+        // Not a descriptor, a line the diff did not move, another message, or the flags.
+        assert!(!dyndbg_same_site(".data", (&a, &b), (&k, &k), &moved));
+        assert!(!same(&a, &desc(104, 0), &k, &k));
+        assert!(!same(&a, &b, &k, &k_fmt));
+        assert!(!same(&a, &desc(103, 1), &k, &k));
+        assert!(!same(&a, &desc(103, 1), &k, &k_fn));
+        assert!(!same(&a, &a, &k, &k));
     }
 }
