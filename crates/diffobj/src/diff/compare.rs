@@ -14,7 +14,7 @@ use object::elf;
 
 use super::correlate::{correlate, patched_name, Correlation};
 use super::error::Refusal;
-use super::keys::{Key, Keyer};
+use super::keys::{Key, Keyer, Keys};
 use super::names::{cold_parent, is_special_static};
 use super::obj::{insn_at, is_item, Obj, Target};
 use super::promote;
@@ -225,8 +225,6 @@ fn line_only(a: &[u8], b: &[u8], keys: &[(u64, u32, Key)], moved: LineMoved<'_>)
     }
     found
 }
-
-type Keys = [(u64, u32, Key)];
 
 /// A function's status from its relocation keys and special-table entries, then its bytes.
 fn function_status(

@@ -17,6 +17,9 @@ use lucos_patch::elf::Reloc;
 /// Bytes of shared anonymous data compared around a reference.
 const WINDOW: u64 = 16;
 
+/// A symbol's relocations as (offset, type, target key), in offset order.
+pub(crate) type Keys = [(u64, u32, Key)];
+
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum Key {
     Null(i64),

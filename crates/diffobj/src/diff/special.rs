@@ -9,7 +9,7 @@
 
 use lucos_patch::policy::{section_rule, Link, Role};
 
-use super::keys::Key;
+use super::keys::Keys;
 use super::obj::{Obj, Target};
 
 /// A table of fixed-size entries pointing into code ([`Role::Table`] of the section policy).
@@ -166,7 +166,7 @@ const DYNDBG_FUNCTION: u64 = 8;
 pub(crate) fn dyndbg_same_site(
     section: &str,
     (a, b): (&[u8], &[u8]),
-    (keys_a, keys_b): (&[(u64, u32, Key)], &[(u64, u32, Key)]),
+    (keys_a, keys_b): (&Keys, &Keys),
     moved: &dyn Fn(u64, u64) -> bool,
 ) -> bool {
     let lineno = |x: &[u8]| {
@@ -279,6 +279,7 @@ mod tests {
             d[32..36].copy_from_slice(&(line | flags << 24).to_le_bytes());
             d
         };
+        use super::super::keys::Key;
         let keys = |function: &str, format: &str| {
             vec![
                 (
