@@ -232,6 +232,7 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
             bundle_dir: p.bundles,
             jobs,
             only: None,
+            narrow: Vec::new(),
         }
         .build(&trimmed, &diff_path, &text)?,
     };
@@ -240,7 +241,9 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
         matches!(&r.built, Built::ToolError { kind, .. } if kind == "does not compile alone");
     let mut with_headers = None;
     if alone_failed && !unit.candidates.is_empty() {
-        let needed = with_needed_headers(p, unit, (&trimmed, &r), &diff_path, jobs)?;
+        let pool = header_diffs(p, &unit.candidates)?;
+        let build = |with: &Unit, _: &[String]| once_with(p, with, &diff_path, jobs);
+        let needed = with_needed_headers(unit, (&trimmed, &r), &pool, &build)?;
         let (again, still, with) = match needed {
             Some(found) => found,
             None => {
@@ -258,6 +261,39 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
         r.headers = with.files[trimmed.files.len()..].to_vec();
         r.left_out = Vec::new();
         with_headers = Some(with);
+    } else if alone_failed && unit.kind == UnitKind::Whole && !r.left_out.is_empty() {
+        // The whole update takes the left-out headers its errors name, recompiled only
+        // where other changes touch too (the changed sources that need them).
+        let pool = header_diffs(p, &r.left_out)?;
+        let build = |with: &Unit, taken: &[String]| {
+            let text = unit_diff(p.from, p.to, with)?;
+            std::fs::write(&diff_path, &text)?;
+            Once {
+                kernel_dir: p.kernel_dir,
+                bundle_dir: p.bundles,
+                jobs,
+                only: None,
+                narrow: taken.to_vec(),
+            }
+            .build(with, &diff_path, &text)
+        };
+        if let Some((again, still, with)) =
+            with_needed_headers(unit, (&trimmed, &r), &pool, &build)?
+        {
+            let taken = with.files[trimmed.files.len()..].to_vec();
+            let left_out = r
+                .left_out
+                .iter()
+                .filter(|h| !taken.contains(h))
+                .cloned()
+                .collect();
+            (r, missing) = (again, still);
+            r.headers = taken;
+            r.left_out = left_out;
+            with_headers = Some(with);
+        } else {
+            std::fs::write(&diff_path, &text)?;
+        }
     }
     let current = with_headers.unwrap_or(trimmed);
     r = super::partners::with_partners(p, unit, (current, &missing), &diff_path, (r, jobs))?;
@@ -280,6 +316,7 @@ pub(super) fn once_with(
         bundle_dir: p.bundles,
         jobs,
         only: Some(own_sources(with)),
+        narrow: Vec::new(),
     }
     .build(with, diff_path, &text)
 }
@@ -288,24 +325,30 @@ pub(super) fn once_with(
 /// [`needs`]), at most this many.
 const HEADER_ROUNDS: usize = 8;
 
-/// `unit` (as `trimmed`, which failed to compile as `failed`) built with only the
-/// candidate headers its compile errors ask for; `None` when the errors stop naming one.
-fn with_needed_headers(
-    p: &Paths<'_>,
-    unit: &Unit,
-    (trimmed, failed): (&Unit, &BuildResult),
-    diff_path: &Path,
-    jobs: usize,
-) -> Result<Option<(BuildResult, Vec<String>, Unit)>> {
-    let diffs = unit
-        .candidates
+/// Each header of `headers` with its diff.
+fn header_diffs(p: &Paths<'_>, headers: &[String]) -> Result<Vec<(String, String)>> {
+    headers
         .iter()
         .map(|h| Ok((h.clone(), source::file_diff(p.from, p.to, h)?)))
-        .collect::<Result<Vec<_>>>()?;
+        .collect()
+}
+
+/// How one retry builds `with`, which carries the headers `taken` so far.
+type Retry<'a> = dyn Fn(&Unit, &[String]) -> Result<(BuildResult, Vec<String>)> + 'a;
+
+/// `unit` (as `trimmed`, which failed to compile as `failed`) built with only the
+/// headers of `pool` (header, diff) its compile errors ask for; `None` when the errors
+/// stop naming one.
+fn with_needed_headers(
+    unit: &Unit,
+    (trimmed, failed): (&Unit, &BuildResult),
+    pool: &[(String, String)],
+    build: &Retry<'_>,
+) -> Result<Option<(BuildResult, Vec<String>, Unit)>> {
     let mut complained = failed.complained.clone();
     let mut taken: Vec<String> = Vec::new();
     for _ in 0..HEADER_ROUNDS {
-        let more = needs::wanted(&complained, &diffs, &taken);
+        let more = needs::wanted(&complained, pool, &taken);
         if more.is_empty() {
             return Ok(None);
         }
@@ -313,7 +356,7 @@ fn with_needed_headers(
         let mut with = trimmed.clone();
         with.files.extend(taken.iter().cloned());
         tracing::info!(unit = %unit.id, headers = ?taken, "retrying with the headers its errors name");
-        let (r, missing) = once_with(p, &with, diff_path, jobs)?;
+        let (r, missing) = build(&with, &taken)?;
         match &r.built {
             Built::ToolError { kind, .. } if kind == "does not compile alone" => {
                 complained = r.complained;
@@ -354,6 +397,8 @@ struct Once<'a> {
     jobs: usize,
     /// Sources whose objects alone are recompiled (see `BuildOptions::only_sources`).
     only: Option<Vec<String>>,
+    /// See `BuildOptions::narrow_headers`.
+    narrow: Vec<String>,
 }
 
 impl Once<'_> {
@@ -369,6 +414,7 @@ impl Once<'_> {
             description: Some(describe_unit(unit)),
             jobs: self.jobs,
             only_sources: self.only,
+            narrow_headers: self.narrow,
             ..BuildOptions::default()
         };
         let result = diff::build(kernel_dir, diff_path, &options, &diff::NoProgress);

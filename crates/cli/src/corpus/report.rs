@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use super::outcome::Built;
+use super::outcome::{BuildResult, Built};
 use super::state::State;
 use super::units::UnitKind;
 
@@ -112,14 +112,7 @@ pub fn summarize(s: &State) -> Summary {
         let l = label(&b.built, r.live.as_ref());
         if u.kind == UnitKind::Whole {
             sum.whole_update = format!("{l} ({} functions)", b.functions.changed.len());
-            if !b.left_out.is_empty() {
-                sum.whole_update += &format!(
-                    ", without {} headers used by more than {} objects ({})",
-                    b.left_out.len(),
-                    b.budget,
-                    b.left_out.join(", ")
-                );
-            }
+            sum.whole_update += &whole_detail(b);
             continue;
         }
         let f = &b.functions;
@@ -167,6 +160,37 @@ pub fn summarize(s: &State) -> Summary {
 }
 
 /// The report as Markdown tables (printed, and committed under docs/).
+/// What the whole update's result leaves out, and why it was refused.
+fn whole_detail(b: &BuildResult) -> String {
+    let mut t = String::new();
+    if let Built::Refused { refusals } = &b.built {
+        let mut causes: BTreeMap<&str, usize> = BTreeMap::new();
+        for (cause, _) in refusals {
+            *causes.entry(cause.as_str()).or_default() += 1;
+        }
+        let causes: Vec<String> = causes.iter().map(|(c, n)| format!("{n} × {c}")).collect();
+        t += &format!(": {}", causes.join(", "));
+    }
+    if !b.headers.is_empty() {
+        t += &format!(
+            "; {} headers used by more than {} objects recompiled only for the changed \
+             sources that need them to compile ({})",
+            b.headers.len(),
+            b.budget,
+            b.headers.join(", ")
+        );
+    }
+    if !b.left_out.is_empty() {
+        t += &format!(
+            "; without {} headers used by more than {} objects ({})",
+            b.left_out.len(),
+            b.budget,
+            b.left_out.join(", ")
+        );
+    }
+    t
+}
+
 pub fn markdown(sum: &Summary) -> String {
     let mut t = String::new();
     let _ = writeln!(
@@ -233,4 +257,47 @@ pub fn markdown(sum: &Summary) -> String {
         sum.estimated_functions, sum.not_applicable, sum.units_done, sum.units_total
     );
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::corpus::outcome::Functions;
+
+    #[test]
+    fn the_whole_update_says_why_it_was_refused_and_what_it_left_out() {
+        let refusal = |cause: &str| (cause.to_string(), format!("{cause}: details"));
+        let b = BuildResult {
+            built: Built::Refused {
+                refusals: vec![
+                    refusal("struct layout change"),
+                    refusal("struct layout change"),
+                    refusal("changed initial value of writable data"),
+                ],
+            },
+            functions: Functions::default(),
+            with_headers: false,
+            headers: vec!["include/linux/bpf.h".into()],
+            left_out: vec!["include/linux/list.h".into()],
+            budget: 100,
+            seconds: 1.0,
+            complained: Default::default(),
+        };
+        assert_eq!(
+            whole_detail(&b),
+            ": 1 × changed initial value of writable data, 2 × struct layout change; 1 \
+             headers used by more than 100 objects recompiled only for the changed sources \
+             that need them to compile (include/linux/bpf.h); without 1 headers used by \
+             more than 100 objects (include/linux/list.h)"
+        );
+        let plain = BuildResult {
+            built: Built::NoChange {
+                reason: "none".into(),
+            },
+            headers: Vec::new(),
+            left_out: Vec::new(),
+            ..b
+        };
+        assert_eq!(whole_detail(&plain), "");
+    }
 }

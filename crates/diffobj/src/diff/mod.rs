@@ -10,6 +10,7 @@
 //! 4. Write the object ([`emit`]), describe each redirect from vmlinux
 //!    ([`crate::target::replacement_for`]) and pack the manifest.
 
+mod affected;
 mod cmdfile;
 mod compare;
 mod compile;
@@ -116,10 +117,11 @@ pub fn build(
         let symbols = scope.spawn(|| KernelSymbols::load(&tree.vmlinux));
         let t = Instant::now();
         let objects = cmdfile::objects(&tree)?;
-        let (mut affected, refusals) = affected_objects(&objects, &changes);
+        let (mut affected, refusals) = affected::affected_objects(&objects, &changes);
         if let Some(only) = &options.only_sources {
             affected.retain(|o| only.contains(&o.source));
         }
+        affected::narrow(&mut affected, &objects, &changes, &options.narrow_headers);
         if !refusals.is_empty() {
             return Err(DiffError::Refused {
                 refusals,
@@ -320,55 +322,6 @@ fn parse_compiled<'a>(
 
 /// Original, patched, the object, and whether the original came from the cache.
 type CompiledPairs<'a> = Vec<(Obj<'a>, Obj<'a>, &'a KbuildObject, bool)>;
-
-/// Objects to recompile, and refusals for changed files that cannot be handled.
-fn affected_objects<'a>(
-    objects: &'a [KbuildObject],
-    changes: &[FileChange],
-) -> (Vec<&'a KbuildObject>, Vec<Refusal>) {
-    let mut refusals = Vec::new();
-    let mut out: Vec<&KbuildObject> = Vec::new();
-    for c in changes {
-        let p = c.path.as_str();
-        let users: Vec<&KbuildObject> = objects
-            .iter()
-            .filter(|o| o.source == p || o.deps.iter().any(|d| d == p))
-            .collect();
-        let ext = Path::new(p)
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("");
-        match ext {
-            "S" | "s" => refusals.push(Refusal::Assembly {
-                path: c.path.clone(),
-            }),
-            "c" if users.is_empty() && c.kind != ChangeKind::Added => {
-                refusals.push(Refusal::File {
-                    path: c.path.clone(),
-                    reason: "is not compiled into vmlinux with this kernel's configuration (it is \
-                         part of a module, or disabled in .config); lucos patches vmlinux only"
-                        .into(),
-                })
-            }
-            "c" | "h" => {}
-            _ if p.starts_with("Documentation/") => {}
-            _ if users.is_empty() => refusals.push(Refusal::File {
-                path: c.path.clone(),
-                reason: "is not a C source or header that vmlinux is built from; lucos build \
-                         handles changes to .c and .h files (Kconfig, Makefile and linker \
-                         script changes need a new kernel)"
-                    .into(),
-            }),
-            _ => {}
-        }
-        for u in users {
-            if !out.iter().any(|o| o.object == u.object) {
-                out.push(u);
-            }
-        }
-    }
-    (out, refusals)
-}
 
 /// Paths of one object's two compiles.
 struct Compiled {

@@ -61,6 +61,11 @@ pub struct BuildOptions {
     /// compile, and the headers' effect on their other users is the headers' own unit.
     /// `None` (what `lucos build` uses): every object that depends on a changed file.
     pub only_sources: Option<Vec<String>>,
+    /// Changed headers whose users are recompiled only where another changed file (their
+    /// own source, or a header outside this list) touches them too: the whole update takes
+    /// a header too widely used to recompile everywhere for the changed sources that need
+    /// it to compile, and says that its effect on its other users is left out.
+    pub narrow_headers: Vec<String>,
 }
 
 impl Default for BuildOptions {
@@ -72,6 +77,7 @@ impl Default for BuildOptions {
             use_cache: true,
             jobs: std::thread::available_parallelism().map_or(2, |n| n.get().min(4)),
             only_sources: None,
+            narrow_headers: Vec::new(),
         }
     }
 }
