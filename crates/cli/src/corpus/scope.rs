@@ -185,13 +185,7 @@ mod tests {
     use super::*;
 
     fn obj(source: &str, deps: &[&str]) -> KbuildObject {
-        KbuildObject {
-            object: source.replace(".c", ".o"),
-            source: source.into(),
-            command: String::new(),
-            objtool: None,
-            deps: deps.iter().map(|d| d.to_string()).collect(),
-        }
+        KbuildObject::from_deps(source, deps)
     }
 
     #[test]

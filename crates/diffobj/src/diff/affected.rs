@@ -80,13 +80,7 @@ mod tests {
     use super::*;
 
     fn object(source: &str, deps: &[&str]) -> KbuildObject {
-        KbuildObject {
-            object: source.replace(".c", ".o"),
-            source: source.into(),
-            command: String::new(),
-            objtool: None,
-            deps: deps.iter().map(|d| d.to_string()).collect(),
-        }
+        KbuildObject::from_deps(source, deps)
     }
 
     fn change(path: &str) -> FileChange {

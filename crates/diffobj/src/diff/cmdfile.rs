@@ -32,6 +32,18 @@ pub struct KbuildObject {
 }
 
 impl KbuildObject {
+    /// An object known only by its source and what it depends on, without a command (as
+    /// [`objects`] gives for prepared trees): what dependency questions need.
+    pub fn from_deps(source: &str, deps: &[&str]) -> KbuildObject {
+        KbuildObject {
+            object: source.replace(".c", ".o"),
+            source: source.into(),
+            command: String::new(),
+            objtool: None,
+            deps: deps.iter().map(|d| d.to_string()).collect(),
+        }
+    }
+
     pub fn is_assembly(&self) -> bool {
         self.source.ends_with(".S")
     }
