@@ -262,37 +262,17 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
         r.left_out = Vec::new();
         with_headers = Some(with);
     } else if alone_failed && unit.kind == UnitKind::Whole && !r.left_out.is_empty() {
-        // The whole update takes the left-out headers its errors name, recompiled only
-        // where other changes touch too (the changed sources that need them).
-        let pool = header_diffs(p, &r.left_out)?;
-        let build = |with: &Unit, taken: &[String]| {
-            let text = unit_diff(p.from, p.to, with)?;
-            std::fs::write(&diff_path, &text)?;
-            Once {
-                kernel_dir: p.kernel_dir,
-                bundle_dir: p.bundles,
-                jobs,
-                only: None,
-                narrow: taken.to_vec(),
+        match whole_with_needed_headers(p, unit, (&trimmed, &r), &diff_path, jobs)? {
+            Some((again, still, with)) => {
+                let taken = with.files[trimmed.files.len()..].to_vec();
+                let left_out = r.left_out.iter().filter(|h| !taken.contains(h));
+                let left_out = left_out.cloned().collect();
+                (r, missing) = (again, still);
+                r.headers = taken;
+                r.left_out = left_out;
+                with_headers = Some(with);
             }
-            .build(with, &diff_path, &text)
-        };
-        if let Some((again, still, with)) =
-            with_needed_headers(unit, (&trimmed, &r), &pool, &build)?
-        {
-            let taken = with.files[trimmed.files.len()..].to_vec();
-            let left_out = r
-                .left_out
-                .iter()
-                .filter(|h| !taken.contains(h))
-                .cloned()
-                .collect();
-            (r, missing) = (again, still);
-            r.headers = taken;
-            r.left_out = left_out;
-            with_headers = Some(with);
-        } else {
-            std::fs::write(&diff_path, &text)?;
+            None => std::fs::write(&diff_path, &text)?,
         }
     }
     let current = with_headers.unwrap_or(trimmed);
@@ -324,6 +304,32 @@ pub(super) fn once_with(
 /// Retries that each add the candidate headers the last compile error names (see
 /// [`needs`]), at most this many.
 const HEADER_ROUNDS: usize = 8;
+
+/// The whole update (as `trimmed`, which failed as `failed`) with the headers it left out
+/// for the budget that its compile errors name, each recompiled only where other changes
+/// touch too (the changed sources that need it), not in all its users.
+fn whole_with_needed_headers(
+    p: &Paths<'_>,
+    unit: &Unit,
+    (trimmed, failed): (&Unit, &BuildResult),
+    diff_path: &Path,
+    jobs: usize,
+) -> Result<Option<(BuildResult, Vec<String>, Unit)>> {
+    let pool = header_diffs(p, &failed.left_out)?;
+    let build = |with: &Unit, taken: &[String]| {
+        let text = unit_diff(p.from, p.to, with)?;
+        std::fs::write(diff_path, &text)?;
+        Once {
+            kernel_dir: p.kernel_dir,
+            bundle_dir: p.bundles,
+            jobs,
+            only: None,
+            narrow: taken.to_vec(),
+        }
+        .build(with, diff_path, &text)
+    };
+    with_needed_headers(unit, (trimmed, failed), &pool, &build)
+}
 
 /// Each header of `headers` with its diff.
 fn header_diffs(p: &Paths<'_>, headers: &[String]) -> Result<Vec<(String, String)>> {
