@@ -115,6 +115,15 @@ pub fn build(args: BuildArgs) -> Result<()> {
                     "{}: changed {:?}, new functions {:?}, new data {:?}, line-number-only {:?}",
                     o.object, o.changed, o.new_functions, o.new_data, o.line_only
                 );
+                if !o.debug_sites_off.is_empty() {
+                    println!(
+                        "{}: {} new dynamic-debug call site(s) stay off: lucos does not \
+                         register them with dynamic debug ({})",
+                        o.object,
+                        o.debug_sites_off.len(),
+                        o.debug_sites_off.join(", ")
+                    );
+                }
             }
             println!("replaces: {}", crate::show::esc(&b.replaced.join(", ")));
             for e in &b.manifest.exports {

@@ -325,3 +325,60 @@ fn new_codes_returns_read_like_the_kernels_own() {
         );
     }
 }
+
+/// A new `pr_debug()` call site: the bundle's own descriptor is not registered with
+/// dynamic debug, so the site stays off, even when the user turns on every site of its
+/// file, and the control file does not list it. Its static key lives in the bundle's
+/// module and is linked the way the kernel links a module's own keys; the revert leaves
+/// the kernel's bookkeeping exactly as before.
+#[test]
+fn a_new_debug_call_site_stays_off_and_unlisted() {
+    let mut s = shared();
+    let b = diff_bundle("19-new-debug-call-site.patch");
+    let listed = |s: &Shared| s.sh("grep -c 'lucos: loadavg' /proc/dynamic_debug/control || true");
+    assert_eq!(listed(&s).trim(), "0");
+    let mark = mark(&s, "debug-site");
+    let before = kernel_words(&mut s);
+    let r = apply_bundle(&mut s.a, &b).unwrap();
+    let reg = lucos::patchcmd::session(&mut s.a)
+        .unwrap()
+        .registry()
+        .unwrap();
+    let module = reg.find_applied(&r.id).and_then(|rec| rec.module.clone());
+    let module = module.expect("the bundle is a module");
+    // As jump_label_add_module() leaves a module's own key: pointing at its entries.
+    let own: Vec<_> = module
+        .jump_keys
+        .iter()
+        .filter(|k| k.key >= module.base && k.key < module.base + module.size)
+        .collect();
+    assert_eq!(own.len(), 1, "{:?}", module.jump_keys);
+    let layout = kmod::probe(&s.a.vm, &s.a.syms, &s.a.layout).unwrap().layout;
+    let type_at = own[0].key + layout.key_type;
+    let mut word = [0u8; 8];
+    lucos_introspect::paging::read_virt(
+        &s.a.vm,
+        s.a.layout.cr3,
+        lucos_introspect::GuestVirtAddr(type_at),
+        &mut word,
+    )
+    .unwrap();
+    assert_eq!(u64::from_le_bytes(word), own[0].entries);
+    s.sh("echo 'file fs/proc/loadavg.c +p' > /proc/dynamic_debug/control || true");
+    let (loadavg, control) = (s.sh("cat /proc/loadavg"), listed(&s));
+    revert_bundle(&mut s.a, &b.manifest().id).unwrap();
+    assert_eq!(
+        kernel_words(&mut s),
+        before,
+        "revert left the bookkeeping changed"
+    );
+    assert!(loadavg.trim_end().ends_with(" lucos"), "{loadavg}");
+    assert_eq!(control.trim(), "0", "the new site is listed");
+    let log = dmesg_since(&s, &mark);
+    assert!(
+        !log.contains("lucos: loadavg read"),
+        "the new site printed:\n{log}"
+    );
+    assert_no_oops(&log);
+    assert!(!s.sh("cat /proc/loadavg").contains("lucos"));
+}

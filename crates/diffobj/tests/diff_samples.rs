@@ -219,6 +219,23 @@ fn a_frame_local_type_changes_layout_under_a_consistent_switch() {
     }
 }
 
+/// A new `pr_debug()` call site: its descriptor travels in the bundle as writable data
+/// (not registered with dynamic debug, so its key stays off) with the new code's static
+/// branch on that key, in the bundle's own jump table.
+#[test]
+fn a_new_debug_call_site_travels_as_data_with_its_static_branch() {
+    let Some(b) = bundle("19-new-debug-call-site.patch") else {
+        return;
+    };
+    assert_eq!(b.replaced, vec!["loadavg_proc_show@fs/proc/loadavg.c"]);
+    let sites = &b.report.objects[0].debug_sites_off;
+    assert_eq!(sites.len(), 1);
+    assert!(b.included.contains(&sites[0]), "{:?}", b.included);
+    let p = lucos_patch::plan(&Bundle::parse(&b.bundle).unwrap()).unwrap();
+    assert!(p.data.sections.iter().any(|s| s.name == "__dyndbg"));
+    assert!(p.data.sections.iter().any(|s| s.name == "__jump_table"));
+}
+
 /// A new exported function: no function changes, the bundle carries the new one and its
 /// module exports it (GPL only, as `EXPORT_SYMBOL_GPL` says).
 #[test]
@@ -238,41 +255,57 @@ fn a_new_export_is_carried_and_exported() {
 /// New code that calls a function the running kernel does not have is refused with the
 /// typed `Absent` refusal, which `lucos corpus` answers by adding the changed files that
 /// define the symbol.
+/// A diff of `file` (relative to the tree) with `edits` (old, new) applied, in `dir`.
+fn edited(tree: &Path, dir: &Path, file: &str, edits: &[(&str, &str)]) -> PathBuf {
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    let old = std::fs::read_to_string(tree.join("build").join(file)).unwrap();
+    let mut new = old.clone();
+    for (from, to) in edits {
+        assert!(new.contains(from), "{file} has no {from:?}");
+        new = new.replacen(from, to, 1);
+    }
+    let name = Path::new(file).file_name().unwrap();
+    for (d, t) in [(&a, &old), (&b, &new)] {
+        std::fs::create_dir_all(d).unwrap();
+        std::fs::write(d.join(name), t).unwrap();
+    }
+    let text = std::process::Command::new("diff")
+        .arg("-u")
+        .args([
+            "--label",
+            &format!("a/{file}"),
+            "--label",
+            &format!("b/{file}"),
+        ])
+        .arg(a.join(name))
+        .arg(b.join(name))
+        .output()
+        .unwrap()
+        .stdout;
+    let patch = dir.join("edit.patch");
+    std::fs::write(&patch, text).unwrap();
+    patch
+}
+
 #[test]
 fn a_call_to_a_function_the_kernel_lacks_is_refused_as_absent() {
     let Some(tree) = tree() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
-    let file = "fs/proc/cmdline.c";
-    let old = std::fs::read_to_string(tree.join("build").join(file)).unwrap();
-    let new = old.replace(
-        "\tseq_puts(m, saved_command_line);",
-        "\tlucos_absent_helper();\n\tseq_puts(m, saved_command_line);",
+    let patch = edited(
+        &tree,
+        dir.path(),
+        "fs/proc/cmdline.c",
+        &[
+            (
+                "\tseq_puts(m, saved_command_line);",
+                "\tlucos_absent_helper();\n\tseq_puts(m, saved_command_line);",
+            ),
+            (
+                "static int cmdline_proc_show",
+                "void lucos_absent_helper(void);\n\nstatic int cmdline_proc_show",
+            ),
+        ],
     );
-    let new = new.replace(
-        "static int cmdline_proc_show",
-        "void lucos_absent_helper(void);\n\nstatic int cmdline_proc_show",
-    );
-    assert_ne!(old, new);
-    for (d, t) in [(&a, &old), (&b, &new)] {
-        std::fs::create_dir_all(d).unwrap();
-        std::fs::write(d.join("cmdline.c"), t).unwrap();
-    }
-    let text = std::process::Command::new("diff")
-        .args([
-            "-u",
-            "--label",
-            "a/fs/proc/cmdline.c",
-            "--label",
-            "b/fs/proc/cmdline.c",
-        ])
-        .arg(a.join("cmdline.c"))
-        .arg(b.join("cmdline.c"))
-        .output()
-        .unwrap()
-        .stdout;
-    let patch = dir.path().join("absent.patch");
-    std::fs::write(&patch, text).unwrap();
     let cache = tempfile::tempdir().unwrap();
     let e = match build(&tree, &patch, &options(cache.path()), &NoProgress) {
         Err(e) => e,
@@ -291,6 +324,33 @@ fn a_call_to_a_function_the_kernel_lacks_is_refused_as_absent() {
         e.to_string().contains("the running kernel does not have"),
         "{e}"
     );
+}
+
+/// A new `pr_debug()` before others renumbers every later descriptor
+/// (`__UNIQUE_ID_ddebug<counter>`): descriptors are matched by what they describe, so
+/// the existing ones are the same call sites, moved, and only the new one travels.
+#[test]
+fn a_new_debug_call_site_before_others_leaves_them_matched() {
+    let Some(tree) = tree() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let patch = edited(
+        &tree,
+        dir.path(),
+        "kernel/params.c",
+        &[(
+            "\t\t\tpr_debug(\"handling %s with %p\\n\", param,",
+            "\t\t\tpr_debug(\"lucos: %s\\n\", param);\n\t\t\tpr_debug(\"handling %s with %p\\n\", param,",
+        )],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let b = match build(&tree, &patch, &options(cache.path()), &NoProgress) {
+        Ok(BuildOutcome::Bundle(b)) => b,
+        Ok(BuildOutcome::NoChange { reason, .. }) => panic!("no change: {reason}"),
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(b.replaced, vec!["parse_args"]);
+    let o = &b.report.objects[0];
+    assert_eq!(o.debug_sites_off.len(), 1, "{:?}", o.new_data);
 }
 
 /// The running kernel's symbols as lucos reads them from Debian's dbg vmlinux: names,

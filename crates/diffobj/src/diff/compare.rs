@@ -102,6 +102,19 @@ impl Diff<'_> {
         s.is_local() && is_special_static(&s.name, sec)
     }
 
+    /// New dynamic-debug descriptors: call sites that stay off (not registered).
+    pub fn new_debug_sites(&self) -> Vec<String> {
+        (0..self.status.len())
+            .filter(|&p| self.status[p] == Status::New && is_item(&self.patched.symbols[p]))
+            .filter(|&p| {
+                self.patched
+                    .sec_of(p)
+                    .is_some_and(|s| special::is_dyndbg(&s.name))
+            })
+            .map(|p| self.patched.symbols[p].name.clone())
+            .collect()
+    }
+
     /// Patched symbols with `status`, in symbol order, as kernel names.
     pub fn names_with(&self, status: Status, funcs: bool) -> Vec<String> {
         (0..self.status.len())

@@ -15,10 +15,13 @@ use std::collections::{BTreeMap, HashSet};
 
 use object::elf;
 
-use super::keys::Keyer;
+use super::keys::{Key, Keyer};
 use super::names::{canonical, is_numbered, is_special_static, is_static_local};
 use super::obj::{is_item, Obj, Target};
-use super::special;
+use super::special::{self, is_dyndbg, DYNDBG_FUNCTION};
+
+/// One relocation of a dynamic-debug descriptor: what it describes.
+type Site = (u64, u32, Key);
 
 /// Symbols that take part in correlation: named, defined, allocated, in a section the
 /// policy correlates ([`special::is_correlated`]: BTF-ID lists too, so that references to
@@ -74,7 +77,7 @@ struct Matches {
 
 /// Patched symbol -> original symbol.
 pub(crate) fn correlate<'a>(orig: &'a Obj<'a>, patched: &'a Obj<'a>) -> Correlation {
-    let sides = Sides {
+    let mut sides = Sides {
         orig,
         patched,
         oc: candidates(orig),
@@ -86,6 +89,11 @@ pub(crate) fn correlate<'a>(orig: &'a Obj<'a>, patched: &'a Obj<'a>) -> Correlat
     };
     sides.plain_names(&mut m);
     sides.btf_ids(&mut m);
+    sides.debug_sites(&mut m);
+    // Descriptors left unmatched are new call sites, never another's by number.
+    let is_site = |o: &Obj<'_>, i: usize| o.sec_of(i).is_some_and(|s| is_dyndbg(&s.name));
+    sides.oc.retain(|&i| !is_site(orig, i));
+    sides.pc.retain(|&i| !is_site(patched, i));
     sides.numbered(&mut m);
     sides.statics_through_users(&mut m);
     let ambiguous = sides.leftover_statics(&mut m);
@@ -160,6 +168,63 @@ impl Sides<'_> {
                     }
                 }
                 _ => {}
+            }
+        }
+    }
+
+    /// Stage 1c: dynamic-debug descriptors (`__UNIQUE_ID_ddebug<counter>.<n>`), by what
+    /// they describe: the counter renumbers every later one when a call site is added, so
+    /// names would pair different messages. Same module, function, file and format match
+    /// (several alike in section order, when both sides have as many); then a message
+    /// that moved to another function matches when it is the only one of its kind on
+    /// each side (see `special::dyndbg_same_site`).
+    fn debug_sites(&self, m: &mut Matches) {
+        let Matches { twin, taken } = m;
+        let sites = |o: &Obj<'_>, syms: &[usize], loose: bool| {
+            let name_of = |i: usize| o.symbols[i].name.clone();
+            let keyer = Keyer::new(o, &name_of);
+            let mut by_what: BTreeMap<Vec<Site>, Vec<(u64, usize)>> = BTreeMap::new();
+            for &i in syms {
+                if !o.sec_of(i).is_some_and(|s| is_dyndbg(&s.name)) {
+                    continue;
+                }
+                let mut what = keyer.sym_keys(i);
+                if loose {
+                    what.retain(|k| k.0 != DYNDBG_FUNCTION);
+                }
+                by_what
+                    .entry(what)
+                    .or_default()
+                    .push((o.symbols[i].value, i));
+            }
+            for v in by_what.values_mut() {
+                v.sort();
+            }
+            by_what
+        };
+        for loose in [false, true] {
+            let oc: Vec<usize> = self
+                .oc
+                .iter()
+                .copied()
+                .filter(|o| !taken.contains(o))
+                .collect();
+            let pc: Vec<usize> = self
+                .pc
+                .iter()
+                .copied()
+                .filter(|&p| twin[p].is_none())
+                .collect();
+            let ours = sites(self.orig, &oc, loose);
+            for (what, ps) in sites(self.patched, &pc, loose) {
+                let Some(os) = ours.get(&what) else { continue };
+                if os.len() != ps.len() || (loose && os.len() != 1) {
+                    continue;
+                }
+                for (&(_, o), &(_, p)) in os.iter().zip(&ps) {
+                    twin[p] = Some(o);
+                    taken.insert(o);
+                }
             }
         }
     }

@@ -263,6 +263,7 @@ fn object_reports(objs: &CompiledPairs<'_>, diffs: &[compare::Diff<'_>]) -> Vec<
             new_data: d.names_with(Status::New, false),
             line_only: d.names_with(Status::LineOnly, true),
             not_applicable: d.not_applicable.clone(),
+            debug_sites_off: d.new_debug_sites(),
         })
         .collect()
 }

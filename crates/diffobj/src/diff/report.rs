@@ -109,6 +109,9 @@ pub struct ObjectReport {
     pub line_only: Vec<String>,
     /// Changed `__init` code and data: it ran at boot, so it is not applied.
     pub not_applicable: Vec<String>,
+    /// New dynamic-debug descriptors: carried unregistered, so their call sites stay off
+    /// and `/proc/dynamic_debug/control` does not list them.
+    pub debug_sites_off: Vec<String>,
 }
 
 /// What a build did.

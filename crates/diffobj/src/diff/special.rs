@@ -154,7 +154,12 @@ pub(crate) fn entries(o: &Obj, si: usize, t: &Table) -> Vec<Entry> {
 /// pointers first).
 const DYNDBG_LINENO: usize = 32;
 /// Offset of `function` (the `__func__` of the call site) in `struct _ddebug`.
-const DYNDBG_FUNCTION: u64 = 8;
+pub(crate) const DYNDBG_FUNCTION: u64 = 8;
+
+/// Dynamic-debug descriptors' section.
+pub(crate) fn is_dyndbg(section: &str) -> bool {
+    section.starts_with("__dyndbg")
+}
 
 /// Whether a changed dynamic-debug descriptor (`__dyndbg`) is the same call site, moved:
 /// only its line number changed (and the diff really moved that line), or the same
@@ -176,7 +181,7 @@ pub(crate) fn dyndbg_same_site(
     let (Some(la), Some(lb)) = (lineno(a), lineno(b)) else {
         return false;
     };
-    if !section.starts_with("__dyndbg") || keys_a.len() != keys_b.len() {
+    if !is_dyndbg(section) || keys_a.len() != keys_b.len() {
         return false;
     }
     let mut function_moved = false;

@@ -58,6 +58,13 @@ pub struct Span {
     pub size: u64,
 }
 
+impl Span {
+    /// Whether `addr` is in the module's memory (`within_module()`).
+    fn holds(&self, addr: u64) -> bool {
+        addr >= self.base && addr - self.base < self.size
+    }
+}
+
 /// One 64-bit store into guest kernel memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WordWrite {
@@ -223,11 +230,17 @@ impl<'a, P: PhysMem + ?Sized> Overlay<'a, P> {
         &mut self,
         l: &KmodLayout,
         a: &Anchors,
-        module: u64,
+        span: &Span,
         k: &JumpKey,
     ) -> Result<(), RegisterError> {
         let at = k.key + l.key_type;
         let t = self.get(at)?;
+        if span.holds(k.key) {
+            // The module's own key (a new dynamic-debug descriptor's): it points at its
+            // entries directly, as static_key_set_entries() does, with no list.
+            return self.set(at, k.entries | (t & 1));
+        }
+        let module = span.module;
         let next = if t & 2 == 0 {
             let owner = self.owner_of(l, a, k.key)?;
             self.set(k.spare + l.skm_next, 0)?;
@@ -248,10 +261,15 @@ impl<'a, P: PhysMem + ?Sized> Overlay<'a, P> {
     /// key's own entry (the spare) and other modules have joined since, the kernel would
     /// one day kfree that spare: then the module's entry stays as an empty tombstone (no
     /// entries, so the kernel skips it) and keeps the list from folding.
-    fn unlink_key(&mut self, l: &KmodLayout, k: &JumpKey) -> Result<(), RegisterError> {
+    fn unlink_key(
+        &mut self,
+        l: &KmodLayout,
+        span: &Span,
+        k: &JumpKey,
+    ) -> Result<(), RegisterError> {
         let at = k.key + l.key_type;
         let t = self.get(at)?;
-        if t & 2 == 0 {
+        if span.holds(k.key) || t & 2 == 0 {
             return Ok(());
         }
         let (mut prev, mut cur) = (at, t & !3);
@@ -340,7 +358,7 @@ pub fn link<P: PhysMem + ?Sized>(
         o.set_site(l, j)?;
     }
     for k in keys {
-        o.link_key(l, a, module, k)?;
+        o.link_key(l, a, &span, k)?;
     }
     o.list_add(module + l.list, a.modules)?;
     o.list_add(module + l.bug_list, a.module_bug_list)?;
@@ -424,7 +442,7 @@ pub fn unlink<P: PhysMem + ?Sized>(
         });
     }
     for k in keys {
-        o.unlink_key(l, k)?;
+        o.unlink_key(l, &span, k)?;
     }
     o.list_del(module + l.list)?;
     o.list_del(module + l.bug_list)?;
