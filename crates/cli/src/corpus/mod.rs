@@ -12,6 +12,7 @@ mod outcome;
 mod partners;
 mod pipeline;
 mod report;
+mod retries;
 mod scope;
 mod source;
 mod state;

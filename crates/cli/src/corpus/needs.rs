@@ -37,6 +37,21 @@ pub fn quoted_names(message: &str) -> BTreeSet<String> {
     out
 }
 
+/// The files gcc reports errors in (`net/ipv4/tcp_ipv4.c:1508:14: error: …`), as written
+/// (relative to the tree, sometimes with a leading `./`).
+pub fn error_files(message: &str) -> BTreeSet<String> {
+    message
+        .lines()
+        .filter_map(|l| {
+            let (at, _) = l.split_once(": error:")?;
+            let mut parts = at.rsplitn(3, ':');
+            let (col, line, file) = (parts.next()?, parts.next()?, parts.next()?);
+            let numeric = |x: &str| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit());
+            (numeric(col) && numeric(line)).then(|| file.trim_start_matches("./").to_string())
+        })
+        .collect()
+}
+
 /// Whether a changed line (`+`/`-`, not the file headers) of `diff` has `name` as a word.
 pub fn changes_name(diff: &str, name: &str) -> bool {
     let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
@@ -91,6 +106,25 @@ mod tests {
                 "type_dev"
             ]
         );
+    }
+
+    #[test]
+    fn errors_name_the_files_they_are_in() {
+        let files: Vec<String> = error_files(GCC).into_iter().collect();
+        assert_eq!(
+            files,
+            [
+                "kernel/rcu/tree_nocb.h",
+                "net/devlink/leftover.c",
+                "net/ipv4/tcp_minisocks.c"
+            ]
+        );
+        let header = "./include/net/inet_hashtables.h:473:30: error: implicit declaration";
+        assert_eq!(
+            error_files(header).into_iter().collect::<Vec<_>>(),
+            ["include/net/inet_hashtables.h"]
+        );
+        assert!(error_files("cc1: some warnings being treated as errors").is_empty());
     }
 
     #[test]

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use lucos_diffobj::diff::{self, BuildOptions, BuildOutcome, BuildReport, DiffError};
 use serde::{Deserialize, Serialize};
 
+use super::retries::{self, Takeable};
 use super::units::{Unit, UnitKind};
 use super::{needs, source};
 
@@ -50,7 +51,8 @@ pub struct BuildResult {
     /// The candidate headers were added because the source did not compile alone.
     #[serde(default)]
     pub with_headers: bool,
-    /// The candidate headers the unit took to compile.
+    /// The files the unit took beyond its own to compile: candidate headers, or what its
+    /// errors asked for (other units' headers; for a header unit, its users' sources).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<String>,
     /// Changed headers left out of the unit for the budget.
@@ -64,6 +66,9 @@ pub struct BuildResult {
     /// message is cut short): what the header retry works from. Not stored.
     #[serde(skip)]
     pub complained: BTreeSet<String>,
+    /// The files the compiler reported errors in, likewise. Not stored.
+    #[serde(skip)]
+    pub error_files: BTreeSet<String>,
 }
 
 impl BuildResult {
@@ -224,6 +229,7 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
                 budget: 0,
                 seconds: 0.0,
                 complained: BTreeSet::new(),
+                error_files: BTreeSet::new(),
             },
             Vec::new(),
         ),
@@ -241,9 +247,9 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
         matches!(&r.built, Built::ToolError { kind, .. } if kind == "does not compile alone");
     let mut with_headers = None;
     if alone_failed && !unit.candidates.is_empty() {
-        let pool = header_diffs(p, &unit.candidates)?;
+        let pool = Takeable::headers(p, &unit.candidates)?;
         let build = |with: &Unit, _: &[String]| once_with(p, with, &diff_path, jobs);
-        let needed = with_needed_headers(unit, (&trimmed, &r), &pool, &build)?;
+        let needed = retries::with_needed(unit, (&trimmed, &r), &pool, &build)?;
         let (again, still, with) = match needed {
             Some(found) => found,
             None => {
@@ -261,8 +267,24 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
         r.headers = with.files[trimmed.files.len()..].to_vec();
         r.left_out = Vec::new();
         with_headers = Some(with);
-    } else if alone_failed && unit.kind == UnitKind::Whole && !r.left_out.is_empty() {
-        match whole_with_needed_headers(p, unit, (&trimmed, &r), &diff_path, jobs)? {
+    } else if alone_failed && matches!(unit.kind, UnitKind::Whole | UnitKind::Header) {
+        // The whole update takes the headers it left out for the budget; a header unit
+        // the other changed headers and the changed sources of its users. Headers taken
+        // count only where the unit's own changes touch too.
+        let pool = if unit.kind == UnitKind::Whole {
+            Takeable::headers(p, &r.left_out)?
+        } else {
+            let others: Vec<String> = (budget.users.keys())
+                .filter(|h| !trimmed.files.contains(h))
+                .cloned()
+                .collect();
+            Takeable {
+                sources: p.sources.to_vec(),
+                ..Takeable::headers(p, &others)?
+            }
+        };
+        let build = retries::narrow_retry(p, &diff_path, jobs);
+        match retries::with_needed(unit, (&trimmed, &r), &pool, &build)? {
             Some((again, still, with)) => {
                 let taken = with.files[trimmed.files.len()..].to_vec();
                 let left_out = r.left_out.iter().filter(|h| !taken.contains(h));
@@ -301,78 +323,6 @@ pub(super) fn once_with(
     .build(with, diff_path, &text)
 }
 
-/// Retries that each add the candidate headers the last compile error names (see
-/// [`needs`]), at most this many.
-const HEADER_ROUNDS: usize = 8;
-
-/// The whole update (as `trimmed`, which failed as `failed`) with the headers it left out
-/// for the budget that its compile errors name, each recompiled only where other changes
-/// touch too (the changed sources that need it), not in all its users.
-fn whole_with_needed_headers(
-    p: &Paths<'_>,
-    unit: &Unit,
-    (trimmed, failed): (&Unit, &BuildResult),
-    diff_path: &Path,
-    jobs: usize,
-) -> Result<Option<(BuildResult, Vec<String>, Unit)>> {
-    let pool = header_diffs(p, &failed.left_out)?;
-    let build = |with: &Unit, taken: &[String]| {
-        let text = unit_diff(p.from, p.to, with)?;
-        std::fs::write(diff_path, &text)?;
-        Once {
-            kernel_dir: p.kernel_dir,
-            bundle_dir: p.bundles,
-            jobs,
-            only: None,
-            narrow: taken.to_vec(),
-        }
-        .build(with, diff_path, &text)
-    };
-    with_needed_headers(unit, (trimmed, failed), &pool, &build)
-}
-
-/// Each header of `headers` with its diff.
-fn header_diffs(p: &Paths<'_>, headers: &[String]) -> Result<Vec<(String, String)>> {
-    headers
-        .iter()
-        .map(|h| Ok((h.clone(), source::file_diff(p.from, p.to, h)?)))
-        .collect()
-}
-
-/// How one retry builds `with`, which carries the headers `taken` so far.
-type Retry<'a> = dyn Fn(&Unit, &[String]) -> Result<(BuildResult, Vec<String>)> + 'a;
-
-/// `unit` (as `trimmed`, which failed to compile as `failed`) built with only the
-/// headers of `pool` (header, diff) its compile errors ask for; `None` when the errors
-/// stop naming one.
-fn with_needed_headers(
-    unit: &Unit,
-    (trimmed, failed): (&Unit, &BuildResult),
-    pool: &[(String, String)],
-    build: &Retry<'_>,
-) -> Result<Option<(BuildResult, Vec<String>, Unit)>> {
-    let mut complained = failed.complained.clone();
-    let mut taken: Vec<String> = Vec::new();
-    for _ in 0..HEADER_ROUNDS {
-        let more = needs::wanted(&complained, pool, &taken);
-        if more.is_empty() {
-            return Ok(None);
-        }
-        taken.extend(more.into_iter().map(String::from));
-        let mut with = trimmed.clone();
-        with.files.extend(taken.iter().cloned());
-        tracing::info!(unit = %unit.id, headers = ?taken, "retrying with the headers its errors name");
-        let (r, missing) = build(&with, &taken)?;
-        match &r.built {
-            Built::ToolError { kind, .. } if kind == "does not compile alone" => {
-                complained = r.complained;
-            }
-            _ => return Ok(Some((r, missing, with))),
-        }
-    }
-    Ok(None)
-}
-
 /// The manifest description of a unit: its files, or with many headers (a retry takes
 /// every header it needs) a count of them, within the manifest's 1024 bytes.
 fn describe_unit(unit: &Unit) -> String {
@@ -397,18 +347,18 @@ fn own_sources(unit: &Unit) -> Vec<String> {
 }
 
 /// One build of a unit's diff.
-struct Once<'a> {
-    kernel_dir: &'a Path,
-    bundle_dir: &'a Path,
-    jobs: usize,
+pub(super) struct Once<'a> {
+    pub kernel_dir: &'a Path,
+    pub bundle_dir: &'a Path,
+    pub jobs: usize,
     /// Sources whose objects alone are recompiled (see `BuildOptions::only_sources`).
-    only: Option<Vec<String>>,
+    pub only: Option<Vec<String>>,
     /// See `BuildOptions::narrow_headers`.
-    narrow: Vec<String>,
+    pub narrow: Vec<String>,
 }
 
 impl Once<'_> {
-    fn build(
+    pub(super) fn build(
         self,
         unit: &Unit,
         diff_path: &Path,
@@ -425,7 +375,7 @@ impl Once<'_> {
         };
         let result = diff::build(kernel_dir, diff_path, &options, &diff::NoProgress);
         let mut missing = Vec::new();
-        let mut complained = BTreeSet::new();
+        let (mut complained, mut error_files) = (BTreeSet::new(), BTreeSet::new());
         let (built, functions) = match result {
             Ok(BuildOutcome::Bundle(b)) => {
                 let path = bundle_dir.join(format!("{}.lcb", unit.id));
@@ -466,7 +416,9 @@ impl Once<'_> {
                 )
             }
             Err(e) => {
-                complained = needs::quoted_names(&e.to_string());
+                let message = e.to_string();
+                complained = needs::quoted_names(&message);
+                error_files = needs::error_files(&message);
                 (tool_error(&e), hunk_functions(text))
             }
         };
@@ -479,6 +431,7 @@ impl Once<'_> {
             budget: 0,
             seconds: 0.0,
             complained,
+            error_files,
         };
         Ok((r, missing))
     }

@@ -282,6 +282,7 @@ mod tests {
             budget: 100,
             seconds: 1.0,
             complained: Default::default(),
+            error_files: Default::default(),
         };
         assert_eq!(
             whole_detail(&b),
