@@ -311,14 +311,28 @@ pub(super) fn once_with(
     diff_path: &Path,
     jobs: usize,
 ) -> Result<(BuildResult, Vec<String>)> {
+    let only = Some(own_sources(with));
+    write_and_build(p, with, diff_path, jobs, (only, Vec::new()))
+}
+
+/// Writes `with`'s diff to `diff_path` and builds it, recompiling `only` those sources'
+/// objects (all it touches if `None`), with the `narrow` headers
+/// (`BuildOptions::narrow_headers`).
+pub(super) fn write_and_build(
+    p: &Paths<'_>,
+    with: &Unit,
+    diff_path: &Path,
+    jobs: usize,
+    (only, narrow): (Option<Vec<String>>, Vec<String>),
+) -> Result<(BuildResult, Vec<String>)> {
     let text = unit_diff(p.from, p.to, with)?;
     std::fs::write(diff_path, &text)?;
     Once {
         kernel_dir: p.kernel_dir,
         bundle_dir: p.bundles,
         jobs,
-        only: Some(own_sources(with)),
-        narrow: Vec::new(),
+        only,
+        narrow,
     }
     .build(with, diff_path, &text)
 }
@@ -347,18 +361,18 @@ fn own_sources(unit: &Unit) -> Vec<String> {
 }
 
 /// One build of a unit's diff.
-pub(super) struct Once<'a> {
-    pub kernel_dir: &'a Path,
-    pub bundle_dir: &'a Path,
-    pub jobs: usize,
+struct Once<'a> {
+    kernel_dir: &'a Path,
+    bundle_dir: &'a Path,
+    jobs: usize,
     /// Sources whose objects alone are recompiled (see `BuildOptions::only_sources`).
-    pub only: Option<Vec<String>>,
+    only: Option<Vec<String>>,
     /// See `BuildOptions::narrow_headers`.
-    pub narrow: Vec<String>,
+    narrow: Vec<String>,
 }
 
 impl Once<'_> {
-    pub(super) fn build(
+    fn build(
         self,
         unit: &Unit,
         diff_path: &Path,

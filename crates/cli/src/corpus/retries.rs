@@ -12,7 +12,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::needs;
-use super::outcome::{unit_diff, BuildResult, Built, Once, Paths};
+use super::outcome::{write_and_build, BuildResult, Built, Paths};
 use super::source;
 use super::units::Unit;
 
@@ -95,16 +95,7 @@ pub(super) fn narrow_retry<'a>(
     jobs: usize,
 ) -> impl Fn(&Unit, &[String]) -> Result<(BuildResult, Vec<String>)> + 'a {
     move |with: &Unit, taken: &[String]| {
-        let text = unit_diff(p.from, p.to, with)?;
-        std::fs::write(diff_path, &text)?;
-        Once {
-            kernel_dir: p.kernel_dir,
-            bundle_dir: p.bundles,
-            jobs,
-            only: None,
-            narrow: taken.to_vec(),
-        }
-        .build(with, diff_path, &text)
+        write_and_build(p, with, diff_path, jobs, (None, taken.to_vec()))
     }
 }
 
