@@ -58,6 +58,10 @@ pub struct BuildResult {
     /// Changed headers left out of the unit for the budget.
     #[serde(default)]
     pub left_out: Vec<String>,
+    /// Headers over the budget that the whole update recompiled only where its other
+    /// changes touch too (`BuildOptions::narrow_headers`), not in all their users.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub narrow: Vec<String>,
     /// The `--max-objects` of the build, so that a run with a larger one redoes it.
     #[serde(default)]
     pub budget: usize,
@@ -74,7 +78,9 @@ pub struct BuildResult {
 impl BuildResult {
     /// A larger budget could change this result.
     pub fn budget_limited(&self) -> bool {
-        matches!(self.built, Built::NotMeasured { .. }) || !self.left_out.is_empty()
+        matches!(self.built, Built::NotMeasured { .. })
+            || !self.left_out.is_empty()
+            || !self.narrow.is_empty()
     }
 }
 
@@ -196,12 +202,18 @@ pub struct Paths<'a> {
     pub units: &'a [Unit],
 }
 
-/// Builds `unit`: alone first, then with its candidate headers if it does not compile
-/// alone; headers over the budget are left out (and said so).
+/// Builds `unit`: alone first, then with what its compile errors ask for if it does not
+/// compile alone (`retries`); headers over the budget are left out (and said so), except
+/// from the whole update, which keeps them narrow: recompiled only where its other changes
+/// touch too, which costs no objects beyond the budget's.
 pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Result<BuildResult> {
     let started = Instant::now();
     let diff_path = p.diffs.join(format!("{}.patch", unit.id));
     let (trimmed, left_out) = budget.trim(unit);
+    let (trimmed, left_out, narrow) = match unit.kind {
+        UnitKind::Whole => (unit.clone(), Vec::new(), left_out),
+        _ => (trimmed, left_out, Vec::new()),
+    };
     let text = unit_diff(p.from, p.to, &trimmed)?;
     std::fs::write(&diff_path, &text)
         .with_context(|| format!("writing {}", diff_path.display()))?;
@@ -226,6 +238,7 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
                 with_headers: false,
                 headers: Vec::new(),
                 left_out: Vec::new(),
+                narrow: Vec::new(),
                 budget: 0,
                 seconds: 0.0,
                 complained: BTreeSet::new(),
@@ -238,11 +251,12 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
             bundle_dir: p.bundles,
             jobs,
             only: None,
-            narrow: Vec::new(),
+            narrow: narrow.clone(),
         }
         .build(&trimmed, &diff_path, &text)?,
     };
     r.left_out = left_out;
+    r.narrow = narrow;
     let alone_failed =
         matches!(&r.built, Built::ToolError { kind, .. } if kind == "does not compile alone");
     let mut with_headers = None;
@@ -267,31 +281,22 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
         r.headers = with.files[trimmed.files.len()..].to_vec();
         r.left_out = Vec::new();
         with_headers = Some(with);
-    } else if alone_failed && matches!(unit.kind, UnitKind::Whole | UnitKind::Header) {
-        // The whole update takes the headers it left out for the budget; a header unit
-        // the other changed headers and the changed sources of its users. Headers taken
-        // count only where the unit's own changes touch too.
-        let pool = if unit.kind == UnitKind::Whole {
-            Takeable::headers(p, &r.left_out)?
-        } else {
-            let others: Vec<String> = (budget.users.keys())
-                .filter(|h| !trimmed.files.contains(h))
-                .cloned()
-                .collect();
-            Takeable {
-                sources: p.sources.to_vec(),
-                ..Takeable::headers(p, &others)?
-            }
+    } else if alone_failed && unit.kind == UnitKind::Header {
+        // The other changed headers (counted only where the unit's own changes touch)
+        // and the changed sources of its users.
+        let others: Vec<String> = (budget.users.keys())
+            .filter(|h| !trimmed.files.contains(h))
+            .cloned()
+            .collect();
+        let pool = Takeable {
+            sources: p.sources.to_vec(),
+            ..Takeable::headers(p, &others)?
         };
         let build = retries::narrow_retry(p, &diff_path, jobs);
         match retries::with_needed(unit, (&trimmed, &r), &pool, &build)? {
             Some((again, still, with)) => {
-                let taken = with.files[trimmed.files.len()..].to_vec();
-                let left_out = r.left_out.iter().filter(|h| !taken.contains(h));
-                let left_out = left_out.cloned().collect();
                 (r, missing) = (again, still);
-                r.headers = taken;
-                r.left_out = left_out;
+                r.headers = with.files[trimmed.files.len()..].to_vec();
                 with_headers = Some(with);
             }
             None => std::fs::write(&diff_path, &text)?,
@@ -442,6 +447,7 @@ impl Once<'_> {
             with_headers: false,
             headers: Vec::new(),
             left_out: Vec::new(),
+            narrow: Vec::new(),
             budget: 0,
             seconds: 0.0,
             complained,

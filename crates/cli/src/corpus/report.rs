@@ -171,13 +171,13 @@ fn whole_detail(b: &BuildResult) -> String {
         let causes: Vec<String> = causes.iter().map(|(c, n)| format!("{n} × {c}")).collect();
         t += &format!(": {}", causes.join(", "));
     }
-    if !b.headers.is_empty() {
+    if !b.narrow.is_empty() {
         t += &format!(
-            "; {} headers used by more than {} objects recompiled only for the changed \
-             sources that need them to compile ({})",
-            b.headers.len(),
+            "; {} headers used by more than {} objects recompiled only where other \
+             changes touch too, not in all their users ({})",
+            b.narrow.len(),
             b.budget,
-            b.headers.join(", ")
+            b.narrow.join(", ")
         );
     }
     if !b.left_out.is_empty() {
@@ -277,8 +277,9 @@ mod tests {
             },
             functions: Functions::default(),
             with_headers: false,
-            headers: vec!["include/linux/bpf.h".into()],
+            headers: Vec::new(),
             left_out: vec!["include/linux/list.h".into()],
+            narrow: vec!["include/linux/bpf.h".into()],
             budget: 100,
             seconds: 1.0,
             complained: Default::default(),
@@ -287,16 +288,16 @@ mod tests {
         assert_eq!(
             whole_detail(&b),
             ": 1 × changed initial value of writable data, 2 × struct layout change; 1 \
-             headers used by more than 100 objects recompiled only for the changed sources \
-             that need them to compile (include/linux/bpf.h); without 1 headers used by \
-             more than 100 objects (include/linux/list.h)"
+             headers used by more than 100 objects recompiled only where other changes \
+             touch too, not in all their users (include/linux/bpf.h); without 1 headers \
+             used by more than 100 objects (include/linux/list.h)"
         );
         let plain = BuildResult {
             built: Built::NoChange {
                 reason: "none".into(),
             },
-            headers: Vec::new(),
             left_out: Vec::new(),
+            narrow: Vec::new(),
             ..b
         };
         assert_eq!(whole_detail(&plain), "");

@@ -1,9 +1,8 @@
 //! Builds again of a unit that did not compile, with what its compile errors ask for.
 //!
 //! A stable update's fix often spans files the unit does not have: a source needs the new
-//! declarations of a header (`needs`), the whole update left a widely used header out for
-//! the budget, and a header's change needs its users' own changes (a prototype that
-//! changed in both `tcp.h` and `tcp_ipv4.c`). Each retry takes only the files the last
+//! declarations of a header (`needs`), and a header's change needs its users' own changes
+//! (a prototype that changed in both `tcp.h` and `tcp_ipv4.c`) or another header's. Each retry takes only the files the last
 //! compile error points at, round after round, so an unrelated change in a file the unit
 //! happens to include does not decide its outcome.
 
@@ -113,6 +112,7 @@ mod tests {
             with_headers: false,
             headers: Vec::new(),
             left_out: Vec::new(),
+            narrow: Vec::new(),
             budget: 0,
             seconds: 0.0,
             complained: names.iter().map(|n| n.to_string()).collect(),
