@@ -252,9 +252,6 @@ fn a_new_export_is_carried_and_exported() {
     assert!(b.included.iter().any(|i| i == symbol), "{:?}", b.included);
 }
 
-/// New code that calls a function the running kernel does not have is refused with the
-/// typed `Absent` refusal, which `lucos corpus` answers by adding the changed files that
-/// define the symbol.
 /// A diff of `file` (relative to the tree) with `edits` (old, new) applied, in `dir`.
 fn edited(tree: &Path, dir: &Path, file: &str, edits: &[(&str, &str)]) -> PathBuf {
     let (a, b) = (dir.join("a"), dir.join("b"));
@@ -287,6 +284,9 @@ fn edited(tree: &Path, dir: &Path, file: &str, edits: &[(&str, &str)]) -> PathBu
     patch
 }
 
+/// New code that calls a function the running kernel does not have is refused with the
+/// typed `Absent` refusal, which `lucos corpus` answers by adding the changed files that
+/// define the symbol.
 #[test]
 fn a_call_to_a_function_the_kernel_lacks_is_refused_as_absent() {
     let Some(tree) = tree() else { return };

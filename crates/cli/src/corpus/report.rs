@@ -159,7 +159,6 @@ pub fn summarize(s: &State) -> Summary {
     sum
 }
 
-/// The report as Markdown tables (printed, and committed under docs/).
 /// What the whole update's result leaves out, and why it was refused.
 fn whole_detail(b: &BuildResult) -> String {
     let mut t = String::new();
@@ -191,6 +190,7 @@ fn whole_detail(b: &BuildResult) -> String {
     t
 }
 
+/// The report as Markdown tables (printed, and committed under docs/).
 pub fn markdown(sum: &Summary) -> String {
     let mut t = String::new();
     let _ = writeln!(

@@ -2,9 +2,9 @@
 //!
 //! A stable update's fix often spans files the unit does not have: a source needs the new
 //! declarations of a header (`needs`), and a header's change needs its users' own changes
-//! (a prototype that changed in both `tcp.h` and `tcp_ipv4.c`) or another header's. Each retry takes only the files the last
-//! compile error points at, round after round, so an unrelated change in a file the unit
-//! happens to include does not decide its outcome.
+//! (a prototype that changed in both `tcp.h` and `tcp_ipv4.c`) or another header's. Each
+//! retry takes only the files the last compile error points at, round after round, so an
+//! unrelated change in a file the unit happens to include does not decide its outcome.
 
 use std::path::Path;
 

@@ -6,11 +6,11 @@
 //! change belongs to which fix, so a unit is a changed source file together with every
 //! changed header it depends on: those its object was compiled with (DWARF) and those it
 //! includes directly, and the changed kernel headers no object's DWARF lists (which may
-//! contribute only macros, and cost no recompiles). A source
-//! is first built alone (most fixes are one file); when it does not compile alone, with
-//! the candidates its compile errors name (`needs`), and with all of them only when the
-//! errors stop naming one. Every changed header is also a unit of its own, for which the builder
-//! recompiles every object that uses it. The whole update is one more unit: what a user
+//! contribute only macros, and cost no recompiles). A source is first built alone (most
+//! fixes are one file); when it does not compile alone, with the candidates its compile
+//! errors name (`needs`), and with all of them only when the errors stop naming one.
+//! Every changed header is also a unit of its own, for which the builder recompiles every
+//! object that uses it. The whole update is one more unit: what a user
 //! would install. How many objects one unit may recompile is bounded at build time (see
 //! `outcome::Budget`).
 
