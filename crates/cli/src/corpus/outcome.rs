@@ -76,6 +76,22 @@ pub struct BuildResult {
 }
 
 impl BuildResult {
+    /// A result of one build: nothing taken or left out yet.
+    pub fn new(built: Built, functions: Functions) -> BuildResult {
+        BuildResult {
+            built,
+            functions,
+            with_headers: false,
+            headers: Vec::new(),
+            left_out: Vec::new(),
+            narrow: Vec::new(),
+            budget: 0,
+            seconds: 0.0,
+            complained: BTreeSet::new(),
+            error_files: BTreeSet::new(),
+        }
+    }
+
     /// A larger budget could change this result.
     pub fn budget_limited(&self) -> bool {
         matches!(self.built, Built::NotMeasured { .. })
@@ -164,7 +180,8 @@ pub fn unit_diff(a: &Path, b: &Path, unit: &Unit) -> Result<String> {
     Ok(text)
 }
 
-fn tool_error(e: &DiffError) -> Built {
+/// `e` as a tool error; `message` is its text, cut short for the state.
+fn tool_error(e: &DiffError, mut message: String) -> Built {
     let kind = match e {
         DiffError::Compile {
             which: "patched", ..
@@ -174,7 +191,6 @@ fn tool_error(e: &DiffError) -> Built {
         DiffError::EmptyDiff { .. } => "empty diff",
         _ => "tool error",
     };
-    let mut message = e.to_string();
     if message.len() > 2000 {
         let mut cut = 2000;
         while !message.is_char_boundary(cut) {
@@ -231,21 +247,7 @@ pub fn build(p: &Paths<'_>, unit: &Unit, budget: &Budget<'_>, jobs: usize) -> Re
         _ => None,
     };
     let (mut r, mut missing) = match early {
-        Some(built) => (
-            BuildResult {
-                built,
-                functions: hunk_functions(&text),
-                with_headers: false,
-                headers: Vec::new(),
-                left_out: Vec::new(),
-                narrow: Vec::new(),
-                budget: 0,
-                seconds: 0.0,
-                complained: BTreeSet::new(),
-                error_files: BTreeSet::new(),
-            },
-            Vec::new(),
-        ),
+        Some(built) => (BuildResult::new(built, hunk_functions(&text)), Vec::new()),
         None => Once {
             kernel_dir: p.kernel_dir,
             bundle_dir: p.bundles,
@@ -438,20 +440,13 @@ impl Once<'_> {
                 let message = e.to_string();
                 complained = needs::quoted_names(&message);
                 error_files = needs::error_files(&message);
-                (tool_error(&e), hunk_functions(text))
+                (tool_error(&e, message), hunk_functions(text))
             }
         };
         let r = BuildResult {
-            built,
-            functions,
-            with_headers: false,
-            headers: Vec::new(),
-            left_out: Vec::new(),
-            narrow: Vec::new(),
-            budget: 0,
-            seconds: 0.0,
             complained,
             error_files,
+            ..BuildResult::new(built, functions)
         };
         Ok((r, missing))
     }

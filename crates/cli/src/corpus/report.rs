@@ -267,23 +267,18 @@ mod tests {
     #[test]
     fn the_whole_update_says_why_it_was_refused_and_what_it_left_out() {
         let refusal = |cause: &str| (cause.to_string(), format!("{cause}: details"));
+        let refused = Built::Refused {
+            refusals: vec![
+                refusal("struct layout change"),
+                refusal("struct layout change"),
+                refusal("changed initial value of writable data"),
+            ],
+        };
         let b = BuildResult {
-            built: Built::Refused {
-                refusals: vec![
-                    refusal("struct layout change"),
-                    refusal("struct layout change"),
-                    refusal("changed initial value of writable data"),
-                ],
-            },
-            functions: Functions::default(),
-            with_headers: false,
-            headers: Vec::new(),
             left_out: vec!["include/linux/list.h".into()],
             narrow: vec!["include/linux/bpf.h".into()],
             budget: 100,
-            seconds: 1.0,
-            complained: Default::default(),
-            error_files: Default::default(),
+            ..BuildResult::new(refused, Functions::default())
         };
         assert_eq!(
             whole_detail(&b),

@@ -107,16 +107,9 @@ mod tests {
 
     fn result(built: Built, names: &[&str], files: &[&str]) -> BuildResult {
         BuildResult {
-            built,
-            functions: Functions::default(),
-            with_headers: false,
-            headers: Vec::new(),
-            left_out: Vec::new(),
-            narrow: Vec::new(),
-            budget: 0,
-            seconds: 0.0,
             complained: names.iter().map(|n| n.to_string()).collect(),
             error_files: files.iter().map(|f| f.to_string()).collect(),
+            ..BuildResult::new(built, Functions::default())
         }
     }
 
