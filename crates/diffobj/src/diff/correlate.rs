@@ -87,19 +87,69 @@ pub(crate) fn correlate<'a>(orig: &'a Obj<'a>, patched: &'a Obj<'a>) -> Correlat
         twin: vec![None; patched.symbols.len()],
         taken: HashSet::new(),
     };
+    // Descriptors match only by what they describe; one left unmatched is a new call site,
+    // never another's by number.
+    let is_site = |o: &Obj<'_>, i: usize| o.sec_of(i).is_some_and(|s| is_dyndbg(&s.name));
+    let (od, oc): (Vec<usize>, Vec<usize>) = sides.oc.iter().partition(|&&i| is_site(orig, i));
+    let (pd, pc): (Vec<usize>, Vec<usize>) = sides.pc.iter().partition(|&&i| is_site(patched, i));
+    (sides.oc, sides.pc) = (oc, pc);
     sides.plain_names(&mut m);
     sides.btf_ids(&mut m);
-    sides.debug_sites(&mut m);
-    // Descriptors left unmatched are new call sites, never another's by number.
-    let is_site = |o: &Obj<'_>, i: usize| o.sec_of(i).is_some_and(|s| is_dyndbg(&s.name));
-    sides.oc.retain(|&i| !is_site(orig, i));
-    sides.pc.retain(|&i| !is_site(patched, i));
+    debug_sites((orig, &od), (patched, &pd), &mut m);
     sides.numbered(&mut m);
     sides.statics_through_users(&mut m);
     let ambiguous = sides.leftover_statics(&mut m);
     Correlation {
         twin: m.twin,
         ambiguous,
+    }
+}
+
+/// Stage 1c: dynamic-debug descriptors (`__UNIQUE_ID_ddebug<counter>.<n>`), by what they
+/// describe: the counter renumbers every later one when a call site is added, so names
+/// would pair different messages. Same module, function, file and format match (several
+/// alike in section order, when both sides have as many); then a message that moved to
+/// another function matches when it is the only one of its kind on each side (see
+/// `special::dyndbg_same_site`).
+fn debug_sites(
+    (orig, od): (&Obj<'_>, &[usize]),
+    (patched, pd): (&Obj<'_>, &[usize]),
+    m: &mut Matches,
+) {
+    let Matches { twin, taken } = m;
+    let sites = |o: &Obj<'_>, syms: &[usize], loose: bool| {
+        let name_of = |i: usize| o.symbols[i].name.clone();
+        let keyer = Keyer::new(o, &name_of);
+        let mut by_what: BTreeMap<Vec<Site>, Vec<(u64, usize)>> = BTreeMap::new();
+        for &i in syms {
+            let mut what = keyer.sym_keys(i);
+            if loose {
+                what.retain(|k| k.0 != DYNDBG_FUNCTION);
+            }
+            by_what
+                .entry(what)
+                .or_default()
+                .push((o.symbols[i].value, i));
+        }
+        for v in by_what.values_mut() {
+            v.sort();
+        }
+        by_what
+    };
+    for loose in [false, true] {
+        let oc: Vec<usize> = od.iter().copied().filter(|o| !taken.contains(o)).collect();
+        let pc: Vec<usize> = pd.iter().copied().filter(|&p| twin[p].is_none()).collect();
+        let ours = sites(orig, &oc, loose);
+        for (what, ps) in sites(patched, &pc, loose) {
+            let Some(os) = ours.get(&what) else { continue };
+            if os.len() != ps.len() || (loose && os.len() != 1) {
+                continue;
+            }
+            for (&(_, o), &(_, p)) in os.iter().zip(&ps) {
+                twin[p] = Some(o);
+                taken.insert(o);
+            }
+        }
     }
 }
 
@@ -168,63 +218,6 @@ impl Sides<'_> {
                     }
                 }
                 _ => {}
-            }
-        }
-    }
-
-    /// Stage 1c: dynamic-debug descriptors (`__UNIQUE_ID_ddebug<counter>.<n>`), by what
-    /// they describe: the counter renumbers every later one when a call site is added, so
-    /// names would pair different messages. Same module, function, file and format match
-    /// (several alike in section order, when both sides have as many); then a message
-    /// that moved to another function matches when it is the only one of its kind on
-    /// each side (see `special::dyndbg_same_site`).
-    fn debug_sites(&self, m: &mut Matches) {
-        let Matches { twin, taken } = m;
-        let sites = |o: &Obj<'_>, syms: &[usize], loose: bool| {
-            let name_of = |i: usize| o.symbols[i].name.clone();
-            let keyer = Keyer::new(o, &name_of);
-            let mut by_what: BTreeMap<Vec<Site>, Vec<(u64, usize)>> = BTreeMap::new();
-            for &i in syms {
-                if !o.sec_of(i).is_some_and(|s| is_dyndbg(&s.name)) {
-                    continue;
-                }
-                let mut what = keyer.sym_keys(i);
-                if loose {
-                    what.retain(|k| k.0 != DYNDBG_FUNCTION);
-                }
-                by_what
-                    .entry(what)
-                    .or_default()
-                    .push((o.symbols[i].value, i));
-            }
-            for v in by_what.values_mut() {
-                v.sort();
-            }
-            by_what
-        };
-        for loose in [false, true] {
-            let oc: Vec<usize> = self
-                .oc
-                .iter()
-                .copied()
-                .filter(|o| !taken.contains(o))
-                .collect();
-            let pc: Vec<usize> = self
-                .pc
-                .iter()
-                .copied()
-                .filter(|&p| twin[p].is_none())
-                .collect();
-            let ours = sites(self.orig, &oc, loose);
-            for (what, ps) in sites(self.patched, &pc, loose) {
-                let Some(os) = ours.get(&what) else { continue };
-                if os.len() != ps.len() || (loose && os.len() != 1) {
-                    continue;
-                }
-                for (&(_, o), &(_, p)) in os.iter().zip(&ps) {
-                    twin[p] = Some(o);
-                    taken.insert(o);
-                }
             }
         }
     }
