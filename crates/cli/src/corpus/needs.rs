@@ -52,17 +52,21 @@ pub fn error_files(message: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// Where `name` stands in `line` as a whole C identifier, and what follows it.
+pub fn word_at<'a>(line: &'a str, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+    line.match_indices(name).filter_map(move |(i, _)| {
+        let rest = &line[i + name.len()..];
+        (!word(line[..i].chars().next_back()) && !word(rest.chars().next())).then_some(rest)
+    })
+}
+
 /// Whether a changed line (`+`/`-`, not the file headers) of `diff` has `name` as a word.
 pub fn changes_name(diff: &str, name: &str) -> bool {
-    let word = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
     diff.lines()
         .filter(|l| !l.starts_with("+++") && !l.starts_with("---"))
         .filter(|l| l.starts_with('+') || l.starts_with('-'))
-        .any(|l| {
-            l.match_indices(name).any(|(i, _)| {
-                !word(l[..i].chars().next_back()) && !word(l[i + name.len()..].chars().next())
-            })
-        })
+        .any(|l| word_at(l, name).next().is_some())
 }
 
 /// The candidates, not yet `taken`, whose diff changes one of the `complained` names

@@ -9,8 +9,8 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::outcome::{once_with, unit_diff, BuildResult, Built, Paths};
-use super::source;
 use super::units::{Unit, UnitKind};
+use super::{needs, source};
 
 /// Changed sources other than `unit`'s whose diff adds a line naming one of `missing`
 /// followed by `(`: the files that likely define what the unit's fix calls (one upstream
@@ -23,13 +23,9 @@ fn partners(p: &Paths<'_>, unit: &Unit, missing: &[String]) -> Result<Vec<String
             .lines()
             .filter(|l| l.starts_with('+') && !l.starts_with("+++"));
         let defines = |l: &str| {
-            missing.iter().any(|m| {
-                l.match_indices(m.as_str()).any(|(i, _)| {
-                    let before = l[..i].chars().next_back();
-                    let after = l[i + m.len()..].chars().next();
-                    !before.is_some_and(|c| c.is_alphanumeric() || c == '_') && after == Some('(')
-                })
-            })
+            missing
+                .iter()
+                .any(|m| needs::word_at(l, m).any(|rest| rest.starts_with('(')))
         };
         if adds.into_iter().any(defines) {
             out.push(f.clone());
