@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::outcome::{once_with, unit_diff, BuildResult, Built, Paths};
+use super::retries::{self, Takeable};
 use super::units::{Unit, UnitKind};
 use super::{needs, source};
 
@@ -53,9 +54,7 @@ pub(super) fn with_partners(
     }
     tracing::info!(unit = %unit.id, ?missing, ?extra, "retrying with the files that add them");
     let previous = unit_diff(p.from, p.to, &current)?;
-    let mut with = current;
-    with.files = with_partner_files(p.units, &with.files, &extra);
-    let (mut again, still) = once_with(p, &with, diff_path, jobs)?;
+    let (mut again, still) = partnered(p, &current, &extra, diff_path, jobs)?;
     let further = match again.built {
         Built::Bundle { .. } => true,
         Built::Refused { .. } => still.is_empty(),
@@ -72,16 +71,56 @@ pub(super) fn with_partners(
     Ok(r)
 }
 
-/// `files` with the partner sources `extra` and the changed headers each partner's own
-/// unit may need: a partner built against the unit's new headers may need its own too
-/// (kernel/rcu/tree.c, against the new rcutree.h, needs the new tree_nocb.h it includes).
-fn with_partner_files(units: &[Unit], files: &[String], extra: &[String]) -> Vec<String> {
-    let mut out = files.to_vec();
+/// `current` built with the partner sources `extra`, and with the changed headers of the
+/// partners' own units only as far as its compile errors ask for them: a partner built
+/// against the unit's new headers may need its own too (kernel/rcu/tree.c, against the
+/// new rcutree.h, needs the new tree_nocb.h it includes), but taking all of them would
+/// bring unrelated changes along (tcp.h's partners would bring bpf.h and its struct
+/// layout change). When the errors name nothing, every such header is taken.
+fn partnered(
+    p: &Paths<'_>,
+    current: &Unit,
+    extra: &[String],
+    diff_path: &Path,
+    jobs: usize,
+) -> Result<(BuildResult, Vec<String>)> {
+    let mut with = current.clone();
+    with.files = with_files(&current.files, extra.iter());
+    let (r, missing) = once_with(p, &with, diff_path, jobs)?;
+    let alone_failed =
+        matches!(&r.built, Built::ToolError { kind, .. } if kind == "does not compile alone");
+    let theirs = partner_headers(p.units, &with.files, extra);
+    if !alone_failed || theirs.is_empty() {
+        return Ok((r, missing));
+    }
+    let pool = Takeable::headers(p, &theirs)?;
+    let build = |w: &Unit, _: &[String]| once_with(p, w, diff_path, jobs);
+    if let Some((again, still, _)) = retries::with_needed(current, (&with, &r), &pool, &build)? {
+        return Ok((again, still));
+    }
+    with.files = with_files(&with.files, theirs.iter());
+    once_with(p, &with, diff_path, jobs)
+}
+
+/// The changed headers of the partners' own units that `files` lacks.
+fn partner_headers(units: &[Unit], files: &[String], extra: &[String]) -> Vec<String> {
     let theirs = units
         .iter()
         .filter(|u| u.kind == UnitKind::Source && extra.contains(&u.main))
         .flat_map(|u| u.candidates.iter());
-    for f in extra.iter().chain(theirs) {
+    let mut out: Vec<String> = Vec::new();
+    for h in theirs {
+        if !files.contains(h) && !out.contains(h) {
+            out.push(h.clone());
+        }
+    }
+    out
+}
+
+/// `files` followed by those of `more` it lacks.
+fn with_files<'a>(files: &[String], more: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut out = files.to_vec();
+    for f in more {
         if !out.contains(f) {
             out.push(f.clone());
         }
@@ -142,7 +181,7 @@ mod tests {
     }
 
     #[test]
-    fn a_partner_brings_the_headers_of_its_own_unit() {
+    fn a_partner_offers_the_headers_of_its_own_unit() {
         let unit = |main: &str, candidates: &[&str]| Unit {
             id: format!("u-{main}"),
             kind: super::super::units::UnitKind::Source,
@@ -158,16 +197,14 @@ mod tests {
             ),
             unit("kernel/other.c", &["include/other.h"]),
         ];
-        let files = ["kernel/stop_machine.c", "include/linux/rcutree.h"].map(String::from);
-        let got = with_partner_files(&units, &files, &["kernel/rcu/tree.c".into()]);
-        assert_eq!(
-            got,
-            [
-                "kernel/stop_machine.c",
-                "include/linux/rcutree.h",
-                "kernel/rcu/tree.c",
-                "kernel/rcu/tree_nocb.h"
-            ]
-        );
+        let files = [
+            "kernel/stop_machine.c",
+            "include/linux/rcutree.h",
+            "kernel/rcu/tree.c",
+        ]
+        .map(String::from);
+        let got = partner_headers(&units, &files, &["kernel/rcu/tree.c".into()]);
+        assert_eq!(got, ["kernel/rcu/tree_nocb.h"]);
+        assert!(partner_headers(&units, &files, &["kernel/none.c".into()]).is_empty());
     }
 }
