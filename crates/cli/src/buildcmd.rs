@@ -133,6 +133,13 @@ pub fn build(args: BuildArgs) -> Result<()> {
                     if e.gpl { " (GPL only)" } else { "" }
                 );
             }
+            if !b.report.kept_members.is_empty() {
+                println!(
+                    "kept {}, which the diff removes, unused: the running kernel's objects keep \
+                     the old layout and the new code reads them at the old offsets",
+                    crate::show::esc(&b.report.kept_members.join(", "))
+                );
+            }
             if !b.manifest.frame_types.is_empty() {
                 println!(
                     "changes the layout of {}, which only frames of the replaced functions \

@@ -321,3 +321,40 @@ fn a_frame_local_layout_change_is_switched_consistently() {
     s.sh(load);
     assert_eq!(s.sh(faults).trim(), "0", "{}", s.sh("dmesg | tail -30"));
 }
+
+/// 6.1.190's fix that drops `struct hist_field`'s reference count removes its member `ref`,
+/// which moves every later member. The build keeps `ref`, unused, so the new code reads the
+/// running kernel's histogram fields at their old offsets: a histogram made by the old code
+/// before the apply is read, and then freed, by the new code without a fault.
+#[test]
+fn a_removed_member_is_kept_so_live_objects_read_right() {
+    let (b, bundle) = bundle_of("20-struct-member-removed.patch");
+    assert_eq!(
+        b.report.kept_members,
+        ["struct hist_field.ref (kernel/trace/trace_events_hist.c:163)"]
+    );
+    assert!(
+        b.manifest.frame_types.is_empty(),
+        "{:?}",
+        b.manifest.frame_types
+    );
+    let mut s = shared();
+    let faults = "dmesg | grep -cE 'Oops|BUG:|general protection|RIP:|WARNING:' || true";
+    let event = "/sys/kernel/tracing/events/sched/sched_process_fork";
+    let spec = "hist:keys=parent_pid:vals=hitcount";
+    s.sh("mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null; true");
+    assert_eq!(s.sh(faults).trim(), "0");
+    s.sh(&format!(
+        "echo '{spec}' > {event}/trigger && (true) && (true)"
+    ));
+    apply_bundle(&mut s.a, &bundle).unwrap();
+    let during = s.sh(&format!("(true); (true); cat {event}/hist"));
+    s.sh(&format!("echo '!{spec}' > {event}/trigger"));
+    let left = s.sh(&format!("cat {event}/trigger"));
+    revert_bundle(&mut s.a, &bundle.manifest().id).unwrap();
+    assert!(during.contains("parent_pid:"), "{during}");
+    assert!(during.contains("hitcount:"), "{during}");
+    assert!(!left.contains("hist:"), "{left}");
+    let report = "dmesg | grep -m1 -A12 -E 'Oops|BUG:|general protection|RIP:|WARNING:'";
+    assert_eq!(s.sh(faults).trim(), "0", "{}", s.sh(report));
+}

@@ -109,6 +109,9 @@ fn changed_string_literal() {
         b.bundle.windows(16).any(|w| w == b"(lucos-patched) "),
         "the new string is in the bundle"
     );
+    // The kernel has no such literal: it travels, and the code points at the bundle's copy.
+    let (to_strings, _) = string_relocations(&b.bundle);
+    assert!(to_strings > 0, "the new literal is not referred to");
 }
 
 #[test]
@@ -455,6 +458,64 @@ fn struct_member_inserted_is_refused_naming_type_and_member() {
     );
     // Once, not once per function that uses the type.
     assert_eq!(text.matches("struct fd_data").count(), 1, "{text}");
+}
+
+/// A member the diff only removes (6.1.190's `struct hist_field`'s `ref`) is kept, unused,
+/// by a rebuild: the layout stays and the bundle builds, replacing the functions whose code
+/// the fix changes.
+#[test]
+fn a_removed_member_is_kept_and_the_layout_stays() {
+    let Some(b) = bundle("20-struct-member-removed.patch") else {
+        return;
+    };
+    assert_eq!(
+        b.report.kept_members,
+        ["struct hist_field.ref (kernel/trace/trace_events_hist.c:163)"]
+    );
+    assert!(
+        b.manifest.frame_types.is_empty(),
+        "{:?}",
+        b.manifest.frame_types
+    );
+    let changed: Vec<&String> = b.report.objects.iter().flat_map(|o| &o.changed).collect();
+    for f in ["create_hist_field", "create_var_ref"] {
+        assert!(changed.iter().any(|c| c.as_str() == f), "{f}: {changed:?}");
+    }
+    // `hist_field->type = "u64"` is later kfree_const()d: every literal of the new code is
+    // one the kernel has, and is used from the kernel's .rodata, not from patch memory.
+    let (to_strings, to_rodata) = string_relocations(&b.bundle);
+    assert_eq!(
+        to_strings, 0,
+        "relocations into the bundle's own string sections"
+    );
+    assert!(to_rodata > 0, "no literal points at the kernel's .rodata");
+}
+
+/// How many relocations of the bundle's object point into its own string sections, and how
+/// many at `__start_rodata` (a literal of the running kernel).
+fn string_relocations(bundle: &[u8]) -> (usize, usize) {
+    use object::{Object, ObjectSection, ObjectSymbol, RelocationTarget};
+    let elf = &bundle[bundle.windows(4).position(|w| w == b"\x7fELF").unwrap()..];
+    let file = object::File::parse(elf).unwrap();
+    let (mut strings, mut rodata) = (0, 0);
+    for sec in file.sections() {
+        for (_, r) in sec.relocations() {
+            let RelocationTarget::Symbol(i) = r.target() else {
+                continue;
+            };
+            let sym = file.symbol_by_index(i).unwrap();
+            if sym.name() == Ok("__start_rodata") {
+                rodata += 1;
+            }
+            let target = sym
+                .section_index()
+                .and_then(|s| file.section_by_index(s).ok());
+            if target.is_some_and(|t| t.name().is_ok_and(|n| n.contains(".str1."))) {
+                strings += 1;
+            }
+        }
+    }
+    (strings, rodata)
 }
 
 /// The files the sample diffs touch, and a BPF object whose `bpf_func_proto` tables refer

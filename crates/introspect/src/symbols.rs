@@ -395,6 +395,14 @@ impl KernelSymbols {
             .map(|s| (s, addr - s.addr))
     }
 
+    /// Link-time address and size of the loaded section `name` (e.g. `.rodata`).
+    pub fn section_range(&self, name: &str) -> Option<(u64, u64)> {
+        self.sections
+            .iter()
+            .find(|s| s.loaded && s.addr != 0 && s.name == name)
+            .map(|s| (s.addr, s.size))
+    }
+
     /// Name of the section holding link-time `addr` (e.g. `.text`).
     pub fn section_name_at(&self, addr: u64) -> Option<&str> {
         self.sections

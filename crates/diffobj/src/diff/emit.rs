@@ -16,6 +16,8 @@ use object::{
 use super::compare::Diff;
 use super::error::DiffError;
 use super::include::{resolve, Plan, Resolved, UnitKind};
+use super::obj::Target;
+use super::strings::{self, KernelStrings};
 
 fn emit_err(reason: impl std::fmt::Display) -> DiffError {
     DiffError::Emit {
@@ -23,8 +25,13 @@ fn emit_err(reason: impl std::fmt::Display) -> DiffError {
     }
 }
 
-/// Writes the object for `plan`. Returns its bytes and each unit's symbol name.
-pub(crate) fn write_object(diffs: &[Diff<'_>], plan: &Plan) -> Result<Vec<u8>, DiffError> {
+/// Writes the object for `plan`, with string literals the kernel already holds taken from
+/// `strings` ([`super::strings`]). Returns its bytes.
+pub(crate) fn write_object(
+    diffs: &[Diff<'_>],
+    plan: &Plan,
+    strings: Option<&KernelStrings<'_>>,
+) -> Result<Vec<u8>, DiffError> {
     let mut w = write::Object::new(BinaryFormat::Elf, Architecture::X86_64, Endianness::Little);
     w.set_mangling(Mangling::None);
     let mut sections: Vec<(SectionId, SymbolId, u64)> = Vec::with_capacity(plan.units.len());
@@ -97,6 +104,7 @@ pub(crate) fn write_object(diffs: &[Diff<'_>], plan: &Plan) -> Result<Vec<u8>, D
         sections,
         externals: HashMap::new(),
         trap: None,
+        strings,
     };
     if plan.trap {
         let (name, code) = super::include::TRAP;
@@ -134,6 +142,7 @@ struct Out<'p> {
     externals: HashMap<String, SymbolId>,
     /// The symbol of the [`super::include::TRAP`] section, when the plan needs one.
     trap: Option<SymbolId>,
+    strings: Option<&'p KernelStrings<'p>>,
 }
 
 impl Out<'_> {
@@ -156,6 +165,13 @@ impl Out<'_> {
         let resolved = resolve(diffs, globals, oi, sec, r)
             .map_err(|source| DiffError::UnplannedRefusal { source })?;
         let (symbol, addend) = match resolved {
+            Resolved::Unit {
+                kind: UnitKind::Section(t),
+                ..
+            } if o.sections[t].is_strings() && self.kernel_literal(o, sec, r).is_some() => {
+                let addend = self.kernel_literal(o, sec, r).expect("checked");
+                (self.external(strings::BASE, false), addend)
+            }
             Resolved::Unit { obj, kind, addend } => {
                 let ti = *self.plan.index.get(&(obj, kind)).ok_or_else(|| {
                     emit_err("a relocation points at a unit that was not planned")
@@ -170,20 +186,7 @@ impl Out<'_> {
                     .get(&(name, file))
                     .cloned()
                     .ok_or_else(|| emit_err("an external reference that was not planned"))?;
-                let w = &mut self.w;
-                let id = *self.externals.entry(name.clone()).or_insert_with(|| {
-                    w.add_symbol(write::Symbol {
-                        name: name.into_bytes(),
-                        value: 0,
-                        size: 0,
-                        kind: SymbolKind::Unknown,
-                        scope: SymbolScope::Dynamic,
-                        weak,
-                        section: SymbolSection::Undefined,
-                        flags: SymbolFlags::None,
-                    })
-                });
-                (id, addend)
+                (self.external(&name, weak), addend)
             }
             Resolved::Dead => {
                 let trap = self
@@ -211,6 +214,45 @@ impl Out<'_> {
                 },
             )
             .map_err(emit_err)
+    }
+
+    /// The undefined symbol `name` of the running kernel.
+    fn external(&mut self, name: &str, weak: bool) -> SymbolId {
+        let w = &mut self.w;
+        *self.externals.entry(name.to_string()).or_insert_with(|| {
+            w.add_symbol(write::Symbol {
+                name: name.as_bytes().to_vec(),
+                value: 0,
+                size: 0,
+                kind: SymbolKind::Unknown,
+                scope: SymbolScope::Dynamic,
+                weak,
+                section: SymbolSection::Undefined,
+                flags: SymbolFlags::None,
+            })
+        })
+    }
+
+    /// For relocation `r` of section `sec` into a string section: the addend from
+    /// [`strings::BASE`] that points it at the kernel's copy of the literal, if any.
+    fn kernel_literal(
+        &self,
+        o: &super::obj::Obj<'_>,
+        sec: usize,
+        r: &lucos_patch::elf::Reloc,
+    ) -> Option<i64> {
+        let Target::Anon {
+            sec: t,
+            addend,
+            bias,
+        } = o.target(sec, r)
+        else {
+            return None;
+        };
+        let off = usize::try_from(addend + bias).ok()?;
+        let data = o.sections[t].bytes(0, o.sections[t].size);
+        let s = strings::c_string(data, off)?;
+        Some(self.strings?.find(s)? - bias)
     }
 
     fn add_like(&mut self, src: &lucos_patch::elf::Section<'_>, name: &str) -> SectionId {

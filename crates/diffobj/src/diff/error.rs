@@ -36,6 +36,9 @@ pub enum Refusal {
         what: String,
         /// Why its instances are not only in frames (see `frames`).
         lives: String,
+        /// The members the patched layout only drops (nothing else changes): a rebuild
+        /// that keeps them ([`super::keep`]) may keep the layout.
+        removed: Vec<String>,
     },
     #[error(
         "the initial value of `{symbol}` ({file}) changed: the running kernel's copy holds live \

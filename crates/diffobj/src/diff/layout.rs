@@ -67,6 +67,23 @@ fn only_aliases(old: &Layout, new: &Layout) -> bool {
             })
 }
 
+/// The top-level members `new` drops from `old` when that is all it does: every member it
+/// keeps is in the old order and none is new. Then the patched code can be compiled with
+/// the dropped members kept, unused ([`super::keep`]), and reads live objects right.
+pub(crate) fn only_removed(old: &Layout, new: &Layout) -> Option<Vec<String>> {
+    let mut kept = new.members.iter().map(|m| &m.0).peekable();
+    let mut removed = Vec::new();
+    for (name, _) in &old.members {
+        if kept.peek() == Some(&name) {
+            kept.next();
+        } else {
+            removed.push(name.clone());
+        }
+    }
+    let anonymous = removed.iter().any(|r| r == "(anonymous)");
+    (kept.next().is_none() && !removed.is_empty() && !anonymous).then_some(removed)
+}
+
 /// The first difference between two layouts of one type, for the refusal; `None` also
 /// when the new layout only adds aliases of old members (see the module docs).
 pub(crate) fn first_difference(old: &Layout, new: &Layout) -> Option<String> {
@@ -410,6 +427,38 @@ pub(crate) mod tests {
 
     /// A unit header claiming 16 bytes of which 2 follow.
     pub(crate) const TRUNCATED_UNIT: &[u8] = &[16, 0, 0, 0, 5, 0];
+
+    fn layout(members: &[(&str, u64)], size: u64) -> Layout {
+        Layout {
+            size,
+            members: members.iter().map(|(n, b)| (n.to_string(), *b)).collect(),
+            leaves: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn only_removed_members_are_told_from_other_changes() {
+        let old = layout(&[("a", 0), ("ref", 32), ("b", 64), ("c", 96)], 16);
+        let gone = layout(&[("a", 0), ("b", 32), ("c", 64)], 12);
+        assert_eq!(only_removed(&old, &gone), Some(vec!["ref".to_string()]));
+        let two = layout(&[("a", 0), ("c", 32)], 8);
+        assert_eq!(
+            only_removed(&old, &two),
+            Some(vec!["ref".to_string(), "b".to_string()])
+        );
+        // A new member, a reorder, or nothing removed: not only removals.
+        let added = layout(&[("a", 0), ("b", 32), ("c", 64), ("d", 96)], 16);
+        assert_eq!(only_removed(&old, &added), None);
+        let reordered = layout(&[("a", 0), ("c", 32), ("b", 64)], 12);
+        assert_eq!(only_removed(&old, &reordered), None);
+        let grown = layout(&[("a", 0), ("ref", 32), ("b", 64), ("c", 128)], 24);
+        assert_eq!(only_removed(&old, &grown), None);
+        let anon = layout(&[("a", 0), ("(anonymous)", 32), ("b", 64)], 12);
+        assert_eq!(
+            only_removed(&anon, &layout(&[("a", 0), ("b", 32)], 8)),
+            None
+        );
+    }
 
     #[test]
     fn unreadable_dwarf_keeps_the_readers_error() {

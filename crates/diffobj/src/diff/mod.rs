@@ -20,6 +20,7 @@ mod emit;
 mod error;
 mod frames;
 mod include;
+mod keep;
 mod keys;
 mod layout;
 mod names;
@@ -30,6 +31,7 @@ mod promote;
 mod report;
 mod scratch;
 mod special;
+mod strings;
 mod verify;
 
 use std::collections::BTreeMap;
@@ -96,12 +98,56 @@ pub fn kernel_objects(tree: &Path) -> Result<Vec<KbuildObject>, DiffError> {
 
 /// Builds a bundle for `diff` against the kernel cache directory `tree` (the directory of
 /// `guest/kernel.sh --print-dir`, holding `vmlinux` and `build/`; the Kbuild tree itself
-/// is accepted too).
+/// is accepted too). A diff refused only because it drops struct members is built again
+/// with them kept, unused ([`keep`]); that result is taken when it gets further.
 pub fn build(
     tree: &Path,
     diff: &Path,
     options: &BuildOptions,
     progress: &dyn Progress,
+) -> Result<BuildOutcome, DiffError> {
+    let first = build_keeping(tree, diff, options, progress, &[]);
+    let Err(DiffError::Refused { refusals, .. }) = &first else {
+        return first;
+    };
+    let removed: Vec<keep::Removed> = refusals
+        .iter()
+        .flat_map(|r| match r {
+            Refusal::TypeLayout {
+                type_name, removed, ..
+            } => removed
+                .iter()
+                .map(|m| keep::Removed {
+                    type_name: type_name.clone(),
+                    member: m.clone(),
+                })
+                .collect(),
+            _ => Vec::new(),
+        })
+        .collect();
+    if removed.is_empty() {
+        return first;
+    }
+    tracing::info!(?removed, "rebuilding with the members the diff drops kept");
+    let before = refusals.len();
+    let second = build_keeping(tree, diff, options, progress, &removed);
+    match &second {
+        Err(DiffError::Refused { refusals, .. }) if refusals.len() >= before => first,
+        Ok(_) | Err(DiffError::Refused { .. }) => second,
+        Err(e) => {
+            tracing::info!(error = %e, "the rebuild with kept members failed");
+            first
+        }
+    }
+}
+
+/// [`build`], with the `keep` members put back into the patched sources.
+fn build_keeping(
+    tree: &Path,
+    diff: &Path,
+    options: &BuildOptions,
+    progress: &dyn Progress,
+    keep: &[keep::Removed],
 ) -> Result<BuildOutcome, DiffError> {
     let started = Instant::now();
     let tree = KernelTree::open(tree)?;
@@ -138,6 +184,7 @@ pub fn build(
         let affected = cmdfile::with_commands(&tree, &affected, options.jobs)?;
         let affected: Vec<&KbuildObject> = affected.iter().collect();
         let overlay = scratch::Overlay::create(&tree.root, &changes, diff, &release)?;
+        report.kept_members = keep::apply(&tree.root, &overlay.root(), &changes, keep)?;
         let syms = symbols.join().map_err(|_| DiffError::Emit {
             reason: "symbol loader panicked".into(),
         })??;
@@ -425,7 +472,11 @@ fn emit_bundle(
     options: &BuildOptions,
     progress: &dyn Progress,
 ) -> Result<Built, DiffError> {
-    let object = emit::write_object(diffs, plan)?;
+    let strings = strings::KernelStrings::load(syms);
+    if strings.is_none() {
+        tracing::warn!("vmlinux's .rodata is not readable: string literals travel in the bundle");
+    }
+    let object = emit::write_object(diffs, plan, strings.as_ref())?;
     let mut refusals = Vec::new();
     let mut replacements = Vec::new();
     for r in &plan.redirects {

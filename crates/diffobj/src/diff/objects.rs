@@ -82,7 +82,7 @@ pub fn compare_objects(
     out.refusals.extend(plan.refusals.iter().cloned());
     out.exports = plan.exports.iter().map(|(e, _)| e.name.clone()).collect();
     if out.refusals.is_empty() && !plan.is_empty() {
-        out.object = Some(emit::write_object(&diffs, &plan)?);
+        out.object = Some(emit::write_object(&diffs, &plan, None)?);
     }
     Ok(out)
 }

@@ -125,6 +125,9 @@ pub struct BuildReport {
     /// Types whose layout changes but whose instances only frames hold: the bundle's
     /// switches must be consistent (`Manifest::frame_types`).
     pub frame_types: Vec<String>,
+    /// Struct members the diff drops that the build kept, unused, so that the live
+    /// objects' layout stays (`struct tag.member (file:line)`).
+    pub kept_members: Vec<String>,
     pub times: Times,
 }
 

@@ -207,11 +207,13 @@ pub(crate) fn layout_check(
              CONFIG_DEBUG_INFO)"
         );
     }
-    let changed: BTreeMap<String, String> = old
+    let changed: BTreeMap<String, (String, Vec<String>)> = old
         .iter()
         .filter_map(|(name, o)| {
-            let what = super::layout::first_difference(o, new.get(name)?)?;
-            Some((name.clone(), what))
+            let n = new.get(name)?;
+            let what = super::layout::first_difference(o, n)?;
+            let removed = super::layout::only_removed(o, n).unwrap_or_default();
+            Some((name.clone(), (what, removed)))
         })
         .collect();
     let mut out = LayoutCheck::default();
@@ -221,7 +223,7 @@ pub(crate) fn layout_check(
     let names: BTreeSet<String> = changed.keys().cloned().collect();
     let before = super::frames::frame_local(orig, &names).map_err(dwarf_error)?;
     let after = super::frames::frame_local(patched, &names).map_err(dwarf_error)?;
-    for (name, what) in changed {
+    for (name, (what, removed)) in changed {
         let verdict = |v: &BTreeMap<String, Result<_, String>>| v.get(&name).cloned();
         match (verdict(&before), verdict(&after)) {
             (Some(Ok(owners)), Some(Ok(_))) => {
@@ -239,6 +241,7 @@ pub(crate) fn layout_check(
                     file: source.to_string(),
                     what,
                     lives: why,
+                    removed,
                 });
             }
         }
