@@ -108,13 +108,10 @@ fn partner_headers(units: &[Unit], files: &[String], extra: &[String]) -> Vec<St
         .iter()
         .filter(|u| u.kind == UnitKind::Source && extra.contains(&u.main))
         .flat_map(|u| u.candidates.iter());
-    let mut out: Vec<String> = Vec::new();
-    for h in theirs {
-        if !files.contains(h) && !out.contains(h) {
-            out.push(h.clone());
-        }
-    }
-    out
+    with_files(&[], theirs)
+        .into_iter()
+        .filter(|h| !files.contains(h))
+        .collect()
 }
 
 /// `files` followed by those of `more` it lacks.

@@ -105,6 +105,7 @@ pub(crate) fn write_object(
         externals: HashMap::new(),
         trap: None,
         strings,
+        literals: HashMap::new(),
     };
     if plan.trap {
         let (name, code) = super::include::TRAP;
@@ -143,6 +144,8 @@ struct Out<'p> {
     /// The symbol of the [`super::include::TRAP`] section, when the plan needs one.
     trap: Option<SymbolId>,
     strings: Option<&'p KernelStrings<'p>>,
+    /// Each literal looked up in `strings`: its offset from [`strings::BASE`], if found.
+    literals: HashMap<Vec<u8>, Option<i64>>,
 }
 
 impl Out<'_> {
@@ -164,12 +167,16 @@ impl Out<'_> {
         let o = diffs[oi].patched;
         let resolved = resolve(diffs, globals, oi, sec, r)
             .map_err(|source| DiffError::UnplannedRefusal { source })?;
-        let (symbol, addend) = match resolved {
+        let literal = match resolved {
             Resolved::Unit {
                 kind: UnitKind::Section(t),
                 ..
-            } if o.sections[t].is_strings() && self.kernel_literal(o, sec, r).is_some() => {
-                let addend = self.kernel_literal(o, sec, r).expect("checked");
+            } if o.sections[t].is_strings() => self.kernel_literal(o, sec, r),
+            _ => None,
+        };
+        let (symbol, addend) = match resolved {
+            _ if literal.is_some() => {
+                let addend = literal.expect("checked");
                 (self.external(strings::BASE, false), addend)
             }
             Resolved::Unit { obj, kind, addend } => {
@@ -236,7 +243,7 @@ impl Out<'_> {
     /// For relocation `r` of section `sec` into a string section: the addend from
     /// [`strings::BASE`] that points it at the kernel's copy of the literal, if any.
     fn kernel_literal(
-        &self,
+        &mut self,
         o: &super::obj::Obj<'_>,
         sec: usize,
         r: &lucos_patch::elf::Reloc,
@@ -252,7 +259,13 @@ impl Out<'_> {
         let off = usize::try_from(addend + bias).ok()?;
         let data = o.sections[t].bytes(0, o.sections[t].size);
         let s = strings::c_string(data, off)?;
-        Some(self.strings?.find(s)? - bias)
+        let kernel = self.strings?;
+        // One literal is often named many times; each lookup scans the kernel's .rodata.
+        let at = *self
+            .literals
+            .entry(s.to_vec())
+            .or_insert_with(|| kernel.find(s));
+        Some(at? - bias)
     }
 
     fn add_like(&mut self, src: &lucos_patch::elf::Section<'_>, name: &str) -> SectionId {

@@ -31,6 +31,9 @@ pub(crate) fn apply(
     removed: &[Removed],
 ) -> Result<Vec<String>, DiffError> {
     let mut kept = Vec::new();
+    if removed.is_empty() {
+        return Ok(kept);
+    }
     for c in changes.iter().filter(|c| c.kind == ChangeKind::Modified) {
         let (orig_path, new_path) = (original.join(&c.path), patched.join(&c.path));
         let Ok(old) = std::fs::read_to_string(&orig_path) else {

@@ -112,18 +112,16 @@ pub fn build(
     };
     let removed: Vec<keep::Removed> = refusals
         .iter()
-        .flat_map(|r| match r {
+        .filter_map(|r| match r {
             Refusal::TypeLayout {
                 type_name, removed, ..
-            } => removed
-                .iter()
-                .map(|m| keep::Removed {
-                    type_name: type_name.clone(),
-                    member: m.clone(),
-                })
-                .collect(),
-            _ => Vec::new(),
+            } => Some(removed.iter().map(|member| keep::Removed {
+                type_name: type_name.clone(),
+                member: member.clone(),
+            })),
+            _ => None,
         })
+        .flatten()
         .collect();
     if removed.is_empty() {
         return first;
