@@ -63,6 +63,37 @@ fn a_member_wrapped_in_a_union_with_an_alias_keeps_its_layout() {
     assert!(d.refusals.is_empty(), "{:?}", d.refusals);
 }
 
+/// A `void *` given typed names over its bytes keeps the layout (6.1.190's `struct
+/// devlink_port`: `type_dev` became a union of `type_eth.netdev` and `type_ib.ibdev`);
+/// a new name that is not a pointer, or an old name that stays elsewhere, does not.
+#[test]
+fn a_pointer_given_typed_names_keeps_its_layout() {
+    let src = |t: &str, use_: &str| {
+        format!(
+            "{PRELUDE}struct nd; struct ib;\n\
+             struct port {{ int a; {t}; long b; }};\n\
+             int get(struct port *p) {{ return ext(p->a) + ({use_} != 0) * 3 + (int)p->b; }}\n"
+        )
+    };
+    let old = src("void *type_dev", "p->type_dev").replace(" * 3", "");
+    let typed =
+        "union { struct { struct nd *netdev; } type_eth; struct { struct ib *ibdev; } type_ib; }";
+    let d = diff_with(&old, &src(typed, "p->type_eth.netdev"), &["-g"]);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.redirected, vec!["get"]);
+    let refused = |new: &str| {
+        let d = diff_with(&old, &src(new, "p->a"), &["-g"]);
+        assert!(
+            matches!(&d.refusals[..], [Refusal::TypeLayout { type_name, .. }] if type_name == "struct port"),
+            "{new}: {:?}",
+            d.refusals
+        );
+    };
+    refused("union { struct { struct nd *netdev; } type_eth; long count; }");
+    refused("union { struct { struct nd *netdev; int x; } type_eth; void *type_ib; }");
+    refused("union { struct { struct nd *netdev; } type_eth; void *type_dev; } u");
+}
+
 /// A type the file declares and only frames hold (as `struct lb_env` of kernel/sched/fair.c)
 /// may change layout: no object of it outlives the call that made it, so the bundle only
 /// asks for a consistent switch. Any other place that could keep one is refused by name.

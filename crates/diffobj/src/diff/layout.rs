@@ -7,12 +7,14 @@
 //! (bit offset for bit-fields); any difference is refused until lucos can transfer data.
 //! A type only the patched object has is new and cannot be in use yet.
 //!
-//! One difference keeps every byte where it was: a member wrapped in an anonymous union
+//! Two differences keep every byte where it was: a member wrapped in an anonymous union
 //! with new aliases of the same size (`struct dst_entry`'s `dev` became `union { dev;
-//! dev_rcu; }` in 6.1.190). Members of anonymous structs and unions are flattened into
-//! leaves (name, bit offset, bit size); when every old leaf is still there, unchanged,
-//! and every new leaf covers exactly the bytes of an old one, old and new code read and
-//! write the same bytes for the same members, and the change is not refused.
+//! dev_rcu; }` in 6.1.190), and a pointer given new names over its bytes (`struct
+//! devlink_port`'s `void *type_dev` became a union of `type_eth.netdev` and
+//! `type_ib.ibdev`). Members of anonymous structs and unions are flattened into leaves
+//! (name, bit offset, bit size, whether a pointer); when every leaf that is not in both
+//! lies exactly over an old one's bytes, as an alias or as a pointer's new name, old and
+//! new code read and write the same bytes the same way, and the change is not refused.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -42,28 +44,41 @@ pub(crate) struct Leaf {
     pub bits: u64,
     /// `None` when DWARF does not say (then nothing is proven about it).
     pub size_bits: Option<u64>,
+    /// Whether it holds one pointer: a pointer type, or a struct or union whose only
+    /// member does (through typedefs and qualifiers).
+    pub pointer: bool,
 }
 
-/// Whether `new` only adds aliases: same size, every old leaf unchanged, and every new
-/// leaf exactly over an old one (same bit offset and size), as a union member does.
-fn only_aliases(old: &Layout, new: &Layout) -> bool {
+/// Whether `new` keeps every byte's meaning: same size, and every leaf that is not in
+/// both lies exactly over an old leaf's bytes. A new leaf there is an alias of an old one
+/// that stays, as a union member is, or takes the name of one that went when both are
+/// pointers (`void *type_dev` became `union { struct { struct net_device *netdev; }
+/// type_eth; struct { struct ib_device *ibdev; } type_ib; }` in 6.1.190): either way old
+/// and new code read and write the same bytes as the same kind of value. A name that moves
+/// is no rename: it is refused.
+fn same_bytes(old: &Layout, new: &Layout) -> bool {
     let known = |l: &Leaf| l.size_bits.is_some();
+    let over = |a: &Leaf, b: &Leaf| a.bits == b.bits && a.size_bits == b.size_bits;
+    let named = |ls: &[Leaf], name: &str| ls.iter().any(|l| l.name == name);
+    let gone = |o: &Leaf| !new.leaves.contains(o);
     old.size == new.size
         && !old.leaves.is_empty()
-        && old
-            .leaves
-            .iter()
-            .all(|o| known(o) && new.leaves.contains(o))
+        && old.leaves.iter().chain(&new.leaves).all(known)
+        && old.leaves.iter().filter(|o| gone(o)).all(|o| {
+            o.pointer
+                && !named(&new.leaves, &o.name)
+                && new.leaves.iter().any(|n| over(n, o) && n.pointer)
+        })
         && new
             .leaves
             .iter()
             .filter(|n| !old.leaves.contains(n))
             .all(|n| {
-                known(n)
+                !named(&old.leaves, &n.name)
                     && old
                         .leaves
                         .iter()
-                        .any(|o| o.bits == n.bits && o.size_bits == n.size_bits)
+                        .any(|o| over(o, n) && (!gone(o) || (o.pointer && n.pointer)))
             })
 }
 
@@ -85,10 +100,10 @@ pub(crate) fn only_removed(old: &Layout, new: &Layout) -> Option<Vec<String>> {
 }
 
 /// The first difference between two layouts of one type, for the refusal; `None` also
-/// when the new layout only adds aliases of old members (see the module docs).
+/// when the new layout keeps every byte's meaning (see the module docs).
 pub(crate) fn first_difference(old: &Layout, new: &Layout) -> Option<String> {
-    if old.members != new.members && only_aliases(old, new) {
-        tracing::debug!(?old.leaves, ?new.leaves, "layout differs only by aliases");
+    if old.members != new.members && same_bytes(old, new) {
+        tracing::info!(?old.leaves, ?new.leaves, "layout differs only by names of the same bytes");
         return None;
     }
     for (i, n) in new.members.iter().enumerate() {
@@ -239,6 +254,7 @@ fn collect(
                         name: n.clone(),
                         bits,
                         size_bits: member_bits(unit, e),
+                        pointer: holds_pointer(unit, e, 0),
                     }),
                     None => anonymous_leaves(unit, e, bits, &name_of, &mut layout.leaves, 0)?,
                 }
@@ -282,6 +298,47 @@ fn collect(
 }
 
 type Entry<'a> = gimli::DebuggingInformationEntry<Slice<'a>>;
+
+/// Whether member `e` holds one pointer (see [`Leaf::pointer`]).
+fn holds_pointer(unit: &gimli::Unit<Slice<'_>>, e: &Entry<'_>, depth: u32) -> bool {
+    if depth > 16 || e.has_attr(gimli::DW_AT_bit_size) {
+        return false;
+    }
+    let Some(gimli::AttributeValue::UnitRef(off)) = e.attr_value(gimli::DW_AT_type) else {
+        return false;
+    };
+    let Ok(t) = unit.entry(off) else {
+        return false;
+    };
+    match t.tag() {
+        gimli::DW_TAG_pointer_type => true,
+        gimli::DW_TAG_typedef
+        | gimli::DW_TAG_const_type
+        | gimli::DW_TAG_volatile_type
+        | gimli::DW_TAG_atomic_type => holds_pointer(unit, &t, depth + 1),
+        gimli::DW_TAG_structure_type | gimli::DW_TAG_union_type => {
+            only_member(unit, off).is_some_and(|m| holds_pointer(unit, &m, depth + 1))
+        }
+        _ => false,
+    }
+}
+
+/// The one member of the struct or union at `off`, if it has exactly one.
+fn only_member<'a>(unit: &gimli::Unit<Slice<'a>>, off: gimli::UnitOffset) -> Option<Entry<'a>> {
+    let mut tree = unit.entries_tree(Some(off)).ok()?;
+    let root = tree.root().ok()?;
+    let mut children = root.children();
+    let mut found = None;
+    while let Some(c) = children.next().ok()? {
+        if c.entry().tag() == gimli::DW_TAG_member {
+            if found.is_some() {
+                return None;
+            }
+            found = Some(c.entry().clone());
+        }
+    }
+    found
+}
 
 /// The bit offset of a member within its struct.
 fn member_offset(e: &Entry<'_>) -> u64 {
@@ -381,6 +438,7 @@ fn anonymous_leaves(
                 name,
                 bits,
                 size_bits: member_bits(unit, m),
+                pointer: holds_pointer(unit, m, 0),
             }),
             None => anonymous_leaves(unit, m, bits, name_of, out, depth + 1)?,
         }
@@ -485,6 +543,7 @@ pub(crate) mod tests {
                     name: n.to_string(),
                     bits: *o,
                     size_bits: Some(64),
+                    pointer: false,
                 })
                 .collect(),
         }
@@ -499,6 +558,7 @@ pub(crate) mod tests {
             name: name.into(),
             bits: 64,
             size_bits: size,
+            pointer: false,
         };
         new.leaves.push(alias("dev_rcu", Some(64)));
         assert_eq!(first_difference(&old, &new), None);
@@ -511,6 +571,42 @@ pub(crate) mod tests {
         let mut gone = new.clone();
         gone.leaves.remove(1);
         assert!(first_difference(&old, &gone).is_some());
+    }
+
+    #[test]
+    fn a_pointer_given_new_names_is_no_difference() {
+        let ptr = |l: &mut Layout, name: &str| {
+            let leaf = l.leaves.iter_mut().find(|x| x.name == name).unwrap();
+            leaf.pointer = true;
+        };
+        let mut old = l(24, &[("a", 0), ("type_dev", 64), ("b", 128)]);
+        ptr(&mut old, "type_dev");
+        let mut new = l(24, &[("a", 0), ("type_eth", 64), ("b", 128)]);
+        new.members[1].0 = "(anonymous)".into();
+        new.leaves.insert(2, new.leaves[1].clone());
+        new.leaves[2].name = "type_ib".into();
+        ptr(&mut new, "type_eth");
+        ptr(&mut new, "type_ib");
+        assert_eq!(first_difference(&old, &new), None);
+        // Not a rename: a new name that is no pointer, an old name that moves elsewhere,
+        // or a non-pointer given a new name.
+        let mut int = new.clone();
+        int.leaves[2].pointer = false;
+        assert!(first_difference(&old, &int).is_some());
+        let mut moved = new.clone();
+        moved.leaves[3].name = "type_dev".into();
+        assert!(first_difference(&old, &moved).is_some());
+        let mut not_ptr = old.clone();
+        not_ptr.leaves[1].pointer = false;
+        assert!(first_difference(&not_ptr, &new).is_some());
+        // Two pointers that trade places are no rename either.
+        let mut two = l(16, &[("x", 0), ("y", 64)]);
+        ptr(&mut two, "x");
+        ptr(&mut two, "y");
+        let mut swapped = l(16, &[("y", 0), ("x", 64)]);
+        ptr(&mut swapped, "x");
+        ptr(&mut swapped, "y");
+        assert!(first_difference(&two, &swapped).is_some());
     }
 
     #[test]
