@@ -140,6 +140,14 @@ pub fn build(args: BuildArgs) -> Result<()> {
                     crate::show::esc(&b.report.kept_members.join(", "))
                 );
             }
+            if !b.report.padded_types.is_empty() {
+                println!(
+                    "adds members in padding of {}: every object of it is static and zero there \
+                     ({} ranges checked live before the switch)",
+                    crate::show::esc(&b.report.padded_types.join(", ")),
+                    b.manifest.zeroed.len()
+                );
+            }
             if !b.manifest.frame_types.is_empty() {
                 println!(
                     "changes the layout of {}, which only frames of the replaced functions \

@@ -356,3 +356,61 @@ fn a_removed_member_is_kept_so_live_objects_read_right() {
     let report = "dmesg | grep -m1 -A12 -E 'Oops|BUG:|general protection|RIP:|WARNING:'";
     assert_eq!(s.sh(faults).trim(), "0", "{}", s.sh(report));
 }
+
+/// The live bytes of `len` at `va` replaced by `bytes` (with the guest paused: a data
+/// write, which translated code sees).
+fn poke(s: &mut Shared, va: u64, bytes: &[u8]) {
+    use lucos_introspect::{write_virt, GuestVirtAddr, Machine};
+    s.a.vm.pause().unwrap();
+    write_virt(&mut s.a.vm, s.a.layout.cr3, GuestVirtAddr(va), bytes).unwrap();
+    s.a.vm.resume().unwrap();
+}
+
+/// A member added in padding (`struct pid_entry`'s `hidden`, byte 14): the build proves
+/// every `pid_entry` static and zero there, the engine checks it live (a nonzero byte
+/// refuses the apply, guest unchanged), and the new code reads the new member where the
+/// running kernel's entries have it.
+#[test]
+fn a_member_added_in_padding_is_read_from_live_objects() {
+    use common::refusal::expect_refusal;
+    let (b, bundle) = bundle_of("21-struct-member-in-padding.patch");
+    assert_eq!(b.report.padded_types, vec!["struct pid_entry".to_string()]);
+    assert_eq!(b.replaced, vec!["proc_pident_readdir@fs/proc/base.c"]);
+    let mut s = shared();
+    let sym =
+        s.a.syms
+            .lookup_in_file("fs/proc/base.c", "tgid_base_stuff")
+            .unwrap()
+            .clone();
+    let zeroed = &bundle.manifest().zeroed;
+    let in_table = |z: &&lucos_patch::Zeroed| (sym.addr..sym.addr + sym.size).contains(&z.addr);
+    assert_eq!(zeroed.iter().filter(in_table).count() as u64, sym.size / 40);
+    // Entry `environ` of /proc/<pid>: its name pointer at 0, its hole at 14.
+    let base = s.a.layout.live(sym.addr);
+    let table = live_bytes(&mut s, base, sym.size as usize);
+    let entry = (0..table.len() / 40)
+        .find(|i| {
+            let p = u64::from_le_bytes(table[i * 40..i * 40 + 8].try_into().unwrap());
+            live_bytes(&mut s, p, 8) == b"environ\0"
+        })
+        .expect("tgid_base_stuff has `environ`");
+    let hole = base + entry as u64 * 40 + 14;
+    assert_eq!(live_bytes(&mut s, hole, 1), [0]);
+    let ls = "ls /proc/self | grep -cx environ || true";
+    assert_eq!(s.sh(ls).trim(), "1");
+
+    poke(&mut s, hole, &[1]);
+    let text = expect_refusal(&mut s, &bundle, "must be zero");
+    assert!(text.contains("tgid_base_stuff"), "{text}");
+    poke(&mut s, hole, &[0]);
+
+    apply_bundle(&mut s.a, &bundle).unwrap();
+    let during = s.sh(ls);
+    poke(&mut s, hole, &[1]);
+    let hidden = s.sh(ls);
+    poke(&mut s, hole, &[0]);
+    revert_bundle(&mut s.a, &bundle.manifest().id).unwrap();
+    assert_eq!(during.trim(), "1", "every entry still listed");
+    assert_eq!(hidden.trim(), "0", "the new code reads byte 14 as `hidden`");
+    assert_eq!(s.sh(ls).trim(), "1");
+}

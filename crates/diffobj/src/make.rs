@@ -93,6 +93,7 @@ pub fn make_bundle_with(
         rewrites: Vec::new(),
         frame_types: Vec::new(),
         exports: Vec::new(),
+        zeroed: Vec::new(),
     };
     manifest.validate()?;
 

@@ -491,6 +491,50 @@ fn a_removed_member_is_kept_and_the_layout_stays() {
     assert!(to_rodata > 0, "no literal points at the kernel's .rodata");
 }
 
+/// A member added in padding (`struct pid_entry`'s `hidden`) builds: every `pid_entry` of
+/// the running kernel is a static whose new byte is zero, and the manifest asks the engine
+/// to check each live. The same kind of change to a type that code fills at run time
+/// (`struct map_files_info`, allocated in a radix tree) is refused, naming why.
+#[test]
+fn a_member_added_in_padding_builds_only_for_static_objects() {
+    let Some(b) = bundle("21-struct-member-in-padding.patch") else {
+        return;
+    };
+    assert_eq!(b.report.padded_types, ["struct pid_entry"]);
+    assert_eq!(b.replaced, ["proc_pident_readdir@fs/proc/base.c"]);
+    let zeroed = &b.manifest.zeroed;
+    assert!(zeroed.len() > 50, "{}", zeroed.len());
+    assert!(
+        zeroed.iter().all(|z| z.len == 1 && z.addr % 8 == 6),
+        "{zeroed:?}"
+    );
+    for table in ["tgid_base_stuff", "tid_base_stuff"] {
+        assert!(zeroed.iter().any(|z| z.object == table), "{table}");
+    }
+
+    let Some(tree) = tree() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let patch = edited(
+        &tree,
+        dir.path(),
+        "fs/proc/base.c",
+        &[(
+            "\tfmode_t\t\tmode;\n};",
+            "\tfmode_t\t\tmode;\n\tu8\t\tlucos;\n};",
+        )],
+    );
+    let cache = tempfile::tempdir().unwrap();
+    let err = match build(&tree, &patch, &options(cache.path()), &NoProgress) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a member added in padding of a run-time type must be refused"),
+    };
+    assert!(
+        err.contains("`struct map_files_info` changes layout"),
+        "{err}"
+    );
+    assert!(err.contains("without `const`"), "{err}");
+}
+
 /// How many relocations of the bundle's object point into its own string sections, and how
 /// many at `__start_rodata` (a literal of the running kernel).
 fn string_relocations(bundle: &[u8]) -> (usize, usize) {

@@ -428,6 +428,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         };
         let (records, jmps) = site_records(&sites, man, &linked)?;
         let (rewrites, data_words) = self.rewrites(man, &modules, &linked)?;
+        self.check_zeroed(man)?;
         let no_module = Vec::new();
         let images: [&[u8]; 4] = [
             &linked.text,

@@ -58,7 +58,24 @@ pub struct Manifest {
     /// kernel's.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<Export>,
+    /// Bytes of running-kernel objects the new code reads as a member the old layout did
+    /// not have (added in a padding hole): right only while they hold zero, so the switch
+    /// is refused unless every one does.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zeroed: Vec<Zeroed>,
 }
+
+/// Bytes at `addr` (link-time) that must be zero, in object `object`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Zeroed {
+    pub object: String,
+    pub addr: u64,
+    pub len: u32,
+}
+
+/// The most zero checks one bundle may carry (each is one small read before the pause).
+pub const MAX_ZEROED: usize = 4096;
 
 /// One new export.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -382,6 +399,7 @@ impl Manifest {
             ("resolve", self.resolve.len(), MAX_NAMES, "entries"),
             ("exports", self.exports.len(), MAX_NAMES, "entries"),
             ("aliases", self.aliases.len(), MAX_NAMES, "entries"),
+            ("zeroed", self.zeroed.len(), MAX_ZEROED, "entries"),
         ];
         for (field, len, max, unit) in limits {
             if len > max {

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod refusal;
+
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -229,6 +231,7 @@ pub fn snippet_bundle(id: &str, source: &str) -> lucos_patch::Bundle {
         rewrites: Vec::new(),
         frame_types: Vec::new(),
         exports: Vec::new(),
+        zeroed: Vec::new(),
     };
     sign_and_store(&lucos_patch::pack(&obj, &manifest).unwrap())
 }

@@ -82,6 +82,39 @@ fn same_bytes(old: &Layout, new: &Layout) -> bool {
             })
 }
 
+/// The byte ranges of the members `new` adds in padding holes, when that is all it does:
+/// same size, every old leaf unchanged, and every new leaf in bytes no old leaf touches
+/// (`bool might_sleep` after two bools of `struct bpf_func_proto` in 6.1.190). Old code
+/// never reads or writes those bytes; new code reads them from old objects, right only
+/// where they hold zero, which [`super::padding`] proves.
+pub(crate) fn padding_only(old: &Layout, new: &Layout) -> Option<Vec<std::ops::Range<u64>>> {
+    let bytes = |l: &Leaf| Some(l.bits / 8..(l.bits + l.size_bits?).div_ceil(8));
+    let old_bytes: Vec<_> = old.leaves.iter().map(bytes).collect::<Option<_>>()?;
+    let added: Vec<&Leaf> = new
+        .leaves
+        .iter()
+        .filter(|n| !old.leaves.contains(n))
+        .collect();
+    let fits = old.size == new.size
+        && !old.leaves.is_empty()
+        && !added.is_empty()
+        && old.leaves.iter().all(|o| new.leaves.contains(o));
+    let mut holes = Vec::new();
+    for n in added.into_iter().take(if fits { usize::MAX } else { 0 }) {
+        let b = bytes(n)?;
+        let clear = b.end <= new.size
+            && old_bytes
+                .iter()
+                .all(|o| o.end <= b.start || b.end <= o.start);
+        let named = old.leaves.iter().any(|o| o.name == n.name);
+        if !clear || named {
+            return None;
+        }
+        holes.push(b);
+    }
+    (fits && !holes.is_empty()).then_some(holes)
+}
+
 /// The top-level members `new` drops from `old` when that is all it does: every member it
 /// keeps is in the old order and none is new. Then the patched code can be compiled with
 /// the dropped members kept, unused ([`super::keep`]), and reads live objects right.
@@ -607,6 +640,47 @@ pub(crate) mod tests {
         ptr(&mut swapped, "x");
         ptr(&mut swapped, "y");
         assert!(first_difference(&two, &swapped).is_some());
+    }
+
+    #[test]
+    fn members_added_in_padding_are_told_by_their_bytes() {
+        // func@0 (8), gpl_only@8 (1), pkt_access@9 (1), hole, ret_type@12 (4).
+        let leaf = |name: &str, byte: u64, size: u64| Leaf {
+            name: name.into(),
+            bits: byte * 8,
+            size_bits: Some(size * 8),
+            pointer: false,
+        };
+        let lay = |leaves: Vec<Leaf>| Layout {
+            size: 16,
+            members: leaves.iter().map(|l| (l.name.clone(), l.bits)).collect(),
+            leaves,
+        };
+        let base = || {
+            vec![
+                leaf("func", 0, 8),
+                leaf("gpl_only", 8, 1),
+                leaf("pkt", 9, 1),
+            ]
+        };
+        let old = lay([base(), vec![leaf("ret", 12, 4)]].concat());
+        let new = lay([base(), vec![leaf("sleep", 10, 1), leaf("ret", 12, 4)]].concat());
+        assert_eq!(
+            padding_only(&old, &new),
+            Some(vec![std::ops::Range { start: 10, end: 11 }])
+        );
+        assert!(
+            first_difference(&old, &new).is_some(),
+            "it is still a difference"
+        );
+        // Over an old member's bytes, past the end, or with an old member moved: no.
+        let over = lay([base(), vec![leaf("sleep", 9, 2), leaf("ret", 12, 4)]].concat());
+        assert_eq!(padding_only(&old, &over), None);
+        let past = lay([base(), vec![leaf("ret", 12, 4), leaf("sleep", 16, 1)]].concat());
+        assert_eq!(padding_only(&old, &past), None);
+        let moved = lay([base(), vec![leaf("sleep", 10, 1), leaf("ret", 11, 4)]].concat());
+        assert_eq!(padding_only(&old, &moved), None);
+        assert_eq!(padding_only(&old, &old), None);
     }
 
     #[test]

@@ -20,12 +20,14 @@ mod emit;
 mod error;
 mod frames;
 mod include;
+mod instances;
 mod keep;
 mod keys;
 mod layout;
 mod names;
 mod obj;
 mod objects;
+mod padding;
 mod patchfile;
 mod promote;
 mod report;
@@ -175,7 +177,7 @@ fn build_keeping(
         if affected.is_empty() {
             report.times.total = started.elapsed();
             return Ok(BuildOutcome::NoChange {
-                report,
+                report: Box::new(report),
                 reason: "no object linked into vmlinux depends on the changed files".into(),
             });
         }
@@ -205,7 +207,7 @@ fn build_keeping(
         let mut refusals = Vec::new();
         // Read first: the parsed objects borrow their bytes.
         let bytes = read_compiled(&built)?;
-        let objs = parse_compiled(
+        let (objs, padded) = parse_compiled(
             &affected,
             &built,
             &bytes,
@@ -213,6 +215,10 @@ fn build_keeping(
             &mut report,
             &mut refusals,
         )?;
+        let zeroed = padding::prove(&tree, &syms, &padded, &mut refusals)?;
+        report.padded_types = padded.iter().map(|p| p.type_name.clone()).collect();
+        report.padded_types.sort();
+        report.padded_types.dedup();
         drop(overlay);
         once_per_type(&mut refusals);
         let moved = |from: u64, to: u64| line_moved(&changes, from, to);
@@ -237,12 +243,15 @@ fn build_keeping(
         if plan.is_empty() {
             report.times.total = started.elapsed();
             let reason = no_change_reason(&report);
-            return Ok(BuildOutcome::NoChange { report, reason });
+            return Ok(BuildOutcome::NoChange {
+                report: Box::new(report),
+                reason,
+            });
         }
 
         let t = Instant::now();
         progress.start(Stage::Emit, plan.redirects.len() as u64);
-        let target = (release.as_str(), &report.frame_types[..]);
+        let target = (release.as_str(), &report.frame_types[..], zeroed);
         let built = match emit_bundle(&diffs, &plan, &syms, target, diff, options, progress) {
             Err(DiffError::Refused { refusals, .. }) => {
                 return Err(DiffError::Refused {
@@ -335,11 +344,13 @@ fn parse_compiled<'a>(
     changes: &[FileChange],
     report: &mut BuildReport,
     refusals: &mut Vec<Refusal>,
-) -> Result<CompiledPairs<'a>, DiffError> {
+) -> Result<(CompiledPairs<'a>, Vec<padding::Padded>), DiffError> {
     let mut objs = Vec::new();
+    let mut padded = Vec::new();
     for ((&obj, b), (orig_bytes, patched_bytes)) in affected.iter().zip(built).zip(bytes) {
         let layout = verify::layout_check(&obj.object, &obj.source, orig_bytes, patched_bytes)?;
         refusals.extend(layout.refusals);
+        padded.extend(layout.padded);
         for t in layout.frame_types {
             if !report.frame_types.contains(&t) {
                 report.frame_types.push(t);
@@ -363,7 +374,7 @@ fn parse_compiled<'a>(
         }
         objs.push((orig, patched, obj, b.cached));
     }
-    Ok(objs)
+    Ok((objs, padded))
 }
 
 /// Original, patched, the object, and whether the original came from the cache.
@@ -465,7 +476,7 @@ fn emit_bundle(
     diffs: &[compare::Diff<'_>],
     plan: &include::Plan,
     syms: &KernelSymbols,
-    (release, frame_types): (&str, &[String]),
+    (release, frame_types, zeroed): (&str, &[String], Vec<lucos_patch::Zeroed>),
     diff: &Path,
     options: &BuildOptions,
     progress: &dyn Progress,
@@ -581,6 +592,7 @@ fn emit_bundle(
         rewrites: emit::rewrites(diffs, plan),
         frame_types: frame_types.to_vec(),
         exports: emit::exports(plan),
+        zeroed,
     };
     let bundle = lucos_patch::pack(&object, &manifest)?;
     let parsed = Bundle::parse(&bundle)?;

@@ -128,6 +128,9 @@ pub struct BuildReport {
     /// Struct members the diff drops that the build kept, unused, so that the live
     /// objects' layout stays (`struct tag.member (file:line)`).
     pub kept_members: Vec<String>,
+    /// Types that gain members only in padding holes, every object of which was proven
+    /// static and zero there (`Manifest::zeroed` checks them live).
+    pub padded_types: Vec<String>,
     pub times: Times,
 }
 
@@ -153,7 +156,7 @@ pub enum BuildOutcome {
     /// No function changed (only line numbers moved, or nothing in vmlinux uses the
     /// changed files): there is nothing to apply.
     NoChange {
-        report: BuildReport,
+        report: Box<BuildReport>,
         /// Why, e.g. "only __LINE__ values moved (in 1 function(s))".
         reason: String,
     },

@@ -184,6 +184,9 @@ pub(crate) fn new_exports(orig: &Obj, patched: &Obj) -> Vec<NewExport> {
 pub(crate) struct LayoutCheck {
     pub refusals: Vec<Refusal>,
     pub frame_types: Vec<String>,
+    /// Types that only add members in padding holes: refused unless
+    /// [`super::padding`] proves every old object holds zero there.
+    pub padded: Vec<super::padding::Padded>,
 }
 
 /// Checks every struct or union the original object knew whose layout the patched one
@@ -207,13 +210,19 @@ pub(crate) fn layout_check(
              CONFIG_DEBUG_INFO)"
         );
     }
-    let changed: BTreeMap<String, (String, Vec<String>)> = old
+    type Change = (
+        String,
+        Vec<String>,
+        Option<(Vec<std::ops::Range<u64>>, u64)>,
+    );
+    let changed: BTreeMap<String, Change> = old
         .iter()
         .filter_map(|(name, o)| {
             let n = new.get(name)?;
             let what = super::layout::first_difference(o, n)?;
             let removed = super::layout::only_removed(o, n).unwrap_or_default();
-            Some((name.clone(), (what, removed)))
+            let holes = super::layout::padding_only(o, n).map(|h| (h, n.size));
+            Some((name.clone(), (what, removed, holes)))
         })
         .collect();
     let mut out = LayoutCheck::default();
@@ -223,12 +232,23 @@ pub(crate) fn layout_check(
     let names: BTreeSet<String> = changed.keys().cloned().collect();
     let before = super::frames::frame_local(orig, &names).map_err(dwarf_error)?;
     let after = super::frames::frame_local(patched, &names).map_err(dwarf_error)?;
-    for (name, (what, removed)) in changed {
+    for (name, (what, removed, holes)) in changed {
         let verdict = |v: &BTreeMap<String, Result<_, String>>| v.get(&name).cloned();
         match (verdict(&before), verdict(&after)) {
             (Some(Ok(owners)), Some(Ok(_))) => {
                 tracing::info!(%name, ?owners, %what, "layout changes, but only frames hold it");
                 out.frame_types.push(name);
+            }
+            (b, a) if holes.is_some() => {
+                let (holes, size) = holes.expect("checked");
+                tracing::info!(%name, ?holes, %what, ?b, ?a, "members added in padding only");
+                out.padded.push(super::padding::Padded {
+                    type_name: name,
+                    file: source.to_string(),
+                    what,
+                    holes,
+                    size,
+                });
             }
             (b, a) => {
                 let why = [b, a]

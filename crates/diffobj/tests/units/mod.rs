@@ -133,6 +133,7 @@ pub fn check_bundle(object: &[u8], d: &ObjectDiff) {
                 namespace: None,
             })
             .collect(),
+        zeroed: Vec::new(),
     };
     let bundle = lucos_patch::pack(object, &manifest).expect("pack");
     let parsed = Bundle::parse(&bundle).expect("bundle parses");

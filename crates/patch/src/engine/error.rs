@@ -110,6 +110,12 @@ pub enum EngineError {
         addr: u64,
         offset: usize,
     },
+    #[error("`{object}` at {addr:#x} holds {found:02x?} where the bundle's new code reads a member the running kernel's layout does not have, which must be zero: something wrote its padding; this bundle cannot be applied to this kernel")]
+    NotZeroed {
+        object: String,
+        addr: u64,
+        found: Vec<u8>,
+    },
     #[error("read-only object `{object}` at {addr:#x} changed since bundle `{id}` rewrote it; lucos will not overwrite what it did not write (reboot, or restore it by hand)")]
     RewriteChanged {
         id: String,

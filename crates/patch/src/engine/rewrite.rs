@@ -66,6 +66,24 @@ impl<M: Machine + ?Sized> Session<'_, M> {
         Ok((records, words))
     }
 
+    /// Refuses unless every byte range of `man.zeroed` holds zero in the running kernel
+    /// (new code reads a member added in padding there: see the manifest).
+    pub(super) fn check_zeroed(&self, man: &Manifest) -> Result<(), EngineError> {
+        for z in &man.zeroed {
+            let va = self.layout.live(z.addr);
+            let mut live = vec![0u8; z.len as usize];
+            paging::read_virt(&*self.m, self.layout.cr3, GuestVirtAddr(va), &mut live)?;
+            if live.iter().any(|&b| b != 0) {
+                return Err(EngineError::NotZeroed {
+                    object: z.object.clone(),
+                    addr: va,
+                    found: live,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The word writes that put back what `rec`'s rewrites replaced, refusing if an
     /// object no longer holds what lucos wrote.
     pub(super) fn unrewrites(&self, rec: &BundleRecord) -> Result<Vec<WordWrite>, EngineError> {

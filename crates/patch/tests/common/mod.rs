@@ -88,6 +88,7 @@ pub fn manifest(news: &[&str]) -> Manifest {
         rewrites: Vec::new(),
         frame_types: Vec::new(),
         exports: Vec::new(),
+        zeroed: Vec::new(),
     }
 }
 
