@@ -403,6 +403,14 @@ impl KernelSymbols {
             .map(|s| (s.addr, s.size))
     }
 
+    /// Whether link-time `addr` is in an allocated section of the image at its own
+    /// address (`.bss` included; not a zero-based per-CPU offset).
+    pub fn in_image(&self, addr: u64) -> bool {
+        self.sections
+            .iter()
+            .any(|s| s.alloc && s.addr != 0 && addr >= s.addr && addr - s.addr < s.size)
+    }
+
     /// Name of the section holding link-time `addr` (e.g. `.text`).
     pub fn section_name_at(&self, addr: u64) -> Option<&str> {
         self.sections

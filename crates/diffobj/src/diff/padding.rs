@@ -106,6 +106,14 @@ fn checks_for(
     }
     let mut out = Vec::new();
     for v in &found.vars {
+        if !syms.in_image(v.addr) {
+            // A per-CPU variable's DWARF address is an offset into each CPU's copy.
+            return Ok(Err(format!(
+                "`{}` ({:#x}) is not in a section of the kernel image (a per-CPU variable?), \
+                 so lucos cannot check it",
+                v.name, v.addr
+            )));
+        }
         for i in 0..v.count {
             for h in &p.holes {
                 let addr = v.addr + i * p.size + h.start;
