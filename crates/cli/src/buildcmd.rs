@@ -140,6 +140,20 @@ pub fn build(args: BuildArgs) -> Result<()> {
                     crate::show::esc(&b.report.kept_members.join(", "))
                 );
             }
+            for r in &b.manifest.rewrites {
+                let what = match r.fields.len() {
+                    0 => "whole (read-only)".to_string(),
+                    n => format!(
+                        "{n} field(s), {} byte(s), whose initial value changes (writable: \
+                         the rest is live state)",
+                        r.fields.iter().map(|f| f.len).sum::<u32>()
+                    ),
+                };
+                println!(
+                    "rewrites {} in place in the switch: {what}",
+                    crate::show::esc(&r.label())
+                );
+            }
             if !b.report.padded_types.is_empty() {
                 println!(
                     "adds members in padding of {}: every object of it is static and zero there \

@@ -414,3 +414,61 @@ fn a_member_added_in_padding_is_read_from_live_objects() {
     assert_eq!(hidden.trim(), "0", "the new code reads byte 14 as `hidden`");
     assert_eq!(s.sh(ls).trim(), "1");
 }
+
+/// 6.1.190's fix of `tcp_rmem`'s minimum: only the initial value of writable data changes
+/// (`ipv4_net_table`'s entry now points `extra1` at a new `tcp_min_rcvbuf = 4096`). The
+/// switch rewrites that one field of the live table, which init_net's sysctl uses, and
+/// leaves the rest (live state) alone; a field changed since boot refuses the apply.
+#[test]
+fn a_changed_initial_value_of_writable_data_is_rewritten_in_its_field() {
+    use common::refusal::expect_refusal;
+    let (b, bundle) = bundle_of("22-sysctl-initial-value.patch");
+    assert!(b.replaced.is_empty(), "{:?}", b.replaced);
+    let rw = &bundle.manifest().rewrites;
+    assert_eq!(rw.len(), 1);
+    assert_eq!(
+        rw[0].fields,
+        [lucos_patch::Field {
+            offset: rw[0].fields[0].offset,
+            len: 8
+        }]
+    );
+    let mut s = shared();
+    let rmem = "/proc/sys/net/ipv4/tcp_rmem";
+    let original = s.sh(&format!("cat {rmem}"));
+    let low = |s: &mut Shared| {
+        let r = s.sh(&format!(
+            "echo '1 131072 6291456' > {rmem} 2>/dev/null && echo taken || echo refused; \
+             echo '{}' > {rmem}",
+            original.trim()
+        ));
+        r.trim().to_string()
+    };
+    assert_eq!(low(&mut s), "taken", "6.1.187 takes a minimum of 1");
+
+    // The field holds live state other than its boot value: refused, guest unchanged.
+    let sym =
+        s.a.syms
+            .lookup_in_file("net/ipv4/sysctl_net_ipv4.c", "ipv4_net_table")
+            .unwrap()
+            .clone();
+    let field = s.a.layout.live(sym.addr) + u64::from(rw[0].fields[0].offset);
+    let boot = live_bytes(&mut s, field, 8);
+    poke(&mut s, field, &[0u8; 8]);
+    expect_refusal(&mut s, &bundle, "boot-time value");
+    poke(&mut s, field, &boot);
+
+    apply_bundle(&mut s.a, &bundle).unwrap();
+    let during = low(&mut s);
+    let moved = live_bytes(&mut s, field, 8);
+    revert_bundle(&mut s.a, &bundle.manifest().id).unwrap();
+    assert_eq!(during, "refused", "the new minimum is 4096");
+    assert_ne!(moved, boot, "extra1 points at the bundle's tcp_min_rcvbuf");
+    assert_eq!(
+        live_bytes(&mut s, field, 8),
+        boot,
+        "revert restores the field"
+    );
+    assert_eq!(low(&mut s), "taken");
+    assert_eq!(s.sh(&format!("cat {rmem}")), original);
+}

@@ -170,12 +170,36 @@ fn changed_data_size_is_refused() {
     assert!(d.object.is_none());
 }
 
+/// Writable data whose initial value changes is rewritten in place, only in the bytes that
+/// change (the engine checks they still hold the old initial value): the other fields,
+/// relocated or not, hold live state and are left alone.
 #[test]
-fn changed_initial_value_is_refused() {
-    let orig = format!("{PRELUDE}int limit = 4;\nint f(int i) {{ return i < limit; }}\n");
-    let patched = format!("{PRELUDE}int limit = 5;\nint f(int i) {{ return i < limit; }}\n");
-    let d = diff(&orig, &patched);
-    assert!(matches!(&d.refusals[..], [Refusal::DataInit { symbol, .. }] if symbol == "limit"));
+fn changed_initial_value_is_rewritten_in_its_changed_fields() {
+    let src = |limit: &str, extra: &str| {
+        format!(
+            "{PRELUDE}struct knob {{ const char *name; int min; int max; void *extra; }};\n\
+             int one = 1, other = 4096;\n\
+             struct knob knob = {{ \"k\", {limit}, 9, {extra} }};\n\
+             int f(int i) {{ return i < knob.min; }}\n"
+        )
+    };
+    let d = diff(&src("4", "&one"), &src("5", "&one"));
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.rewritten, vec!["knob"]);
+    assert_eq!(d.rewritten_fields, vec![("knob".to_string(), vec![(8, 1)])]);
+    // A pointer that now names another object is a changed field too, all 8 bytes.
+    let d = diff(&src("4", "&one"), &src("4", "&other"));
+    assert_eq!(
+        d.rewritten_fields,
+        vec![("knob".to_string(), vec![(16, 8)])]
+    );
+    // A field relocated in one compile only means something else: refused.
+    let d = diff(&src("4", "&one"), &src("4", "0"));
+    assert!(
+        matches!(&d.refusals[..], [Refusal::DataInit { symbol, .. }] if symbol == "knob"),
+        "{:?}",
+        d.refusals
+    );
 }
 
 /// Changed read-only data is rewritten in place, even when only code reads it: its readers

@@ -43,9 +43,9 @@ pub use layout::{
 };
 pub use link::{link, plan, LinkError, Plan, ResolveError};
 pub use manifest::{
-    AbsField, Alias, Export, Manifest, Replacement, Rewrite, Target, Zeroed, FORMAT_VERSION,
-    MAX_DESCRIPTION, MAX_EXPECT, MAX_FRAME_TYPES, MAX_NAMES, MAX_PATH, MAX_RELEASE,
-    MAX_REPLACEMENTS, MAX_REWRITE, MAX_REWRITES, MAX_SYMBOL, MAX_ZEROED,
+    AbsField, Alias, Export, Field, Manifest, Replacement, Rewrite, Target, Zeroed, FORMAT_VERSION,
+    MAX_DESCRIPTION, MAX_EXPECT, MAX_FIELDS_OBJECT, MAX_FRAME_TYPES, MAX_NAMES, MAX_PATH,
+    MAX_RELEASE, MAX_REPLACEMENTS, MAX_REWRITE, MAX_REWRITES, MAX_SYMBOL, MAX_ZEROED,
 };
 pub use pack::pack;
 pub use reloc::reloc_name;

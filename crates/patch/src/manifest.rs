@@ -10,6 +10,13 @@ use serde::{Deserialize, Serialize};
 use crate::bundle::BundleError;
 use crate::site::{ENDBR64, NOP5};
 
+mod rewrite;
+
+use rewrite::validate_rewrite;
+pub use rewrite::{
+    Field, Rewrite, Zeroed, MAX_FIELDS_OBJECT, MAX_REWRITE, MAX_REWRITES, MAX_ZEROED,
+};
+
 /// The only manifest format this crate reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -65,18 +72,6 @@ pub struct Manifest {
     pub zeroed: Vec<Zeroed>,
 }
 
-/// Bytes at `addr` (link-time) that must be zero, in object `object`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Zeroed {
-    pub object: String,
-    pub addr: u64,
-    pub len: u32,
-}
-
-/// The most zero checks one bundle may carry (each is one small read before the pause).
-pub const MAX_ZEROED: usize = 4096;
-
 /// One new export.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -97,56 +92,6 @@ pub struct Export {
 
 /// The most frame-local types one bundle may change.
 pub const MAX_FRAME_TYPES: usize = 16;
-
-/// The largest read-only object a bundle may rewrite in place.
-pub const MAX_REWRITE: usize = 1024;
-
-/// The most read-only objects one bundle may rewrite (their records, with the original
-/// bytes, must fit the registry with room for every revert).
-pub const MAX_REWRITES: usize = 8;
-
-/// One read-only object rewritten in place: every vCPU is stopped during the switch, so
-/// no reader sees it half-written, and every user (code and data that point to it) sees
-/// the new content without being replaced.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Rewrite {
-    pub old: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub old_file: Option<String>,
-    /// The bundle's object holding the new content, linked like any read-only data.
-    pub new: String,
-    /// The live object as the original compile has it, relocated fields zero: the run-pre
-    /// check, which also fixes the size.
-    #[serde(with = "hex_bytes")]
-    pub expect: Vec<u8>,
-    /// Relocated fields of `expect`, not compared (their live values are addresses).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub skip: Vec<AbsField>,
-}
-
-impl Rewrite {
-    pub fn label(&self) -> String {
-        match &self.old_file {
-            Some(f) => format!("{}@{f}", self.old),
-            None => self.old.clone(),
-        }
-    }
-
-    /// Whether `live` is the object this rewrite expects.
-    pub fn matches(&self, live: &[u8]) -> Result<(), usize> {
-        let skipped = |i: usize| {
-            self.skip
-                .iter()
-                .any(|f| (f.offset as usize..f.offset as usize + usize::from(f.width)).contains(&i))
-        };
-        match (0..self.expect.len()).find(|&i| !skipped(i) && live.get(i) != Some(&self.expect[i]))
-        {
-            Some(i) => Err(i),
-            None => Ok(()),
-        }
-    }
-}
 
 /// Which kernel build the bundle was made for.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -274,33 +219,6 @@ fn check_symbol_name(field: &str, name: &str) -> Result<(), BundleError> {
 
 /// Source paths in a manifest are relative to the kernel tree and name a
 /// file in it: no absolute paths, no `..` climbing out of it.
-fn validate_rewrite(i: usize, r: &Rewrite) -> Result<(), BundleError> {
-    let f = |name: &str| format!("rewrites[{i}].{name}");
-    check_symbol_name(&f("old"), &r.old)?;
-    check_symbol_name(&f("new"), &r.new)?;
-    if let Some(file) = &r.old_file {
-        check_source_path(&f("old_file"), file)?;
-    }
-    let n = r.expect.len();
-    if n == 0 || n > MAX_REWRITE {
-        return Err(invalid(
-            f("expect"),
-            format!("has {n} bytes; it must have 1..{MAX_REWRITE}"),
-        ));
-    }
-    if r.skip.len() > n
-        || r.skip
-            .iter()
-            .any(|s| !matches!(s.width, 4 | 8) || s.offset as usize + usize::from(s.width) > n)
-    {
-        return Err(invalid(
-            f("skip"),
-            "has a field that is not 4 or 8 bytes inside `expect`",
-        ));
-    }
-    Ok(())
-}
-
 fn check_source_path(field: &str, path: &str) -> Result<(), BundleError> {
     if path.trim().is_empty() {
         return Err(invalid(field, "is empty; omit it or give a path"));

@@ -565,3 +565,45 @@ fn a_failed_snapshot_read_of_a_first_apply_leaves_the_guest_unchanged() {
         assert_unchanged(&k, &m, &format!("the snapshot of slot {slot} failed"));
     }
 }
+
+/// Writable data is rewritten only in the fields whose initial value the update changes:
+/// the rest holds live state, which is neither compared nor written; a field the kernel
+/// changed since boot refuses the apply, guest unchanged.
+#[test]
+fn a_writable_object_is_rewritten_only_in_its_changed_fields() {
+    let k = FakeKernel::new();
+    let b = k.bundle_with("fields", &["lucos_f1"], true, |m| {
+        m.rewrites[0].fields = vec![lucos_patch::Field { offset: 8, len: 8 }];
+    });
+    let ops_at = GuestPhysAddr(k.pa("ops_table"));
+    let read = |m: &FakeMachine| {
+        let mut ops = [0u8; 16];
+        m.read_phys(ops_at, &mut ops).unwrap();
+        (
+            u64::from_le_bytes(ops[..8].try_into().unwrap()),
+            u64::from_le_bytes(ops[8..].try_into().unwrap()),
+        )
+    };
+    let mut m = k.fresh.clone();
+    m.mem.write(ops_at.raw(), &0x5555u64.to_le_bytes());
+    apply_with(&k, &mut m, &b, |f| f).unwrap();
+    assert_eq!(read(&m), (0x5555, 0x4444), "only the field is written");
+    let rec = registry(&k, &mut m).bundles[0].rewrites.clone();
+    assert_eq!(rec.len(), 1);
+    assert_eq!(rec[0].original, 0x2222u64.to_le_bytes());
+    revert_with(&k, &mut m, "fields", |f| f).unwrap();
+    assert_eq!(read(&m), (0x5555, 0x2222), "only the field is restored");
+
+    let mut m = k.fresh.clone();
+    m.mem.write(ops_at.raw() + 8, &0x6666u64.to_le_bytes());
+    let before = m.mem.clone();
+    let err = apply_with(&k, &mut m, &b, |f| f).unwrap_err();
+    assert!(
+        matches!(err, EngineError::FieldChanged { offset: 8, .. }),
+        "{err}"
+    );
+    assert!(
+        m.mem == before && !m.paused,
+        "a refused apply changed the guest"
+    );
+}

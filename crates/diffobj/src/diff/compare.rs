@@ -7,7 +7,7 @@
 //! change its initial value; a changed read-only object of the same size is rewritten in
 //! place in the running kernel (see `lucos_patch::Rewrite`).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use iced_x86::{Code, Register};
 use object::elf;
@@ -75,9 +75,10 @@ pub(crate) struct Diff<'a> {
     /// Changed `__init` code and data (kernel names): it ran at boot and was freed, so
     /// there is nothing live to patch; reported, not refused.
     pub not_applicable: Vec<String>,
-    /// Changed read-only data rewritten in place in the running kernel (same size; global,
-    /// or pointed to by other data).
-    pub rewrite: HashSet<usize>,
+    /// Changed data rewritten in place in the running kernel (same size): read-only data
+    /// whole (no fields), writable data only in the byte ranges `(offset, len)` whose
+    /// initial value changed, since the rest holds live state.
+    pub rewrite: HashMap<usize, Vec<(u32, u32)>>,
     pub refusals: Vec<Refusal>,
 }
 
@@ -277,7 +278,7 @@ pub(crate) fn compare<'a>(
     let tp = table_entries(patched, &name_p);
     let mut status = vec![Status::Same; patched.symbols.len()];
     let mut refusals = Vec::new();
-    let mut rewrite = HashSet::new();
+    let mut rewrite = HashMap::new();
     let mut not_applicable = Vec::new();
 
     for p in 0..patched.symbols.len() {
@@ -331,14 +332,21 @@ pub(crate) fn compare<'a>(
                 explain(&s.name, &keys_o, &keys_p, bo == bp);
             }
             status[p] = Status::Changed;
-            if sec.is_write() {
-                let (symbol, file) = label();
-                refusals.push(Refusal::DataInit { symbol, file });
+            // Rewritten in place, not copied: a copy would not reach other files' users
+            // or a pointer to it stored at boot (`proc_create(..., &ops)` in __init
+            // code), and its readers need not be replaced.
+            if !sec.is_write() {
+                rewrite.insert(p, Vec::new());
             } else {
-                // Rewritten in place, not copied: a copy would not reach other files' users
-                // or a pointer to it stored at boot (`proc_create(..., &ops)` in __init
-                // code), and its readers need not be replaced.
-                rewrite.insert(p);
+                match changed_fields((bo, bp), (&keys_o, &keys_p)) {
+                    Some(fields) => {
+                        rewrite.insert(p, fields);
+                    }
+                    None => {
+                        let (symbol, file) = label();
+                        refusals.push(Refusal::DataInit { symbol, file });
+                    }
+                }
             }
         }
     }
@@ -389,6 +397,49 @@ fn explain(name: &str, a: &[(u64, u32, Key)], b: &[(u64, u32, Key)], tables_same
         ),
         None => {}
     }
+}
+
+/// The byte ranges of writable data whose initial value changes: bytes that differ and
+/// relocated fields whose target differs, merged where they touch. `None` when a field
+/// is relocated in one compile only or at another width (then the bytes mean different
+/// things).
+fn changed_fields((bo, bp): (&[u8], &[u8]), (ko, kp): (&Keys, &Keys)) -> Option<Vec<(u32, u32)>> {
+    let width = |t: u32| match t {
+        elf::R_X86_64_64 | elf::R_X86_64_PC64 => 8usize,
+        _ => 4,
+    };
+    let at = |k: &Keys| -> BTreeMap<u64, (usize, Key)> {
+        k.iter()
+            .map(|(o, t, key)| (*o, (width(*t), key.clone())))
+            .collect()
+    };
+    let (ro, rp) = (at(ko), at(kp));
+    let same_fields = ro.len() == rp.len()
+        && ro
+            .iter()
+            .zip(&rp)
+            .all(|(a, b)| a.0 == b.0 && a.1 .0 == b.1 .0);
+    if !same_fields || bo.len() != bp.len() {
+        return None;
+    }
+    let mut changed: Vec<bool> = bo.iter().zip(bp).map(|(a, b)| a != b).collect();
+    for (off, (w, key)) in &ro {
+        let differs = rp.get(off).is_some_and(|(_, k)| k != key);
+        let start = *off as usize;
+        // A relocated field's bytes are an addend or zero: its target says what it holds.
+        for c in changed.iter_mut().skip(start).take(*w) {
+            *c = differs;
+        }
+    }
+    let mut fields: Vec<(u32, u32)> = Vec::new();
+    for (i, _) in changed.iter().enumerate().filter(|(_, c)| **c) {
+        let i = u32::try_from(i).ok()?;
+        match fields.last_mut() {
+            Some((o, l)) if *o + *l == i => *l += 1,
+            _ => fields.push((i, 1)),
+        }
+    }
+    (!fields.is_empty()).then_some(fields)
 }
 
 /// A changed cold part changes its parent, which is what gets redirected.

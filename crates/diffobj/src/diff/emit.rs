@@ -444,12 +444,16 @@ pub(crate) fn rewrites(diffs: &[Diff<'_>], plan: &Plan) -> Vec<lucos_patch::Rewr
                     });
                 }
             }
+            let fields = d.rewrite.get(&r.sym).into_iter().flatten();
             Some(lucos_patch::Rewrite {
                 old: r.old.clone(),
                 old_file: r.old_file.clone(),
                 new: plan.units[*unit].name.clone(),
                 expect,
                 skip,
+                fields: fields
+                    .map(|&(offset, len)| lucos_patch::Field { offset, len })
+                    .collect(),
             })
         })
         .collect()

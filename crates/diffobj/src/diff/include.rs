@@ -177,7 +177,7 @@ pub(crate) fn plan(diffs: &[Diff<'_>]) -> Plan {
     // The new content of objects rewritten in place is linked like new read-only data.
     let mut rewrites = Vec::new();
     for (oi, d) in diffs.iter().enumerate() {
-        for &p in &d.rewrite {
+        for &p in d.rewrite.keys() {
             let s = &d.patched.symbols[p];
             rewrites.push(Redirect {
                 obj: oi,
@@ -334,7 +334,7 @@ pub(crate) fn external_file(d: &Diff<'_>, sec: usize, r: &Reloc) -> Option<Strin
 fn unit_name(d: &Diff<'_>, kind: UnitKind, taken: &mut BTreeSet<String>) -> String {
     let base = match kind {
         // Not the kernel's name, which the new code uses for the live object.
-        UnitKind::Item(p) if d.rewrite.contains(&p) => {
+        UnitKind::Item(p) if d.rewrite.contains_key(&p) => {
             format!("{}.lucos_rewrite", d.kernel_name(p))
         }
         UnitKind::Item(p) => d.kernel_name(p).to_string(),

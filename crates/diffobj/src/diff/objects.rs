@@ -25,8 +25,10 @@ pub struct ObjectDiff {
     pub not_applicable: Vec<String>,
     /// Matched (original, patched) symbols whose names differ (compiler renumbering).
     pub renamed: Vec<(String, String)>,
-    /// Read-only objects rewritten in place (kernel names).
+    /// Objects rewritten in place (kernel names).
     pub rewritten: Vec<String>,
+    /// The writable ones among them, with the (offset, length) fields rewritten.
+    pub rewritten_fields: Vec<(String, Vec<(u32, u32)>)>,
     /// Symbols copied into the bundle.
     pub included: Vec<String>,
     /// Kernel symbols the bundle would link against.
@@ -74,6 +76,14 @@ pub fn compare_objects(
     out.redirected = plan.redirects.iter().map(|r| r.old.clone()).collect();
     out.included = plan.units.iter().map(|u| u.name.clone()).collect();
     out.rewritten = plan.rewrites.iter().map(|(_, r)| r.old.clone()).collect();
+    out.rewritten_fields = plan
+        .rewrites
+        .iter()
+        .filter_map(|(_, r)| {
+            let fields = diffs[r.obj].rewrite.get(&r.sym)?;
+            (!fields.is_empty()).then(|| (r.old.clone(), fields.clone()))
+        })
+        .collect();
     out.external = plan.externals.keys().cloned().collect();
     // The same object-level checks as a build: type layouts and exports.
     let layout = super::verify::layout_check(file, file, orig, patched)?;

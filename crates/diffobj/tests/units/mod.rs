@@ -120,6 +120,7 @@ pub fn check_bundle(object: &[u8], d: &ObjectDiff) {
                 new: format!("{o}.lucos_rewrite"),
                 expect: vec![0; 8],
                 skip: Vec::new(),
+                fields: Vec::new(),
             })
             .collect(),
         frame_types: d.frame_types.clone(),

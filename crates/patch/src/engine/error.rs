@@ -110,6 +110,12 @@ pub enum EngineError {
         addr: u64,
         offset: usize,
     },
+    #[error("writable object `{object}` at {addr:#x} no longer holds its boot-time value at byte {offset}, where the update changes its initial value: the kernel or a user (a tunable) changed it since boot, and lucos will not overwrite live state; set it back to its boot value first, or build the update without this change")]
+    FieldChanged {
+        object: String,
+        addr: u64,
+        offset: usize,
+    },
     #[error("`{object}` at {addr:#x} holds {found:02x?} where the bundle's new code reads a member the running kernel's layout does not have, which must be zero: something wrote its padding; this bundle cannot be applied to this kernel")]
     NotZeroed {
         object: String,

@@ -340,6 +340,7 @@ impl FakeKernel {
                 new: "lucos_ops".into(),
                 expect: OPS.to_vec(),
                 skip: Vec::new(),
+                fields: Vec::new(),
             });
         }
         edit(&mut man);
