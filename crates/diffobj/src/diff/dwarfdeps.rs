@@ -62,13 +62,19 @@ impl DepsIndex {
             build_id: build_id.to_owned(),
             units,
         };
-        if let Ok(json) = serde_json::to_vec(&idx) {
-            let tmp = cache.with_extension("partial");
-            if std::fs::write(&tmp, json).is_ok() {
-                let _ = std::fs::rename(&tmp, cache);
-            }
-        }
+        store(cache, &idx);
         Ok(idx)
+    }
+}
+
+/// Writes `value` to `cache` as JSON, whole or not at all (through a renamed partial
+/// file). A failure is ignored: a cache only saves the next run time.
+pub(crate) fn store(cache: &Path, value: &impl Serialize) {
+    if let Ok(json) = serde_json::to_vec(value) {
+        let tmp = cache.with_extension("partial");
+        if std::fs::write(&tmp, json).is_ok() {
+            let _ = std::fs::rename(&tmp, cache);
+        }
     }
 }
 

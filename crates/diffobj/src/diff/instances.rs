@@ -80,12 +80,7 @@ pub fn load_or_scan(
         type_name: type_name.to_owned(),
         found,
     };
-    if let Ok(json) = serde_json::to_vec(&cached) {
-        let tmp = cache.with_extension("partial");
-        if std::fs::write(&tmp, json).is_ok() {
-            let _ = std::fs::rename(&tmp, cache);
-        }
-    }
+    super::dwarfdeps::store(cache, &cached);
     Ok(cached.found)
 }
 
