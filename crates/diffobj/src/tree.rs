@@ -117,6 +117,27 @@ impl KernelTree {
         self.dir.join("modules")
     }
 
+    /// Holds the Kbuild tree for one build until the returned file is dropped. Kbuild
+    /// writes `.cmd` and `.d` files into the tree for every object it compiles, and two
+    /// builds compiling one object at once (a `lucos build` beside a `lucos corpus`)
+    /// interleave them: a corrupt command file, or an object read while another compile
+    /// writes it. A second build waits (it says so) instead.
+    pub fn lock(&self) -> std::io::Result<std::fs::File> {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(self.dir.join("build.lock"))?;
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) => {}
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        tracing::warn!(tree = %self.dir.display(), "another lucos build uses this kernel tree: waiting for it");
+        file.lock()?;
+        Ok(file)
+    }
+
     /// Where per-tree indexes are cached (next to vmlinux, which they are derived from).
     pub fn index_file(&self, name: &str) -> PathBuf {
         self.dir.join(name)

@@ -181,6 +181,7 @@ fn build_keeping(
                 reason: "no object linked into vmlinux depends on the changed files".into(),
             });
         }
+        let _tree_lock = tree.lock().map_err(DiffError::io("lock", &tree.dir))?;
         let affected = cmdfile::with_commands(&tree, &affected, options.jobs)?;
         let affected: Vec<&KbuildObject> = affected.iter().collect();
         let overlay = scratch::Overlay::create(&tree.root, &changes, diff, &release)?;
