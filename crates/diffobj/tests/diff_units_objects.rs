@@ -94,6 +94,29 @@ fn a_pointer_given_typed_names_keeps_its_layout() {
     refused("union { struct { struct nd *netdev; } type_eth; void *type_dev; } u");
 }
 
+/// A replaced function whose parameters change is refused: the running kernel's callers
+/// (here `caller` in another file, or anyone holding its address) pass the old ones
+/// (6.1.190's `tcp_v4_syn_recv_sock` gained a seventh, read from the old caller's stack).
+/// A change of body only is not.
+#[test]
+fn a_changed_prototype_is_refused() {
+    let src = |params: &str, body: &str| {
+        format!("{PRELUDE}int recv_sock(int a, int b{params}) {{ return ext(a) + b{body}; }}\n")
+    };
+    let d = diff_with(
+        &src("", ""),
+        &src(", void (*init)(int)", "+ (init ? 1 : 0)"),
+        &["-g"],
+    );
+    let [Refusal::Prototype { function, what, .. }] = &d.refusals[..] else {
+        panic!("expected one prototype refusal, got {:?}", d.refusals);
+    };
+    assert_eq!(function, "recv_sock");
+    assert_eq!(what, "(4, 4) -> 4 became (4, 4, 8) -> 4");
+    let d = diff_with(&src("", ""), &src("", "+ 1"), &["-g"]);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+}
+
 /// A type the file declares and only frames hold (as `struct lb_env` of kernel/sched/fair.c)
 /// may change layout: no object of it outlives the call that made it, so the bundle only
 /// asks for a consistent switch. Any other place that could keep one is refused by name.

@@ -66,6 +66,17 @@ pub enum Refusal {
         reason: String,
     },
     #[error(
+        "`{function}` ({file}) changes its prototype (parameter and return sizes {what}): \
+         callers the bundle does not replace (other files, or code calling through a \
+         pointer to it) would pass the old arguments to the new code; keep the prototype \
+         and add a new function, or put every caller in the update"
+    )]
+    Prototype {
+        function: String,
+        file: String,
+        what: String,
+    },
+    #[error(
         "`{function}` ({file}) failed the run-pre check: {reason}; the kernel tree does not \
          reproduce the running kernel (another compiler, config or source version?), so \
          lucos cannot tell what this diff changes in it; use the tree made for this kernel \
@@ -279,6 +290,7 @@ impl Refusal {
             Refusal::DataInit { .. } => "changed initial value of writable data".into(),
             Refusal::NoFentry { .. } => "changed function without fentry site".into(),
             Refusal::NotRedirectable { .. } => "function cannot be redirected".into(),
+            Refusal::Prototype { .. } => "changed function prototype".into(),
             Refusal::RunPre { .. } => "run-pre mismatch".into(),
             Refusal::Assembly { .. } | Refusal::AssemblyDependent { .. } => "assembly".into(),
             Refusal::SpecialSection { section, .. } => format!("special section {section}"),

@@ -396,7 +396,7 @@ fn member_bits(unit: &gimli::Unit<Slice<'_>>, e: &Entry<'_>) -> Option<u64> {
 
 /// The byte size of `e`'s type, through typedefs and qualifiers, and arrays of known
 /// bounds. Bounded depth: DWARF from a compiler has no cycles here, a damaged one might.
-fn type_bytes(unit: &gimli::Unit<Slice<'_>>, e: &Entry<'_>, depth: u32) -> Option<u64> {
+pub(crate) fn type_bytes(unit: &gimli::Unit<Slice<'_>>, e: &Entry<'_>, depth: u32) -> Option<u64> {
     let Some(gimli::AttributeValue::UnitRef(off)) = e.attr_value(gimli::DW_AT_type) else {
         return None;
     };

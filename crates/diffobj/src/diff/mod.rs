@@ -32,6 +32,7 @@ mod patchfile;
 mod promote;
 mod report;
 mod scratch;
+mod signature;
 mod special;
 mod strings;
 mod verify;
@@ -208,7 +209,7 @@ fn build_keeping(
         let mut refusals = Vec::new();
         // Read first: the parsed objects borrow their bytes.
         let bytes = read_compiled(&built)?;
-        let (objs, padded) = parse_compiled(
+        let (objs, padded, prototypes) = parse_compiled(
             &affected,
             &built,
             &bytes,
@@ -233,6 +234,7 @@ fn build_keeping(
         report.objects.extend(object_reports(&objs, &diffs));
         let mut plan = include::plan(&diffs);
         refusals.append(&mut plan.refusals);
+        refusals.extend(prototype_refusals(&plan, &diffs, &prototypes));
         report.times.compare = t.elapsed();
         progress.finish(Stage::Compare, report.times.compare);
         if !refusals.is_empty() {
@@ -336,6 +338,39 @@ fn no_change_reason(report: &BuildReport) -> String {
     }
 }
 
+/// The compiled pairs, the types that only add members in padding, and per pair the
+/// functions whose prototype changes.
+type ParsedPairs<'a> = (
+    CompiledPairs<'a>,
+    Vec<padding::Padded>,
+    Vec<BTreeMap<String, String>>,
+);
+
+/// A redirected function whose prototype changes is refused: the running kernel's callers
+/// pass the old arguments ([`signature`]).
+fn prototype_refusals(
+    plan: &include::Plan,
+    diffs: &[compare::Diff<'_>],
+    prototypes: &[BTreeMap<String, String>],
+) -> Vec<Refusal> {
+    plan.redirects
+        .iter()
+        .filter_map(|r| {
+            // A compiler clone (`f.isra.0`) is named after its source function.
+            let name = r.old.split('.').next().unwrap_or(&r.old);
+            let what = prototypes.get(r.obj)?.get(name)?;
+            Some(Refusal::Prototype {
+                function: r.old.clone(),
+                file: r
+                    .old_file
+                    .clone()
+                    .unwrap_or_else(|| diffs[r.obj].file.clone()),
+                what: what.clone(),
+            })
+        })
+        .collect()
+}
+
 /// Parses both compiles of each object and checks them as objects (type layouts, exports);
 /// assembly objects end here, compared whole since they are not compared by function.
 fn parse_compiled<'a>(
@@ -345,9 +380,10 @@ fn parse_compiled<'a>(
     changes: &[FileChange],
     report: &mut BuildReport,
     refusals: &mut Vec<Refusal>,
-) -> Result<(CompiledPairs<'a>, Vec<padding::Padded>), DiffError> {
+) -> Result<ParsedPairs<'a>, DiffError> {
     let mut objs = Vec::new();
     let mut padded = Vec::new();
+    let mut prototypes = Vec::new();
     for ((&obj, b), (orig_bytes, patched_bytes)) in affected.iter().zip(built).zip(bytes) {
         let layout = verify::layout_check(&obj.object, &obj.source, orig_bytes, patched_bytes)?;
         refusals.extend(layout.refusals);
@@ -374,8 +410,9 @@ fn parse_compiled<'a>(
             continue;
         }
         objs.push((orig, patched, obj, b.cached));
+        prototypes.push(layout.prototypes);
     }
-    Ok((objs, padded))
+    Ok((objs, padded, prototypes))
 }
 
 /// Original, patched, the object, and whether the original came from the cache.

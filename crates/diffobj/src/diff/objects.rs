@@ -88,8 +88,22 @@ pub fn compare_objects(
     // The same object-level checks as a build: type layouts and exports.
     let layout = super::verify::layout_check(file, file, orig, patched)?;
     out.refusals = layout.refusals;
+    // Without the kernel's vmlinux nothing proves a padded type's objects zero there.
+    out.refusals
+        .extend(layout.padded.into_iter().map(|p| Refusal::TypeLayout {
+            type_name: p.type_name,
+            file: p.file,
+            what: p.what,
+            lives: p.lives,
+            removed: Vec::new(),
+        }));
     out.frame_types = layout.frame_types;
     out.refusals.extend(plan.refusals.iter().cloned());
+    out.refusals.extend(super::prototype_refusals(
+        &plan,
+        &diffs,
+        &[layout.prototypes],
+    ));
     out.exports = plan.exports.iter().map(|(e, _)| e.name.clone()).collect();
     if out.refusals.is_empty() && !plan.is_empty() {
         out.object = Some(emit::write_object(&diffs, &plan, None)?);

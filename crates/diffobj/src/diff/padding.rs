@@ -25,6 +25,8 @@ pub struct Padded {
     pub file: String,
     /// The layout difference, for the refusal.
     pub what: String,
+    /// Why its objects outlive a call (the frames check), for a refusal without vmlinux.
+    pub lives: String,
     /// Byte ranges of the added members.
     pub holes: Vec<Range<u64>>,
     /// The type's size (the stride of arrays of it).

@@ -187,6 +187,8 @@ pub(crate) struct LayoutCheck {
     /// Types that only add members in padding holes: refused unless
     /// [`super::padding`] proves every old object holds zero there.
     pub padded: Vec<super::padding::Padded>,
+    /// Functions whose prototype differs between the compiles: name → how.
+    pub prototypes: BTreeMap<String, String>,
 }
 
 /// Checks every struct or union the original object knew whose layout the patched one
@@ -203,6 +205,7 @@ pub(crate) fn layout_check(
     };
     let read = |bytes: &[u8]| super::layout::layouts(bytes).map_err(dwarf_error);
     let (old, new) = (read(orig)?, read(patched)?);
+    let prototypes = super::signature::changed(orig, patched).map_err(dwarf_error)?;
     if old.is_empty() {
         tracing::warn!(
             %object,
@@ -225,7 +228,10 @@ pub(crate) fn layout_check(
             Some((name.clone(), (what, removed, holes)))
         })
         .collect();
-    let mut out = LayoutCheck::default();
+    let mut out = LayoutCheck {
+        prototypes,
+        ..LayoutCheck::default()
+    };
     if changed.is_empty() {
         return Ok(out);
     }
@@ -239,23 +245,24 @@ pub(crate) fn layout_check(
                 tracing::info!(%name, ?owners, %what, "layout changes, but only frames hold it");
                 out.frame_types.push(name);
             }
-            (b, a) if holes.is_some() => {
-                let (holes, size) = holes.expect("checked");
-                tracing::info!(%name, ?holes, %what, ?b, ?a, "members added in padding only");
-                out.padded.push(super::padding::Padded {
-                    type_name: name,
-                    file: source.to_string(),
-                    what,
-                    holes,
-                    size,
-                });
-            }
             (b, a) => {
                 let why = [b, a]
                     .into_iter()
                     .flatten()
                     .find_map(Result::err)
                     .unwrap_or_else(|| "its debug info does not describe it".into());
+                if let Some((holes, size)) = holes {
+                    tracing::info!(%name, ?holes, %what, "members added in padding only");
+                    out.padded.push(super::padding::Padded {
+                        type_name: name,
+                        file: source.to_string(),
+                        what,
+                        lives: why,
+                        holes,
+                        size,
+                    });
+                    continue;
+                }
                 out.refusals.push(Refusal::TypeLayout {
                     type_name: name,
                     file: source.to_string(),

@@ -1,0 +1,118 @@
+//! Function prototypes from both compiles' DWARF, to catch a replaced function whose
+//! parameters change.
+//!
+//! The running kernel's callers keep passing the old arguments: a caller the bundle does
+//! not replace (another file, or a pointer to the function in an ops table that any code
+//! may call through) enters the new code with the old ones. 6.1.190 gives
+//! `tcp_v4_syn_recv_sock` a seventh parameter, a function pointer; replaced alone, it read
+//! that pointer from the old caller's stack and called it, and the guest died. The
+//! parameter and return sizes are compared (what the calling convention passes); a
+//! change is refused, naming the function and both lists.
+
+use std::collections::BTreeMap;
+
+use super::error::DwarfError;
+use super::layout::{parse, Slice};
+
+/// Byte sizes of the parameters (`None`: unknown; `Some(0)`: `...`) and of the return
+/// value (0 for void).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Prototype {
+    params: Vec<Option<u64>>,
+    ret: Option<u64>,
+}
+
+impl std::fmt::Display for Prototype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let size = |s: &Option<u64>| match s {
+            Some(0) => "...".to_string(),
+            Some(n) => n.to_string(),
+            None => "?".to_string(),
+        };
+        let params: Vec<String> = self.params.iter().map(size).collect();
+        write!(
+            f,
+            "({}) -> {}",
+            params.join(", "),
+            size(&self.ret).replace("...", "void")
+        )
+    }
+}
+
+/// The functions both objects define, with one prototype each, whose prototypes differ:
+/// name → "old → new" (byte sizes).
+pub(crate) fn changed(orig: &[u8], patched: &[u8]) -> Result<BTreeMap<String, String>, DwarfError> {
+    let (old, new) = (prototypes(orig)?, prototypes(patched)?);
+    Ok(old
+        .iter()
+        .filter_map(|(name, o)| {
+            let (Some(o), Some(Some(n))) = (o, new.get(name)) else {
+                return None;
+            };
+            (o != n).then(|| (name.clone(), format!("{o} became {n}")))
+        })
+        .collect())
+}
+
+/// Every function the object defines (`None`: defined twice, as two statics of one name).
+fn prototypes(data: &[u8]) -> Result<BTreeMap<String, Option<Prototype>>, DwarfError> {
+    let file = object::File::parse(data).map_err(|source| DwarfError::Object { source })?;
+    let sections = super::layout::dwarf_sections(&file)?;
+    let dwarf = super::layout::dwarf(&sections)?;
+    let mut out: BTreeMap<String, Option<Prototype>> = BTreeMap::new();
+    let mut units = dwarf.units();
+    while let Some(header) = units.next().map_err(parse("a unit header"))? {
+        let unit = dwarf.unit(header).map_err(parse("a unit"))?;
+        unit_prototypes(&dwarf, &unit, &mut out).map_err(parse("a unit's functions"))?;
+    }
+    Ok(out)
+}
+
+fn unit_prototypes(
+    dwarf: &gimli::Dwarf<Slice<'_>>,
+    unit: &gimli::Unit<Slice<'_>>,
+    out: &mut BTreeMap<String, Option<Prototype>>,
+) -> Result<(), gimli::Error> {
+    let mut tree = unit.entries_tree(None)?;
+    let root = tree.root()?;
+    let mut children = root.children();
+    while let Some(node) = children.next()? {
+        let e = node.entry();
+        if e.tag() != gimli::DW_TAG_subprogram || e.has_attr(gimli::DW_AT_declaration) {
+            continue;
+        }
+        let Some(name) = e
+            .attr_value(gimli::DW_AT_name)
+            .and_then(|v| dwarf.attr_string(unit, v).ok())
+            .map(|s| s.to_string_lossy().into_owned())
+        else {
+            continue;
+        };
+        let ret = match e.attr_value(gimli::DW_AT_type) {
+            None => Some(0),
+            Some(_) => super::layout::type_bytes(unit, e, 0),
+        };
+        let mut params = Vec::new();
+        let mut kids = node.children();
+        while let Some(k) = kids.next()? {
+            match k.entry().tag() {
+                gimli::DW_TAG_formal_parameter => {
+                    params.push(super::layout::type_bytes(unit, k.entry(), 0))
+                }
+                gimli::DW_TAG_unspecified_parameters => params.push(Some(0)),
+                _ => {}
+            }
+        }
+        let p = Prototype { params, ret };
+        match out.get(&name) {
+            None => {
+                out.insert(name, Some(p));
+            }
+            Some(Some(q)) if *q == p => {}
+            Some(_) => {
+                out.insert(name, None);
+            }
+        }
+    }
+    Ok(())
+}
