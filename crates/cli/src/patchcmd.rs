@@ -108,7 +108,8 @@ pub fn session(a: &mut Attached) -> Result<Session<'_, lucos_backend::Vm>> {
 pub fn apply_bundle(a: &mut Attached, bundle: &Bundle) -> Result<ApplyReport> {
     let man = bundle.manifest();
     let entries = man.replacements.iter().any(|r| r.no_fentry);
-    let r = match (man.frame_types.is_empty(), entries) {
+    let consistent = !man.frame_types.is_empty() || !man.prototypes.is_empty();
+    let r = match (!consistent, entries) {
         (false, _) => apply_checked(a, bundle, CONSISTENT_RETRY, Guard::Consistent),
         (true, true) => apply_checked(a, bundle, crate::complete::ENTRY_RETRY, Guard::Entries),
         (true, false) => session(a)?
@@ -152,9 +153,10 @@ pub const CONSISTENT_RETRY: lucos_patch::Retry = lucos_patch::Retry {
 /// refusal is the cue (its record is read once, by the engine).
 pub fn revert_bundle(a: &mut Attached, id: &str) -> Result<RevertReport> {
     let r = match session(a)?.revert(id) {
-        Err(lucos_patch::EngineError::FrameTypeNeedsConsistency { .. }) => {
-            crate::complete::revert_consistent(a, id, CONSISTENT_RETRY).map(|(r, _)| r)
-        }
+        Err(
+            lucos_patch::EngineError::FrameTypeNeedsConsistency { .. }
+            | lucos_patch::EngineError::PrototypeNeedsConsistency { .. },
+        ) => crate::complete::revert_consistent(a, id, CONSISTENT_RETRY).map(|(r, _)| r),
         other => other.map_err(anyhow::Error::new),
     };
     r.with_context(|| format!("reverting bundle '{id}'"))

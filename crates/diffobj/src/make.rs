@@ -94,6 +94,7 @@ pub fn make_bundle_with(
         frame_types: Vec::new(),
         exports: Vec::new(),
         zeroed: Vec::new(),
+        prototypes: Vec::new(),
     };
     manifest.validate()?;
 

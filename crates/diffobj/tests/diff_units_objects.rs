@@ -115,6 +115,31 @@ fn a_changed_prototype_is_refused() {
     assert_eq!(what, "(4, 4) -> 4 became (4, 4, 8) -> 4");
     let d = diff_with(&src("", ""), &src("", "+ 1"), &["-g"]);
     assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+
+    // A static helper whose callers all change with it builds, for consistent switches;
+    // one whose address is taken (callers could be anywhere) does not.
+    let helper = |params: &str, args: &str, extra: &str| {
+        format!(
+            "{PRELUDE}static __attribute__((noipa)) int helper(int a{params}) {{ return ext(a){}; }}\n\
+             int caller(int x) {{ return helper(x{args}) + 1; }}\n{extra}",
+            if params.is_empty() { "" } else { " + b" }
+        )
+    };
+    let d = diff_with(&helper("", "", ""), &helper(", int b", ", 2", ""), &["-g"]);
+    assert!(d.refusals.is_empty(), "{:?}", d.refusals);
+    assert_eq!(d.prototypes, vec!["helper"]);
+    assert!(d.redirected.contains(&"caller".to_string()), "{d:?}");
+    let taken = "int (*hook)(int) = 0; void *where(void) { return (void *)helper; }\n";
+    let d = diff_with(
+        &helper("", "", taken),
+        &helper(", int b", ", 2", &taken.replace("(int)", "(int, int)")),
+        &["-g"],
+    );
+    assert!(
+        matches!(&d.refusals[..], [Refusal::Prototype { function, .. }] if function == "helper"),
+        "{:?}",
+        d.refusals
+    );
 }
 
 /// A type the file declares and only frames hold (as `struct lb_env` of kernel/sched/fair.c)

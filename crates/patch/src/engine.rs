@@ -196,6 +196,7 @@ fn applied_record(
         module: module.clone(),
         rewrites,
         frame_types: man.frame_types.clone(),
+        prototypes: man.prototypes.clone(),
         half_applied: false,
         reclaimed: false,
     }
@@ -400,7 +401,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 function: s.function.clone(),
             });
         }
-        self.check_frame_types(&man.id, &man.frame_types)?;
+        self.check_frame_types(&man.id, &man.frame_types, &man.prototypes)?;
 
         let plan = plan(bundle)?;
         let kmods = self.kernel_modules(bundle)?;
@@ -528,7 +529,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 }
             }
         }
-        self.check_frame_types(id, &rec.frame_types)?;
+        self.check_frame_types(id, &rec.frame_types, &rec.prototypes)?;
         // Revert switches each site from this bundle's jmp back to what it replaced, except
         // in a module unloaded since: its code is gone and the memory may be another's.
         let gone = self.gone_sites(&rec.sites)?;

@@ -60,6 +60,11 @@ pub struct Manifest {
     /// switch of the bundle, apply and revert, must be consistent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub frame_types: Vec<String>,
+    /// Static functions whose prototype changes, all of whose callers the bundle replaces
+    /// (lucos build proves it from both compiles): an old caller still running would pass
+    /// the old arguments, so every switch of the bundle must be consistent too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prototypes: Vec<String>,
     /// Symbols the update newly exports (`EXPORT_SYMBOL`): the bundle's module exports
     /// them, so that modules loaded later link against them as they would against the new
     /// kernel's.
@@ -311,6 +316,12 @@ impl Manifest {
             (
                 "frame_types",
                 self.frame_types.len(),
+                MAX_FRAME_TYPES,
+                "entries",
+            ),
+            (
+                "prototypes",
+                self.prototypes.len(),
                 MAX_FRAME_TYPES,
                 "entries",
             ),

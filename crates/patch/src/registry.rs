@@ -132,6 +132,9 @@ pub struct BundleRecord {
     /// consistent too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub frame_types: Vec<String>,
+    /// Its changed static prototypes (`Manifest::prototypes`): the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prototypes: Vec<String>,
     /// Set when a switch of this bundle failed and could not put every site back: each
     /// site listed may hold either its `original` or its `written` bytes. The record stays
     /// applied, so its pages stay allocated and `lucos revert` (which accepts either bytes
@@ -161,6 +164,7 @@ impl BundleRecord {
             module: None,
             rewrites: Vec::new(),
             frame_types: Vec::new(),
+            prototypes: Vec::new(),
             half_applied: false,
             reclaimed: false,
         }

@@ -238,6 +238,16 @@ fn run_batch(
     Ok(true)
 }
 
+/// The bytes of the bundle unit `id` last tried live, with that result.
+fn tried_bundle(st: &State, id: &str) -> Option<(Vec<u8>, Live)> {
+    let r = st.results.get(id)?;
+    let live = r.live.clone()?;
+    let Built::Bundle { bundle, .. } = &r.build.as_ref()?.built else {
+        return None;
+    };
+    Some((std::fs::read(bundle).ok()?, live))
+}
+
 fn record_live(
     st: &mut State,
     steps: &mut Steps,
@@ -310,6 +320,7 @@ pub(super) fn run(
             let _ = tx.send(p);
         }
         for u in &build {
+            let tried = tried_bundle(st, &u.id);
             let r = outcome::build(&paths, u, &budget, args.jobs)?;
             bsteps.step(
                 &u.id,
@@ -323,12 +334,20 @@ pub(super) fn run(
                 Built::Bundle { bundle, .. } => Some(bundle.clone()),
                 _ => None,
             };
+            // A rebuilt bundle has not been tried live yet, unless it is byte for byte
+            // the one that was (signatures are deterministic).
+            let kept = match (&bundle, tried) {
+                (Some(b), Some((bytes, live))) if std::fs::read(b).is_ok_and(|n| n == bytes) => {
+                    Some(live)
+                }
+                _ => None,
+            };
+            let again = kept.is_none();
             let rec = st.record(&u.id);
             rec.build = Some(r);
-            // A rebuilt bundle has not been tried live yet.
-            rec.live = None;
+            rec.live = kept;
             st.save(path)?;
-            if let (Some(bundle), Some(_)) = (bundle, &worker) {
+            if let (Some(bundle), Some(_), true) = (bundle, &worker, again) {
                 lsteps.grow(1);
                 let _ = tx.send((u.clone(), bundle));
             }

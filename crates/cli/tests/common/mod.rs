@@ -232,6 +232,7 @@ pub fn snippet_bundle(id: &str, source: &str) -> lucos_patch::Bundle {
         frame_types: Vec::new(),
         exports: Vec::new(),
         zeroed: Vec::new(),
+        prototypes: Vec::new(),
     };
     sign_and_store(&lucos_patch::pack(&obj, &manifest).unwrap())
 }

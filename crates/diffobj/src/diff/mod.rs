@@ -234,7 +234,9 @@ fn build_keeping(
         report.objects.extend(object_reports(&objs, &diffs));
         let mut plan = include::plan(&diffs);
         refusals.append(&mut plan.refusals);
-        refusals.extend(prototype_refusals(&plan, &diffs, &prototypes));
+        let (mut refused, consistent) = prototype_refusals(&plan, &diffs, &prototypes);
+        refusals.append(&mut refused);
+        report.prototypes = consistent;
         report.times.compare = t.elapsed();
         progress.finish(Stage::Compare, report.times.compare);
         if !refusals.is_empty() {
@@ -254,7 +256,11 @@ fn build_keeping(
 
         let t = Instant::now();
         progress.start(Stage::Emit, plan.redirects.len() as u64);
-        let target = (release.as_str(), &report.frame_types[..], zeroed);
+        let target = (
+            release.as_str(),
+            (&report.frame_types[..], &report.prototypes[..]),
+            zeroed,
+        );
         let built = match emit_bundle(&diffs, &plan, &syms, target, diff, options, progress) {
             Err(DiffError::Refused { refusals, .. }) => {
                 return Err(DiffError::Refused {
@@ -346,29 +352,47 @@ type ParsedPairs<'a> = (
     Vec<BTreeMap<String, String>>,
 );
 
-/// A redirected function whose prototype changes is refused: the running kernel's callers
-/// pass the old arguments ([`signature`]).
+/// Redirected functions whose prototype changes: refused, or, for a static function only
+/// called directly by functions the bundle replaces too, listed for consistent switches
+/// ([`signature`]).
 fn prototype_refusals(
     plan: &include::Plan,
     diffs: &[compare::Diff<'_>],
     prototypes: &[BTreeMap<String, String>],
-) -> Vec<Refusal> {
-    plan.redirects
-        .iter()
-        .filter_map(|r| {
-            // A compiler clone (`f.isra.0`) is named after its source function.
-            let name = r.old.split('.').next().unwrap_or(&r.old);
-            let what = prototypes.get(r.obj)?.get(name)?;
-            Some(Refusal::Prototype {
-                function: r.old.clone(),
-                file: r
-                    .old_file
-                    .clone()
-                    .unwrap_or_else(|| diffs[r.obj].file.clone()),
-                what: what.clone(),
+) -> (Vec<Refusal>, Vec<String>) {
+    let mut refusals = Vec::new();
+    let mut consistent = Vec::new();
+    for r in &plan.redirects {
+        // A compiler clone (`f.isra.0`) is named after its source function.
+        let name = r.old.split('.').next().unwrap_or(&r.old);
+        let Some(what) = prototypes.get(r.obj).and_then(|p| p.get(name)) else {
+            continue;
+        };
+        let d = &diffs[r.obj];
+        let replaced = |callers: std::collections::BTreeSet<usize>| {
+            callers.iter().all(|&c| {
+                let caller = &d.orig.symbols[c].name;
+                plan.redirects
+                    .iter()
+                    .any(|x| x.obj == r.obj && &x.old == caller)
             })
-        })
-        .collect()
+        };
+        let local = d.twin[r.sym].is_some_and(|o| d.orig.symbols[o].bind == object::elf::STB_LOCAL);
+        let callers_replaced = d.twin[r.sym]
+            .is_some_and(|o| signature::direct_callers(d.orig, o).is_some_and(replaced))
+            && signature::direct_callers(d.patched, r.sym).is_some();
+        if local && callers_replaced {
+            tracing::info!(function = %r.old, %what, "prototype changes; every caller is replaced");
+            consistent.push(r.old.clone());
+            continue;
+        }
+        refusals.push(Refusal::Prototype {
+            function: r.old.clone(),
+            file: r.old_file.clone().unwrap_or_else(|| d.file.clone()),
+            what: what.clone(),
+        });
+    }
+    (refusals, consistent)
 }
 
 /// Parses both compiles of each object and checks them as objects (type layouts, exports);
@@ -509,12 +533,20 @@ fn compile_all(
     Ok(results)
 }
 
+/// What the manifest takes from the build besides the plan: the release, the frame-local
+/// types and static prototypes that ask for consistent switches, and the zero checks.
+type Target<'a> = (
+    &'a str,
+    (&'a [String], &'a [String]),
+    Vec<lucos_patch::Zeroed>,
+);
+
 /// Writes the object, the manifest and checks the result with lucos's own loader.
 fn emit_bundle(
     diffs: &[compare::Diff<'_>],
     plan: &include::Plan,
     syms: &KernelSymbols,
-    (release, frame_types, zeroed): (&str, &[String], Vec<lucos_patch::Zeroed>),
+    (release, (frame_types, prototypes), zeroed): Target<'_>,
     diff: &Path,
     options: &BuildOptions,
     progress: &dyn Progress,
@@ -631,6 +663,7 @@ fn emit_bundle(
         frame_types: frame_types.to_vec(),
         exports: emit::exports(plan),
         zeroed,
+        prototypes: prototypes.to_vec(),
     };
     let bundle = lucos_patch::pack(&object, &manifest)?;
     let parsed = Bundle::parse(&bundle)?;

@@ -36,6 +36,9 @@ pub struct ObjectDiff {
     pub refusals: Vec<Refusal>,
     /// Types whose layout changes but whose instances only frames hold.
     pub frame_types: Vec<String>,
+    /// Static functions whose prototype changes, every caller replaced (consistent
+    /// switches).
+    pub prototypes: Vec<String>,
     /// Symbols the patched object newly exports (the bundle's module exports them).
     pub exports: Vec<String>,
     /// The bundle's ELF object (no manifest yet), when nothing was refused and some
@@ -99,11 +102,9 @@ pub fn compare_objects(
         }));
     out.frame_types = layout.frame_types;
     out.refusals.extend(plan.refusals.iter().cloned());
-    out.refusals.extend(super::prototype_refusals(
-        &plan,
-        &diffs,
-        &[layout.prototypes],
-    ));
+    let (refused, consistent) = super::prototype_refusals(&plan, &diffs, &[layout.prototypes]);
+    out.refusals.extend(refused);
+    out.prototypes = consistent;
     out.exports = plan.exports.iter().map(|(e, _)| e.name.clone()).collect();
     if out.refusals.is_empty() && !plan.is_empty() {
         out.object = Some(emit::write_object(&diffs, &plan, None)?);

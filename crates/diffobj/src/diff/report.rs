@@ -131,6 +131,9 @@ pub struct BuildReport {
     /// Types that gain members only in padding holes, every object of which was proven
     /// static and zero there (`Manifest::zeroed` checks them live).
     pub padded_types: Vec<String>,
+    /// Static functions whose prototype changes and whose every caller the bundle
+    /// replaces: the bundle's switches must be consistent (`Manifest::prototypes`).
+    pub prototypes: Vec<String>,
     pub times: Times,
 }
 

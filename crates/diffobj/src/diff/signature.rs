@@ -7,12 +7,16 @@
 //! `tcp_v4_syn_recv_sock` a seventh parameter, a function pointer; replaced alone, it read
 //! that pointer from the old caller's stack and called it, and the guest died. The
 //! parameter and return sizes are compared (what the calling convention passes); a
-//! change is refused, naming the function and both lists.
+//! change is refused, naming the function and both lists, unless the function is static,
+//! its address is never taken and every function that calls it is replaced too: then
+//! only an old caller still running could pass the old arguments, and the bundle asks
+//! for consistent switches (`Manifest::prototypes`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::error::DwarfError;
 use super::layout::{parse, Slice};
+use super::obj::{Obj, Target};
 
 /// Byte sizes of the parameters (`None`: unknown; `Some(0)`: `...`) and of the return
 /// value (0 for void).
@@ -115,4 +119,39 @@ fn unit_prototypes(
         }
     }
     Ok(())
+}
+
+/// The functions of `obj` that call `f`, when every reference to `f` is a direct `call`
+/// or `jmp` from inside one: `None` when its address is taken (data, a pointer load), so
+/// that callers could be anywhere.
+pub(crate) fn direct_callers(obj: &Obj<'_>, f: usize) -> Option<BTreeSet<usize>> {
+    let mut callers = BTreeSet::new();
+    for (sec, s) in obj.sections.iter().enumerate() {
+        // Debug info and the kernel's tables (ORC, __mcount_loc, exception and jump
+        // tables) name code places, not pointers anyone calls through.
+        let metadata = !s.is_alloc()
+            || super::special::table(&s.name).is_some()
+            || super::special::is_ignored(&s.name);
+        if metadata || s.sh_type == object::elf::SHT_RELA || s.sh_type == object::elf::SHT_REL {
+            continue;
+        }
+        for rel in &s.relocs {
+            if !matches!(obj.target(sec, rel), Target::Sym { sym, .. } if sym == f) {
+                continue;
+            }
+            let at = rel.offset as usize;
+            let opcode = at.checked_sub(1).and_then(|i| s.data.get(i));
+            let direct = s.is_exec()
+                && matches!(
+                    rel.r_type,
+                    object::elf::R_X86_64_PLT32 | object::elf::R_X86_64_PC32
+                )
+                && matches!(opcode, Some(0xe8 | 0xe9));
+            if !direct {
+                return None;
+            }
+            callers.insert(obj.item_at(sec, rel.offset as i64)?);
+        }
+    }
+    Some(callers)
 }

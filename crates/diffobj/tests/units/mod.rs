@@ -135,6 +135,7 @@ pub fn check_bundle(object: &[u8], d: &ObjectDiff) {
             })
             .collect(),
         zeroed: Vec::new(),
+        prototypes: Vec::new(),
     };
     let bundle = lucos_patch::pack(object, &manifest).expect("pack");
     let parsed = Bundle::parse(&bundle).expect("bundle parses");

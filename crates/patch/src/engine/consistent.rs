@@ -63,16 +63,31 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         self.gate = Some((gate, retry, scope));
     }
 
-    /// A bundle that changes a frame-local type is safe only if every switch of it is
-    /// consistent (see `Manifest::frame_types`); `id` is refused otherwise, unchanged.
-    pub(super) fn check_frame_types(&self, id: &str, types: &[String]) -> Result<(), EngineError> {
-        let consistent = matches!(&self.gate, Some((_, _, GateScope::Functions)));
-        match types.first() {
-            Some(t) if !consistent => Err(EngineError::FrameTypeNeedsConsistency {
+    /// A bundle that changes a frame-local type, or the prototype of a static function
+    /// whose callers it replaces, is safe only if every switch of it is consistent (see
+    /// `Manifest::frame_types` and `Manifest::prototypes`); `id` is refused otherwise,
+    /// unchanged.
+    pub(super) fn check_frame_types(
+        &self,
+        id: &str,
+        types: &[String],
+        prototypes: &[String],
+    ) -> Result<(), EngineError> {
+        if matches!(&self.gate, Some((_, _, GateScope::Functions))) {
+            return Ok(());
+        }
+        if let Some(t) = types.first() {
+            return Err(EngineError::FrameTypeNeedsConsistency {
                 id: id.to_owned(),
                 type_name: t.clone(),
+            });
+        }
+        match prototypes.first() {
+            Some(f) => Err(EngineError::PrototypeNeedsConsistency {
+                id: id.to_owned(),
+                function: f.clone(),
             }),
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 

@@ -171,4 +171,6 @@ pub enum EngineError {
     EntryNeedsStackCheck { function: String },
     #[error("bundle '{id}' changes the layout of `{type_name}`, whose objects live only in the frames of the functions it replaces: that is safe only if no task is in that code at the switch, and this caller set no consistent check up (Session::set_gate with GateScope::Functions); apply and revert it with `lucos apply` and `lucos revert`, which check every stack")]
     FrameTypeNeedsConsistency { id: String, type_name: String },
+    #[error("bundle '{id}' changes the prototype of `{function}` and replaces all its callers: an old caller still running would pass the new code the old arguments, so that is safe only if no task is in that code at the switch, and this caller set no consistent check up (Session::set_gate with GateScope::Functions); apply and revert it with `lucos apply` and `lucos revert`, which check every stack")]
+    PrototypeNeedsConsistency { id: String, function: String },
 }

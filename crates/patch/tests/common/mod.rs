@@ -89,6 +89,7 @@ pub fn manifest(news: &[&str]) -> Manifest {
         frame_types: Vec::new(),
         exports: Vec::new(),
         zeroed: Vec::new(),
+        prototypes: Vec::new(),
     }
 }
 
