@@ -253,6 +253,35 @@ fn a_frame_local_layout_change_switches_only_consistently() {
     assert_eq!(site(&m, f1), NOP5);
 }
 
+/// A static function whose prototype changes (`Manifest::prototypes`, every caller in the
+/// bundle) likewise: an old caller still running would pass the old arguments.
+#[test]
+fn a_changed_static_prototype_switches_only_consistently() {
+    let k = FakeKernel::new();
+    let b = k.bundle_with("proto", &["lucos_f1"], false, |m| {
+        m.prototypes = vec!["helper".into()];
+    });
+    let refused = |e: &EngineError| {
+        matches!(e, EngineError::PrototypeNeedsConsistency { id, function }
+            if id == "proto" && function == "helper")
+    };
+    let mut m = k.fresh.clone();
+    let err = apply_with(&k, &mut m, &b, |f| f).unwrap_err();
+    assert!(refused(&err), "{err}");
+    assert_unchanged(&k, &m, "no consistent check");
+    gated(&k, &mut m, GateScope::Functions, None, |s| s.apply(&b)).unwrap();
+    assert_eq!(registry(&k, &mut m).bundles[0].prototypes, ["helper"]);
+    let applied = m.mem.clone();
+    let err = revert_with(&k, &mut m, "proto", |f| f).unwrap_err();
+    assert!(refused(&err), "{err}");
+    assert!(m.mem == applied, "a refused revert changed the guest");
+    gated(&k, &mut m, GateScope::Functions, None, |s| {
+        s.revert("proto")
+    })
+    .unwrap();
+    assert_eq!(site(&m, k.pa("old_lucos_f1")), NOP5);
+}
+
 #[test]
 fn a_failed_check_in_the_pause_leaves_the_guest_unchanged_and_running() {
     let k = FakeKernel::new();
