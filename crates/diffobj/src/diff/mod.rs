@@ -28,6 +28,7 @@ mod names;
 mod obj;
 mod objects;
 mod padding;
+mod pairs;
 mod patchfile;
 mod promote;
 mod report;
@@ -59,7 +60,7 @@ use crate::error::BuildError;
 use crate::tree::KernelTree;
 use compare::Status;
 use compile::Side;
-use obj::Obj;
+use pairs::{parse_compiled, read_compiled, CompiledPairs};
 
 /// The manifest id for a diff file: its stem, restricted to `[A-Za-z0-9._-]`.
 fn default_id(diff: &Path) -> String {
@@ -234,7 +235,7 @@ fn build_keeping(
         report.objects.extend(object_reports(&objs, &diffs));
         let mut plan = include::plan(&diffs);
         refusals.append(&mut plan.refusals);
-        let (mut refused, consistent) = prototype_refusals(&plan, &diffs, &prototypes);
+        let (mut refused, consistent) = signature::check(&plan, &diffs, &prototypes);
         refusals.append(&mut refused);
         report.prototypes = consistent;
         report.times.compare = t.elapsed();
@@ -284,18 +285,6 @@ fn build_keeping(
     })
 }
 
-/// The bytes of an object's original and patched compiles.
-type CompiledBytes = (Vec<u8>, Vec<u8>);
-
-/// Both compiles of each object.
-fn read_compiled(built: &[Compiled]) -> Result<Vec<CompiledBytes>, DiffError> {
-    let read = |p: &Path| std::fs::read(p).map_err(DiffError::io("read", p));
-    built
-        .iter()
-        .map(|b| Ok((read(&b.original)?, read(&b.patched)?)))
-        .collect()
-}
-
 /// Whether the diff moved line `from` of a changed file to line `to`.
 fn line_moved(changes: &[FileChange], from: u64, to: u64) -> bool {
     let (Ok(from), Ok(to)) = (u32::try_from(from), u32::try_from(to)) else {
@@ -343,104 +332,6 @@ fn no_change_reason(report: &BuildReport) -> String {
         "the compiled code is the same".to_string()
     }
 }
-
-/// The compiled pairs, the types that only add members in padding, and per pair the
-/// functions whose prototype changes.
-type ParsedPairs<'a> = (
-    CompiledPairs<'a>,
-    Vec<padding::Padded>,
-    Vec<BTreeMap<String, String>>,
-);
-
-/// Redirected functions whose prototype changes: refused, or, for a static function only
-/// called directly by functions the bundle replaces too, listed for consistent switches
-/// ([`signature`]).
-fn prototype_refusals(
-    plan: &include::Plan,
-    diffs: &[compare::Diff<'_>],
-    prototypes: &[BTreeMap<String, String>],
-) -> (Vec<Refusal>, Vec<String>) {
-    let mut refusals = Vec::new();
-    let mut consistent = Vec::new();
-    for r in &plan.redirects {
-        // A compiler clone (`f.isra.0`) is named after its source function.
-        let name = r.old.split('.').next().unwrap_or(&r.old);
-        let Some(what) = prototypes.get(r.obj).and_then(|p| p.get(name)) else {
-            continue;
-        };
-        let d = &diffs[r.obj];
-        let replaced = |callers: std::collections::BTreeSet<usize>| {
-            callers.iter().all(|&c| {
-                let caller = &d.orig.symbols[c].name;
-                plan.redirects
-                    .iter()
-                    .any(|x| x.obj == r.obj && &x.old == caller)
-            })
-        };
-        let local = d.twin[r.sym].is_some_and(|o| d.orig.symbols[o].bind == object::elf::STB_LOCAL);
-        let callers_replaced = d.twin[r.sym]
-            .is_some_and(|o| signature::direct_callers(d.orig, o).is_some_and(replaced))
-            && signature::direct_callers(d.patched, r.sym).is_some();
-        if local && callers_replaced {
-            tracing::info!(function = %r.old, %what, "prototype changes; every caller is replaced");
-            consistent.push(r.old.clone());
-            continue;
-        }
-        refusals.push(Refusal::Prototype {
-            function: r.old.clone(),
-            file: r.old_file.clone().unwrap_or_else(|| d.file.clone()),
-            what: what.clone(),
-        });
-    }
-    (refusals, consistent)
-}
-
-/// Parses both compiles of each object and checks them as objects (type layouts, exports);
-/// assembly objects end here, compared whole since they are not compared by function.
-fn parse_compiled<'a>(
-    affected: &[&'a KbuildObject],
-    built: &[Compiled],
-    bytes: &'a [CompiledBytes],
-    changes: &[FileChange],
-    report: &mut BuildReport,
-    refusals: &mut Vec<Refusal>,
-) -> Result<ParsedPairs<'a>, DiffError> {
-    let mut objs = Vec::new();
-    let mut padded = Vec::new();
-    let mut prototypes = Vec::new();
-    for ((&obj, b), (orig_bytes, patched_bytes)) in affected.iter().zip(built).zip(bytes) {
-        let layout = verify::layout_check(&obj.object, &obj.source, orig_bytes, patched_bytes)?;
-        refusals.extend(layout.refusals);
-        padded.extend(layout.padded);
-        for t in layout.frame_types {
-            if !report.frame_types.contains(&t) {
-                report.frame_types.push(t);
-            }
-        }
-        let orig = Obj::parse(&obj.object, orig_bytes)?;
-        let patched = Obj::parse(&obj.object, patched_bytes)?;
-        if obj.is_assembly() {
-            if obj::same_allocated_contents(&orig, &patched) {
-                report.unchanged_assembly.push(obj.object.clone());
-            } else {
-                let path = changes
-                    .iter()
-                    .find(|c| obj.source == c.path || obj.deps.contains(&c.path));
-                refusals.push(Refusal::AssemblyDependent {
-                    path: path.map_or_else(|| obj.source.clone(), |c| c.path.clone()),
-                    object: obj.object.clone(),
-                });
-            }
-            continue;
-        }
-        objs.push((orig, patched, obj, b.cached));
-        prototypes.push(layout.prototypes);
-    }
-    Ok((objs, padded, prototypes))
-}
-
-/// Original, patched, the object, and whether the original came from the cache.
-type CompiledPairs<'a> = Vec<(Obj<'a>, Obj<'a>, &'a KbuildObject, bool)>;
 
 /// Paths of one object's two compiles.
 struct Compiled {

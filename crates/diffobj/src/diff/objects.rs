@@ -102,7 +102,7 @@ pub fn compare_objects(
         }));
     out.frame_types = layout.frame_types;
     out.refusals.extend(plan.refusals.iter().cloned());
-    let (refused, consistent) = super::prototype_refusals(&plan, &diffs, &[layout.prototypes]);
+    let (refused, consistent) = super::signature::check(&plan, &diffs, &[layout.prototypes]);
     out.refusals.extend(refused);
     out.prototypes = consistent;
     out.exports = plan.exports.iter().map(|(e, _)| e.name.clone()).collect();

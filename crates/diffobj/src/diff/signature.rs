@@ -14,8 +14,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::error::DwarfError;
+use super::compare::Diff;
+use super::error::{DwarfError, Refusal};
+use super::include::Plan;
 use super::layout::{parse, Slice};
+use super::names::cold_parent;
 use super::obj::{Obj, Target};
 
 /// Byte sizes of the parameters (`None`: unknown; `Some(0)`: `...`) and of the return
@@ -154,4 +157,54 @@ pub(crate) fn direct_callers(obj: &Obj<'_>, f: usize) -> Option<BTreeSet<usize>>
         }
     }
     Some(callers)
+}
+
+/// Redirected functions whose prototype changes: refused, or, for a static function only
+/// called directly by functions the bundle replaces too, returned for consistent switches.
+pub(crate) fn check(
+    plan: &Plan,
+    diffs: &[Diff<'_>],
+    prototypes: &[BTreeMap<String, String>],
+) -> (Vec<Refusal>, Vec<String>) {
+    let mut refusals = Vec::new();
+    let mut consistent = Vec::new();
+    for r in &plan.redirects {
+        // A compiler clone (`f.isra.0`) is named after its source function.
+        let name = r.old.split('.').next().unwrap_or(&r.old);
+        let Some(what) = prototypes.get(r.obj).and_then(|p| p.get(name)) else {
+            continue;
+        };
+        let d = &diffs[r.obj];
+        // A caller's cold part (`f.cold`) is replaced with `f`.
+        let replaced = |callers: BTreeSet<usize>| {
+            callers.iter().all(|&c| {
+                let name = &d.orig.symbols[c].name;
+                let caller = cold_parent(name).unwrap_or(name);
+                let done = plan
+                    .redirects
+                    .iter()
+                    .any(|x| x.obj == r.obj && x.old == caller);
+                if !done {
+                    tracing::info!(function = %r.old, %caller, "a caller is not replaced");
+                }
+                done
+            })
+        };
+        let orig = d.twin[r.sym];
+        let local = orig.is_some_and(|o| d.orig.symbols[o].bind == object::elf::STB_LOCAL);
+        let callers_replaced = orig
+            .is_some_and(|o| direct_callers(d.orig, o).is_some_and(replaced))
+            && direct_callers(d.patched, r.sym).is_some();
+        tracing::info!(function = %r.old, %what, local, callers_replaced, "prototype changes");
+        if local && callers_replaced {
+            consistent.push(r.old.clone());
+            continue;
+        }
+        refusals.push(Refusal::Prototype {
+            function: r.old.clone(),
+            file: r.old_file.clone().unwrap_or_else(|| d.file.clone()),
+            what: what.clone(),
+        });
+    }
+    (refusals, consistent)
 }
