@@ -175,25 +175,9 @@ pub(crate) fn check(
             continue;
         };
         let d = &diffs[r.obj];
-        // A caller's cold part (`f.cold`) is replaced with `f`.
-        let replaced = |callers: BTreeSet<usize>| {
-            callers.iter().all(|&c| {
-                let name = &d.orig.symbols[c].name;
-                let caller = cold_parent(name).unwrap_or(name);
-                let done = plan
-                    .redirects
-                    .iter()
-                    .any(|x| x.obj == r.obj && x.old == caller);
-                if !done {
-                    tracing::info!(function = %r.old, %caller, "a caller is not replaced");
-                }
-                done
-            })
-        };
         let orig = d.twin[r.sym];
         let local = orig.is_some_and(|o| d.orig.symbols[o].bind == object::elf::STB_LOCAL);
-        let callers_replaced = orig
-            .is_some_and(|o| direct_callers(d.orig, o).is_some_and(replaced))
+        let callers_replaced = orig.is_some_and(|o| only_replaced_reach(plan, d, r.obj, o))
             && direct_callers(d.patched, r.sym).is_some();
         tracing::info!(function = %r.old, %what, local, callers_replaced, "prototype changes");
         if local && callers_replaced {
@@ -207,4 +191,37 @@ pub(crate) fn check(
         });
     }
     (refusals, consistent)
+}
+
+/// Whether every way into original function `f` of object `obj` goes through a function
+/// the bundle replaces: each direct caller is replaced, or is itself a static function
+/// the patched compile no longer has (inlined away) whose own callers are, and so on.
+/// Then no code left running the old way calls `f`, except a frame already inside.
+fn only_replaced_reach(plan: &Plan, d: &Diff<'_>, obj: usize, f: usize) -> bool {
+    let replaced = |name: &str| plan.redirects.iter().any(|x| x.obj == obj && x.old == name);
+    let vanished = |c: usize| {
+        let s = &d.orig.symbols[c];
+        s.bind == object::elf::STB_LOCAL && !d.twin.iter().any(|t| *t == Some(c))
+    };
+    let mut seen = BTreeSet::from([f]);
+    let mut todo = vec![f];
+    while let Some(g) = todo.pop() {
+        let Some(callers) = direct_callers(d.orig, g) else {
+            return false;
+        };
+        for c in callers {
+            let name = &d.orig.symbols[c].name;
+            // A caller's cold part (`f.cold`) is replaced with `f`.
+            let caller = cold_parent(name).unwrap_or(name);
+            if replaced(caller) || !seen.insert(c) {
+                continue;
+            }
+            if !vanished(c) {
+                tracing::info!(function = %d.orig.symbols[f].name, %caller, "a caller is not replaced");
+                return false;
+            }
+            todo.push(c);
+        }
+    }
+    true
 }
