@@ -201,7 +201,7 @@ fn only_replaced_reach(plan: &Plan, d: &Diff<'_>, obj: usize, f: usize) -> bool 
     let replaced = |name: &str| plan.redirects.iter().any(|x| x.obj == obj && x.old == name);
     let vanished = |c: usize| {
         let s = &d.orig.symbols[c];
-        s.bind == object::elf::STB_LOCAL && !d.twin.iter().any(|t| *t == Some(c))
+        s.bind == object::elf::STB_LOCAL && !d.twin.contains(&Some(c))
     };
     let mut seen = BTreeSet::from([f]);
     let mut todo = vec![f];
