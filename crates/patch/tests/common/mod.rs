@@ -3,6 +3,7 @@
 
 pub mod fake;
 pub mod kernel;
+pub mod switch;
 
 use std::path::Path;
 use std::process::Command;
