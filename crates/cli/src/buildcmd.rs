@@ -162,6 +162,13 @@ pub fn build(args: BuildArgs) -> Result<()> {
                     b.manifest.zeroed.len()
                 );
             }
+            if !b.manifest.prototypes.is_empty() {
+                println!(
+                    "changes the prototype of {}, whose every caller it replaces: apply and \
+                     revert switch consistently (every stack checked)",
+                    crate::show::esc(&b.manifest.prototypes.join(", "))
+                );
+            }
             if !b.manifest.frame_types.is_empty() {
                 println!(
                     "changes the layout of {}, which only frames of the replaced functions \
