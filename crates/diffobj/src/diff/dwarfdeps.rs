@@ -118,15 +118,15 @@ fn source_root(names: &[(PathBuf, PathBuf)]) -> Option<PathBuf> {
     })
 }
 
-use super::layout::{parse, Slice};
+use super::dwarf::{parse, Slice};
 
 fn read_units(data: &[u8]) -> Result<Vec<Unit>, DwarfError> {
     let file = object::File::parse(data).map_err(|source| DwarfError::Object { source })?;
     if file.section_by_name(".debug_info").is_none() {
         return Err(DwarfError::NoDebugInfo);
     }
-    let sections = super::layout::dwarf_sections(&file)?;
-    let dwarf = super::layout::dwarf(&sections)?;
+    let sections = super::dwarf::dwarf_sections(&file)?;
+    let dwarf = super::dwarf::dwarf(&sections)?;
 
     // First pass: each unit's name, compilation directory and raw file list.
     let mut raw: Vec<(PathBuf, PathBuf, Vec<PathBuf>)> = Vec::new();
@@ -190,7 +190,7 @@ fn read_units(data: &[u8]) -> Result<Vec<Unit>, DwarfError> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::layout::tests::{object_with, TRUNCATED_UNIT};
+    use super::super::dwarf::tests::{object_with, TRUNCATED_UNIT};
     use super::*;
 
     #[test]

@@ -24,8 +24,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
+use super::dwarf::{dwarf, dwarf_sections, parse, Slice};
 use super::error::DwarfError;
-use super::layout::{dwarf, dwarf_sections, parse, Slice};
 
 type Unit<'a> = gimli::Unit<Slice<'a>>;
 type Offset = gimli::UnitOffset<usize>;

@@ -16,8 +16,8 @@ use std::path::Path;
 use object::Object;
 use serde::{Deserialize, Serialize};
 
+use super::dwarf::{parse, Slice};
 use super::error::{DiffError, DwarfError};
-use super::layout::{parse, Slice};
 
 /// One variable of the type: `count` objects of `stride` bytes from `addr`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -96,8 +96,8 @@ pub fn scan(data: &[u8], type_name: &str) -> Result<Instances, DwarfError> {
         Some(("union", n)) => (gimli::DW_TAG_union_type, n),
         _ => return Ok(Instances::default()),
     };
-    let sections = super::layout::dwarf_sections(&file)?;
-    let dwarf = super::layout::dwarf(&sections)?;
+    let sections = super::dwarf::dwarf_sections(&file)?;
+    let dwarf = super::dwarf::dwarf(&sections)?;
     let mut out = Instances::default();
     let mut headers = dwarf.units();
     while let Some(header) = headers.next().map_err(parse("a unit header"))? {

@@ -15,6 +15,7 @@ mod cmdfile;
 mod compare;
 mod compile;
 mod correlate;
+mod dwarf;
 mod dwarfdeps;
 mod emit;
 mod error;

@@ -15,16 +15,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::compare::Diff;
-use super::error::{DwarfError, Refusal};
+use super::dwarf::{type_bytes, Slice};
+use super::error::Refusal;
 use super::include::Plan;
-use super::layout::{parse, Slice};
 use super::names::cold_parent;
 use super::obj::{Obj, Target};
 
 /// Byte sizes of the parameters (`None`: unknown; `Some(0)`: `...`) and of the return
 /// value (0 for void).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Prototype {
+pub(crate) struct Prototype {
     params: Vec<Option<u64>>,
     ret: Option<u64>,
 }
@@ -46,39 +46,28 @@ impl std::fmt::Display for Prototype {
     }
 }
 
+/// Every function an object defines, by name (`None`: defined twice, as two statics of
+/// one name), as [`collect`] finds them.
+pub(crate) type Prototypes = BTreeMap<String, Option<Prototype>>;
+
 /// The functions both objects define, with one prototype each, whose prototypes differ:
-/// name → "old → new" (byte sizes).
-pub(crate) fn changed(orig: &[u8], patched: &[u8]) -> Result<BTreeMap<String, String>, DwarfError> {
-    let (old, new) = (prototypes(orig)?, prototypes(patched)?);
-    Ok(old
-        .iter()
+/// name → "old became new" (byte sizes).
+pub(crate) fn changed(old: &Prototypes, new: &Prototypes) -> BTreeMap<String, String> {
+    old.iter()
         .filter_map(|(name, o)| {
             let (Some(o), Some(Some(n))) = (o, new.get(name)) else {
                 return None;
             };
             (o != n).then(|| (name.clone(), format!("{o} became {n}")))
         })
-        .collect())
+        .collect()
 }
 
-/// Every function the object defines (`None`: defined twice, as two statics of one name).
-fn prototypes(data: &[u8]) -> Result<BTreeMap<String, Option<Prototype>>, DwarfError> {
-    let file = object::File::parse(data).map_err(|source| DwarfError::Object { source })?;
-    let sections = super::layout::dwarf_sections(&file)?;
-    let dwarf = super::layout::dwarf(&sections)?;
-    let mut out: BTreeMap<String, Option<Prototype>> = BTreeMap::new();
-    let mut units = dwarf.units();
-    while let Some(header) = units.next().map_err(parse("a unit header"))? {
-        let unit = dwarf.unit(header).map_err(parse("a unit"))?;
-        unit_prototypes(&dwarf, &unit, &mut out).map_err(parse("a unit's functions"))?;
-    }
-    Ok(out)
-}
-
-fn unit_prototypes(
+/// Adds the functions `unit` defines to `out`.
+pub(crate) fn collect(
     dwarf: &gimli::Dwarf<Slice<'_>>,
     unit: &gimli::Unit<Slice<'_>>,
-    out: &mut BTreeMap<String, Option<Prototype>>,
+    out: &mut Prototypes,
 ) -> Result<(), gimli::Error> {
     let mut tree = unit.entries_tree(None)?;
     let root = tree.root()?;
@@ -97,15 +86,13 @@ fn unit_prototypes(
         };
         let ret = match e.attr_value(gimli::DW_AT_type) {
             None => Some(0),
-            Some(_) => super::layout::type_bytes(unit, e, 0),
+            Some(_) => type_bytes(unit, e, 0),
         };
         let mut params = Vec::new();
         let mut kids = node.children();
         while let Some(k) = kids.next()? {
             match k.entry().tag() {
-                gimli::DW_TAG_formal_parameter => {
-                    params.push(super::layout::type_bytes(unit, k.entry(), 0))
-                }
+                gimli::DW_TAG_formal_parameter => params.push(type_bytes(unit, k.entry(), 0)),
                 gimli::DW_TAG_unspecified_parameters => params.push(Some(0)),
                 _ => {}
             }

@@ -17,8 +17,9 @@ use lucos_introspect::symbols::KernelSymbols;
 use object::elf;
 
 use super::compare::Diff;
-use super::error::{DiffError, Refusal};
+use super::error::{DiffError, DwarfError, Refusal};
 use super::include::Redirect;
+use super::layout::Layout;
 use super::obj::{Obj, Target};
 
 /// Width of the field a relocation patches.
@@ -191,6 +192,18 @@ pub(crate) struct LayoutCheck {
     pub prototypes: BTreeMap<String, String>,
 }
 
+/// An object's type layouts and function prototypes, from one read of its DWARF.
+fn read_dwarf(
+    bytes: &[u8],
+) -> Result<(BTreeMap<String, Layout>, super::signature::Prototypes), DwarfError> {
+    let (mut types, mut functions) = (BTreeMap::new(), BTreeMap::new());
+    super::dwarf::each_unit(bytes, "a unit's types and functions", |dwarf, unit| {
+        super::layout::collect(dwarf, unit, &mut types)?;
+        super::signature::collect(dwarf, unit, &mut functions)
+    })?;
+    Ok((super::layout::known(types), functions))
+}
+
 /// Checks every struct or union the original object knew whose layout the patched one
 /// changes: frame-local in both compiles, or refused.
 pub(crate) fn layout_check(
@@ -203,9 +216,9 @@ pub(crate) fn layout_check(
         object: object.to_string(),
         source,
     };
-    let read = |bytes: &[u8]| super::layout::layouts(bytes).map_err(dwarf_error);
-    let (old, new) = (read(orig)?, read(patched)?);
-    let prototypes = super::signature::changed(orig, patched).map_err(dwarf_error)?;
+    let read = |bytes: &[u8]| read_dwarf(bytes).map_err(dwarf_error);
+    let ((old, old_fns), (new, new_fns)) = (read(orig)?, read(patched)?);
+    let prototypes = super::signature::changed(&old_fns, &new_fns);
     if old.is_empty() {
         tracing::warn!(
             %object,
