@@ -13,12 +13,11 @@ use lucos_introspect::{GuestPhysAddr, KernelLayout, KernelSymbols, LoadedModule,
 
 use crate::kmod;
 use crate::memory::{self, PatchMem, PatchMemLayout};
-use crate::registry::{
-    BundleRecord, BundleState, Header, ModuleSite, RangeRecord, Registry, SiteRecord, HEADER_LEN,
-};
+use crate::registry::{BundleRecord, BundleState, ModuleSite, RangeRecord, Registry, SiteRecord};
 use crate::{jmp_rel32, link, plan, Bundle, Manifest, RegionKind, Regions};
 use kernel::KernelEdit;
 
+mod commit;
 mod consistent;
 mod cpu;
 mod error;
@@ -84,12 +83,6 @@ struct Site {
     /// The site is a function's entry whose 5 bytes are not one instruction: no vCPU and
     /// no stack frame may be inside them at the switch (see [`crate::entry`]).
     window: bool,
-}
-
-/// A registry commit, encoded: the slot's JSON, then the header that activates it.
-struct PreparedCommit {
-    slot: (GuestPhysAddr, Vec<u8>),
-    head: (GuestPhysAddr, Vec<u8>),
 }
 
 /// A failed switch, and whether every site and kernel word is back to its old bytes (only
@@ -253,76 +246,6 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
         Ok(s)
     }
 
-    fn read_header(&self) -> Result<(Header, Registry), EngineError> {
-        let mut hb = [0u8; HEADER_LEN];
-        self.m
-            .read_phys(self.pm.pa(self.pm.layout.header_offset()), &mut hb)?;
-        match Header::decode(&hb)? {
-            None => Ok((Header::default(), Registry::empty(&self.pm.layout))),
-            Some(h) => {
-                let mut slot = vec![0u8; memory::REGISTRY_SLOT_SIZE];
-                self.m
-                    .read_phys(self.pm.pa(self.pm.layout.slot_offset(h.active)), &mut slot)?;
-                let reg = h.registry(&slot)?;
-                Ok((h, reg))
-            }
-        }
-    }
-
-    /// The registry as stored in the guest's patch memory.
-    pub fn registry(&self) -> Result<Registry, EngineError> {
-        Ok(self.read_header()?.1)
-    }
-
-    /// The exact bytes a commit after `header` would overwrite.
-    fn snapshot_registry(
-        &self,
-        header: &Header,
-    ) -> Result<Vec<(GuestPhysAddr, Vec<u8>)>, EngineError> {
-        let slot = self
-            .pm
-            .pa(self.pm.layout.slot_offset(1 - header.active.min(1)));
-        let head = self.pm.pa(self.pm.layout.header_offset());
-        let mut out = Vec::new();
-        for (pa, len) in [(slot, memory::REGISTRY_SLOT_SIZE), (head, HEADER_LEN)] {
-            let mut b = vec![0u8; len];
-            self.m.read_phys(pa, &mut b)?;
-            out.push((pa, b));
-        }
-        Ok(out)
-    }
-
-    fn commit(&mut self, header: &Header, reg: &mut Registry) -> Result<(), EngineError> {
-        let p = self.prepare_commit(header, reg)?;
-        self.write_commit(&p)
-    }
-
-    /// The writes that commit `reg` (its generation advanced), encoded: a switch encodes
-    /// before the pause and writes inside it.
-    fn prepare_commit(
-        &self,
-        header: &Header,
-        reg: &mut Registry,
-    ) -> Result<PreparedCommit, EngineError> {
-        reg.generation += 1;
-        reg.prune();
-        let (h, json) = reg.encode(header)?;
-        Ok(PreparedCommit {
-            slot: (self.pm.pa(self.pm.layout.slot_offset(h.active)), json),
-            head: (
-                self.pm.pa(self.pm.layout.header_offset()),
-                h.encode().to_vec(),
-            ),
-        })
-    }
-
-    fn write_commit(&mut self, p: &PreparedCommit) -> Result<(), EngineError> {
-        // The slot first, then the header that makes it the active one.
-        self.m
-            .write_phys_data_all(&[(p.slot.0, &p.slot.1), (p.head.0, &p.head.1)])?;
-        Ok(())
-    }
-
     /// Resolves an undefined bundle symbol in the running kernel: in the modules the bundle
     /// patches first (their own statics), then in vmlinux.
     fn resolve(
@@ -401,7 +324,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 function: s.function.clone(),
             });
         }
-        self.check_frame_types(&man.id, &man.frame_types, &man.prototypes)?;
+        self.check_needs_consistency(&man.id, &man.frame_types, &man.prototypes)?;
 
         let plan = plan(bundle)?;
         let kmods = self.kernel_modules(bundle)?;
@@ -529,7 +452,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
                 }
             }
         }
-        self.check_frame_types(id, &rec.frame_types, &rec.prototypes)?;
+        self.check_needs_consistency(id, &rec.frame_types, &rec.prototypes)?;
         // Revert switches each site from this bundle's jmp back to what it replaced, except
         // in a module unloaded since: its code is gone and the memory may be another's.
         let gone = self.gone_sites(&rec.sites)?;

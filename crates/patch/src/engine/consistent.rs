@@ -67,7 +67,7 @@ impl<'a, M: Machine + ?Sized> Session<'a, M> {
     /// whose callers it replaces, is safe only if every switch of it is consistent (see
     /// `Manifest::frame_types` and `Manifest::prototypes`); `id` is refused otherwise,
     /// unchanged.
-    pub(super) fn check_frame_types(
+    pub(super) fn check_needs_consistency(
         &self,
         id: &str,
         types: &[String],

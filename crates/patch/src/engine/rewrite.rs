@@ -49,41 +49,44 @@ impl<M: Machine + ?Sized> Session<'_, M> {
             paging::read_virt(&*self.m, self.layout.cr3, GuestVirtAddr(va), &mut live)?;
             let new = linked_bytes(linked, &rw.new, live.len())
                 .ok_or_else(|| EngineError::MissingNew(rw.new.clone()))?;
-            if rw.fields.is_empty() {
+            // Read-only data is compared and written whole. Writable data only in its
+            // fields, whose relocated bytes are checked against the image's own under
+            // this boot's slide (they are addresses, and live state could have replaced
+            // them); each field is its own record, so a revert restores just it.
+            let whole = [crate::Field {
+                offset: 0,
+                len: live.len() as u32,
+            }];
+            let fields: &[crate::Field] = if rw.fields.is_empty() {
                 rw.matches(&live)
                     .map_err(|offset| EngineError::RewriteMismatch {
                         object: object.clone(),
                         addr: va,
                         offset,
                     })?;
-                words.extend(self.word_writes(va, &new)?);
-                records.push(RewriteRecord {
-                    object,
-                    va,
-                    original: live,
-                    written: new,
-                });
-                continue;
-            }
-            // Writable data: its relocated fields are checked against the image's own
-            // bytes under this boot's slide (they are addresses, and live state could
-            // have replaced them).
-            let image = self
-                .syms
-                .expected_bytes(self.layout.link(va), live.len(), self.layout.slide)
-                .ok();
-            rw.matches_fields(&live, image.as_deref())
-                .map_err(|offset| EngineError::FieldChanged {
-                    object: object.clone(),
-                    addr: va,
-                    offset,
-                })?;
-            for f in &rw.fields {
+                &whole
+            } else {
+                let image = self
+                    .syms
+                    .expected_bytes(self.layout.link(va), live.len(), self.layout.slide)
+                    .ok();
+                rw.matches_fields(&live, image.as_deref())
+                    .map_err(|offset| EngineError::FieldChanged {
+                        object: object.clone(),
+                        addr: va,
+                        offset,
+                    })?;
+                &rw.fields
+            };
+            for f in fields {
                 let at = f.offset as usize..(f.offset + f.len) as usize;
                 let field_va = va + u64::from(f.offset);
                 words.extend(self.word_writes(field_va, &new[at.clone()])?);
                 records.push(RewriteRecord {
-                    object: format!("{object}+{:#x}", f.offset),
+                    object: match rw.fields.is_empty() {
+                        true => object.clone(),
+                        false => format!("{object}+{:#x}", f.offset),
+                    },
                     va: field_va,
                     original: live[at.clone()].to_vec(),
                     written: new[at].to_vec(),

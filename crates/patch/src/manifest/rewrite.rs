@@ -59,16 +59,18 @@ impl Rewrite {
         }
     }
 
+    /// Whether byte `i` of the object is in a relocated field (an address).
+    fn relocated(&self, i: usize) -> bool {
+        self.skip
+            .iter()
+            .any(|f| (f.offset as usize..f.offset as usize + usize::from(f.width)).contains(&i))
+    }
+
     /// Whether `live` holds, in every field, the initial value this rewrite expects:
     /// `expect` where it is not relocated, the kernel image's bytes (`image`, slid) where
     /// it is. A relocated field with no image to compare is a mismatch.
     pub fn matches_fields(&self, live: &[u8], image: Option<&[u8]>) -> Result<(), usize> {
-        let relocated = |i: usize| {
-            self.skip
-                .iter()
-                .any(|f| (f.offset as usize..f.offset as usize + usize::from(f.width)).contains(&i))
-        };
-        let wanted = |i: usize| match relocated(i) {
+        let wanted = |i: usize| match self.relocated(i) {
             true => image.and_then(|b| b.get(i)),
             false => self.expect.get(i),
         };
@@ -82,16 +84,9 @@ impl Rewrite {
 
     /// Whether `live` is the object this rewrite expects.
     pub fn matches(&self, live: &[u8]) -> Result<(), usize> {
-        let skipped = |i: usize| {
-            self.skip
-                .iter()
-                .any(|f| (f.offset as usize..f.offset as usize + usize::from(f.width)).contains(&i))
-        };
-        match (0..self.expect.len()).find(|&i| !skipped(i) && live.get(i) != Some(&self.expect[i]))
-        {
-            Some(i) => Err(i),
-            None => Ok(()),
-        }
+        let bad = (0..self.expect.len())
+            .find(|&i| !self.relocated(i) && live.get(i) != Some(&self.expect[i]));
+        bad.map_or(Ok(()), Err)
     }
 }
 
