@@ -93,13 +93,7 @@ pub fn compare_objects(
     out.refusals = layout.refusals;
     // Without the kernel's vmlinux nothing proves a padded type's objects zero there.
     out.refusals
-        .extend(layout.padded.into_iter().map(|p| Refusal::TypeLayout {
-            type_name: p.type_name,
-            file: p.file,
-            what: p.what,
-            lives: p.lives,
-            removed: Vec::new(),
-        }));
+        .extend(layout.padded.iter().map(|p| p.refusal(p.lives.clone())));
     out.frame_types = layout.frame_types;
     out.refusals.extend(plan.refusals.iter().cloned());
     let (refused, consistent) = super::signature::check(&plan, &diffs, &[layout.prototypes]);

@@ -33,6 +33,19 @@ pub struct Padded {
     pub size: u64,
 }
 
+impl Padded {
+    /// The layout refusal of this type, its objects living as `lives` says.
+    pub(crate) fn refusal(&self, lives: String) -> Refusal {
+        Refusal::TypeLayout {
+            type_name: self.type_name.clone(),
+            file: self.file.clone(),
+            what: self.what.clone(),
+            lives,
+            removed: Vec::new(),
+        }
+    }
+}
+
 /// The zero checks that make `padded` safe, or the refusal of each type that cannot be.
 pub(crate) fn prove(
     tree: &KernelTree,
@@ -45,13 +58,7 @@ pub(crate) fn prove(
     for p in padded.iter().filter(|p| seen.insert(p.type_name.clone())) {
         match checks_for(tree, syms, p)? {
             Ok(mut z) => zeroed.append(&mut z),
-            Err(lives) => refusals.push(Refusal::TypeLayout {
-                type_name: p.type_name.clone(),
-                file: p.file.clone(),
-                what: p.what.clone(),
-                lives,
-                removed: Vec::new(),
-            }),
+            Err(lives) => refusals.push(p.refusal(lives)),
         }
     }
     if zeroed.len() > MAX_ZEROED {
@@ -59,13 +66,7 @@ pub(crate) fn prove(
             "{} ranges of its objects' padding would have to be checked, more than {MAX_ZEROED}",
             zeroed.len()
         );
-        refusals.extend(padded.iter().map(|p| Refusal::TypeLayout {
-            type_name: p.type_name.clone(),
-            file: p.file.clone(),
-            what: p.what.clone(),
-            lives: many.clone(),
-            removed: Vec::new(),
-        }));
+        refusals.extend(padded.iter().map(|p| p.refusal(many.clone())));
         zeroed.clear();
     }
     Ok(zeroed)
